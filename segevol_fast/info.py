@@ -1,0 +1,86 @@
+"""`segevol_fast.info()`: what users paste into bug reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+from typing import Any
+
+import torch
+
+from . import _native
+from .ops import _backend
+
+
+def _triton_version() -> str | None:
+    if _backend.triton_import_error() is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def info() -> dict[str, Any]:
+    """Versions, build flags, devices and the backend each op picks on each device type."""
+    from . import __version__
+
+    mod = _native.native()
+    build = dict(mod.build_info()) if mod is not None else None
+    devices = ["cpu"]
+    gpus = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append(f"{i}: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
+    backends = {}
+    for op in _backend.registered_ops():
+        per_device = {}
+        for dev in ("cpu", "cuda"):
+            try:
+                chosen = _backend.select(op, dev)
+            except Exception as exc:  # report, never raise, from a diagnostic
+                chosen = f"error: {exc}"
+            per_device[dev] = {"selected": chosen, "available": _backend.available_backends(op, dev)}
+        backends[op] = per_device
+    return {
+        "segevol_fast": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": gpus,
+        "nvcc": shutil.which("nvcc"),
+        "triton": _triton_version(),
+        "triton_import_error": _backend.triton_import_error(),
+        "triton_interpret": _backend.triton_interpreter_on(),
+        "native_extension": build,
+        "native_import_error": _native.native_import_error(),
+        "forced_backend": os.environ.get(_backend.ENV_VAR) or None,
+        "devices": devices,
+        "ops": backends,
+    }
+
+
+def format_info(d: dict[str, Any] | None = None) -> str:
+    """Human-readable multi-line rendering of `info()`."""
+    d = info() if d is None else d
+    lines = []
+    for key, value in d.items():
+        if key == "ops":
+            lines.append("ops:")
+            for op, per_device in value.items():
+                for dev, sel in per_device.items():
+                    lines.append(f"  {op} [{dev}]: {sel['selected']} (available: {', '.join(sel['available']) or 'none'})")
+        elif key == "native_extension" and isinstance(value, dict):
+            lines.append("native_extension:")
+            for k, v in value.items():
+                lines.append(f"  {k}: {v}")
+        else:
+            lines.append(f"{key}: {value}")
+    return "\n".join(lines)

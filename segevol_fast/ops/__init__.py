@@ -1,0 +1,19 @@
+"""Kernels others can call directly.
+
+Every op `<op>` has a plain-PyTorch twin `<op>_ref` that defines what correct means, dispatches
+between native C++/CUDA, Triton and the reference (see `_backend`), and is registered as
+`torch.ops.segevol_fast.<op>` with a fake kernel so torch.compile can trace it.
+"""
+
+from ._backend import available_backends, forced_backend, registered_ops, select, use_backend
+from .patch_embed import patch_embed, patch_embed_ref
+
+__all__ = [
+    "patch_embed",
+    "patch_embed_ref",
+    "use_backend",
+    "select",
+    "available_backends",
+    "forced_backend",
+    "registered_ops",
+]
