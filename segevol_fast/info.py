@@ -38,7 +38,7 @@ def info() -> dict[str, Any]:
     backends = {}
     for op in _backend.registered_ops():
         per_device = {}
-        for dev in ("cpu", "cuda"):
+        for dev in devices:
             try:
                 chosen = _backend.select(op, dev)
             except Exception as exc:  # report, never raise, from a diagnostic

@@ -1,0 +1,58 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create (or reuse) .venv,
+# install torch 2.13.0 (the CPU build from the local disk on these machines) and the pinned
+# dependencies, build the native extension, then run.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEPS   := $(VENV)/.deps-installed
+BUILT  := $(VENV)/.extension-built
+NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
+
+.PHONY: all demo test build bench bench-gpu cuda-check info clean
+
+all: test
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and alone, pinned: on these machines `pip install torch==2.13.0` takes the CPU
+# wheel from the local disk. The constraints file keeps later installs from replacing it.
+$(DEPS): $(PY) requirements/dev.txt requirements/constraints.txt
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements/dev.txt
+	touch $@
+
+# --no-build-isolation: build against the torch above instead of downloading another one.
+$(BUILT): $(DEPS) $(NATIVE_SOURCES)
+	$(PIP) install --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(BUILT)
+
+info: build
+	$(PY) -m segevol_fast info
+
+test: build
+	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
+
+bench: build
+	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+demo: build
+	$(PY) -m segevol_fast info
+	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
+	    --benchmark-columns=median,mean,stddev,rounds --benchmark-sort=name -k patch_embed
+
+# On a CUDA machine (device python with CUDA torch): build, check and time every op in one call.
+bench-gpu:
+	python3 -m pip install --no-build-isolation --no-deps -e .
+	python3 -m pytest tests -m gpu -q
+	python3 bench/gpu_suite.py
+
+cuda-check:
+	$(PY) -m pytest tests/test_cuda_sources.py -q
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .benchmarks $(BUILT)

@@ -1,0 +1,86 @@
+"""Shared benchmark harness: inputs, providers and cost models for every op.
+
+CPU timings go through pytest-benchmark (`make bench`); GPU timings through bench/gpu_suite.py.
+Both take their providers from here so the baselines never drift between the two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from segevol_fast import ops
+
+# SegVol's window: one 32x256x256 volume, 4x16x16 patches -> 2048 tokens of width 768.
+SEGVOL_WINDOW = dict(shape=(1, 1, 32, 256, 256), patch=(4, 16, 16), embed=768)
+
+
+@dataclass
+class PatchEmbedCase:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    pos: torch.Tensor
+    patch: tuple[int, int, int]
+
+    @property
+    def flops(self) -> float:
+        """2*M*K*E for the GEMM; bias and position adds are noise next to it."""
+        M = self.pos.shape[1] * self.x.shape[0]
+        return 2.0 * M * self.weight.shape[1] * self.weight.shape[0]
+
+    @property
+    def min_bytes(self) -> float:
+        """Compulsory traffic of a fully fused kernel: read x, weight, bias, pos; write tokens."""
+        out = self.x.shape[0] * self.pos.shape[1] * self.weight.shape[0]
+        n = self.x.numel() + self.weight.numel() + self.bias.numel() + self.pos.numel() + out
+        return n * self.x.element_size()
+
+
+def patch_embed_case(shape=SEGVOL_WINDOW["shape"], patch=SEGVOL_WINDOW["patch"], embed=SEGVOL_WINDOW["embed"],
+                     dtype=torch.float32, device="cpu") -> PatchEmbedCase:
+    B, C, D, H, W = shape
+    N = (D // patch[0]) * (H // patch[1]) * (W // patch[2])
+    K = patch[0] * patch[1] * patch[2] * C
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return PatchEmbedCase(mk(*shape), mk(embed, K) / K**0.5, mk(embed), mk(1, N, embed), tuple(patch))
+
+
+def monai_style(c: PatchEmbedCase) -> torch.Tensor:
+    """MONAI's perceptron path: Rearrange (a permute copy), Linear with bias, then + pos."""
+    B, C, D, H, W = c.x.shape
+    pd, ph, pw = c.patch
+    t = c.x.reshape(B, C, D // pd, pd, H // ph, ph, W // pw, pw).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    t = t.reshape(B, -1, pd * ph * pw * C)
+    return F.linear(t, c.weight, c.bias) + c.pos
+
+
+def conv3d_weight(c: PatchEmbedCase) -> torch.Tensor:
+    E = c.weight.shape[0]
+    return c.weight.reshape(E, *c.patch, c.x.shape[1]).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def conv3d_style(c: PatchEmbedCase, conv_w: torch.Tensor) -> torch.Tensor:
+    """The equivalent Conv3d(kernel = stride = patch), flattened to tokens, + pos."""
+    return F.conv3d(c.x, conv_w, c.bias, stride=c.patch).flatten(2).transpose(1, 2) + c.pos
+
+
+def ours(c: PatchEmbedCase, backend: str | None = None) -> torch.Tensor:
+    with ops.use_backend(backend):
+        return ops.patch_embed(c.x, c.weight, c.bias, c.pos, c.patch)
+
+
+def patch_embed_providers(c: PatchEmbedCase, backends: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> zero-argument callable; baselines first, then each segevol_fast backend."""
+    conv_w = conv3d_weight(c)
+    providers: dict[str, Callable[[], torch.Tensor]] = {
+        "monai_rearrange_linear": lambda: monai_style(c),
+        "conv3d": lambda: conv3d_style(c, conv_w),
+    }
+    for b in backends:
+        providers[f"segevol_fast_{b}"] = lambda b=b: ours(c, b)
+    return providers

@@ -1,0 +1,34 @@
+"""info() and the `info` command: what users paste into bug reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+import segevol_fast
+from segevol_fast import _native
+
+
+def test_info_reports_versions_and_backends():
+    d = segevol_fast.info()
+    assert d["torch"] == torch.__version__
+    assert d["segevol_fast"] == segevol_fast.__version__
+    assert d["cuda_available"] == torch.cuda.is_available()
+    assert "patch_embed" in d["ops"]
+    cpu = d["ops"]["patch_embed"]["cpu"]
+    assert cpu["selected"] in cpu["available"]
+    if _native.native() is not None:
+        assert d["native_extension"]["ops"] == ["patch_embed"]
+        assert "native" in cpu["available"]
+    else:
+        assert d["native_import_error"]
+
+
+def test_python_m_info_prints_human_and_json():
+    out = subprocess.run([sys.executable, "-m", "segevol_fast", "info"], capture_output=True, text=True, check=True)
+    assert "torch:" in out.stdout and "patch_embed [cpu]" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "segevol_fast", "info", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["torch"] == torch.__version__
