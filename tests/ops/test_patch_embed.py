@@ -53,12 +53,11 @@ def _run(backend, *args, **kw):
         return ops.patch_embed(*args, **kw)
 
 
-@pytest.mark.parametrize("backend", ["ref", "native", "triton"])
+@pytest.mark.parametrize(
+    "backend,dtype", [(b, d) for b, ds in DTYPES.items() for d in ds], ids=lambda v: str(v).replace("torch.", "")
+)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[0])))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_matches_float64_reference(backend, case, dtype):
-    if dtype not in DTYPES[backend]:
-        pytest.skip(f"{dtype} not tested for {backend}")
     device = _device_for(backend)
     _require(backend, device)
     shape, patch, E = case
@@ -236,3 +235,25 @@ def test_forced_unavailable_backend_names_the_fix(monkeypatch):
     if _backend.triton_import_error() is None and not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
             _run("triton", torch.zeros(1, 1, 4, 16, 16), torch.zeros(8, 1024))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 1, 33, 260, 250), (1, 1, 32, 256, 256)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_backends_match_reference(backend, dtype, shape):
+    _require(backend, "cuda")
+    exact_in, cast = _inputs(shape, (4, 16, 16), 768, dtype, "cuda")
+    out = _run(backend, *cast, scale=0.5, shift=0.25)
+    same = ops.patch_embed_ref(*cast, scale=0.5, shift=0.25)
+    exact = ops.patch_embed_ref(*exact_in, scale=0.5, shift=0.25)
+    assert_matches_reference(out, same, exact, f"{backend} cuda {dtype}")
+
+
+@pytest.mark.gpu
+def test_cuda_default_backend_is_native_cuda():
+    import os
+
+    if _backend.why_not_native("cuda") is not None and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") != "1":
+        pytest.skip("extension built without CUDA")
+    assert ops.select("patch_embed", "cuda") == "native"
