@@ -1,6 +1,8 @@
 """segevol_fast: fast, memory-frugal SegVol-class 3-D medical segmentation.
 
-Public API (more arrives as the model and inference land):
+Public API:
+    SegVol, SegVolConfig   the model (`SegVol.from_pretrained(path)`), encode_image/encode_text/decode
+    load_volume, Volume    NIfTI / DICOM / arrays in, with affine and spacing
     segevol_fast.ops       kernels with plain-PyTorch `*_ref` twins and backend dispatch
     segevol_fast.info()    versions, backends and devices, for bug reports
 """
@@ -11,6 +13,7 @@ __version__ = "0.1.0"
 
 from . import errors, ops  # noqa: E402
 from .info import info  # noqa: E402
-from .model import SegVolConfig  # noqa: E402
+from .io import Volume, load_volume  # noqa: E402
+from .model import SegVol, SegVolConfig  # noqa: E402
 
-__all__ = ["__version__", "errors", "ops", "info", "SegVolConfig"]
+__all__ = ["__version__", "errors", "ops", "info", "SegVol", "SegVolConfig", "Volume", "load_volume"]

@@ -1,5 +1,12 @@
 """SegVol model: image encoder, text encoder, prompt encoder, mask decoder, checkpoints."""
 
 from .config import SegVolConfig
+from .image_encoder import ImageEncoder
+from .mask_decoder import MaskDecoder
+from .prompt_encoder import PromptEncoder
+from .segvol import SegVol
+from .text_encoder import TextEncoder
+from .tokenizer import ClipTokenizer, prompt_text
 
-__all__ = ["SegVolConfig"]
+__all__ = ["SegVol", "SegVolConfig", "ImageEncoder", "TextEncoder", "PromptEncoder", "MaskDecoder",
+           "ClipTokenizer", "prompt_text"]

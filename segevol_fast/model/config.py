@@ -148,7 +148,7 @@ class SegVolConfig:
         """Build from our own config.json or the official HF one (which only names sizes)."""
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in d.items() if k in known}
-        extra = {k: v for k, v in d.items() if k not in known and k not in ("segevol_fast_config",)}
+        extra = {k: v for k, v in d.items() if k not in known and k not in ("segevol_fast_config", "model_type")}
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike) -> None:

@@ -18,6 +18,7 @@ from .. import ops
 from ..errors import ShapeError
 from .attention import attention
 from .config import SegVolConfig
+from .layers import LayerNorm32
 
 
 class PatchEmbedding(nn.Module):
@@ -78,9 +79,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, config: SegVolConfig):
         super().__init__()
         hidden, eps = config.hidden_size, config.layer_norm_eps
-        self.norm1 = nn.LayerNorm(hidden, eps=eps)
+        self.norm1 = LayerNorm32(hidden, eps=eps)
         self.attn = SelfAttention(hidden, config.num_heads)
-        self.norm2 = nn.LayerNorm(hidden, eps=eps)
+        self.norm2 = LayerNorm32(hidden, eps=eps)
         self.mlp = MLP(hidden, config.mlp_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -103,7 +104,7 @@ class ImageEncoder(nn.Module):
         self.gradient_checkpointing = False
         self.patch_embedding = PatchEmbedding(config)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = LayerNorm32(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, x: Tensor, input_scale: float = 1.0, input_shift: float = 0.0) -> Tensor:
         """Encode a batch of volumes.

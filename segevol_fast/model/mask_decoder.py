@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import ShapeError
 from .config import SegVolConfig
+from .layers import LayerNorm32
 from .two_way_transformer import TwoWayTransformer
 
 
@@ -57,7 +58,7 @@ class MaskDecoder(nn.Module):
             nn.ConvTranspose3d(hidden, hidden // 4, kernel_size=2, stride=2),
             # Not channel-wise: normalises all (hidden/4)·2gd·2gh·2gw values of a sample, with an
             # elementwise affine of that shape (official; it also pins the input grid size).
-            nn.LayerNorm((hidden // 4, *up_grid)),
+            LayerNorm32((hidden // 4, *up_grid)),
             nn.GELU(),
             nn.ConvTranspose3d(hidden // 4, hidden // 8, kernel_size=2, stride=2),
             nn.GELU(),

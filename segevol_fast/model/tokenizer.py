@@ -85,6 +85,13 @@ class ClipTokenizer:
             if got != expected:
                 raise ValueError(f"{path}: {token} has id {got}, CLIP expects {expected}")
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this tokenizer as one `tokenizer.json` (atomically: temporary name, then rename)."""
+        path = pathlib.Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        self._tok.save(str(tmp))
+        os.replace(tmp, path)
+
     def __call__(self, texts: str | Sequence[str], device: torch.device | str | None = None) -> Tokens:
         """Tokenise texts (already templated) into one padded batch; see `Tokens` for shapes.
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .layers import LayerNorm32
 
 
 class Attention(nn.Module):
@@ -70,12 +71,12 @@ class TwoWayAttentionBlock(nn.Module):
         super().__init__()
         self.skip_first_layer_pe = skip_first_layer_pe
         self.self_attn = Attention(embed_dim, num_heads)
-        self.norm1 = nn.LayerNorm(embed_dim)
+        self.norm1 = LayerNorm32(embed_dim)
         self.cross_attn_token_to_image = Attention(embed_dim, num_heads, downsample_rate)
-        self.norm2 = nn.LayerNorm(embed_dim)
+        self.norm2 = LayerNorm32(embed_dim)
         self.mlp = MLPBlock(embed_dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(embed_dim)
-        self.norm4 = nn.LayerNorm(embed_dim)
+        self.norm3 = LayerNorm32(embed_dim)
+        self.norm4 = LayerNorm32(embed_dim)
         self.cross_attn_image_to_token = Attention(embed_dim, num_heads, downsample_rate)
 
     def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +108,7 @@ class TwoWayTransformer(nn.Module):
             for i in range(depth)
         )
         self.final_attn_token_to_image = Attention(embed_dim, num_heads, downsample_rate)
-        self.norm_final_attn = nn.LayerNorm(embed_dim)
+        self.norm_final_attn = LayerNorm32(embed_dim)
 
     def forward(self, image: Tensor, image_pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """Run the two-way stack.

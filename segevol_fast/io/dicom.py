@@ -1,0 +1,191 @@
+"""A DICOM series folder -> `Volume`, on the grid a dcm2niix-style NIfTI conversion gives.
+
+That convention (checked against the shared series and its converted label map):
+  i = column index, j = row index counted from the last row (rows flipped), k = slice index in
+  ascending position along the slice normal n = row_dir x col_dir; affine in RAS (LPS x, y negated).
+So `load_dicom(folder).array` equals the converted NIfTI's voxel array, and masks predicted on it
+line up with label maps made on that NIfTI.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ..errors import ShapeError
+from .volume import DicomSeriesError, MissingDependencyError, Volume, VolumeFileError, apply_rescale
+
+PathLike = Union[str, os.PathLike]
+INSTALL_HINT = "pip install 'segevol_fast[dicom]'  (pydicom, pylibjpeg, pylibjpeg-openjpeg)"
+_GEOM_TOL = 1e-4  # direction cosines / pixel spacing agree across slices to this
+_SPACING_RTOL = 0.01  # slice gaps may vary by 1 % (float rounding in IPP) but not more
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise MissingDependencyError(f"reading DICOM needs pydicom: {INSTALL_HINT}") from exc
+    return pydicom
+
+
+def _read_headers(folder: pathlib.Path) -> List[Tuple[pathlib.Path, object]]:
+    """(path, header dataset) for every readable image DICOM file directly in `folder`."""
+    pydicom = _pydicom()
+    out = []
+    for f in sorted(folder.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+        except Exception:  # not DICOM (README, thumbnails, ...): skip, as converters do
+            continue
+        if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
+            out.append((f, ds))
+    return out
+
+
+def _describe(series: Dict[str, list]) -> str:
+    lines = []
+    for uid, items in series.items():
+        ds = items[0][1]
+        desc = getattr(ds, "SeriesDescription", "")
+        lines.append(f"  {uid}  ({len(items)} slices, {getattr(ds, 'Modality', '?')}, {desc!r})")
+    return "\n".join(lines)
+
+
+def _check_decoder(ds, path: pathlib.Path) -> None:
+    """Fail before decoding anything when the transfer syntax has no installed decoder."""
+    from pydicom.pixels import get_decoder
+
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError as exc:
+        raise VolumeFileError(f"{path}: pixel data in transfer syntax {tsyntax.name} cannot be decoded") from exc
+    if not decoder.is_available:
+        raise MissingDependencyError(
+            f"{path} is compressed ({tsyntax.name}) and no decoder for it is installed; "
+            f"install one: {INSTALL_HINT}"
+        )
+
+
+def _same(values, name: str, tol: float) -> np.ndarray:
+    first = np.asarray(values[0], dtype=np.float64)
+    for v in values[1:]:
+        if not np.allclose(np.asarray(v, dtype=np.float64), first, atol=tol, rtol=0):
+            raise DicomSeriesError(f"slices disagree on {name} ({first} vs {v}); not one regular 3-D grid")
+    return first
+
+
+def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[str] = None) -> Volume:
+    """Read one DICOM series into a `Volume` (array (X, Y, Z) = (columns, rows flipped, slices)).
+
+    path:     a folder of slice files, or one .dcm file (its folder is read, its series chosen).
+    series:   SeriesInstanceUID to pick when the folder holds several (the error lists them).
+    modality: "ct" / "mri"; by default taken from the DICOM Modality tag (CT, MR), else None.
+
+    RescaleSlope / RescaleIntercept are applied (integers stay integers when exact, e.g. int16 HU).
+    Compressed series (JPEG 2000, JPEG-LS ...) need a decoder plugin: `pip install segevol_fast[dicom]`.
+    """
+    p = pathlib.Path(path)
+    if p.is_file():
+        folder = p.parent
+        if series is None:
+            series = getattr(_pydicom().dcmread(p, stop_before_pixels=True), "SeriesInstanceUID", None)
+    elif p.is_dir():
+        folder = p
+    else:
+        raise VolumeFileError(f"no such DICOM file or folder: {p}")
+
+    groups: Dict[str, list] = {}
+    for f, ds in _read_headers(folder):
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((f, ds))
+    if not groups:
+        raise VolumeFileError(f"{folder} holds no DICOM image files (sub-folders are not searched)")
+    if series is None:
+        if len(groups) > 1:
+            raise DicomSeriesError(
+                f"{folder} holds {len(groups)} series; pick one with series=<SeriesInstanceUID>:\n"
+                + _describe(groups)
+            )
+        series = next(iter(groups))
+    if series not in groups:
+        raise DicomSeriesError(f"series {series} is not in {folder}; it holds:\n" + _describe(groups))
+    items = groups[series]
+    first = items[0][1]
+    for f, ds in items:
+        missing = [tag for tag in ("PixelSpacing", "Rows", "Columns") if tag not in ds]
+        if missing:
+            raise DicomSeriesError(f"{f} lacks {', '.join(missing)}: not a slice of a 3-D image series")
+    if int(getattr(first, "NumberOfFrames", 1) or 1) > 1:
+        raise DicomSeriesError(f"{items[0][0]} is a multi-frame image; convert it to NIfTI (e.g. dcm2niix) first")
+
+    # geometry: one orientation, one pixel grid for the whole series
+    iop = _same([ds.ImageOrientationPatient for _, ds in items], "ImageOrientationPatient", _GEOM_TOL)
+    row_dir, col_dir = iop[:3], iop[3:]
+    normal = np.cross(row_dir, col_dir)
+    dr, dc = _same([ds.PixelSpacing for _, ds in items], "PixelSpacing", _GEOM_TOL)  # between rows, columns
+    _same([(ds.Rows, ds.Columns) for _, ds in items], "Rows/Columns", 0)
+    ipp = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in items], dtype=np.float64)
+    order = np.argsort(ipp @ normal, kind="stable")
+    ipp = ipp[order]
+    items = [items[i] for i in order]
+    along = ipp @ normal
+    if len(items) > 1:
+        gaps = np.diff(along)
+        if gaps.min() <= 1e-3:
+            raise DicomSeriesError(
+                f"{len(items)} slices of series {series} share positions (several acquisitions, echoes or "
+                "phases in one series?); split them before loading"
+            )
+        if np.abs(gaps - np.median(gaps)).max() > _SPACING_RTOL * np.median(gaps) + 1e-3:
+            raise DicomSeriesError(
+                f"slices of series {series} are unevenly spaced (gaps {gaps.min():.4g}..{gaps.max():.4g} mm; "
+                "missing slices?); resample or convert it with dcm2niix first"
+            )
+        # the mean step between neighbours, as a vector: keeps any in-plane drift (gantry tilt)
+        step = (ipp[-1] - ipp[0]) / (len(items) - 1)
+    else:
+        thick = float(getattr(first, "SpacingBetweenSlices", 0) or getattr(first, "SliceThickness", 0) or 1.0)
+        step = normal * thick
+
+    rows = int(first.Rows)
+    # voxel (i, j, k) sits at IPP_0 + i*dc*row_dir + (rows-1-j)*dr*col_dir + k*step (LPS);
+    # negating x and y turns LPS into RAS
+    lps = np.eye(4)
+    lps[:3, 0] = dc * row_dir
+    lps[:3, 1] = -dr * col_dir
+    lps[:3, 2] = step
+    lps[:3, 3] = ipp[0] + (rows - 1) * dr * col_dir
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+    _check_decoder(first, items[0][0])
+    from pydicom.pixels import pixel_array
+
+    stack = None
+    slopes, inters = [], []
+    for k, (f, ds) in enumerate(items):
+        try:
+            pix = pixel_array(f)
+        except Exception as exc:
+            raise VolumeFileError(f"cannot decode pixel data of {f}: {exc}") from exc
+        if pix.ndim != 2:
+            raise ShapeError(f"{f}: expected one grey-level 2-D frame, got pixel array of shape {pix.shape}")
+        if stack is None:
+            stack = np.empty((len(items),) + pix.shape, dtype=pix.dtype)
+        stack[k] = pix[::-1]  # rows flipped: j counts up from the last row
+        slopes.append(float(getattr(ds, "RescaleSlope", 1) or 1))
+        inters.append(float(getattr(ds, "RescaleIntercept", 0) or 0))
+
+    if len(set(slopes)) == 1 and len(set(inters)) == 1:
+        stack = apply_rescale(stack, slopes[0], inters[0])
+    else:  # per-slice scaling (seen on some PET/MR): float32 like MONAI's loader would give
+        stack = stack.astype(np.float32) * np.float32(slopes)[:, None, None] + np.float32(inters)[:, None, None]
+    if modality is None:
+        modality = {"CT": "ct", "MR": "mri"}.get(str(getattr(first, "Modality", "")).upper())
+    # (Z, Y, X) C-order transposed = (X, Y, Z) F-order: the same memory layout nibabel returns
+    return Volume(array=stack.transpose(2, 1, 0), affine=affine, modality=modality, source=str(folder))

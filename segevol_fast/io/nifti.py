@@ -1,0 +1,100 @@
+"""NIfTI read / write through nibabel.
+
+Reading matches what the official pipeline sees (MONAI NibabelReader, `as_closest_canonical=False`):
+the stored voxel array, unreoriented, with nibabel's affine (sform, else qform, else zooms).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+from typing import Optional, Union
+
+import numpy as np
+
+from ..errors import ShapeError
+from .volume import Volume, VolumeError, VolumeFileError, apply_rescale
+
+PathLike = Union[str, os.PathLike]
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti_path(path: PathLike) -> bool:
+    """True when the name ends in .nii or .nii.gz (case-insensitive)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
+    """Read a .nii / .nii.gz file into a `Volume`.
+
+    The array keeps the file's dtype (int16 stays int16) unless scl_slope / scl_inter are
+    non-trivial; then they are applied as nibabel's get_fdata would, but into integers when exact
+    and float32 otherwise (see `apply_rescale`). Trailing singleton dims, e.g. (X, Y, Z, 1), are
+    dropped; a real 4-D series is refused.
+    """
+    import nibabel as nib
+
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise VolumeFileError(f"no such NIfTI file: {p}")
+    try:
+        img = nib.load(str(p))
+    except Exception as exc:  # nibabel raises several unrelated types for damaged files
+        raise VolumeFileError(f"cannot read {p} as NIfTI: {exc}") from exc
+    proxy = img.dataobj
+    raw = np.asanyarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    slope = getattr(proxy, "slope", 1.0)
+    inter = getattr(proxy, "inter", 0.0)
+    while raw.ndim > 3 and raw.shape[-1] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise ShapeError(
+            f"{p} holds an array of shape {img.shape}; a 3-D volume (X, Y, Z) is needed "
+            "(split 4-D series into one file per volume)"
+        )
+    array = apply_rescale(raw, slope, inter)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise VolumeError(f"{p} contains NaN or infinite voxels; fix or mask them before segmenting")
+    return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), modality=modality, source=str(p))
+
+
+def save_nifti(path: PathLike, array, affine, dtype=None) -> pathlib.Path:
+    """Write a 3-D array (numpy or torch, (X, Y, Z)) with a (4, 4) RAS affine as NIfTI, atomically.
+
+    The file appears complete or not at all: it is written under a temporary name in the same
+    folder and then renamed over `path` (os.replace is atomic within one file system).
+    bool arrays are stored as uint8 (NIfTI has no bool); `dtype` forces another on-disk dtype.
+    Returns the final path.
+    """
+    import nibabel as nib
+
+    p = pathlib.Path(path)
+    if not is_nifti_path(p):
+        raise VolumeFileError(f"{p}: a NIfTI file name must end in .nii or .nii.gz")
+    if hasattr(array, "detach"):  # torch tensor; torch itself is not needed to save numpy arrays
+        array = array.detach().cpu().numpy()
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise ShapeError(f"save_nifti expects a 3-D (X, Y, Z) array, got shape {arr.shape}")
+    if dtype is not None:
+        arr = arr.astype(dtype)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8)
+    aff = np.asarray(affine, dtype=np.float64)
+    if aff.shape != (4, 4):
+        raise ShapeError(f"affine must be 4x4, got shape {aff.shape}")
+    img = nib.Nifti1Image(arr, aff)
+    img.header.set_xyzt_units("mm")
+    suffix = ".nii.gz" if str(p).lower().endswith(".gz") else ".nii"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    # a fresh unique name (not mkstemp: that would leave the final file at mode 0600)
+    tmp = str(p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    try:
+        nib.save(img, tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return p

@@ -1,0 +1,146 @@
+"""`Volume`: a 3-D scan on its own voxel grid, plus the io errors.
+
+The array is the file's voxel array (X, Y, Z) = (i, j, k) exactly as stored, never reoriented:
+SegVol was trained on unreoriented arrays (reference §5.1, §11.1), so masks come back on this grid.
+The affine maps voxel indices to world millimetres in RAS+, the convention nibabel uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+from ..errors import SegVolFastError, ShapeError
+
+MODALITIES = ("ct", "mri")
+_MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}
+
+
+class VolumeError(SegVolFastError, ValueError):
+    """Voxel data or geometry is unusable: non-finite values, a singular affine, bad spacing..."""
+
+
+class VolumeFileError(VolumeError):
+    """A path is missing, of an unknown kind, or cannot be read as a volume."""
+
+
+class DicomSeriesError(VolumeFileError):
+    """A DICOM folder holds several series, or a series whose slices do not form one regular grid."""
+
+
+class MissingDependencyError(SegVolFastError, ImportError):
+    """An optional package needed for this input is not installed (the message says which extra)."""
+
+
+def normalize_modality(modality: Optional[str]) -> Optional[str]:
+    """'CT' / 'ct' -> 'ct'; 'MR' / 'MRI' -> 'mri'; None stays None. Anything else is an error."""
+    if modality is None:
+        return None
+    key = str(modality).strip().lower()
+    if key not in _MODALITY_ALIASES:
+        raise VolumeError(f"unknown modality {modality!r}; use one of {MODALITIES} or None")
+    return _MODALITY_ALIASES[key]
+
+
+def spacing_from_affine(affine: np.ndarray) -> Tuple[float, float, float]:
+    """Voxel size in mm along i, j, k: the lengths of the affine's first three columns."""
+    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
+def apply_rescale(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """raw * slope + inter, keeping integers integral when that is exact.
+
+    Integer data with integral slope/intercept (the usual CT case, e.g. slope 1, intercept -1024)
+    stays integer, narrowed to int16 when the values fit: exact, half the memory of float32, and it
+    lets `preprocess` take its histogram path. Anything else becomes float32, the dtype MONAI's
+    LoadImage hands the official pipeline.
+    """
+    slope, inter = float(slope), float(inter)
+    if slope == 1.0 and inter == 0.0:
+        return raw
+    if raw.dtype.kind in "iub" and slope.is_integer() and inter.is_integer() and raw.size:
+        s, i = int(slope), int(inter)
+        ends = (int(raw.min()) * s, int(raw.max()) * s)
+        # the work dtype must hold raw*slope and the result; the output dtype only the result
+        work = np.int32 if max(abs(e) + abs(i) for e in ends) < 2**31 else np.int64
+        out = raw.astype(work)
+        out *= s
+        out += i
+        lo, hi = min(ends) + i, max(ends) + i
+        if np.iinfo(np.int16).min <= lo and hi <= np.iinfo(np.int16).max:
+            return out.astype(np.int16)
+        return out
+    return (raw.astype(np.float64) * slope + inter).astype(np.float32)
+
+
+@dataclass
+class Volume:
+    """A 3-D scan.
+
+    array:    numpy array (X, Y, Z), the file's voxel array as stored (any real dtype; int16 for
+              most CT). Not reoriented, not resampled.
+    affine:   (4, 4) float64, voxel index (i, j, k, 1) -> world (x, y, z, 1) in mm, RAS+.
+    spacing:  voxel size in mm along (X, Y, Z); derived from the affine when left None.
+    modality: "ct", "mri" or None (unknown).
+    source:   where it came from (a path, "array", ...) for messages; None if unknown.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    spacing: Optional[Tuple[float, float, float]] = None
+    modality: Optional[str] = None
+    source: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        arr = np.asarray(self.array)
+        if arr.ndim != 3:
+            raise ShapeError(f"a Volume array must be 3-D (X, Y, Z), got shape {arr.shape}")
+        if arr.dtype.kind not in "iufb":
+            raise VolumeError(f"a Volume array must be numeric, got dtype {arr.dtype}")
+        self.array = arr
+        aff = np.asarray(self.affine, dtype=np.float64)
+        if aff.shape != (4, 4):
+            raise ShapeError(f"affine must be 4x4, got shape {aff.shape}")
+        if not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+            raise VolumeError(f"affine must be finite and invertible, got\n{aff}")
+        self.affine = aff
+        if self.spacing is None:
+            self.spacing = spacing_from_affine(aff)
+        else:
+            sp = tuple(float(s) for s in self.spacing)
+            if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
+                raise VolumeError(f"spacing must be 3 positive finite numbers, got {self.spacing}")
+            self.spacing = sp
+        self.modality = normalize_modality(self.modality)
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        """(X, Y, Z) voxel counts."""
+        return tuple(int(s) for s in self.array.shape)
+
+    def voxel_to_world(self, points_vox) -> np.ndarray:
+        """(..., 3) voxel coordinates (i, j, k), integer or fractional -> (..., 3) float64 mm (RAS)."""
+        p = np.asarray(points_vox, dtype=np.float64)
+        if p.shape[-1:] != (3,):
+            raise ShapeError(f"points must have shape (..., 3), got {p.shape}")
+        return p @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+    def world_to_voxel(self, points_mm) -> np.ndarray:
+        """(..., 3) world points in mm (RAS) -> (..., 3) float64 fractional voxel coordinates.
+
+        Round (np.rint) for the nearest voxel; the result may lie outside the grid.
+        """
+        p = np.asarray(points_mm, dtype=np.float64)
+        if p.shape[-1:] != (3,):
+            raise ShapeError(f"points must have shape (..., 3), got {p.shape}")
+        # solve instead of an explicit inverse: better conditioned for oblique affines
+        return np.linalg.solve(self.affine[:3, :3], (p - self.affine[:3, 3]).reshape(-1, 3).T).T.reshape(p.shape)
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:.4g}" for s in self.spacing)
+        return (
+            f"Volume(shape={self.shape}, dtype={self.array.dtype}, spacing=({sp}), "
+            f"modality={self.modality!r}, source={self.source!r})"
+        )

@@ -1,0 +1,168 @@
+"""Reading and writing SegVol weights without executing pickled code.
+
+Formats read (reference §7):
+    * an HF-style directory: config.json + model.safetensors or pytorch_model.bin (keys `model.*`)
+      + tokenizer files; also our own `save_pretrained` output (safetensors, no prefix);
+    * the original `SegVol_v1.pth`: {'model': {'module.*': ...}, 'optimizer', 'epoch', ...};
+    * a ViT-only `vit_pretrain.ckpt`: {'state_dict': {'model.encoder.*': ...}} for encoder init;
+    * a bare state dict file (.safetensors / .bin / .pt / .pth) in any of those key styles.
+Pickle files go through `torch.load(weights_only=True)` (and `mmap=True` where the file allows);
+safetensors files are memory-mapped by the safetensors library.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+# transformers >= 4.31 made this buffer non-persistent; the official files still carry it.
+POSITION_IDS_KEY = "text_encoder.clip_text_model.text_model.embeddings.position_ids"
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "SegVol_v1.pth")
+_SAFETENSORS_SUFFIXES = (".safetensors",)
+
+
+@dataclass
+class LoadedWeights:
+    """A state dict with keys relative to `SegVol` (prefixes stripped) and where it came from."""
+
+    state_dict: dict[str, torch.Tensor]
+    kind: str  # "full" (whole model) or "image_encoder" (ViT-only pre-training)
+    source: str
+    dropped: list[str] = field(default_factory=list)  # keys deliberately ignored (e.g. position_ids)
+
+
+def read_tensor_file(path: str | os.PathLike) -> Mapping:
+    """Load a weights file without running pickled code."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    if path.suffix in _SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped; retry plainly
+            raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exc}). "
+            "segevol_fast never unpickles arbitrary objects; convert the file to safetensors."
+        ) from exc
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+
+
+def _strip(sd: Mapping, prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def normalize(obj: Mapping, source: str = "<memory>") -> LoadedWeights:
+    """Recognise the checkpoint layout and return SegVol-relative keys."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(obj).__name__}")
+    if "model" in obj and isinstance(obj["model"], Mapping):  # SegVol_v1.pth (DataParallel)
+        sd = dict(obj["model"])
+        if sd and all(k.startswith("module.") for k in sd):
+            sd = _strip(sd, "module.")
+        return _finish(sd, "full", source)
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):  # vit_pretrain.ckpt
+        inner = obj["state_dict"]
+        enc = _strip(inner, "model.encoder.")
+        if not enc:
+            raise CheckpointError(f"{source}: 'state_dict' holds no 'model.encoder.*' keys (found e.g. {list(inner)[:3]})")
+        sd = {f"image_encoder.{k}": v for k, v in enc.items()}
+        ignored = [k for k in inner if not k.startswith("model.encoder.")]
+        return LoadedWeights(sd, "image_encoder", source, dropped=ignored)
+    non_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if non_tensors:
+        raise CheckpointError(f"{source}: not a state dict; non-tensor entries {non_tensors[:5]}")
+    sd = dict(obj)
+    for prefix in ("model.", "module."):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = _strip(sd, prefix)
+            break
+    return _finish(sd, "full", source)
+
+
+def _finish(sd: dict, kind: str, source: str) -> LoadedWeights:
+    dropped = [k for k in (POSITION_IDS_KEY,) if k in sd]
+    for k in dropped:
+        del sd[k]
+    return LoadedWeights(sd, kind, source, dropped)
+
+
+def find_weights_file(directory: str | os.PathLike) -> pathlib.Path:
+    d = pathlib.Path(directory)
+    for name in WEIGHT_FILES:
+        if (d / name).is_file():
+            return d / name
+    raise CheckpointError(f"no weights in {d}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def load_weights(path: str | os.PathLike) -> LoadedWeights:
+    """Read a weights file or a checkpoint directory into SegVol-relative keys."""
+    p = pathlib.Path(path)
+    file = find_weights_file(p) if p.is_dir() else p
+    return normalize(read_tensor_file(file), str(file))
+
+
+def _describe(keys: list[str], limit: int = 40) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, *, prefix: str = "",
+                   assign: bool = False) -> None:
+    """Strict load: every key of `module` (under `prefix`) present, nothing unexpected, shapes equal.
+
+    Raises one CheckpointError listing every missing, unexpected and mis-shaped key. With
+    `assign=True` the module adopts the given tensors (for modules built on the meta device).
+    """
+    expected = module.state_dict()
+    wanted = {prefix + k: v for k, v in expected.items()}
+    missing = sorted(k for k in wanted if k not in sd)
+    unexpected = sorted(k for k in sd if k not in wanted)
+    mis_shaped = sorted(
+        f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)})"
+        for k, v in wanted.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or mis_shaped:
+        parts = [f"checkpoint {source} does not match the model"]
+        if missing:
+            parts.append(f"missing {len(missing)}: {_describe(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_describe(unexpected)}")
+        if mis_shaped:
+            parts.append(f"mis-shaped {len(mis_shaped)}: {_describe(mis_shaped)}")
+        parts.append("is the config right (SegVolConfig() for the official weights)?")
+        raise CheckpointError("\n  ".join(parts))
+    local = {k[len(prefix):]: v for k, v in sd.items()}
+    module.load_state_dict(local, strict=True, assign=assign)
+    left_on_meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left_on_meta:  # a non-persistent buffer a checkpoint cannot fill: a bug in the module
+        raise CheckpointError(f"tensors not covered by the checkpoint stayed uninitialised: {_describe(left_on_meta)}")
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Write contiguous CPU copies atomically (temporary name, then rename)."""
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "segevol_fast"})
+    os.replace(tmp, path)

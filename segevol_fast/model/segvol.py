@@ -1,0 +1,201 @@
+"""The assembled SegVol model: three calls make a forward pass.
+
+    emb    = model.encode_image(x)                      # (B, hidden, gd, gh, gw)
+    text   = model.encode_text(["liver", "spleen"])     # (N, hidden), cached per (name, modality)
+    logits = model.decode(emb, text_embedding=text)     # (N, 1, D, H, W) logits; mask = logits > 0
+
+N prompts decode against one image embedding in one batched call. Weights load from the official
+checkpoints with `SegVol.from_pretrained` (see `checkpoint.py` for the formats) and save with
+`save_pretrained` (safetensors + config.json + tokenizer.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, ShapeError
+from . import checkpoint as ckpt
+from .config import SegVolConfig
+from .image_encoder import ImageEncoder
+from .mask_decoder import MaskDecoder, upsample_logits
+from .prompt_encoder import PromptEncoder
+from .text_encoder import TextEncoder
+from .tokenizer import ClipTokenizer
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+class SegVol(nn.Module):
+    """SegVol: image encoder, text encoder, prompt encoder and mask decoder.
+
+    Args:
+        config: architecture; `SegVolConfig()` (default) is the official one.
+        tokenizer: a `ClipTokenizer` or a folder holding its files; needed for text prompts.
+        precision: "fp32" (default), or "bf16"/"fp16" to run encode_image/decode under autocast
+            (weights stay fp32; autocast keeps LayerNorm and softmax accumulation in fp32).
+    """
+
+    def __init__(self, config: Optional[SegVolConfig] = None, tokenizer=None, precision: str = "fp32"):
+        super().__init__()
+        self.config = config if config is not None else SegVolConfig()
+        self.image_encoder = ImageEncoder(self.config)
+        self.text_encoder = TextEncoder(self.config)
+        self.prompt_encoder = PromptEncoder(self.config)
+        self.mask_decoder = MaskDecoder(self.config)
+        self.tokenizer = tokenizer
+        self.set_precision(precision)
+
+    # ------------------------------------------------------------------ settings
+    @property
+    def tokenizer(self) -> Optional[ClipTokenizer]:
+        return self.text_encoder.tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value) -> None:
+        if value is not None and not isinstance(value, ClipTokenizer):
+            value = ClipTokenizer(value)
+        self.text_encoder.tokenizer = value
+
+    def set_precision(self, precision: str) -> "SegVol":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.precision = precision
+        return self
+
+    def _autocast(self, device: torch.device):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=PRECISIONS[self.precision])
+
+    # ------------------------------------------------------------------ the three calls
+    def encode_image(self, x: Tensor, input_scale: float = 1.0, input_shift: float = 0.0) -> Tensor:
+        """x (B, 1, D, H, W) == config.spatial_size, values in [0, 1] -> (B, hidden, gd, gh, gw).
+
+        `input_scale`/`input_shift` apply x*scale+shift inside the patch embedding (fused).
+        Under reduced precision the embedding comes back in the autocast dtype.
+        """
+        with self._autocast(x.device):
+            return self.image_encoder(x, input_scale, input_shift)
+
+    def encode_text(self, names: str | Sequence[str], modality: str = "ct") -> Tensor:
+        """Category names -> (N, hidden) text embeddings, templated per modality ("ct" uses the
+        official "A computerized tomography of a {}."; "mri" a magnetic-resonance template)."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "text prompts need the CLIP tokenizer: load the model with from_pretrained(dir) from a folder "
+                "holding tokenizer.json (or vocab.json + merges.txt), or set model.tokenizer = 'path/to/folder'"
+            )
+        return self.text_encoder.encode(names, modality)
+
+    def decode(
+        self,
+        image_embedding: Tensor,
+        text_embedding: Optional[Tensor] = None,
+        boxes: Optional[Tensor] = None,
+        points: Optional[tuple[Tensor, Tensor]] = None,
+        upsample: bool = True,
+    ) -> Tensor:
+        """Decode N prompts against an image embedding.
+
+        Args:
+            image_embedding: (1 or N, hidden, gd, gh, gw) from `encode_image`; batch 1 is shared
+                by all N prompts without copies.
+            text_embedding: None or (N, hidden) from `encode_text`.
+            boxes: None or (N, 6) voxel boxes (d_min, h_min, w_min, d_max, h_max, w_max), maxima
+                inclusive, in the spatial_size frame; all -1 is the official "empty box".
+            points: None or (coords (N, P, 3) voxel (d, h, w), labels (N, P): 1 positive,
+                0 negative, -1 padding).
+            upsample: True (official) returns logits at spatial_size; False returns the decoder's
+                low-res logits (N, 1, 4gd, 4gh, 4gw), 16x smaller.
+
+        Returns:
+            float32 logits (N, 1, D, H, W) (or low-res); the mask is logits > 0 (sigmoid > 0.5).
+        """
+        if text_embedding is None and boxes is None and points is None:
+            raise ValueError("decode needs at least one prompt: text_embedding, boxes or points")
+        device = image_embedding.device
+        with self._autocast(device):
+            sparse, dense = self.prompt_encoder(points=points, boxes=boxes, text_embedding=text_embedding)
+            image_pe = self.prompt_encoder.get_dense_pe()
+            if image_embedding.dtype != sparse.dtype and not torch.is_autocast_enabled(device.type):
+                image_embedding = image_embedding.to(sparse.dtype)
+            low = self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding)
+        low = low.float()
+        return upsample_logits(low, self.config.spatial_size) if upsample else low
+
+    def forward(
+        self,
+        image: Tensor,
+        text: str | Sequence[str] | None = None,
+        boxes: Optional[Tensor] = None,
+        points: Optional[tuple[Tensor, Tensor]] = None,
+        modality: str = "ct",
+    ) -> Tensor:
+        """One image (1, 1, D, H, W) and N prompts -> logits (N, 1, D, H, W)."""
+        if image.dim() != 5 or image.shape[0] != 1:
+            raise ShapeError(f"forward takes one image (1, 1, D, H, W), got {tuple(image.shape)}; "
+                             "for batches call encode_image/decode")
+        emb = self.encode_image(image)
+        txt = self.encode_text(text, modality) if text is not None else None
+        return self.decode(emb, text_embedding=txt, boxes=boxes, points=points)
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        config: Optional[SegVolConfig] = None,
+        tokenizer=None,
+        device: str | torch.device | None = None,
+        precision: str = "fp32",
+    ) -> "SegVol":
+        """Load weights from an HF-style folder, `SegVol_v1.pth`, a bare state-dict file, our own
+        `save_pretrained` folder, or (encoder only) `vit_pretrain.ckpt`.
+
+        The config comes from `config`, else the folder's config.json, else the official one.
+        The tokenizer comes from `tokenizer`, else the folder of the weights. Loading is strict:
+        one CheckpointError lists every missing, unexpected and mis-shaped key. Nothing pickled is
+        executed (safetensors, or torch.load(weights_only=True), memory-mapped when possible).
+        """
+        path = pathlib.Path(path)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
+        folder = path if path.is_dir() else path.parent
+        if config is None:
+            config = SegVolConfig.load(folder) if (folder / "config.json").is_file() else SegVolConfig()
+        if tokenizer is None and any((folder / f).is_file() for f in _TOKENIZER_FILES):
+            tokenizer = folder
+        weights = ckpt.load_weights(path)
+        if weights.kind == "image_encoder":
+            model = cls(config, tokenizer=tokenizer, precision=precision)
+            ckpt.check_and_load(model.image_encoder, weights.state_dict, weights.source, prefix="image_encoder.")
+            warnings.warn(
+                f"{weights.source} holds only the pre-trained image encoder; the text encoder, prompt "
+                "encoder and mask decoder are randomly initialised", stacklevel=2)
+        else:
+            # Build on the meta device and adopt the loaded tensors: no random init of 181 M
+            # parameters and no second copy of the weights in memory.
+            with torch.device("meta"):
+                model = cls(config, precision=precision)
+            ckpt.check_and_load(model, weights.state_dict, weights.source, assign=True)
+            model.tokenizer = tokenizer
+        if device is not None:
+            model.to(device)
+        return model.eval()
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write model.safetensors, config.json and (when set) tokenizer.json into `directory`."""
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        ckpt.save_safetensors(self.state_dict(), directory / "model.safetensors")
+        self.config.save(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save(directory / "tokenizer.json")
