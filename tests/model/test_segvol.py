@@ -70,6 +70,15 @@ def test_hf_directory_with_pytorch_model_bin(tmp_path, tiny, tokenizer_dir):
     assert loaded.tokenizer is not None
 
 
+def test_hf_directory_with_prefixed_model_safetensors(tmp_path, tiny):
+    # The safetensors conversion of the HF checkpoint keeps the `model.` prefix and position_ids.
+    from safetensors.torch import save_file
+
+    save_file(_official_style_state(tiny), str(tmp_path / "model.safetensors"))
+    loaded = SegVol.from_pretrained(tmp_path, config=SegVolConfig.tiny())
+    _assert_same_weights(tiny, loaded)
+
+
 def test_official_config_json_alone_means_official_architecture(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "segvol", "patch_size": [4, 16, 16],
                                                       "spatial_size": [32, 256, 256], "test_mode": True}))

@@ -1,0 +1,62 @@
+"""User prompts -> crop-frame prompts: axis order, crop offset, world coordinates, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segevol_fast.inference.prompts import PromptError, build_prompts, crop_to_input, input_to_crop
+
+SHAPE, START = (100, 90, 40), (2, 3, 4)  # input (X, Y, Z); crop start in (D, H, W) = (Z, Y, X)
+
+
+def test_axes_are_reversed_and_offset_by_the_crop_start():
+    (p,) = build_prompts(box=[10, 20, 5, 30, 40, 15], points=[[12, 22, 6]], shape=SHAPE, start=START)
+    # (i, j, k) -> (d, h, w) = (k, j, i) - start
+    np.testing.assert_array_equal(p.box, [5 - 2, 20 - 3, 10 - 4, 15 - 2, 40 - 3, 30 - 4])
+    np.testing.assert_array_equal(p.points, [[6 - 2, 22 - 3, 12 - 4]])
+    np.testing.assert_array_equal(p.point_labels, [1])
+    np.testing.assert_array_equal(crop_to_input(input_to_crop([[1, 2, 3]], START), START), [[1, 2, 3]])
+
+
+def test_each_text_is_a_prompt_sharing_box_and_points():
+    ps = build_prompts(["liver", "spleen"], box=[0, 0, 0, 5, 5, 5], points=[[1, 1, 1]], shape=SHAPE, start=(0, 0, 0))
+    assert [p.label for p in ps] == ["liver", "spleen"]
+    assert all(p.kinds == ("text", "box", "points") for p in ps)
+
+
+def test_one_box_per_text_and_boxes_alone():
+    ps = build_prompts(["a", "b"], box=[[0, 0, 0, 5, 5, 5], [1, 1, 1, 9, 9, 9]], shape=SHAPE, start=(0, 0, 0))
+    np.testing.assert_array_equal(ps[1].box, [1, 1, 1, 9, 9, 9])
+    ps = build_prompts(box=[[0, 0, 0, 5, 5, 5], [1, 1, 1, 9, 9, 9]], shape=SHAPE, start=(0, 0, 0))
+    assert [p.label for p in ps] == ["box 0", "box 1"] and all(p.text is None for p in ps)
+
+
+def test_world_millimetres_go_through_the_inverse_affine():
+    affine = np.array([[-2.0, 0, 0, 100], [0, 2.0, 0, -50], [0, 0, 3.0, 10], [0, 0, 0, 1]])
+    ijk = np.array([[10, 20, 5], [30, 40, 15]], dtype=float)
+    mm = ijk @ affine[:3, :3].T + affine[:3, 3]
+    (a,) = build_prompts(box=mm.reshape(-1), coords="world", affine=affine, shape=SHAPE, start=(0, 0, 0))
+    (b,) = build_prompts(box=ijk.reshape(-1), shape=SHAPE, start=(0, 0, 0))
+    np.testing.assert_allclose(a.box, b.box)
+
+
+@pytest.mark.parametrize(
+    "kwargs,msg",
+    [
+        (dict(), "at least one prompt"),
+        (dict(text=""), "non-empty"),
+        (dict(box=[0, 0, 0, 5, 5]), r"box must be"),
+        (dict(text=["a", "b", "c"], box=[[0] * 6, [1] * 6]), "2 boxes for 3 text"),
+        (dict(points=[[1, 2]]), "points must be"),
+        (dict(points=[[1, 2, 3]], point_labels=[2]), "point_labels"),
+        (dict(points=[[1, 2, 3]], point_labels=[0]), "at least one point must be positive"),
+        (dict(point_labels=[1]), "without points"),
+        (dict(box=[0, 0, 0, 500, 5, 5]), "outside the volume"),
+        (dict(box=[0, 0, 0, 5, 5, 5], coords="pixels"), "coords must be"),
+        (dict(box=[0, 0, 0, 5, 5, 5], coords="world"), "needs the volume's affine"),
+    ],
+)
+def test_bad_prompts_raise_prompt_error(kwargs, msg):
+    with pytest.raises(PromptError, match=msg):
+        build_prompts(shape=SHAPE, start=START, **kwargs)
