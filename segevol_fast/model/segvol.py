@@ -52,6 +52,9 @@ class SegVol(nn.Module):
         self.mask_decoder = MaskDecoder(self.config)
         self.tokenizer = tokenizer
         self.set_precision(precision)
+        # Where the weights came from (set by from_pretrained); None means random initialisation,
+        # which segment() reports loudly: masks from random weights are meaningless.
+        self.weights_source: Optional[str] = None
 
     # ------------------------------------------------------------------ settings
     @property
@@ -147,6 +150,13 @@ class SegVol(nn.Module):
         txt = self.encode_text(text, modality) if text is not None else None
         return self.decode(emb, text_embedding=txt, boxes=boxes, points=points)
 
+    def segment(self, volume, text=None, box=None, points=None, point_labels=None, **kwargs):
+        """Segment a whole scan with zoom-out-zoom-in: see `segevol_fast.inference.segment.segment`
+        for every argument. Returns a SegmentationResult with masks on the input's own grid."""
+        from ..inference.segment import segment
+
+        return segment(self, volume, text, box, points, point_labels, **kwargs)
+
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(
@@ -187,6 +197,7 @@ class SegVol(nn.Module):
                 model = cls(config, precision=precision)
             ckpt.check_and_load(model, weights.state_dict, weights.source, assign=True)
             model.tokenizer = tokenizer
+        model.weights_source = weights.source if weights.kind == "full" else None
         if device is not None:
             model.to(device)
         return model.eval()
