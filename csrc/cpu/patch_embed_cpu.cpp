@@ -13,6 +13,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -135,6 +136,9 @@ at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& pos_embed,
                            c10::IntArrayRef patch_size, double scale, double shift) {
   const PatchEmbedShape s = check_patch_embed(x, weight, bias, pos_embed, patch_size, c10::kCPU);
+  // The ATen calls below must run in x's dtype even when the caller is inside torch.autocast:
+  // the op itself defines its precision (fp32 accumulation), autocast must not recast its GEMM.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   if (x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
     return patch_embed_cpu_conv(x, weight, bias, pos_embed, s, scale, shift);
   }

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cuda_bf16.h>
@@ -52,6 +53,9 @@ at::Tensor patch_embed_cuda(const at::Tensor& x, const at::Tensor& weight,
                             c10::IntArrayRef patch_size, double scale, double shift) {
   // Shapes, dtypes and device types (shared with the CPU kernel), then what only CUDA needs.
   const PatchEmbedShape s = check_patch_embed(x, weight, bias, pos_embed, patch_size, c10::kCUDA);
+  // The ATen calls below must run in x's dtype even when the caller is inside torch.autocast:
+  // the op itself defines its precision (fp32 accumulation), autocast must not recast its GEMM.
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble,
               "patch_embed (CUDA) supports float32, float16, bfloat16 and float64, got ", dtype);

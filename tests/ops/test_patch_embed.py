@@ -257,3 +257,15 @@ def test_cuda_default_backend_is_native_cuda():
     if _backend.why_not_native("cuda") is not None and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") != "1":
         pytest.skip("extension built without CUDA")
     assert ops.select("patch_embed", "cuda") == "native"
+
+
+@pytest.mark.parametrize("backend", ["ref", "native"])
+def test_autocast_does_not_change_the_op_precision(backend):
+    # The op owns its precision: inside torch.autocast it still computes in its inputs' dtype.
+    _require(backend, "cpu")
+    exact_in, cast = _inputs((1, 1, 8, 32, 32), (4, 16, 16), 16, torch.float32, "cpu")
+    plain = _run(backend, *cast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _run(backend, *cast)
+    assert auto.dtype == torch.float32
+    torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-6)
