@@ -139,7 +139,10 @@ def _patch_embed_op(
     shift: float,
 ) -> Tensor:
     impl = _backend.implementation(OP_NAME, x.device.type)
-    return impl(x, weight, bias, pos_embed, patch_size, scale, shift)
+    # Every backend computes in the inputs' dtype (fp32 accumulation), autocast or not, so that the
+    # backends agree; callers wanting bf16 tokens pass bf16 inputs.
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return impl(x, weight, bias, pos_embed, patch_size, scale, shift)
 
 
 @_patch_embed_op.register_fake
