@@ -9,7 +9,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test build bench bench-gpu cuda-check info clean
+.PHONY: all demo test build bench bench-segment bench-gpu cuda-check info clean
 
 all: test
 
@@ -40,10 +40,15 @@ test: build
 bench: build
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
 
+bench-segment: build
+	$(PY) bench/segment_bench.py
+
+# The main job: segment several organs in the shared real CT (or a generated phantom when
+# ../shared/data is absent) with the official weights when found, else full-size random weights
+# (loudly flagged: masks are then meaningless); prints time and peak memory, writes masks + preview.
 demo: build
 	$(PY) -m segevol_fast info
-	$(PY) -m pytest bench -q -o python_files='bench_*.py' --benchmark-only \
-	    --benchmark-columns=median,mean,stddev,rounds --benchmark-sort=name -k patch_embed
+	$(PY) -m segevol_fast demo --full --out segevol_out/demo
 
 # On a CUDA machine (device python with CUDA torch): build, check and time every op in one call.
 bench-gpu:

@@ -13,7 +13,9 @@ __version__ = "0.1.0"
 
 from . import errors, ops  # noqa: E402
 from .info import info  # noqa: E402
+from .inference import SegmentationResult, segment  # noqa: E402
 from .io import Volume, load_volume  # noqa: E402
 from .model import SegVol, SegVolConfig  # noqa: E402
 
-__all__ = ["__version__", "errors", "ops", "info", "SegVol", "SegVolConfig", "Volume", "load_volume"]
+__all__ = ["__version__", "errors", "ops", "info", "SegVol", "SegVolConfig", "Volume", "load_volume",
+           "segment", "SegmentationResult"]

@@ -1,0 +1,140 @@
+"""End-to-end segment() benchmarks on the real volumes (full-size SegVolConfig, random weights).
+
+    python bench/segment_bench.py                 # every case, results -> bench/results/
+    python bench/segment_bench.py --cases ct fast_vs_exact
+
+Each case runs in a fresh Python process, so its `ru_maxrss` is the peak of that case alone; the
+in-call peak sampled by `segment()` is reported too. Random weights make the masks meaningless but
+leave speed and memory representative (the number of zoom-in windows depends on the coarse masks,
+so it is recorded with every run). Nothing here is extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import pathlib
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
+CT_ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
+             "inferior vena cava", "esophagus"]
+
+
+def _model(seed: int = 0):
+    import torch
+
+    from segevol_fast import SegVol, SegVolConfig
+
+    torch.manual_seed(seed)
+    model = SegVol(SegVolConfig(), tokenizer=DATA / "clip_tokenizer").eval()
+    model.weights_source = "random (benchmark)"  # silence the notice: these runs measure speed only
+    return model
+
+
+def _run_segment(model, volume, **kw) -> dict:
+    t = time.perf_counter()
+    res = model.segment(volume, progress=False, **kw)
+    return {"seconds": time.perf_counter() - t, "timings": res.timings, "peak_in_call_bytes": res.peak_memory_bytes,
+            "volumes_ml": res.volumes_ml(), "mode": res.mode}
+
+
+def case_volume(name: str) -> dict:
+    """One fast call with several prompts on a real volume."""
+    model = _model()
+    if name == "ct":
+        src, kw = DATA / "ct_abdomen_sm.nii.gz", dict(text=CT_ORGANS[:4])
+    elif name == "dicom":
+        src, kw = DATA / "ct_abdomen_dicom", dict(text=CT_ORGANS[:4])
+    elif name == "mri_brain":
+        src, kw = DATA / "mr_brain_mni152_t1.nii.gz", dict(text=["brain", "gray matter", "white matter"], modality="mri")
+    else:
+        raise ValueError(name)
+    return {"input": str(src), **_run_segment(model, src, **kw)}
+
+
+def case_synthetic512() -> dict:
+    from segevol_fast.phantom import make_phantom
+
+    vol, _, _ = make_phantom(shape=(512, 512, 300), seed=0)
+    model = _model()
+    return {"input": "phantom 512x512x300 int16", "max_memory": "2GB",
+            **_run_segment(model, vol, text=["liver"], max_memory="2GB")}
+
+
+def case_fast_vs_exact() -> dict:
+    src = DATA / "ct_abdomen_sm.nii.gz"
+    model = _model()
+    fast10 = _run_segment(model, src, text=CT_ORGANS)
+    exact10 = [_run_segment(model, src, text=organ, mode="exact") for organ in CT_ORGANS]
+    fast1 = _run_segment(model, src, text=CT_ORGANS[0])
+    exact_seconds = sum(r["seconds"] for r in exact10)
+    return {"input": str(src), "organs": CT_ORGANS,
+            "fast_10_in_one_call_s": fast10["seconds"], "exact_10_calls_s": exact_seconds,
+            "ratio_10": exact_seconds / fast10["seconds"],
+            "fast_1_s": fast1["seconds"], "exact_1_s": exact10[0]["seconds"],
+            "ratio_1": exact10[0]["seconds"] / fast1["seconds"]}
+
+
+def case_exact_vs_rerun() -> dict:
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "official_rerun.py"), "--full"],
+                         capture_output=True, text=True, cwd=REPO)
+    return {"identical": out.returncode == 0, "stdout_tail": out.stdout[-2000:]}
+
+
+CASES = {
+    "ct": lambda: case_volume("ct"),
+    "dicom": lambda: case_volume("dicom"),
+    "mri_brain": lambda: case_volume("mri_brain"),
+    "synthetic512": case_synthetic512,
+    "fast_vs_exact": case_fast_vs_exact,
+    "exact_vs_rerun": case_exact_vs_rerun,
+}
+
+
+def _child(name: str) -> None:
+    sys.path.insert(0, str(REPO))
+    result = CASES[name]()
+    result["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print("@@RESULT@@" + json.dumps(result, default=str))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child)
+        return 0
+    import torch
+
+    results = {}
+    for name in args.cases:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=REPO)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
+        results[name] = json.loads(line[len("@@RESULT@@"):]) if line else {"error": proc.stderr[-3000:]}
+        results[name]["wall_s"] = time.perf_counter() - t
+        print(name, json.dumps(results[name], default=str)[:400], flush=True)
+    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+           "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "config": "SegVolConfig() official size, random weights", "results": results}
+    path = pathlib.Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / f"cpu-segment-{dt.date.today().isoformat()}.json"
+    file.write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {file}")
+    return 0 if all("error" not in r for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Memory budget of `mode="fast"`: parse a limit, estimate a call's peak, choose a plan.
+
+The peak is bounded where it matters: device memory on CUDA (what `torch.cuda.max_memory_allocated`
+counts), process memory (RSS) on the CPU. `plan_fast` picks, within the limit,
+
+    1. float32 accumulators, else float16, because a budget should change speed, not results,
+       wherever it can (window and decode batches do not change results);
+    2. on CUDA, stitching on the device, else on the CPU (there the accumulators leave the device
+       budget, so on CUDA float16 is never needed: it is a CPU-only fallback in practice);
+    3. the biggest window batch (1..8, at most the number of windows of the crop);
+    4. how many prompts stitch at once (their accumulators are alive together), up to all;
+    5. how many prompts one decoder call takes, up to that group;
+    6. how many window embeddings stay cached, from what is left (up to every window of the crop);
+
+and raises `BudgetError` before anything runs when even the smallest plan does not fit.
+
+Cost model (bytes; every item is summed as if all were alive at once, although the zoom-out and
+zoom-in stages follow each other, so the figure is an upper bound). With C = hidden, S = tokens per
+window, M = MLP width, h = heads, V = voxels per window, Vc = voxels of the crop, N = prompts,
+a = 4 (fp32) or 2 (reduced precision) bytes for matmul outputs, q = accumulator bytes:
+
+    weights           sum of parameter and buffer bytes (+ half of it for autocast's weight copies)
+    baseline          CUDA: memory_allocated() minus the weights; CPU: current RSS minus the weights
+    zoom_out          2·V·4 (the resized image, host and device copy)
+    crop_image        Vc·4 (the preprocessed crop; moved to the device when stitching there)
+    encoder           window_batch · [2·V·4 + S·patch·4 + S·(8C·4 + a·(8C + 2M)) + attention + C·S·4]
+                      attention: 0 on CUDA (SDPA's flash / memory-efficient kernels keep no S×S);
+                      h·S²·4 on the CPU: one fp32 score matrix per head, ten times what torch
+                      2.13's blocked CPU kernel was measured to use (~20 MB at S = 2048, h = 12)
+                      and half of what the unfused math fallback would need
+    embedding_cache   cache_windows · C·S·4
+    decoder           decode_batch · (24·S·C·4 + 64·S·4 + 2·V·4)  (two-way transformer image side,
+                      ×4 upscaling to C/8 channels at 64·S voxels, low-res and upsampled logits)
+    coarse            N·V·6 (zoom-out logits float32, two bool masks: sigmoid > 0.5 and logits > 0)
+    accumulators      prompt_group · Vc·(q + 1): a sum over the prompt's ROI (bounded by the crop)
+                      plus its crop-frame mask when it is finished; the voxel count is not stored
+                      (it is a product of per-axis window counts)
+    masks / logits    N·Vc (bool) and, with return_logits, N·Vc·q: on the CPU, so counted on CPU only
+    slack             10% of the transient items (allocator rounding and fragmentation) + 64 MiB
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..errors import SegVolFastError
+
+MAX_WINDOW_BATCH = 8
+_FIXED_SLACK = 64 << 20  # Python objects, tqdm, cuBLAS workspace, small tensors
+_SLACK_FRACTION = 0.10
+# Decimal prefixes for "KB/MB/GB/TB" (and bare "K/M/G/T"), binary for "KiB/MiB/GiB/TiB": the SI
+# meaning, as disk vendors, `accelerate` and most CLIs use it. 2GB = 2e9 bytes, 2GiB = 2**31.
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS[_p] = _UNITS[_p + "b"] = 1000**_i
+    _UNITS[_p + "ib"] = 1024**_i
+_SPEC = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+class MemorySpecError(SegVolFastError, ValueError):
+    """A memory limit could not be read (e.g. "2 bananas", a negative number)."""
+
+
+class BudgetError(SegVolFastError, MemoryError):
+    """The memory limit cannot be met, not even by the smallest plan. Raised before any work.
+
+    Attributes: required (bytes the smallest plan needs), limit (bytes), breakdown (item -> bytes).
+    """
+
+    def __init__(self, message: str, required: int, limit: int, breakdown: dict[str, int]):
+        super().__init__(message)
+        self.required, self.limit, self.breakdown = required, limit, breakdown
+
+
+def parse_memory(spec: Union[int, float, str]) -> int:
+    """A memory size -> bytes. Accepts ints/floats (bytes) and strings such as "2GB" (2·10⁹),
+    "512MiB" (512·2²⁰), "1.5G" (1.5·10⁹), "800 mb", "1e9"; units are case-insensitive."""
+    if isinstance(spec, bool):
+        raise MemorySpecError(f"memory size must be a number of bytes or a string like '2GB', got {spec!r}")
+    if isinstance(spec, (int, float)):
+        value = float(spec)
+    elif isinstance(spec, str):
+        m = _SPEC.match(spec)
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _UNITS:
+            raise MemorySpecError(
+                f"cannot read memory size {spec!r}: use bytes or a number with a unit, e.g. '2GB' (10⁹), "
+                "'512MiB' (2²⁰), '1.5G'")
+        value = float(m.group(1)) * _UNITS[unit]
+    else:
+        raise MemorySpecError(f"memory size must be an int or a string like '2GB', got {type(spec).__name__}")
+    if not math.isfinite(value) or value < 1:
+        raise MemorySpecError(f"memory size must be a positive, finite number of bytes, got {spec!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes -> '1.23 GB' / '45.6 MB' / '789 kB' (decimal, like parse_memory's 'GB')."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How `run_fast` spends memory.
+
+    device:             where the model runs (the model's device).
+    window_batch:       zoom-in windows encoded per encoder call (1..8).
+    accumulator_dtype:  torch.float32 or torch.float16 sums of window logits.
+    stitch_device:      where accumulators, coarse masks and (when it is the model's device) the
+                        crop image live.
+    cache_windows:      window embeddings kept for reuse by later prompt groups (LRU).
+    decode_batch:       prompts per decoder call against one embedding.
+    prompt_group:       prompts stitched together; groups share the window cache. Accumulators
+                        are admitted by voxel count: prompt_group · crop voxels in total.
+    estimated_peak_bytes, breakdown: the cost model's figure for this plan (see module docstring).
+    max_memory:         the limit planned against (bytes), None when none was known.
+    """
+
+    device: torch.device
+    window_batch: int = 1
+    accumulator_dtype: torch.dtype = torch.float32
+    stitch_device: Optional[torch.device] = None
+    cache_windows: int = 0
+    decode_batch: int = 1
+    prompt_group: int = 1
+    estimated_peak_bytes: int = 0
+    breakdown: dict[str, int] = field(default_factory=dict)
+    max_memory: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "device", torch.device(self.device))
+        stitch = self.device if self.stitch_device is None else torch.device(self.stitch_device)
+        object.__setattr__(self, "stitch_device", stitch)
+        if self.accumulator_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"accumulator_dtype must be float32 or float16, got {self.accumulator_dtype}")
+        if min(self.window_batch, self.decode_batch, self.prompt_group) < 1 or self.cache_windows < 0:
+            raise ValueError("window_batch, decode_batch and prompt_group must be >= 1, cache_windows >= 0")
+
+
+# ------------------------------------------------------------------------------ measurements
+def _rss() -> int:
+    """Resident set size of this process (bytes): /proc/self/statm, else the (peak) ru_maxrss."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of all parameters and buffers (works on the meta device too)."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _encoder_side_bytes(model) -> int:
+    """Bytes of everything but the text tower: what autocast copies to 16 bits per call."""
+    text = getattr(model, "text_encoder", None)
+    return _weight_bytes(model) - (_weight_bytes(text) if text is not None else 0)
+
+
+def _model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def same_device(a: Union[str, torch.device], b: Union[str, torch.device]) -> bool:
+    """Device equality that treats "cuda" and "cuda:<current>" (any unindexed form) as equal."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _baseline(device: torch.device, model) -> int:
+    """Memory already held that the call's peak sits on top of (bytes, weights excluded)."""
+    weights = _weight_bytes(model) if same_device(_model_device(model), device) else 0
+    if device.type == "cuda":
+        return max(0, torch.cuda.memory_allocated(device) - weights)
+    return max(0, _rss() - weights)
+
+
+def _available(device: torch.device) -> Optional[int]:
+    """What the call could use at most when no limit is given: free device memory plus our own
+    cached blocks on CUDA, MemAvailable plus our RSS on the CPU; None when unknown."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 + _rss()
+    except OSError:
+        pass
+    return None
+
+
+def _num_windows(crop_shape: Sequence[int], window: Sequence[int]) -> int:
+    from .fast import global_grid  # fast imports this module at load time
+
+    return math.prod(len(s) for s in global_grid(crop_shape, window))
+
+
+# ------------------------------------------------------------------------------ the cost model
+def estimate(
+    model,
+    crop_shape: Sequence[int],
+    n_prompts: int,
+    *,
+    window_batch: int = 1,
+    accumulator_dtype: torch.dtype = torch.float16,
+    device: Union[str, torch.device, None] = None,
+    stitch_device: Union[str, torch.device, None] = None,
+    cache_windows: int = 0,
+    decode_batch: int = 1,
+    prompt_group: int = 1,
+    return_logits: bool = False,
+    baseline_bytes: Optional[int] = None,
+) -> tuple[int, dict[str, int]]:
+    """Peak memory of one `run_fast` call under the cost model in the module docstring.
+
+    Args:
+        model: a `SegVol` (may live on the meta device: only sizes are read).
+        crop_shape: (D', H', W') of the preprocessed crop.
+        n_prompts: number of prompts (masks).
+        device: where the model runs (default: the model's device).
+        baseline_bytes: override the measured baseline (other memory already held), e.g. in tests.
+        The other arguments are `Plan` fields.
+
+    Returns:
+        (total bytes, breakdown item -> bytes). Items that do not apply are 0.
+    """
+    cfg = model.config
+    dev = torch.device(device) if device is not None else _model_device(model)
+    stitch = torch.device(stitch_device) if stitch_device is not None else dev
+    on_cpu = dev.type == "cpu"
+    C, S, M, h = cfg.hidden_size, cfg.num_patches, cfg.mlp_dim, cfg.num_heads
+    V, Vc, N = math.prod(cfg.spatial_size), math.prod(crop_shape), int(n_prompts)
+    reduced = getattr(model, "precision", "fp32") != "fp32"
+    a = 2 if reduced else 4
+    q = torch.tensor([], dtype=accumulator_dtype).element_size()
+    on_dev = same_device(stitch, dev)  # stitching (and the crop) on the model's device
+
+    weights = _weight_bytes(model)
+    items = {
+        "weights": weights,
+        "baseline": _baseline(dev, model) if baseline_bytes is None else int(baseline_bytes),
+        "autocast_weights": _encoder_side_bytes(model) // 2 if reduced else 0,
+        "zoom_out": 2 * V * 4,
+        "crop_image": Vc * 4 if (on_dev or on_cpu) else 0,
+    }
+    attention = h * S * S * 4 if on_cpu else 0
+    per_window = 2 * V * 4 + S * cfg.patch_dim * 4 + S * (8 * C * 4 + a * (8 * C + 2 * M)) + attention + C * S * 4
+    items["encoder"] = window_batch * per_window
+    items["embedding_cache"] = cache_windows * C * S * 4
+    items["decoder"] = decode_batch * (24 * S * C * 4 + 64 * S * 4 + 2 * V * 4)
+    stitched_here = on_dev or on_cpu  # items that live on the stitch device count when it is budgeted
+    items["coarse"] = N * V * 6 if stitched_here else 0
+    items["accumulators"] = prompt_group * Vc * (q + 1) if stitched_here else 0
+    items["masks"] = N * Vc if on_cpu else 0
+    items["logits"] = N * Vc * q if (on_cpu and return_logits) else 0
+    transient = sum(v for k, v in items.items() if k not in ("weights", "baseline"))
+    items["slack"] = int(_SLACK_FRACTION * transient) + _FIXED_SLACK
+    return sum(items.values()), items
+
+
+# ------------------------------------------------------------------------------ the planner
+def _largest(lo: int, hi: int, fits: Callable[[int], bool]) -> int:
+    """Largest v in [lo, hi] with fits(v), for fits monotone decreasing; lo is assumed to fit."""
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def plan_fast(
+    model,
+    crop_shape: Sequence[int],
+    n_prompts: int,
+    max_memory: Union[int, str, None] = None,
+    device: Union[str, torch.device, None] = None,
+    *,
+    return_logits: bool = False,
+    baseline_bytes: Optional[int] = None,
+) -> Plan:
+    """Choose a `Plan` for `run_fast` that keeps the estimated peak under `max_memory`.
+
+    Args:
+        model: a `SegVol`.
+        crop_shape: (D', H', W') of the preprocessed crop.
+        n_prompts: number of prompts.
+        max_memory: limit (bytes or "2GB"); None plans against what the machine has free and never
+            raises (the guess may be wrong; the smallest plan is used when nothing fits).
+        device: where the model runs (default: the model's device).
+        return_logits: the caller will ask run_fast for crop-frame logits too.
+        baseline_bytes: override the measured baseline (tests).
+
+    Raises:
+        BudgetError: max_memory is below what the smallest plan needs; the message names that
+            minimum and the biggest items.
+    """
+    dev = torch.device(device) if device is not None else _model_device(model)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        dev = torch.device("cuda", torch.cuda.current_device())
+    explicit = max_memory is not None
+    limit = parse_memory(max_memory) if explicit else (_available(dev) if baseline_bytes is None else None)
+    n = max(1, int(n_prompts))
+    base = _baseline(dev, model) if baseline_bytes is None else int(baseline_bytes)
+    n_windows = _num_windows(crop_shape, model.config.spatial_size)
+
+    def cost(**kw) -> tuple[int, dict[str, int]]:
+        return estimate(model, crop_shape, n, device=dev, return_logits=return_logits, baseline_bytes=base, **kw)
+
+    def fits(**kw) -> bool:
+        return limit is None or cost(**kw)[0] <= limit
+
+    stitches = [dev] if dev.type == "cpu" else [dev, torch.device("cpu")]
+    choice = next(((dt, st) for dt in (torch.float32, torch.float16) for st in stitches
+                   if fits(accumulator_dtype=dt, stitch_device=st)), None)
+    if choice is None:
+        smallest = dict(accumulator_dtype=torch.float16, stitch_device=stitches[-1])
+        if explicit:
+            total, items = cost(**smallest)
+            raise BudgetError(_budget_message(limit, total, items, dev), total, limit, items)
+        choice = (smallest["accumulator_dtype"], smallest["stitch_device"])
+        limit = None  # nothing fits the guess: run the smallest plan and let the allocator decide
+    kw = dict(accumulator_dtype=choice[0], stitch_device=choice[1])
+    kw["window_batch"] = _largest(1, min(MAX_WINDOW_BATCH, n_windows), lambda b: fits(**kw, window_batch=b))
+    kw["prompt_group"] = _largest(1, n, lambda g: fits(**kw, prompt_group=g))
+    kw["decode_batch"] = _largest(1, kw["prompt_group"], lambda d: fits(**kw, decode_batch=d))
+    kw["cache_windows"] = _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c))
+    total, items = cost(**kw)
+    return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, **kw)
+
+
+def _budget_message(limit: int, total: int, items: dict[str, int], device: torch.device) -> str:
+    where = "device memory" if device.type == "cuda" else "process memory (RSS)"
+    top = sorted(((v, k) for k, v in items.items() if v > 0), reverse=True)[:3]
+    biggest = ", ".join(f"{k} {format_bytes(v)}" for v, k in top)
+    return (
+        f"max_memory={format_bytes(limit)} cannot be met on {device}: mode='fast' needs at least "
+        f"{format_bytes(total)} of {where} here (window batch 1, float16 accumulators, one prompt at a "
+        f"time). Biggest items: {biggest}. Raise max_memory, segment fewer prompts per call, or free "
+        "memory held elsewhere (the baseline counts what this process already holds).")

@@ -1,0 +1,470 @@
+"""`mode="fast"`: zoom-out-zoom-in with shared encodings, batched windows and compact stitching.
+
+Same kind of result as the official pipeline (reference §5.3–5.4), computed differently:
+
+* Zoom-out: ONE `encode_image` of the resized crop for all prompts, and one batched decode per
+  prompt signature (which of text / box / points it carries). Boxes and points go to the zoom-out
+  frame exactly as in `exact.py`, so the coarse result equals exact mode's.
+* ROI per prompt: box of sigmoid(coarse) > 0.5 in the crop frame, grown toward the window size by
+  floor(pad / 2) a side and clamped (official `logits2roi_coor`); empty -> coarse result kept.
+* Zoom-in windows lie on ONE global grid over the whole crop (MONAI arithmetic: stride
+  window // 2, last window clamped to the far edge, symmetric zero padding on axes shorter than
+  the window), so prompts with overlapping ROIs share window encodings. A prompt uses every grid
+  window that meets its ROI. Windows are encoded in batches of `plan.window_batch`, each at most
+  once per prompt group, and kept in an LRU cache of `plan.cache_windows` embeddings across
+  groups (groups alternate direction so the windows just cached are met first).
+* Per window, every prompt of the group that needs it is decoded in one call against the batch-1
+  embedding (the decoder broadcasts). Window prompts, simplified from the official rules:
+  text -> the text; box -> the box of the coarse mask in the window (the user's box, clipped, when
+  the prompt needs one window only); points -> the user's points inside the window (no random
+  sampling) plus the coarse box. Empty boxes / no points give the official all -1 box / -1 point.
+* Logits are averaged over the windows covering a voxel. Each prompt has an accumulator over its
+  ROI only (plan dtype); the voxel count is a product of per-axis window counts, so it is never
+  stored, and mask = sum > 0. Inside the ROI the stitched result replaces the coarse one.
+
+mask = logits > 0 (sigmoid > 0.5). Masks and logits come back in the crop frame on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ShapeError
+from ..preprocess import Preprocessed, zoom_out_resize
+from .budget import Plan, plan_fast, same_device
+from .exact import box_to_zoom_out, index_map, points_to_zoom_out
+from .prompts import Prompt, PromptError
+from .sliding_window import axis_starts, pad_widths, padded_size, scan_interval
+
+Triple = tuple[int, int, int]
+Window = tuple[int, int, int]  # index of a window in the global grid (i_d, i_h, i_w)
+
+
+@dataclass
+class FastOutput:
+    """One prompt's result in the crop frame.
+
+    mask:    bool (D', H', W'), CPU.
+    logits:  None, or (D', H', W') float32 (float16 with float16 accumulators), CPU; only when
+             run_fast(return_logits=True).
+    roi:     ((d0, h0, w0), (d1, h1, w1)) inclusive zoom-in region, or None (zoom-in off, or the
+             coarse mask was empty: the official "Fail to detect foreground!" case).
+    windows: number of global-grid windows the prompt's zoom-in used.
+    """
+
+    mask: Tensor
+    logits: Optional[Tensor] = None
+    roi: Optional[tuple[Triple, Triple]] = None
+    windows: int = 0
+
+
+# ------------------------------------------------------------------------------ the global grid
+def global_grid(crop_shape: Sequence[int], window: Sequence[int]) -> list[list[int]]:
+    """Per axis, the window starts in the crop frame (negative on an axis shorter than the
+    window: the zero padding MONAI puts before it). MONAI 0.9 arithmetic, overlap 0.5."""
+    pads = pad_widths(crop_shape, window)
+    steps = scan_interval(crop_shape, window, 0.5)
+    sizes = padded_size(crop_shape, window)
+    return [[s - p[0] for s in axis_starts(n, int(r), st)] for n, r, st, p in zip(sizes, window, steps, pads)]
+
+
+def windows_for_roi(grid: Sequence[Sequence[int]], window: Sequence[int], lo: Triple, hi: Triple) -> list[Window]:
+    """Grid windows meeting the inclusive box [lo, hi], in raster order (D slowest)."""
+    per_axis = [[i for i, s in enumerate(starts) if s <= b and s + r - 1 >= a]
+                for starts, r, a, b in zip(grid, window, lo, hi)]
+    return [(i, j, k) for i in per_axis[0] for j in per_axis[1] for k in per_axis[2]]
+
+
+def _coverage(starts: Sequence[int], r: int, a: int, b: int) -> Tensor:
+    """(b - a + 1,) float32: how many windows of one axis cover each voxel a..b."""
+    x = np.arange(a, b + 1)
+    return torch.from_numpy(sum(((x >= s) & (x < s + r)).astype(np.float32) for s in starts))
+
+
+def _grow(lo: int, hi: int, size: int, win: int) -> tuple[int, int]:
+    """Official ROI growth of one axis: floor(pad / 2) a side toward the window, clamped."""
+    grow = max(0, win - (hi - lo + 1)) // 2
+    return max(0, lo - grow), min(size - 1, hi + grow)
+
+
+# ------------------------------------------------------------------------------ coarse -> crop frame
+class _CropMap:
+    """Legacy 'nearest' maps from the zoom-out size to the crop (the official logits resize).
+
+    maps[a]: (crop[a],) int64, the zoom-out index each crop voxel reads along axis a.
+    """
+
+    def __init__(self, size: Sequence[int], crop_shape: Sequence[int], device: torch.device):
+        self.maps = [index_map(int(s), int(c), "nearest").to(device) for s, c in zip(size, crop_shape)]
+        self.used = [torch.unique(m) for m in self.maps]  # zoom-out indices that reach the crop
+
+    def gather(self, x: Tensor, lo: Sequence[int] = (0, 0, 0), hi: Optional[Sequence[int]] = None) -> Tensor:
+        """x (Z, Y, X) at zoom-out size -> its crop-frame resize, rows lo..hi inclusive (default all)."""
+        hi = hi if hi is not None else [len(m) - 1 for m in self.maps]
+        idx = [m[a : b + 1] for m, a, b in zip(self.maps, lo, hi)]
+        return x.index_select(0, idx[0]).index_select(1, idx[1]).index_select(2, idx[2])
+
+    def roi(self, fg: Tensor, window: Sequence[int]) -> Optional[tuple[Triple, Triple]]:
+        """Zoom-out foreground (Z, Y, X) bool -> the grown crop-frame ROI, or None when empty.
+
+        Projects only the zoom-out rows that reach the crop (a shrinking resize skips some), then
+        maps each projection to the crop: the same box as taking it from the resized mask.
+        """
+        sub = fg.index_select(0, self.used[0]).index_select(1, self.used[1]).index_select(2, self.used[2])
+        if not bool(sub.any()):
+            return None
+        lo, hi = [], []
+        for axis in range(3):
+            proj = torch.zeros(fg.shape[axis], dtype=torch.bool, device=fg.device)
+            proj[self.used[axis]] = sub.any(dim=tuple(a for a in range(3) if a != axis))
+            idx = torch.nonzero(proj[self.maps[axis]]).flatten()
+            a, b = _grow(int(idx[0]), int(idx[-1]), len(self.maps[axis]), int(window[axis]))
+            lo.append(a)
+            hi.append(b)
+        return tuple(lo), tuple(hi)
+
+
+# ------------------------------------------------------------------------------ decoding
+@dataclass
+class _Item:
+    """One decoder input: prompt index k, and its box (6,) / points ((P, 3), (P,)) in the window
+    (or zoom-out) frame; the text comes from the prompt."""
+
+    k: int
+    box: Optional[Tensor]
+    points: Optional[tuple[Tensor, Tensor]]
+
+    def signature(self, has_text: bool) -> tuple:
+        return has_text, self.box is not None, None if self.points is None else len(self.points[0])
+
+
+def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor], chunk: int):
+    """Decode items against emb (1, hidden, *grid), batching items with the same signature in
+    chunks of `chunk`. Yields (item, logits (1, *spatial) float32 on the model's device)."""
+    dev = emb.device
+    groups: dict[tuple, list[_Item]] = {}
+    for it in items:
+        groups.setdefault(it.signature(it.k in texts), []).append(it)
+    for (has_text, has_box, n_points), group in groups.items():
+        for s in range(0, len(group), chunk):
+            part = group[s : s + chunk]
+            text = torch.cat([texts[it.k] for it in part]) if has_text else None
+            boxes = torch.stack([it.box for it in part]).to(dev) if has_box else None
+            points = None
+            if n_points is not None:
+                points = (torch.stack([it.points[0] for it in part]).to(dev),
+                          torch.stack([it.points[1] for it in part]).to(dev))
+            logits = model.decode(emb, text_embedding=text, boxes=boxes, points=points)
+            yield from zip(part, logits[:, 0])
+
+
+# ------------------------------------------------------------------------------ window prompts
+_EMPTY_BOX = torch.full((6,), -1.0)
+_NO_POINT = (torch.full((1, 3), -1.0), torch.full((1,), -1, dtype=torch.int64))
+
+
+def _coarse_box(cmap: _CropMap, fg: Tensor, origin: Triple, window: Sequence[int]) -> Tensor:
+    """Box (6,) float32, window coordinates, of the coarse foreground fg (*size, zoom-out frame)
+    resized to the crop, inside the window: only the window's part is resized."""
+    lo = [max(0, o) for o in origin]
+    hi = [min(len(m), o + r) for m, o, r in zip(cmap.maps, origin, window)]
+    sub = cmap.gather(fg, lo, [h - 1 for h in hi])
+    if not bool(sub.any()):
+        return _EMPTY_BOX
+    a, b = [], []
+    for axis in range(3):
+        idx = torch.nonzero(sub.any(dim=tuple(x for x in range(3) if x != axis))).flatten()
+        a.append(int(idx[0]) + lo[axis] - origin[axis])
+        b.append(int(idx[-1]) + lo[axis] - origin[axis])
+    return torch.tensor(a + b, dtype=torch.float32)
+
+
+def _user_box(box: np.ndarray, origin: Triple, window: Sequence[int]) -> Tensor:
+    """The user's crop-frame box clipped to the window, in window coordinates (all -1 if outside)."""
+    o, r = np.asarray(origin, np.float64), np.asarray(window, np.float64)
+    lo, hi = np.maximum(box[:3] - o, 0), np.minimum(box[3:] - o, r - 1)
+    if (lo > hi).any():
+        return _EMPTY_BOX
+    return torch.tensor(np.concatenate([lo, hi]), dtype=torch.float32)
+
+
+def _window_points(prompt: Prompt, origin: Triple, window: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """The user's points inside the window, window coordinates; the -1 point when none are."""
+    local = np.asarray(prompt.points, np.float64) - np.asarray(origin, np.float64)
+    inside = ((local >= 0) & (local <= np.asarray(window) - 1)).all(axis=1)
+    if not inside.any():
+        return _NO_POINT
+    labels = np.ones(len(local), np.int64) if prompt.point_labels is None else np.asarray(prompt.point_labels)
+    return (torch.tensor(local[inside], dtype=torch.float32), torch.tensor(labels[inside], dtype=torch.int64))
+
+
+def _window_item(k: int, prompt: Prompt, cmap: _CropMap, fg: Tensor, origin: Triple, window: Sequence[int],
+                 single: bool) -> _Item:
+    """Decoder input of prompt k in one window; fg: its coarse foreground (*size) for the box."""
+    box = points = None
+    if prompt.box is not None and single:
+        box = _user_box(np.asarray(prompt.box, np.float64), origin, window)
+    elif prompt.box is not None or prompt.points is not None:
+        box = _coarse_box(cmap, fg, origin, window)
+    if prompt.points is not None:
+        points = _window_points(prompt, origin, window)
+    return _Item(k, box, points)
+
+
+# ------------------------------------------------------------------------------ window cache
+class _LRU:
+    """At most `capacity` window embeddings, least recently used evicted first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.data: OrderedDict[Window, Tensor] = OrderedDict()
+
+    def get(self, key: Window) -> Optional[Tensor]:
+        if key in self.data:
+            self.data.move_to_end(key)
+            return self.data[key]
+        return None
+
+    def put(self, key: Window, value: Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        self.data[key] = value
+        self.data.move_to_end(key)
+        while len(self.data) > self.capacity:
+            self.data.popitem(last=False)
+
+
+def _extract(image: Tensor, origins: Sequence[Triple], window: Sequence[int]) -> Tensor:
+    """Windows (B, 1, *window) float32 from image (1, 1, D', H', W'), zero outside the crop."""
+    out = image.new_zeros((len(origins), 1, *window))
+    shape = image.shape[2:]
+    for b, o in enumerate(origins):
+        lo = [max(0, x) for x in o]
+        hi = [min(n, x + r) for n, x, r in zip(shape, o, window)]
+        dst = tuple(slice(a - x, c - x) for a, c, x in zip(lo, hi, o))
+        out[(b, 0) + dst] = image[(0, 0) + tuple(slice(a, c) for a, c in zip(lo, hi))]
+    return out
+
+
+# ------------------------------------------------------------------------------ the pipeline
+def _check(prep: Preprocessed, prompts: Sequence[Prompt], plan: Plan, device: torch.device) -> None:
+    if prep.image.dim() != 5 or tuple(prep.image.shape[:2]) != (1, 1):
+        raise ShapeError(f"prep.image must be (1, 1, D', H', W'), got {tuple(prep.image.shape)}")
+    for p in prompts:
+        if not p.kinds:
+            raise PromptError(f"prompt {p.label!r} has no text, box or points")
+    if not same_device(plan.device, device):
+        raise ShapeError(f"the plan was made for {plan.device} but the model is on {device}; re-plan with plan_fast")
+
+
+@torch.inference_mode()
+def run_fast(
+    model,
+    prep: Preprocessed,
+    prompts: Sequence[Prompt],
+    modality: str = "ct",
+    zoom_in: bool = True,
+    plan: Optional[Plan] = None,
+    progress: bool = False,
+    return_logits: bool = False,
+) -> list[FastOutput]:
+    """Fast zoom-out-zoom-in for all prompts at once (see the module docstring).
+
+    Args:
+        model: a `SegVol` on its device (precision as set: "bf16" runs under autocast).
+        prep: `preprocess(...)` output; prep.image (1, 1, D', H', W') float32 in [0, 1].
+        prompts: crop-frame `Prompt`s, one mask each.
+        modality: text template ("ct" official, "mri").
+        zoom_in: run the zoom-in pass (official default); False returns the coarse result.
+        plan: from `plan_fast`; default: planned here without a limit.
+        progress: tqdm bar over zoom-in windows.
+        return_logits: also return crop-frame logits (else FastOutput.logits stays None).
+
+    Returns:
+        one `FastOutput` per prompt, in order.
+    """
+    device = next(model.parameters()).device
+    crop_shape = tuple(int(s) for s in prep.image.shape[2:])
+    if plan is None:
+        plan = plan_fast(model, crop_shape, len(prompts), None, device, return_logits=return_logits)
+    _check(prep, prompts, plan, device)
+    if not prompts:
+        return []
+    size = tuple(model.config.spatial_size)
+    stitch = plan.stitch_device
+    # the crop lives where windows are cut: on the device when stitching there (planned for)
+    image = prep.image.detach().float().to(device if same_device(stitch, device) else prep.image.device)
+    cmap = _CropMap(size, crop_shape, stitch)
+
+    texts = _text_embeddings(model, prompts, modality)
+    logits = _zoom_out(model, image, prompts, texts, crop_shape, size, plan)  # (N, *size) fp32, stitch device
+    # sigmoid > 0.5 picks the ROI and the window boxes (official); the mask is logits > 0
+    coarse = _Coarse(torch.sigmoid(logits) > 0.5, logits > 0, logits if return_logits else None)
+    del logits
+    rois = [cmap.roi(coarse.fg[k], size) if zoom_in else None for k in range(len(prompts))]
+
+    out_dtype = torch.float32 if plan.accumulator_dtype == torch.float32 else torch.float16
+    outputs: list[Optional[FastOutput]] = [None] * len(prompts)
+    for k, roi in enumerate(rois):  # prompts without zoom-in: the coarse result, resized
+        if roi is None:
+            lg = cmap.gather(coarse.logits[k]).to("cpu", out_dtype) if return_logits else None
+            outputs[k] = FastOutput(mask=cmap.gather(coarse.pos[k]).cpu(), logits=lg)
+    zoomed = [k for k, roi in enumerate(rois) if roi is not None]
+    if zoomed:
+        _ZoomIn(model, image, prompts, texts, cmap, coarse, rois, plan, progress, out_dtype).run(zoomed, outputs)
+    return outputs  # type: ignore[return-value]
+
+
+@dataclass
+class _Coarse:
+    """Zoom-out results at zoom-out size, on the stitch device: fg = sigmoid > 0.5 and
+    pos = logits > 0, (N, *size) bool; logits (N, *size) float32 only for return_logits."""
+
+    fg: Tensor
+    pos: Tensor
+    logits: Optional[Tensor]
+
+
+def _text_embeddings(model, prompts: Sequence[Prompt], modality: str) -> dict[int, Tensor]:
+    """Prompt index -> (1, hidden) text embedding; each distinct text is encoded once."""
+    names = sorted({p.text for p in prompts if p.text is not None})
+    if not names:
+        return {}
+    emb = model.encode_text(names, modality)
+    row = {n: i for i, n in enumerate(names)}
+    return {k: emb[row[p.text]][None] for k, p in enumerate(prompts) if p.text is not None}
+
+
+def _zoom_out(model, image, prompts, texts, crop_shape, size, plan) -> Tensor:
+    """One encode of the resized crop, batched decodes -> coarse logits (N, *size) float32."""
+    dev = plan.device
+    emb = model.encode_image(zoom_out_resize(image, size).to(dev))
+    items = []
+    for k, p in enumerate(prompts):
+        box = box_to_zoom_out(p.box, crop_shape, size) if p.box is not None else None
+        points = None
+        if p.points is not None:
+            coords = points_to_zoom_out(p.points, crop_shape, size).float()
+            labels = (torch.ones(len(coords), dtype=torch.int64) if p.point_labels is None
+                      else torch.as_tensor(np.asarray(p.point_labels), dtype=torch.int64))
+            points = (coords, labels)
+        items.append(_Item(k, box, points))
+    coarse = torch.empty((len(prompts), *size), dtype=torch.float32, device=plan.stitch_device)
+    for it, logits in _decode(model, emb, items, texts, plan.decode_batch):
+        coarse[it.k] = logits
+    return coarse
+
+
+class _ZoomIn:
+    """The zoom-in pass over prompt groups; see the module docstring."""
+
+    def __init__(self, model, image, prompts, texts, cmap, coarse, rois, plan, progress, out_dtype):
+        self.model, self.image, self.prompts, self.texts = model, image, prompts, texts
+        self.cmap, self.coarse, self.rois, self.plan = cmap, coarse, rois, plan
+        self.size, self.progress, self.out_dtype = tuple(model.config.spatial_size), progress, out_dtype
+        self.grid = global_grid(tuple(image.shape[2:]), self.size)
+        self.cache = _LRU(plan.cache_windows)
+
+    def _groups(self, ks: Sequence[int]) -> list[list[int]]:
+        """Prompts in ROI order, grouped while their ROI voxels fit prompt_group crop volumes."""
+        budget = self.plan.prompt_group * math.prod(self.image.shape[2:])
+        groups, cur, used = [], [], 0
+        for k in sorted(ks, key=lambda k: self.rois[k]):
+            vox = math.prod(b - a + 1 for a, b in zip(*self.rois[k]))
+            if cur and used + vox > budget:
+                groups.append(cur)
+                cur, used = [], 0
+            cur.append(k)
+            used += vox
+        return groups + [cur]
+
+    def run(self, ks: Sequence[int], outputs: list) -> None:
+        need = {k: windows_for_roi(self.grid, self.size, *self.rois[k]) for k in ks}
+        groups = self._groups(ks)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            total = sum(len({w for k in g for w in need[k]}) for g in groups)
+            bar = tqdm(total=total, desc="zoom-in windows", unit="win")
+        for gi, group in enumerate(groups):
+            users: dict[Window, list[int]] = {}
+            for k in group:
+                for w in need[k]:
+                    users.setdefault(w, []).append(k)
+            order = sorted(users, reverse=bool(gi % 2))  # alternate: start where the cache is warm
+            self._group(group, order, users, need, outputs, bar)
+        if bar is not None:
+            bar.close()
+
+    def _origin(self, w: Window) -> Triple:
+        return tuple(self.grid[a][w[a]] for a in range(3))
+
+    def _group(self, group, order, users, need, outputs, bar) -> None:
+        stitch, dtype = self.plan.stitch_device, self.plan.accumulator_dtype
+        acc = {k: torch.zeros(tuple(b - a + 1 for a, b in zip(*self.rois[k])), dtype=dtype, device=stitch)
+               for k in group}
+        for batch, embs in self._embeddings(order):
+            for w in batch:
+                origin = self._origin(w)
+                items = [_window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size,
+                                      len(need[k]) == 1) for k in users[w]]
+                for it, logits in _decode(self.model, embs[w], items, self.texts, self.plan.decode_batch):
+                    self._add(acc[it.k], logits, origin, self.rois[it.k])
+                if bar is not None:
+                    bar.update(1)
+        for k in group:
+            outputs[k] = self._finish(k, acc.pop(k), len(need[k]))
+
+    def _embeddings(self, order: Sequence[Window]) -> Iterable[tuple[list[Window], dict[Window, Tensor]]]:
+        """Walk the windows in order, yielding (windows, embeddings) with at most window_batch
+        encodes per step; cached embeddings are taken before new ones can evict them."""
+        i = 0
+        while i < len(order):
+            batch, embs, todo = [], {}, []
+            while i < len(order) and len(todo) < self.plan.window_batch:
+                w = order[i]
+                i += 1
+                batch.append(w)
+                hit = self.cache.get(w)
+                if hit is None:
+                    todo.append(w)
+                else:
+                    embs[w] = hit
+            if todo:
+                x = _extract(self.image, [self._origin(w) for w in todo], self.size).to(self.plan.device)
+                e = self.model.encode_image(x)
+                for j, w in enumerate(todo):
+                    # clone: a cached slice must not pin the whole batch (clone keeps the strides)
+                    embs[w] = e[j : j + 1].clone()
+                    self.cache.put(w, embs[w])
+            yield batch, embs
+
+    def _add(self, acc: Tensor, logits: Tensor, origin: Triple, roi: tuple[Triple, Triple]) -> None:
+        """acc (ROI) += the window's logits (*window) where the window meets the ROI."""
+        lo, hi = roi
+        a = [max(l, o) for l, o in zip(lo, origin)]
+        b = [min(h + 1, o + r) for h, o, r in zip(hi, origin, self.size)]
+        src = logits[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))]
+        acc[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] += src.to(acc.device)
+
+    def _finish(self, k: int, acc: Tensor, n_windows: int) -> FastOutput:
+        """Coarse mask (and logits) resized to the crop, the ROI replaced by the stitched result."""
+        lo, hi = self.rois[k]
+        region = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
+        mask = self.cmap.gather(self.coarse.pos[k])
+        mask[region] = acc > 0  # the mean has the sum's sign: every ROI voxel has a window
+        logits = None
+        if self.coarse.logits is not None:
+            cover = [_coverage(s, r, a, b).to(acc.device) for s, r, a, b in zip(self.grid, self.size, lo, hi)]
+            logits = self.cmap.gather(self.coarse.logits[k])
+            logits[region] = acc.float() / (cover[0][:, None, None] * cover[1][None, :, None] * cover[2][None, None, :])
+            logits = logits.to("cpu", self.out_dtype)
+        return FastOutput(mask=mask.cpu(), logits=logits, roi=self.rois[k], windows=n_windows)

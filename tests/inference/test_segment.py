@@ -1,0 +1,115 @@
+"""segment(): volumes in, masks on the input grid out, in both modes, within a memory budget."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segevol_fast import SegVol, SegVolConfig, Volume, load_volume
+from segevol_fast.inference import BudgetError, PromptError, segment
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two-core CI boxes: OpenMP spinning between concurrent processes costs more than threads win.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def model(data_dir):
+    torch.manual_seed(0)
+    m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").eval()
+    m.weights_source = "test"
+    return m
+
+
+@pytest.fixture
+def ct(data_dir):
+    return load_volume(data_dir / "ct_abdomen_sm.nii.gz")
+
+
+def test_fast_masks_come_back_on_the_input_grid(model, ct, tmp_path):
+    res = model.segment(ct, text=["liver", "spleen"], zoom_in=False, progress=False)
+    assert res.labels == ["liver", "spleen"]
+    for m in res.masks.values():
+        assert m.shape == ct.shape and m.dtype == bool
+    np.testing.assert_array_equal(res.affine, ct.affine)
+    assert set(res.timings) >= {"load", "preprocess", "inference", "paste_back", "total"}
+    assert res.peak_memory_bytes and res.peak_memory_bytes > 0
+    assert res.volumes_ml()["liver"] == pytest.approx(res.masks["liver"].sum() * abs(np.linalg.det(ct.affine[:3, :3])) / 1000)
+    out = res.save(tmp_path / "out")
+    assert (out / "summary.json").is_file()
+
+
+def test_paths_arrays_and_volumes_give_the_same_masks(model, ct, data_dir):
+    kw = dict(box=[30, 20, 5, 80, 70, 20], zoom_in=False, progress=False)
+    a = model.segment(data_dir / "ct_abdomen_sm.nii.gz", **kw)
+    b = model.segment(ct.array, **kw)
+    c = model.segment(torch.from_numpy(np.asarray(ct.array)), **kw)
+    for other in (b, c):
+        np.testing.assert_array_equal(a.masks["box 0"], other.masks["box 0"])
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_both_modes_with_zoom_in_on_real_ct(model, ct, mode):
+    res = segment(model, ct, text="liver", box=[30, 20, 5, 80, 70, 20], mode=mode, progress=False)
+    assert res.mode == mode and res.masks["liver"].shape == ct.shape
+
+
+def test_exact_mode_equals_run_exact_pasted_back(model, ct):
+    from segevol_fast.inference import build_prompts, run_exact
+    from segevol_fast.preprocess import paste_back, preprocess
+
+    res = segment(model, ct, text="spleen", mode="exact", zoom_in=False, progress=False, return_probabilities=True)
+    prep = preprocess(ct.array)
+    (p,) = build_prompts("spleen", shape=ct.shape, start=prep.start)
+    (logits,) = run_exact(model, prep, [p], zoom_in=False)
+    np.testing.assert_array_equal(res.masks["spleen"], paste_back((torch.sigmoid(logits) > 0.5).numpy(), prep))
+    np.testing.assert_allclose(res.probabilities["spleen"], paste_back(torch.sigmoid(logits).numpy(), prep), atol=1e-6)
+
+
+def test_budget_too_small_fails_before_running_and_names_the_minimum(model, ct, monkeypatch):
+    import segevol_fast.inference.fast as fast
+
+    def must_not_run(*a, **k):
+        raise AssertionError("inference started although the budget cannot be met")
+
+    monkeypatch.setattr(fast, "run_fast", must_not_run)
+    with pytest.raises(BudgetError, match="needs at least"):
+        segment(model, ct, text="liver", max_memory="10MB", progress=False)
+
+
+def test_measured_cpu_peak_stays_within_a_met_budget(model, ct):
+    from segevol_fast.inference.memory import current_rss
+
+    budget = current_rss() + 1_500_000_000
+    res = segment(model, ct, text=["liver", "spleen"], max_memory=budget, progress=False)
+    assert res.peak_memory_bytes <= budget
+
+
+def test_random_weights_are_reported_loudly(data_dir, ct):
+    m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
+    with pytest.warns(UserWarning, match="meaningless"):
+        res = m.segment(ct, text="liver", zoom_in=False, progress=False)
+    assert any("meaningless" in n for n in res.notes)
+
+
+def test_bad_arguments(model, ct):
+    with pytest.raises(ValueError, match="mode"):
+        segment(model, ct, text="liver", mode="slow")
+    with pytest.raises(PromptError, match="at least one prompt"):
+        segment(model, ct, progress=False)
+    with pytest.raises(PromptError, match="outside the volume"):
+        segment(model, ct, box=[0, 0, 0, 500, 10, 10], progress=False)
+
+
+def test_world_coordinate_box_equals_voxel_box(model, ct):
+    ijk = np.array([[30, 20, 5], [80, 70, 20]], dtype=float)
+    mm = ijk @ ct.affine[:3, :3].T + ct.affine[:3, 3]
+    a = segment(model, ct, box=ijk.reshape(-1), zoom_in=False, progress=False)
+    b = segment(model, Volume(ct.array, ct.affine), box=mm.reshape(-1), coords="world", zoom_in=False, progress=False)
+    np.testing.assert_array_equal(a.masks["box 0"], b.masks["box 0"])
