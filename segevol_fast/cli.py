@@ -143,7 +143,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     tok = pathlib.Path(args.tokenizer).expanduser() if args.tokenizer else None
     if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
         raise UsageError(f"--tokenizer {args.tokenizer}: no tokenizer.json (or vocab.json + merges.txt) there")
-    weights = None if args.random_weights else find_weights(args.weights)
+    weights = None if args.random_weights else find_weights(args.weights, download=args.download)
     tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
     volume = load_volume(args.input, modality=args.modality)
     if weights is None:
@@ -222,7 +222,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     weights = None
     if not args.random_weights:
         try:
-            weights = find_weights(args.weights)
+            weights = find_weights(args.weights, download=args.download)
         except WeightsNotFoundError:
             if args.weights:  # asked for these weights explicitly: do not silently go random
                 raise
@@ -272,6 +272,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", metavar="PATH", help="folder or file with the official SegVol weights "
                    "(default: $SEGEVOL_WEIGHTS, then the Hugging Face cache of BAAI/SegVol)")
+    p.add_argument("--download", action="store_true",
+                   help="when no local weights are found, download BAAI/SegVol from the Hugging Face Hub "
+                        "(needs network access and huggingface_hub)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--mode", choices=["fast", "exact"], default="fast",
                    help="fast (default): shared zoom-out encoding, batched windows; "
