@@ -110,6 +110,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per case (recorded as timed out)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,9 +121,14 @@ def main() -> int:
     results = {}
     for name in args.cases:
         t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=REPO)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
-        results[name] = json.loads(line[len("@@RESULT@@"):]) if line else {"error": proc.stderr[-3000:]}
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
+                                  cwd=REPO, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": f"timed out after {args.timeout:.0f} s (not completed)"}
+        else:
+            line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
+            results[name] = json.loads(line[len("@@RESULT@@"):]) if line else {"error": proc.stderr[-3000:]}
         results[name]["wall_s"] = time.perf_counter() - t
         print(name, json.dumps(results[name], default=str)[:400], flush=True)
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
@@ -130,7 +136,7 @@ def main() -> int:
            "config": "SegVolConfig() official size, random weights", "results": results}
     path = pathlib.Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-segment-{dt.date.today().isoformat()}.json"
+    file = path / f"cpu-segment-{dt.date.today().isoformat()}-{'-'.join(args.cases)}.json"
     file.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {file}")
     return 0 if all("error" not in r for r in results.values()) else 1

@@ -72,10 +72,10 @@ void gather_patches(const scalar_t* x, scalar_t* out, const PatchEmbedShape& s,
 
 // float32 fast path. oneDNN's strided convolution beats the BLAS sgemm on the (B*N, K) x (K, E)
 // product at SegVol sizes on x86 (measured: ~19 ms vs ~27 ms for one 32x256x256 window on 2
-// cores), and it reads the volume in place, so no patch matrix is written at all. The input
-// affine folds into the epilogue by linearity, conv(x*s + t) = s*conv(x) + t*rowsum(W), and one
-// blocked pass transposes (B, E, N) -> (B, N, E) while adding bias + pos + t*rowsum(W); no
-// temporary besides the convolution's own output.
+// cores) and reads the volume in place, so no patch matrix is written at all. The input affine
+// folds in by linearity, conv(x*s + t) = s*conv(x) + t*rowsum(W): with s == 1 the per-channel
+// constant bias + t*rowsum(W) rides in the convolution's own bias, and one TensorIterator pass
+// adds the position embedding while transposing (B, E, N) -> (B, N, E).
 at::Tensor patch_embed_cpu_conv(const at::Tensor& x, const at::Tensor& weight,
                                 const std::optional<at::Tensor>& bias,
                                 const std::optional<at::Tensor>& pos_embed, const PatchEmbedShape& s,
@@ -84,51 +84,22 @@ at::Tensor patch_embed_cpu_conv(const at::Tensor& x, const at::Tensor& weight,
   // layouts are the same bytes, so this is a view, not a copy.
   const at::Tensor conv_w = s.C == 1 ? weight.reshape({s.E, 1, s.pd, s.ph, s.pw})
                                      : weight.reshape({s.E, s.pd, s.ph, s.pw, s.C}).permute({0, 4, 1, 2, 3}).contiguous();
-  const at::Tensor y = at::conv3d(x.narrow(2, 0, s.gd * s.pd).narrow(3, 0, s.gh * s.ph).narrow(4, 0, s.gw * s.pw),
-                                  conv_w, {}, {s.pd, s.ph, s.pw})
-                           .reshape({s.B, s.E, s.N})
-                           .contiguous();
-  // Per-channel constant bias[e] + shift * rowsum(W)[e] (E values); pos is read in place.
-  at::Tensor chan = bias ? bias->clone() : at::zeros({s.E}, x.options());
-  if (shift != 0.0) chan.add_(weight.sum(1), shift);
-  const at::Tensor pos = pos_embed ? pos_embed->reshape({s.N, s.E}).contiguous() : at::Tensor();
+  // Per-channel constant: bias[e] + shift * rowsum(W)[e] (E values).
+  std::optional<at::Tensor> chan = bias;
+  if (shift != 0.0) chan = (bias ? *bias : at::zeros({s.E}, x.options())) + weight.sum(1) * shift;
+  const bool unit_scale = scale == 1.0;
+  const at::Tensor cropped =
+      x.narrow(2, 0, s.gd * s.pd).narrow(3, 0, s.gh * s.ph).narrow(4, 0, s.gw * s.pw);
+  const at::Tensor y = at::conv3d(cropped, conv_w, unit_scale ? chan : std::nullopt, {s.pd, s.ph, s.pw})
+                           .view({s.B, s.E, s.N})
+                           .transpose(1, 2);  // (B, N, E) view
+  // out = scale * y + (pos + chan when not already inside y), in one pass.
+  at::Tensor add;
+  if (pos_embed) add = pos_embed->reshape({1, s.N, s.E});
+  if (!unit_scale && chan) add = add.defined() ? add + *chan : chan->reshape({1, 1, s.E});
+  if (!add.defined()) return unit_scale ? y.contiguous() : (y * scale).contiguous();
   at::Tensor out = at::empty({s.B, s.N, s.E}, x.options());
-  const float* yp = y.const_data_ptr<float>();
-  const float* cp = chan.const_data_ptr<float>();
-  const float* pp = pos.defined() ? pos.const_data_ptr<float>() : nullptr;
-  float* op = out.mutable_data_ptr<float>();
-  const float a = static_cast<float>(scale);
-  constexpr int64_t T = 32;  // transpose tile: 32x32 floats stay in L1 on both sides
-  const int64_t n_tiles = (s.N + T - 1) / T;
-  at::parallel_for(0, s.B * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t job = begin; job < end; ++job) {
-      const int64_t b = job / n_tiles, n0 = (job % n_tiles) * T, n1 = std::min(s.N, n0 + T);
-      float tile[T][T];
-      for (int64_t e0 = 0; e0 < s.E; e0 += T) {
-        const int64_t e1 = std::min(s.E, e0 + T);
-        // Read y along n (contiguous), write the tile transposed; then emit output rows along e
-        // (contiguous, vectorisable) with the additive terms.
-        for (int64_t e = e0; e < e1; ++e) {
-          const float* ycol = yp + (b * s.E + e) * s.N;
-          for (int64_t n = n0; n < n1; ++n) tile[n - n0][e - e0] = ycol[n];
-        }
-        for (int64_t n = n0; n < n1; ++n) {
-          float* orow = op + (b * s.N + n) * s.E;
-          const float* trow = tile[n - n0];
-          const int64_t w = e1 - e0;
-          float* o = orow + e0;
-          const float* c = cp + e0;
-          if (pp) {
-            const float* prow = pp + n * s.E + e0;
-            for (int64_t i = 0; i < w; ++i) o[i] = a * trow[i] + c[i] + prow[i];
-          } else {
-            for (int64_t i = 0; i < w; ++i) o[i] = a * trow[i] + c[i];
-          }
-        }
-      }
-    }
-  });
-  return out;
+  return at::add_out(out, add.expand({s.B, s.N, s.E}), y, scale);
 }
 
 at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight,
