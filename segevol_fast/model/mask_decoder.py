@@ -23,6 +23,7 @@ from ..errors import ShapeError
 from .config import SegVolConfig
 from .layers import LayerNorm32
 from .two_way_transformer import TwoWayTransformer
+from .upscale import upscale_project
 
 
 class MLP(nn.Module):
@@ -67,6 +68,9 @@ class MaskDecoder(nn.Module):
             MLP(hidden, hidden, hidden // 8, 3) for _ in range(self.num_mask_tokens))
         self.iou_prediction_head = MLP(hidden, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
         self.txt_align_upscaled_embedding = nn.Linear(hidden, hidden // 8)
+        # True: upscale + project in token order (model/upscale.py, ~4x faster on CPU for many
+        # prompts); False: run `output_upscaling` as modules, literally as the official code does.
+        self.fused_upscale = True
 
     def forward(
         self,
@@ -103,13 +107,14 @@ class MaskDecoder(nn.Module):
 
         hs, src = self.transformer(src, pos, tokens)
         src = src.expand(B, -1, -1)  # only matters for depth 0, where the image side stays batch 1
-        features = self.output_upscaling(src.transpose(1, 2).reshape(B, hidden, *self.grid_size))
-        # features: (B, hidden/8, 4gd, 4gh, 4gw)
-
         weights = self.output_hypernetworks_mlps[0](hs[:, 1])  # (B, hidden/8), mask token 0
         if text_embedding is not None:
             weights = weights + self.txt_align_upscaled_embedding(text_embedding.to(weights.dtype))
-        logits = torch.einsum("bc,bcdhw->bdhw", weights, features).unsqueeze(1)
+        if self.fused_upscale:  # same result without materialising (B, hidden/8, 4gd, 4gh, 4gw) maps
+            logits = upscale_project(src, weights, self.output_upscaling, tuple(self.grid_size))
+        else:  # the official module path, kept as the reference
+            features = self.output_upscaling(src.transpose(1, 2).reshape(B, hidden, *self.grid_size))
+            logits = torch.einsum("bc,bcdhw->bdhw", weights, features).unsqueeze(1)
         if not return_iou:
             return logits
         return logits, self.iou_prediction_head(hs[:, 0])[:, :1]

@@ -189,6 +189,7 @@ def test_cross_attention_internal_dim_is_downsampled():
 
 def test_upscaling_layernorm_is_full_shape():
     dec = randomise(MaskDecoder(CFG))
+    dec.fused_upscale = False  # inspect the literal module path (the fused one is tested against it)
     norm = dec.output_upscaling[1]
     full = (CFG.hidden_size // 4, *(2 * g for g in CFG.grid_size))
     assert isinstance(norm, torch.nn.LayerNorm) and tuple(norm.normalized_shape) == full
@@ -207,6 +208,7 @@ def test_upscaling_layernorm_is_full_shape():
 
 def test_text_used_as_token_and_additive_map():
     enc, dec = randomise(PromptEncoder(CFG)), randomise(MaskDecoder(CFG))
+    dec.fused_upscale = False  # hooks see the module path; test_fused_upscale_* ties the two together
     text = torch.randn(2, CFG.hidden_size)
     box = torch.tensor([[1.0, 2, 3, 5, 20, 25], [0.0, 0, 0, 7, 31, 31]])
     sparse, dense = enc(boxes=box, text_embedding=text)
@@ -309,3 +311,20 @@ def test_state_dict_keys_match_official():
     got = {k: tuple(v.shape) for k, v in dec.state_dict().items()}
     assert got == want
     assert sum(v.numel() for v in dec.state_dict().values()) == 29_923_716
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("grid", [(2, 2, 2), (1, 3, 2)])
+def test_fused_upscale_equals_official_module_path(dtype, grid):
+    cfg = SegVolConfig.tiny(spatial_size=(4 * grid[0], 16 * grid[1], 16 * grid[2]))
+    enc, dec = randomise(PromptEncoder(cfg)).to(dtype), randomise(MaskDecoder(cfg)).to(dtype)
+    text = torch.randn(3, cfg.hidden_size, dtype=dtype)
+    sparse, dense = enc(boxes=torch.rand(3, 6, dtype=dtype) * 4, text_embedding=text)
+    image = torch.randn(1, cfg.hidden_size, *cfg.grid_size, dtype=dtype)
+    pe = enc.get_dense_pe()
+    with torch.no_grad():
+        fused = dec(image, pe, sparse, dense, text)
+        dec.fused_upscale = False
+        modules = dec(image, pe, sparse, dense, text)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(fused, modules, rtol=tol, atol=tol)

@@ -245,6 +245,7 @@ def test_tiny_forward_backward_reaches_every_trainable_part(tiny):
 def test_reduced_precision_keeps_layernorm_in_fp32(tiny):
     # CPU autocast in bf16 here; the same policy applies to CUDA autocast (fp16/bf16).
     seen = {}
+    tiny.mask_decoder.fused_upscale = False  # the module path, where the LayerNorm module runs
     ln = tiny.mask_decoder.output_upscaling[1]
 
     def record(module, inputs, output):
