@@ -42,7 +42,6 @@ a = 4 (fp32) or 2 (reduced precision) bytes for matmul outputs, q = accumulator 
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -50,6 +49,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..errors import SegVolFastError
+from .memory import current_rss
 
 MAX_WINDOW_BATCH = 8
 _FIXED_SLACK = 64 << 20  # Python objects, tqdm, cuBLAS workspace, small tensors
@@ -147,17 +147,6 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------ measurements
-def _rss() -> int:
-    """Resident set size of this process (bytes): /proc/self/statm, else the (peak) ru_maxrss."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
 def _weight_bytes(model) -> int:
     """Bytes of all parameters and buffers (works on the meta device too)."""
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
@@ -184,7 +173,7 @@ def _baseline(device: torch.device, model) -> int:
     weights = _weight_bytes(model) if same_device(_model_device(model), device) else 0
     if device.type == "cuda":
         return max(0, torch.cuda.memory_allocated(device) - weights)
-    return max(0, _rss() - weights)
+    return max(0, current_rss() - weights)
 
 
 def _available(device: torch.device) -> Optional[int]:
@@ -197,7 +186,7 @@ def _available(device: torch.device) -> Optional[int]:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 + _rss()
+                    return int(line.split()[1]) * 1024 + current_rss()
     except OSError:
         pass
     return None

@@ -17,15 +17,12 @@ import torch
 
 from ..io import Volume, load_volume
 from ..preprocess import paste_back, preprocess
+from .budget import _model_device, same_device
 from .memory import PeakMemory
 from .prompts import build_prompts
 from .result import SegmentationResult
 
 MODES = ("fast", "exact")
-
-
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
 
 
 def segment(
@@ -78,7 +75,7 @@ def segment(
     modality = modality or vol.modality or "ct"
     timings["load"] = time.perf_counter() - t
 
-    if device is not None and _model_device(model) != torch.device(device):
+    if device is not None and not same_device(_model_device(model), device):
         model.to(device)
     dev = _model_device(model)
 
