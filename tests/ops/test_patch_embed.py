@@ -188,6 +188,45 @@ def test_opcheck_schema_fake_and_autograd_registration():
     torch.library.opcheck(torch.ops.segevol_fast.patch_embed.default, (x, w, b, p, [4, 16, 16], 1.0, 0.0))
 
 
+def test_eager_inference_skips_the_dispatcher_and_never_imports_dynamo():
+    # torch.library.custom_op imports torch._dynamo (~200 MB resident) on its first call; an
+    # inference process that never compiles must not pay that (it is a tenth of a 2 GB budget)
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from segevol_fast import ops\n"
+        "x = torch.rand(1, 1, 8, 32, 32); w = torch.rand(16, 1024); b = torch.rand(16); p = torch.rand(1, 8, 16)\n"
+        "with torch.inference_mode():\n"
+        "    ops.patch_embed(x, w, b, p)\n"
+        "with torch.no_grad():\n"
+        "    ops.patch_embed(x, torch.nn.Parameter(w), b, p)\n"
+        "ops.patch_embed(x, w, b, p)\n"
+        "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "clean"
+
+
+def test_eager_path_equals_the_custom_op_and_autograd_still_goes_through_it(monkeypatch):
+    import importlib
+
+    module = importlib.import_module("segevol_fast.ops.patch_embed")  # the module, not the function
+    x, w, b, p = torch.rand(2, 1, 8, 32, 48), torch.randn(24, 1024), torch.randn(24), torch.randn(1, 12, 24)
+    direct = ops.patch_embed(x, w, b, p, scale=0.5, shift=0.1)
+    via_op = torch.ops.segevol_fast.patch_embed(x, w, b, p, [4, 16, 16], 0.5, 0.1)
+    assert torch.equal(direct, via_op)
+
+    calls = []
+    monkeypatch.setattr(module, "_patch_embed_op", lambda *a: calls.append(a) or torch.ops.segevol_fast.patch_embed(*a))
+    ops.patch_embed(x, w.requires_grad_(), b, p)  # autograd to record: through the op
+    assert len(calls) == 1
+    with torch.no_grad():
+        ops.patch_embed(x, w, b, p)  # nothing to record: direct
+    assert len(calls) == 1
+
+
 def test_torch_compile_traces_through_the_op():
     x = torch.randn(2, 1, 8, 32, 32)
     w, b, p = torch.randn(16, 1024), torch.randn(16), torch.randn(1, 8, 16)
