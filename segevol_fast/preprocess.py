@@ -16,7 +16,9 @@ hands it over). `preprocess` gets the same result in about two passes over the d
   foreground mean and std all come from the bin counts, exactly.
 * The crop box is where x > lower; per-axis max projections, taken in the same pass as the
   histogram, give it without another scan. Only the cropped block is then transposed and scaled,
-  in small cache-sized slabs.
+  in small cache-sized slabs, or not at all: `preprocess(..., lazy=True)` leaves the crop as a
+  reader that normalises the scan's voxels as they are read (`crop.py`), so inference never holds
+  a float32 copy of the crop.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .crop import CropReader, NormalizedCrop, StoredCrop
 from .errors import SegVolFastError, ShapeError
 
 PERCENTILES = (0.05, 99.95)
@@ -65,22 +68,44 @@ class ForegroundStats:
 class Preprocessed:
     """Model input plus what is needed to map results back.
 
-    image:          (1, 1, D', H', W') float32 in [0, 1], the foreground crop; D, H, W = Z, Y, X.
+    crop:           the preprocessed foreground crop (D', H', W') float32 in [0, 1], D, H, W = Z, Y, X,
+                    as a `CropReader`: stored (`StoredCrop`) or normalised from the scan on each read
+                    (`NormalizedCrop`, `preprocess(..., lazy=True)`). A (1, 1, D', H', W') tensor given
+                    here is stored as it is.
     start, end:     crop box in the full (D, H, W) frame, end exclusive (MONAI's
                     foreground_start_coord / foreground_end_coord).
     original_shape: (X, Y, Z) of the input array.
     stats:          the foreground statistics used.
     """
 
-    image: Tensor
+    crop: CropReader
     start: Tuple[int, int, int]
     end: Tuple[int, int, int]
     original_shape: Tuple[int, int, int]
     stats: ForegroundStats
 
+    def __post_init__(self):
+        if isinstance(self.crop, Tensor):
+            if self.crop.dim() != 5 or tuple(self.crop.shape[:2]) != (1, 1):
+                raise ShapeError(f"the crop image must be (1, 1, D', H', W'), got {tuple(self.crop.shape)}")
+            self.crop = StoredCrop(self.crop[0, 0])
+        if not isinstance(self.crop, CropReader):
+            raise ShapeError(f"crop must be a CropReader or a (1, 1, D', H', W') tensor, got {type(self.crop).__name__}")
+
+    @property
+    def image(self) -> Tensor:
+        """(1, 1, D', H', W') float32. A stored crop is returned as it is (no copy); a lazy one is
+        normalised into a new tensor on every access (D'·H'·W'·4 bytes: keep the result)."""
+        return self.crop.full()[None, None] if self.lazy else self.crop.image[None, None]
+
+    @property
+    def lazy(self) -> bool:
+        """True when the crop is read from the scan on demand (no float32 copy is held)."""
+        return not isinstance(self.crop, StoredCrop)
+
     @property
     def crop_shape(self) -> Tuple[int, int, int]:
-        """(D', H', W') of `image`."""
+        """(D', H', W') of the crop."""
         return tuple(e - s for s, e in zip(self.start, self.end))
 
     @property
@@ -266,10 +291,15 @@ def foreground_stats(volume) -> ForegroundStats:
 
 
 # ----------------------------------------------------------------------------- preprocessing
-def preprocess(volume) -> Preprocessed:
+def preprocess(volume, lazy: bool = False) -> Preprocessed:
     """Official SegVol preprocessing, fast. volume: Volume / numpy / torch (X, Y, Z), any real dtype.
 
-    Returns `Preprocessed` with image (1, 1, D', H', W') float32 in [0, 1] on the input's device.
+    Args:
+        lazy: keep no float32 copy of the crop: `Preprocessed.crop` normalises the scan's voxels as
+            they are read (a `NormalizedCrop` holding a view of the input). Values read are
+            bit-identical to the stored crop's; the input must not be modified while it is used.
+
+    Returns `Preprocessed` whose crop reads (D', H', W') float32 in [0, 1] on the input's device.
     Equal to `preprocess_ref` up to float32 rounding (~1e-6); the crop box is identical.
     """
     t = _as_tensor(volume)
@@ -290,26 +320,14 @@ def preprocess(volume) -> Preprocessed:
         idx = torch.nonzero(p.double() > lo).flatten()
         box.append((int(idx[0]), int(idx[-1]) + 1))
     (x0, x1), (y0, y1), (z0, z1) = box
-    src = t[x0:x1, y0:y1, z0:z1].permute(2, 1, 0)  # (D', H', W') view
-    out = torch.empty(src.shape, dtype=torch.float32, device=t.device)
-    _transpose_scale(src, out, lo, hi, scale)
+    crop = NormalizedCrop(t[x0:x1, y0:y1, z0:z1].permute(2, 1, 0), lo, hi, scale)  # (D', H', W') view
     return Preprocessed(
-        image=out[None, None],
+        crop=crop if lazy else StoredCrop(crop.full()),
         start=(z0, y0, x0),
         end=(z1, y1, x1),
         original_shape=tuple(int(v) for v in t.shape),
         stats=stats,
     )
-
-
-def _transpose_scale(src: Tensor, out: Tensor, lo: float, hi: float, scale: float) -> None:
-    """out = (clamp(src, lo, hi) - lo) * scale, in H-slabs so each is transposed and scaled in cache."""
-    D, H, W = src.shape
-    step = max(1, _SLAB // 4 // max(1, D * W))
-    for h in range(0, H, step):
-        o = out[:, h : h + step]
-        o.copy_(src[:, h : h + step])
-        o.clamp_(lo, hi).sub_(lo).mul_(scale)
 
 
 def preprocess_ref(volume) -> Preprocessed:
@@ -346,7 +364,7 @@ def preprocess_ref(volume) -> Preprocessed:
         float(thr), int(fg.size), float(lower), float(upper), float(mean), float(std)
     )
     return Preprocessed(
-        image=torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None],
+        crop=torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None],
         start=start,
         end=end,
         original_shape=tuple(int(v) for v in arr.shape),
@@ -383,6 +401,25 @@ def _interp(x: Tensor, size: Sequence[int], mode: str) -> Tensor:
         x = x[None]
     y = F.interpolate(x, size=tuple(int(s) for s in size), mode=mode)
     return y.reshape(y.shape[5 - lead :])
+
+
+def index_map(n_in: int, n_out: int, mode: str) -> Tensor:
+    """Source index (n_out,) int64 that torch's `mode` resize reads for each output voxel of one axis.
+
+    Taken from F.interpolate itself (on an arange): its float32 index arithmetic differs from
+    exact rational arithmetic for some sizes, and results must match it. A 3-D nearest resize
+    is separable, so three of these describe it completely.
+    """
+    ramp = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in)
+    return F.interpolate(ramp, size=int(n_out), mode=mode).view(-1).round().long()
+
+
+def zoom_out_crop(crop: CropReader, size: Sequence[int] = ZOOM_OUT_SIZE) -> Tensor:
+    """`zoom_out_resize` of a crop reader: (1, 1, *size) float32, reading only the voxels the
+    'nearest-exact' resize keeps (a lazy crop is never materialised). Equal to
+    zoom_out_resize(crop.full()) bit for bit."""
+    idx = [index_map(n, s, "nearest-exact") for n, s in zip(crop.shape, size)]
+    return crop.take(idx)[None, None]
 
 
 def zoom_out_resize(x: Tensor, size: Sequence[int] = ZOOM_OUT_SIZE) -> Tensor:

@@ -45,11 +45,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ShapeError
-from ..preprocess import Preprocessed, resize_logits_back, zoom_out_resize
+from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
 from .prompts import Prompt, PromptError
 from .sliding_window import pad_volume, pad_widths, sliding_window_average, window_starts
 
@@ -60,18 +58,6 @@ POSITIVE_THRESHOLD = 0.9  # select_points: a map value > 0.9 is a positive candi
 
 class ZoomInWarning(UserWarning):
     """The zoom-in pass was skipped for a prompt (no foreground in the coarse prediction)."""
-
-
-# ------------------------------------------------------------------------------ index maps
-def index_map(n_in: int, n_out: int, mode: str) -> Tensor:
-    """Source index (n_out,) int64 that torch's `mode` resize reads for each output voxel of one axis.
-
-    Taken from F.interpolate itself (on an arange): its float32 index arithmetic differs from
-    exact rational arithmetic for some sizes, and exact mode must match it. A 3-D nearest resize
-    is separable, so three of these describe it completely.
-    """
-    ramp = torch.arange(n_in, dtype=torch.float32).view(1, 1, n_in)
-    return F.interpolate(ramp, size=int(n_out), mode=mode).view(-1).round().long()
 
 
 # ------------------------------------------------------------------------------ official helpers
@@ -245,8 +231,6 @@ def _forward(model, image: Tensor, text: Optional[Tensor], box: Optional[Tensor]
 
 
 def _check(prep: Preprocessed, prompts: Sequence[Prompt], zoom_in: bool) -> None:
-    if prep.image.dim() != 5 or prep.image.shape[:2] != (1, 1):
-        raise ShapeError(f"prep.image must be (1, 1, D', H', W'), got {tuple(prep.image.shape)}")
     for p in prompts:
         if not p.kinds:
             raise PromptError(f"prompt {p.label!r} has no text, box or points")
@@ -269,7 +253,8 @@ def run_exact(
 
     Args:
         model: a `SegVol` (any config; windows are config.spatial_size).
-        prep: `preprocess(...)` output; prep.image (1, 1, D', H', W') float32 in [0, 1].
+        prep: `preprocess(...)` output; its crop (D', H', W') float32 in [0, 1] is materialised
+            once (the official pipeline holds it whole).
         prompts: crop-frame `Prompt`s (text and/or box and/or points).
         modality: text template ("ct" is the official one).
         zoom_in: run the zoom-in pass (official default); False returns the coarse result.
