@@ -160,7 +160,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         point_labels=np.asarray(args.point_labels, dtype=np.int64) if args.point_labels else None,
         coords=args.coords, modality=args.modality, mode=args.mode, zoom_in=not args.no_zoom_in,
         max_memory=args.max_memory, device=device, progress=not args.quiet,
-        return_probabilities=args.probabilities)
+        return_probabilities=args.probabilities, precision=args.precision)
     seconds = time.perf_counter() - t0
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
@@ -242,7 +242,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = _segment_fn()(
         model, volume, text=organs if use_text else None,
         box=None if use_text else _boxes_from_labels(labels, ids, organs),
-        modality="ct", mode=args.mode, zoom_in=not args.no_zoom_in, device=device, progress=not args.quiet)
+        modality="ct", mode=args.mode, zoom_in=not args.no_zoom_in, device=device, progress=not args.quiet,
+        precision=args.precision)
     seconds = time.perf_counter() - t0
     if not use_text:  # box prompts come back as "box 0", ...: give them the organs' names
         result = dataclasses.replace(
@@ -282,6 +283,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true",
                    help="skip the weights and use a randomly initialised model (masks are meaningless)")
     p.add_argument("--no-zoom-in", action="store_true", help="zoom-out pass only (faster, coarser)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="autocast precision (default auto: bf16 in fast mode on CUDA, float32 otherwise)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -25,10 +25,12 @@ def fake_segment(monkeypatch):
     calls = []
 
     def segment(model, volume, text=None, box=None, points=None, point_labels=None, coords="voxel", modality=None,
-                mode="fast", zoom_in=True, max_memory=None, device=None, progress=True, return_probabilities=False):
+                mode="fast", zoom_in=True, max_memory=None, device=None, progress=True, return_probabilities=False,
+                precision="auto"):
         calls.append(dict(model=model, volume=volume, text=text, box=box, points=points, point_labels=point_labels,
                           coords=coords, modality=modality, mode=mode, zoom_in=zoom_in, max_memory=max_memory,
-                          device=device, progress=progress, return_probabilities=return_probabilities))
+                          device=device, progress=progress, return_probabilities=return_probabilities,
+                          precision=precision))
         if text:
             labels = list(text)
         elif box is not None:
@@ -81,8 +83,8 @@ def test_segment_arguments_parse():
         ["segment", "x.nii.gz", "--text", "liver", "left kidney", "--box", "1", "2", "3", "4", "5", "6",
          "--box", "0", "0", "0", "9", "9", "9", "--points", "1", "2", "3", "--points", "4", "5", "6",
          "--point-labels", "1", "0", "--coords", "world", "--modality", "mri", "--max-memory", "2GB",
-         "--mode", "exact", "--no-zoom-in", "--preview", "--probabilities", "--device", "cpu"])
-    assert args.text == ["liver", "left kidney"]
+         "--mode", "exact", "--no-zoom-in", "--preview", "--probabilities", "--device", "cpu", "--precision", "bf16"])
+    assert args.text == ["liver", "left kidney"] and args.precision == "bf16"
     assert args.box == [[1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 9, 9]] and args.points == [[1, 2, 3], [4, 5, 6]]
     assert args.point_labels == [1, 0] and args.coords == "world" and args.modality == "mri"
     assert args.max_memory == 2 * 10**9 and args.mode == "exact" and args.no_zoom_in
@@ -96,9 +98,10 @@ def test_segment_end_to_end_random_weights(ct, tmp_path, fake_segment, no_weight
     rc = cli.main(["segment", str(ct), "--box", "1", "2", "1", "8", "9", "5", "--box", "3", "3", "2", "9", "9", "6",
                    "--points", "4", "4", "3", "--point-labels", "1", "--random-weights", "--config", "tiny",
                    "--out", str(out), "--max-memory", "1GB", "--no-zoom-in", "--preview", "--probabilities",
-                   "--device", "cpu", "-q"])
+                   "--device", "cpu", "-q", "--precision", "fp16"])
     assert rc == 0
     (call,) = fake_segment
+    assert call["precision"] == "fp16"
     assert call["box"].shape == (2, 6) and call["points"].shape == (1, 3) and call["point_labels"].tolist() == [1]
     assert call["max_memory"] == 10**9 and call["zoom_in"] is False and call["progress"] is False
     assert call["return_probabilities"] and call["device"] == "cpu" and call["mode"] == "fast"

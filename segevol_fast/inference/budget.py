@@ -5,37 +5,40 @@ counts), process memory (RSS) on the CPU. `plan_fast` picks, within the limit,
 
     1. float32 accumulators, else float16, because a budget should change speed, not results,
        wherever it can (window and decode batches do not change results);
-    2. on CUDA, stitching on the device, else on the CPU (there the accumulators leave the device
-       budget, so on CUDA float16 is never needed: it is a CPU-only fallback in practice);
+    2. on CUDA, stitching on the device, else on the CPU (there the row sums and coarse results
+       leave the device budget, so on CUDA float16 is never needed: a CPU-only fallback);
     3. the biggest window batch (1..8, at most the number of windows of the crop);
-    4. how many prompts stitch at once (their accumulators are alive together), up to all;
+    4. how many prompts stitch at once (their row sums are alive together), up to all;
     5. how many prompts one decoder call takes, up to that group;
-    6. how many window embeddings stay cached, from what is left (up to every window of the crop);
+    6. how many window embeddings stay cached, from what is left (up to every window of the crop),
+       when there is more than one prompt group (within a group each window is encoded once);
 
 and raises `BudgetError` before anything runs when even the smallest plan does not fit.
 
 Cost model (bytes; every item is summed as if all were alive at once, although the zoom-out and
 zoom-in stages follow each other, so the figure is an upper bound). With C = hidden, S = tokens per
-window, M = MLP width, h = heads, V = voxels per window, Vc = voxels of the crop, N = prompts,
-a = 4 (fp32) or 2 (reduced precision) bytes for matmul outputs, q = accumulator bytes:
+window, M = MLP width, V = voxels per window, Vc = voxels of the crop, Vo = voxels of the input
+grid, N = prompts, a = 4 (fp32) or 2 (reduced precision) bytes for matmul outputs, q = accumulator
+bytes, band = min(D', window depth)·H'·W' (the most D-rows of sums one prompt keeps, fast.py):
 
     weights           sum of parameter and buffer bytes (+ half of it for autocast's weight copies)
     baseline          CUDA: memory_allocated() minus the weights; CPU: current RSS minus the weights
+                      (the scan itself is in here: fast mode reads windows from it, no crop copy)
     zoom_out          2·V·4 (the resized image, host and device copy)
-    crop_image        Vc·4 (the preprocessed crop; moved to the device when stitching there)
-    encoder           window_batch · [2·V·4 + S·patch·4 + S·(8C·4 + a·(8C + 2M)) + attention + C·S·4]
-                      attention: 0 on CUDA (SDPA's flash / memory-efficient kernels keep no S×S);
-                      h·S²·4 on the CPU: one fp32 score matrix per head, ten times what torch
-                      2.13's blocked CPU kernel was measured to use (~20 MB at S = 2048, h = 12)
-                      and half of what the unfused math fallback would need
+    encoder           window_batch · [2·V·4 + S·patch·4 + S·(8C·4 + a·(8C + 2M)) + C·S·4]
+                      No S×S term: SDPA keeps no score matrix (flash / memory-efficient kernels on
+                      CUDA, a blocked kernel on the CPU). Measured on the CPU (fp32, torch 2.13,
+                      fresh process, `bench/calibrate_memory.py`): 121 MB at batch 1, 499 MB at
+                      batch 4, i.e. ~125 MB a window, against 182 MB a window here.
     embedding_cache   cache_windows · C·S·4
     decoder           decode_batch · (24·S·C·4 + 64·S·4 + 2·V·4)  (two-way transformer image side,
                       ×4 upscaling to C/8 channels at 64·S voxels, low-res and upsampled logits)
     coarse            N·V·6 (zoom-out logits float32, two bool masks: sigmoid > 0.5 and logits > 0)
-    accumulators      prompt_group · Vc·(q + 1): a sum over the prompt's ROI (bounded by the crop)
-                      plus its crop-frame mask when it is finished; the voxel count is not stored
-                      (it is a product of per-axis window counts)
-    masks / logits    N·Vc (bool) and, with return_logits, N·Vc·q: on the CPU, so counted on CPU only
+    accumulators      prompt_group · band·q: the row sums of the prompts stitched together
+    masks / logits    N·Vc (bool) and, with return_logits, N·Vc·q: crop-frame results, host memory,
+                      so counted on the CPU only
+    output            N·Vo, and with return_logits N·Vo·4 more: the masks (and probabilities) on
+                      the input grid, host memory, CPU only
     slack             10% of the transient items (allocator rounding and fragmentation) + 64 MiB
 """
 
@@ -115,12 +118,12 @@ class Plan:
     device:             where the model runs (the model's device).
     window_batch:       zoom-in windows encoded per encoder call (1..8).
     accumulator_dtype:  torch.float32 or torch.float16 sums of window logits.
-    stitch_device:      where accumulators, coarse masks and (when it is the model's device) the
-                        crop image live.
+    stitch_device:      where the zoom-in row sums and the coarse results live (the finished
+                        masks always go to host memory).
     cache_windows:      window embeddings kept for reuse by later prompt groups (LRU).
     decode_batch:       prompts per decoder call against one embedding.
-    prompt_group:       prompts stitched together; groups share the window cache. Accumulators
-                        are admitted by voxel count: prompt_group · crop voxels in total.
+    prompt_group:       prompts stitched together; groups share the window cache. Prompts are
+                        admitted by row-sum voxels: prompt_group · band(crop) in total.
     estimated_peak_bytes, breakdown: the cost model's figure for this plan (see module docstring).
     max_memory:         the limit planned against (bytes), None when none was known.
     """
@@ -135,6 +138,15 @@ class Plan:
     estimated_peak_bytes: int = 0
     breakdown: dict[str, int] = field(default_factory=dict)
     max_memory: Optional[int] = None
+
+    def summary(self) -> dict:
+        """JSON-ready description (dtypes and devices as strings, bytes as ints)."""
+        return {"device": str(self.device), "window_batch": self.window_batch,
+                "accumulator_dtype": str(self.accumulator_dtype).replace("torch.", ""),
+                "stitch_device": str(self.stitch_device), "cache_windows": self.cache_windows,
+                "decode_batch": self.decode_batch, "prompt_group": self.prompt_group,
+                "estimated_peak_bytes": int(self.estimated_peak_bytes), "max_memory": self.max_memory,
+                "breakdown": {k: int(v) for k, v in self.breakdown.items()}}
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -192,6 +204,12 @@ def _available(device: torch.device) -> Optional[int]:
     return None
 
 
+def band_voxels(shape: Sequence[int], window: Sequence[int]) -> int:
+    """Voxels of the row sums one prompt's zoom-in keeps alive at once over a region `shape`
+    (D, H, W): at most one window depth of its D-rows (see fast.py's stitching)."""
+    return min(int(shape[0]), int(window[0])) * int(shape[1]) * int(shape[2])
+
+
 def _num_windows(crop_shape: Sequence[int], window: Sequence[int]) -> int:
     from .fast import global_grid  # fast imports this module at load time
 
@@ -213,6 +231,7 @@ def estimate(
     prompt_group: int = 1,
     return_logits: bool = False,
     baseline_bytes: Optional[int] = None,
+    output_voxels: Optional[int] = None,
 ) -> tuple[int, dict[str, int]]:
     """Peak memory of one `run_fast` call under the cost model in the module docstring.
 
@@ -222,6 +241,7 @@ def estimate(
         n_prompts: number of prompts (masks).
         device: where the model runs (default: the model's device).
         baseline_bytes: override the measured baseline (other memory already held), e.g. in tests.
+        output_voxels: voxels of the input grid the masks are pasted onto (default: the crop's).
         The other arguments are `Plan` fields.
 
     Returns:
@@ -231,8 +251,9 @@ def estimate(
     dev = torch.device(device) if device is not None else _model_device(model)
     stitch = torch.device(stitch_device) if stitch_device is not None else dev
     on_cpu = dev.type == "cpu"
-    C, S, M, h = cfg.hidden_size, cfg.num_patches, cfg.mlp_dim, cfg.num_heads
+    C, S, M = cfg.hidden_size, cfg.num_patches, cfg.mlp_dim
     V, Vc, N = math.prod(cfg.spatial_size), math.prod(crop_shape), int(n_prompts)
+    Vo = Vc if output_voxels is None else int(output_voxels)
     reduced = getattr(model, "precision", "fp32") != "fp32"
     a = 2 if reduced else 4
     q = torch.tensor([], dtype=accumulator_dtype).element_size()
@@ -244,18 +265,17 @@ def estimate(
         "baseline": _baseline(dev, model) if baseline_bytes is None else int(baseline_bytes),
         "autocast_weights": _encoder_side_bytes(model) // 2 if reduced else 0,
         "zoom_out": 2 * V * 4,
-        "crop_image": Vc * 4 if (on_dev or on_cpu) else 0,
     }
-    attention = h * S * S * 4 if on_cpu else 0
-    per_window = 2 * V * 4 + S * cfg.patch_dim * 4 + S * (8 * C * 4 + a * (8 * C + 2 * M)) + attention + C * S * 4
+    per_window = 2 * V * 4 + S * cfg.patch_dim * 4 + S * (8 * C * 4 + a * (8 * C + 2 * M)) + C * S * 4
     items["encoder"] = window_batch * per_window
     items["embedding_cache"] = cache_windows * C * S * 4
     items["decoder"] = decode_batch * (24 * S * C * 4 + 64 * S * 4 + 2 * V * 4)
     stitched_here = on_dev or on_cpu  # items that live on the stitch device count when it is budgeted
     items["coarse"] = N * V * 6 if stitched_here else 0
-    items["accumulators"] = prompt_group * Vc * (q + 1) if stitched_here else 0
+    items["accumulators"] = prompt_group * band_voxels(crop_shape, cfg.spatial_size) * q if stitched_here else 0
     items["masks"] = N * Vc if on_cpu else 0
     items["logits"] = N * Vc * q if (on_cpu and return_logits) else 0
+    items["output"] = N * Vo * (1 + (4 if return_logits else 0)) if on_cpu else 0
     transient = sum(v for k, v in items.items() if k not in ("weights", "baseline"))
     items["slack"] = int(_SLACK_FRACTION * transient) + _FIXED_SLACK
     return sum(items.values()), items
@@ -282,6 +302,7 @@ def plan_fast(
     *,
     return_logits: bool = False,
     baseline_bytes: Optional[int] = None,
+    output_voxels: Optional[int] = None,
 ) -> Plan:
     """Choose a `Plan` for `run_fast` that keeps the estimated peak under `max_memory`.
 
@@ -294,6 +315,7 @@ def plan_fast(
         device: where the model runs (default: the model's device).
         return_logits: the caller will ask run_fast for crop-frame logits too.
         baseline_bytes: override the measured baseline (tests).
+        output_voxels: voxels of the input grid the masks go back onto (default: the crop's).
 
     Raises:
         BudgetError: max_memory is below what the smallest plan needs; the message names that
@@ -309,7 +331,8 @@ def plan_fast(
     n_windows = _num_windows(crop_shape, model.config.spatial_size)
 
     def cost(**kw) -> tuple[int, dict[str, int]]:
-        return estimate(model, crop_shape, n, device=dev, return_logits=return_logits, baseline_bytes=base, **kw)
+        return estimate(model, crop_shape, n, device=dev, return_logits=return_logits, baseline_bytes=base,
+                        output_voxels=output_voxels, **kw)
 
     def fits(**kw) -> bool:
         return limit is None or cost(**kw)[0] <= limit
@@ -328,7 +351,9 @@ def plan_fast(
     kw["window_batch"] = _largest(1, min(MAX_WINDOW_BATCH, n_windows), lambda b: fits(**kw, window_batch=b))
     kw["prompt_group"] = _largest(1, n, lambda g: fits(**kw, prompt_group=g))
     kw["decode_batch"] = _largest(1, kw["prompt_group"], lambda d: fits(**kw, decode_batch=d))
-    kw["cache_windows"] = _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c))
+    # the cache only serves later prompt groups: with every prompt in one group it would never hit
+    kw["cache_windows"] = (0 if kw["prompt_group"] >= n
+                           else _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c)))
     total, items = cost(**kw)
     return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, **kw)
 

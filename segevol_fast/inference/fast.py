@@ -18,16 +18,22 @@ Same kind of result as the official pipeline (reference §5.3–5.4), computed d
   text -> the text; box -> the box of the coarse mask in the window (the user's box, clipped, when
   the prompt needs one window only); points -> the user's points inside the window (no random
   sampling) plus the coarse box. Empty boxes / no points give the official all -1 box / -1 point.
-* Logits are averaged over the windows covering a voxel. Each prompt has an accumulator over its
-  ROI only (plan dtype); the voxel count is a product of per-axis window counts, so it is never
-  stored, and mask = sum > 0. Inside the ROI the stitched result replaces the coarse one.
+* Logits are averaged over the windows covering a voxel, stitched one D-row of the ROI at a time:
+  a row's sum (plan dtype) exists only while some window of the prompt still has to add to it.
+  Each row counts the prompt's windows that cover it; when the last has been added the row is
+  finished (mask = sum > 0, the mean's sign; logits = sum / coverage, the coverage being a product
+  of per-axis window counts) and written into the crop-frame outputs, which start as the coarse
+  result. Windows are walked in grid order (D slowest, either direction), so at most one window
+  depth of rows is alive: 32 × H' × W' sums however deep the scan, not the whole ROI.
+* The crop is read through `prep.crop`: with `preprocess(..., lazy=True)` each window and the
+  zoom-out image are normalised from the scan's own voxels as they are read, and no float32 copy
+  of the crop is ever made.
 
 mask = logits > 0 (sigmoid > 0.5). Masks and logits come back in the crop frame on the CPU.
 """
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -37,9 +43,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from ..preprocess import Preprocessed, zoom_out_resize
-from .budget import Plan, plan_fast, same_device
-from .exact import box_to_zoom_out, index_map, points_to_zoom_out
+from ..crop import CropReader
+from ..preprocess import Preprocessed, index_map, zoom_out_crop
+from .budget import Plan, band_voxels, plan_fast, same_device
+from .exact import box_to_zoom_out, points_to_zoom_out
 from .prompts import Prompt, PromptError
 from .sliding_window import axis_starts, pad_widths, padded_size, scan_interval
 
@@ -241,22 +248,68 @@ class _LRU:
             self.data.popitem(last=False)
 
 
-def _extract(image: Tensor, origins: Sequence[Triple], window: Sequence[int]) -> Tensor:
-    """Windows (B, 1, *window) float32 from image (1, 1, D', H', W'), zero outside the crop."""
-    out = image.new_zeros((len(origins), 1, *window))
-    shape = image.shape[2:]
+def _extract(crop: CropReader, origins: Sequence[Triple], window: Sequence[int]) -> Tensor:
+    """Windows (B, 1, *window) float32 read from the crop, zero outside it (MONAI's padding)."""
+    out = torch.zeros((len(origins), 1, *window), dtype=torch.float32, device=crop.device)
     for b, o in enumerate(origins):
         lo = [max(0, x) for x in o]
-        hi = [min(n, x + r) for n, x, r in zip(shape, o, window)]
+        hi = [min(n, x + r) for n, x, r in zip(crop.shape, o, window)]
         dst = tuple(slice(a - x, c - x) for a, c, x in zip(lo, hi, o))
-        out[(b, 0) + dst] = image[(0, 0) + tuple(slice(a, c) for a, c in zip(lo, hi))]
+        out[(b, 0) + dst] = crop.block(lo, hi)
     return out
+
+
+class _Stitch:
+    """One prompt's zoom-in, stitched D-row by D-row into its crop-frame outputs (module docstring).
+
+    mask, logits: the prompt's outputs (crop frame, CPU) holding the coarse result; the ROI's
+    rows are overwritten as they finish. origins: the prompt's windows (crop-frame starts).
+    """
+
+    def __init__(self, roi: tuple[Triple, Triple], origins: Sequence[Triple], size: Sequence[int], grid,
+                 mask: Tensor, logits: Optional[Tensor], dtype: torch.dtype, device: torch.device):
+        self.lo, self.hi = roi
+        self.size, self.mask, self.logits, self.dtype, self.device = tuple(size), mask, logits, dtype, device
+        self.row_shape = (self.hi[1] - self.lo[1] + 1, self.hi[2] - self.lo[2] + 1)
+        self.pending = [0] * (self.hi[0] - self.lo[0] + 1)  # windows still to add, per ROI row
+        for o in origins:
+            for d in range(max(self.lo[0], o[0]), min(self.hi[0] + 1, o[0] + self.size[0])):
+                self.pending[d - self.lo[0]] += 1
+        self.rows: dict[int, Tensor] = {}  # crop row -> running sum (row_shape), plan dtype
+        if logits is not None:
+            cover = [_coverage(s, r, a, b).to(device) for s, r, a, b in zip(grid, self.size, self.lo, self.hi)]
+            self.cover_d, self.cover_hw = cover[0].tolist(), cover[1][:, None] * cover[2][None, :]
+
+    def add(self, logits: Tensor, origin: Triple) -> None:
+        """Add one window's logits (*window) where the window meets the ROI; finish full rows."""
+        a = [max(l, o) for l, o in zip(self.lo, origin)]
+        b = [min(h + 1, o + r) for h, o, r in zip(self.hi, origin, self.size)]
+        src_hw = tuple(slice(x - o, y - o) for x, y, o in zip(a[1:], b[1:], origin[1:]))
+        dst_hw = tuple(slice(x - l, y - l) for x, y, l in zip(a[1:], b[1:], self.lo[1:]))
+        for d in range(a[0], b[0]):
+            row = self.rows.get(d)
+            if row is None:
+                row = self.rows[d] = torch.zeros(self.row_shape, dtype=self.dtype, device=self.device)
+            row[dst_hw] += logits[(d - origin[0],) + src_hw].to(self.device)
+            self.pending[d - self.lo[0]] -= 1
+            if self.pending[d - self.lo[0]] == 0:
+                self._finish_row(d)
+
+    def _finish_row(self, d: int) -> None:
+        row = self.rows.pop(d)
+        where = (d, slice(self.lo[1], self.hi[1] + 1), slice(self.lo[2], self.hi[2] + 1))
+        self.mask[where] = (row > 0).cpu()  # the mean has the sum's sign: every ROI voxel has a window
+        if self.logits is not None:
+            self.logits[where] = (row.float() / (self.cover_d[d - self.lo[0]] * self.cover_hw)).cpu()
+
+    def result(self, n_windows: int) -> FastOutput:
+        if self.rows or any(self.pending):
+            raise RuntimeError("zoom-in stitching ended with unfinished rows (a window was not decoded)")
+        return FastOutput(mask=self.mask, logits=self.logits, roi=(self.lo, self.hi), windows=n_windows)
 
 
 # ------------------------------------------------------------------------------ the pipeline
 def _check(prep: Preprocessed, prompts: Sequence[Prompt], plan: Plan, device: torch.device) -> None:
-    if prep.image.dim() != 5 or tuple(prep.image.shape[:2]) != (1, 1):
-        raise ShapeError(f"prep.image must be (1, 1, D', H', W'), got {tuple(prep.image.shape)}")
     for p in prompts:
         if not p.kinds:
             raise PromptError(f"prompt {p.label!r} has no text, box or points")
@@ -279,7 +332,7 @@ def run_fast(
 
     Args:
         model: a `SegVol` on its device (precision as set: "bf16" runs under autocast).
-        prep: `preprocess(...)` output; prep.image (1, 1, D', H', W') float32 in [0, 1].
+        prep: `preprocess(...)` output (lazy or stored crop; lazy keeps no float32 copy of it).
         prompts: crop-frame `Prompt`s, one mask each.
         modality: text template ("ct" official, "mri").
         zoom_in: run the zoom-in pass (official default); False returns the coarse result.
@@ -291,34 +344,29 @@ def run_fast(
         one `FastOutput` per prompt, in order.
     """
     device = next(model.parameters()).device
-    crop_shape = tuple(int(s) for s in prep.image.shape[2:])
+    crop_shape = prep.crop.shape
     if plan is None:
         plan = plan_fast(model, crop_shape, len(prompts), None, device, return_logits=return_logits)
     _check(prep, prompts, plan, device)
     if not prompts:
         return []
     size = tuple(model.config.spatial_size)
-    stitch = plan.stitch_device
-    # the crop lives where windows are cut: on the device when stitching there (planned for)
-    image = prep.image.detach().float().to(device if same_device(stitch, device) else prep.image.device)
-    cmap = _CropMap(size, crop_shape, stitch)
+    cmap = _CropMap(size, crop_shape, plan.stitch_device)
 
     texts = _text_embeddings(model, prompts, modality)
-    logits = _zoom_out(model, image, prompts, texts, crop_shape, size, plan)  # (N, *size) fp32, stitch device
+    logits = _zoom_out(model, prep.crop, prompts, texts, size, plan)  # (N, *size) fp32, stitch device
     # sigmoid > 0.5 picks the ROI and the window boxes (official); the mask is logits > 0
     coarse = _Coarse(torch.sigmoid(logits) > 0.5, logits > 0, logits if return_logits else None)
     del logits
     rois = [cmap.roi(coarse.fg[k], size) if zoom_in else None for k in range(len(prompts))]
 
-    out_dtype = torch.float32 if plan.accumulator_dtype == torch.float32 else torch.float16
     outputs: list[Optional[FastOutput]] = [None] * len(prompts)
     for k, roi in enumerate(rois):  # prompts without zoom-in: the coarse result, resized
         if roi is None:
-            lg = cmap.gather(coarse.logits[k]).to("cpu", out_dtype) if return_logits else None
-            outputs[k] = FastOutput(mask=cmap.gather(coarse.pos[k]).cpu(), logits=lg)
+            outputs[k] = FastOutput(*coarse.output(k, cmap, plan.accumulator_dtype))
     zoomed = [k for k, roi in enumerate(rois) if roi is not None]
     if zoomed:
-        _ZoomIn(model, image, prompts, texts, cmap, coarse, rois, plan, progress, out_dtype).run(zoomed, outputs)
+        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, plan, progress).run(zoomed, outputs)
     return outputs  # type: ignore[return-value]
 
 
@@ -331,6 +379,11 @@ class _Coarse:
     pos: Tensor
     logits: Optional[Tensor]
 
+    def output(self, k: int, cmap: _CropMap, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+        """Prompt k's coarse mask (bool) and logits (dtype, or None) resized to the crop, on the CPU."""
+        logits = None if self.logits is None else cmap.gather(self.logits[k]).to("cpu", dtype)
+        return cmap.gather(self.pos[k]).cpu(), logits
+
 
 def _text_embeddings(model, prompts: Sequence[Prompt], modality: str) -> dict[int, Tensor]:
     """Prompt index -> (1, hidden) text embedding; each distinct text is encoded once."""
@@ -342,10 +395,10 @@ def _text_embeddings(model, prompts: Sequence[Prompt], modality: str) -> dict[in
     return {k: emb[row[p.text]][None] for k, p in enumerate(prompts) if p.text is not None}
 
 
-def _zoom_out(model, image, prompts, texts, crop_shape, size, plan) -> Tensor:
+def _zoom_out(model, crop: CropReader, prompts, texts, size, plan) -> Tensor:
     """One encode of the resized crop, batched decodes -> coarse logits (N, *size) float32."""
-    dev = plan.device
-    emb = model.encode_image(zoom_out_resize(image, size).to(dev))
+    dev, crop_shape = plan.device, crop.shape
+    emb = model.encode_image(zoom_out_crop(crop, size).to(dev))
     items = []
     for k, p in enumerate(prompts):
         box = box_to_zoom_out(p.box, crop_shape, size) if p.box is not None else None
@@ -365,19 +418,19 @@ def _zoom_out(model, image, prompts, texts, crop_shape, size, plan) -> Tensor:
 class _ZoomIn:
     """The zoom-in pass over prompt groups; see the module docstring."""
 
-    def __init__(self, model, image, prompts, texts, cmap, coarse, rois, plan, progress, out_dtype):
-        self.model, self.image, self.prompts, self.texts = model, image, prompts, texts
+    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, plan, progress):
+        self.model, self.crop, self.prompts, self.texts = model, crop, prompts, texts
         self.cmap, self.coarse, self.rois, self.plan = cmap, coarse, rois, plan
-        self.size, self.progress, self.out_dtype = tuple(model.config.spatial_size), progress, out_dtype
-        self.grid = global_grid(tuple(image.shape[2:]), self.size)
+        self.size, self.progress = tuple(model.config.spatial_size), progress
+        self.grid = global_grid(crop.shape, self.size)
         self.cache = _LRU(plan.cache_windows)
 
     def _groups(self, ks: Sequence[int]) -> list[list[int]]:
-        """Prompts in ROI order, grouped while their ROI voxels fit prompt_group crop volumes."""
-        budget = self.plan.prompt_group * math.prod(self.image.shape[2:])
+        """Prompts in ROI order, grouped while their row sums fit prompt_group crop-wide bands."""
+        budget = self.plan.prompt_group * band_voxels(self.crop.shape, self.size)
         groups, cur, used = [], [], 0
         for k in sorted(ks, key=lambda k: self.rois[k]):
-            vox = math.prod(b - a + 1 for a, b in zip(*self.rois[k]))
+            vox = band_voxels([b - a + 1 for a, b in zip(*self.rois[k])], self.size)
             if cur and used + vox > budget:
                 groups.append(cur)
                 cur, used = [], 0
@@ -408,20 +461,21 @@ class _ZoomIn:
         return tuple(self.grid[a][w[a]] for a in range(3))
 
     def _group(self, group, order, users, need, outputs, bar) -> None:
-        stitch, dtype = self.plan.stitch_device, self.plan.accumulator_dtype
-        acc = {k: torch.zeros(tuple(b - a + 1 for a, b in zip(*self.rois[k])), dtype=dtype, device=stitch)
-               for k in group}
+        dtype = self.plan.accumulator_dtype
+        stitches = {k: _Stitch(self.rois[k], [self._origin(w) for w in need[k]], self.size, self.grid,
+                               *self.coarse.output(k, self.cmap, dtype), dtype, self.plan.stitch_device)
+                    for k in group}
         for batch, embs in self._embeddings(order):
             for w in batch:
                 origin = self._origin(w)
                 items = [_window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size,
                                       len(need[k]) == 1) for k in users[w]]
                 for it, logits in _decode(self.model, embs[w], items, self.texts, self.plan.decode_batch):
-                    self._add(acc[it.k], logits, origin, self.rois[it.k])
+                    stitches[it.k].add(logits, origin)
                 if bar is not None:
                     bar.update(1)
         for k in group:
-            outputs[k] = self._finish(k, acc.pop(k), len(need[k]))
+            outputs[k] = stitches.pop(k).result(len(need[k]))
 
     def _embeddings(self, order: Sequence[Window]) -> Iterable[tuple[list[Window], dict[Window, Tensor]]]:
         """Walk the windows in order, yielding (windows, embeddings) with at most window_batch
@@ -439,32 +493,10 @@ class _ZoomIn:
                 else:
                     embs[w] = hit
             if todo:
-                x = _extract(self.image, [self._origin(w) for w in todo], self.size).to(self.plan.device)
+                x = _extract(self.crop, [self._origin(w) for w in todo], self.size).to(self.plan.device)
                 e = self.model.encode_image(x)
                 for j, w in enumerate(todo):
                     # clone: a cached slice must not pin the whole batch (clone keeps the strides)
                     embs[w] = e[j : j + 1].clone()
                     self.cache.put(w, embs[w])
             yield batch, embs
-
-    def _add(self, acc: Tensor, logits: Tensor, origin: Triple, roi: tuple[Triple, Triple]) -> None:
-        """acc (ROI) += the window's logits (*window) where the window meets the ROI."""
-        lo, hi = roi
-        a = [max(l, o) for l, o in zip(lo, origin)]
-        b = [min(h + 1, o + r) for h, o, r in zip(hi, origin, self.size)]
-        src = logits[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, origin))]
-        acc[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] += src.to(acc.device)
-
-    def _finish(self, k: int, acc: Tensor, n_windows: int) -> FastOutput:
-        """Coarse mask (and logits) resized to the crop, the ROI replaced by the stitched result."""
-        lo, hi = self.rois[k]
-        region = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-        mask = self.cmap.gather(self.coarse.pos[k])
-        mask[region] = acc > 0  # the mean has the sum's sign: every ROI voxel has a window
-        logits = None
-        if self.coarse.logits is not None:
-            cover = [_coverage(s, r, a, b).to(acc.device) for s, r, a, b in zip(self.grid, self.size, lo, hi)]
-            logits = self.cmap.gather(self.coarse.logits[k])
-            logits[region] = acc.float() / (cover[0][:, None, None] * cover[1][None, :, None] * cover[2][None, None, :])
-            logits = logits.to("cpu", self.out_dtype)
-        return FastOutput(mask=mask.cpu(), logits=logits, roi=self.rois[k], windows=n_windows)

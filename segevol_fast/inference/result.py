@@ -91,6 +91,10 @@ class SegmentationResult:
     timings:       seconds per stage, e.g. {"preprocess": .., "zoom_out": .., "zoom_in": .., "total": ..}.
     peak_memory_bytes: peak memory of the call (device memory on CUDA, RSS on CPU), or None.
     mode:          "fast" or "exact".
+    precision:     "fp32", "bf16" or "fp16": the autocast precision the model ran under.
+    plan:          fast mode: the memory plan it ran with (`Plan.summary()`: window batch,
+                   accumulator dtype, cache size, estimated peak and its breakdown); else None.
+    zoom_in_windows: fast mode: {label: zoom-in windows the prompt used} (0 = coarse result kept).
     notes:         human-readable caveats, e.g. "random weights: masks are meaningless".
     """
 
@@ -103,6 +107,9 @@ class SegmentationResult:
     peak_memory_bytes: Optional[int] = None
     mode: str = "fast"
     notes: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    plan: Optional[dict] = None
+    zoom_in_windows: Optional[dict[str, int]] = None
 
     def __post_init__(self) -> None:
         aff = np.asarray(self.affine, dtype=np.float64)
@@ -169,6 +176,9 @@ class SegmentationResult:
             "timings_s": {k: round(float(v), 4) for k, v in self.timings.items()},
             "peak_memory_bytes": None if self.peak_memory_bytes is None else int(self.peak_memory_bytes),
             "mode": self.mode,
+            "precision": self.precision,
+            "plan": self.plan,
+            "zoom_in_windows": self.zoom_in_windows,
             "modality": self.modality,
             "shape": list(self.shape),
             "spacing_mm": list(self.spacing),

@@ -4,15 +4,19 @@ Pipeline: load (NIfTI / DICOM / array / Volume) → official preprocessing (fore
 axes) → prompts to the crop frame → memory plan (fails up front when the budget cannot be met) →
 zoom-out-zoom-in in `mode="fast"` (default) or `mode="exact"` → masks pasted back onto the input
 grid → `SegmentationResult`.
+
+In fast mode nothing holds a float32 copy of the crop (windows are normalised from the scan's own
+voxels as they are read), and each mask is pasted back onto the input grid and its crop-frame
+copy dropped before the next, so the call's peak is what the memory plan counted.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..io import Volume, load_volume
@@ -23,6 +27,26 @@ from .prompts import build_prompts
 from .result import SegmentationResult
 
 MODES = ("fast", "exact")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(requested: Optional[str], model_precision: str, device: torch.device, mode: str) -> str:
+    """The autocast precision a segment() call runs under.
+
+    "auto" (or None): the model's own precision when it was set to bf16/fp16; otherwise, in fast
+    mode on CUDA, bf16 where the GPU supports it (else fp16), which halves the encoder's
+    activations and runs its GEMMs on tensor cores; float32 everywhere else (CPU autocast is slower
+    than float32 GEMMs on most CPUs, and exact mode follows the official float32 pipeline).
+    "fp32" / "bf16" / "fp16" force one.
+    """
+    requested = "auto" if requested is None else requested
+    if requested not in PRECISION_CHOICES:
+        raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if model_precision != "fp32" or mode != "fast" or torch.device(device).type != "cuda":
+        return model_precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def segment(
@@ -42,6 +66,7 @@ def segment(
     progress: bool = True,
     return_probabilities: bool = False,
     seed: int = 0,
+    precision: Optional[str] = "auto",
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -62,6 +87,8 @@ def segment(
         progress: show a progress bar over windows.
         return_probabilities: also keep sigmoid probabilities (float32, input grid).
         seed: seeds the random point sampling of exact mode (official behaviour is random).
+        precision: "auto" (bf16/fp16 autocast in fast mode on CUDA, else the model's precision),
+            or "fp32" / "bf16" / "fp16" for this call (see `resolve_precision`).
 
     Returns:
         SegmentationResult with masks (bool, input grid (X, Y, Z)), volumes in mL, timings, the
@@ -69,39 +96,46 @@ def segment(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    timings: dict[str, float] = {}
-    t = time.perf_counter()
-    vol = volume if isinstance(volume, Volume) else load_volume(volume)
-    modality = modality or vol.modality or "ct"
-    timings["load"] = time.perf_counter() - t
-
     if device is not None and not same_device(_model_device(model), device):
         model.to(device)
     dev = _model_device(model)
+    run_precision = resolve_precision(precision, model.precision, dev, mode)
+    timings: dict[str, float] = {}
 
-    with PeakMemory(dev) as pm:
+    with PeakMemory(dev) as pm:  # the whole call, reading the scan included
         t = time.perf_counter()
-        prep = preprocess(vol.array)
+        vol = volume if isinstance(volume, Volume) else load_volume(volume)
+        modality = modality or vol.modality or "ct"
+        timings["load"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        # fast mode reads the crop window by window from the scan: no float32 copy of it is made
+        prep = preprocess(vol.array, lazy=(mode == "fast"))
         prompts = build_prompts(text, box, points, point_labels, shape=vol.shape, start=prep.start,
                                 coords=coords, affine=vol.affine)
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        was_training = model.training
+        was_training, model_precision = model.training, model.precision
         model.eval()
+        model.set_precision(run_precision)
         try:
             with torch.inference_mode():
-                crop_masks, crop_probs = _run(model, prep, prompts, modality, mode, zoom_in, max_memory, dev,
-                                              progress, return_probabilities, seed)
+                crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
+                                                        dev, progress, return_probabilities, seed, math.prod(vol.shape))
         finally:
             model.train(was_training)
+            model.set_precision(model_precision)
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        masks = {p.label: paste_back(m.numpy(), prep).astype(bool) for p, m in zip(prompts, crop_masks)}
-        probs = None
-        if return_probabilities:
-            probs = {p.label: paste_back(pr.float().numpy(), prep).astype(np.float32) for p, pr in zip(prompts, crop_probs)}
+        masks, probs = {}, ({} if return_probabilities else None)
+        for i, p in enumerate(prompts):  # one prompt at a time: its crop-frame copies go as it is pasted
+            masks[p.label] = paste_back(crop_masks[i].numpy(), prep).astype(bool, copy=False)
+            crop_masks[i] = None
+            if return_probabilities:
+                probs[p.label] = paste_back(torch.sigmoid(crop_probs[i].float()).numpy(), prep)
+                crop_probs[i] = None
         timings["paste_back"] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
     notes = []
@@ -110,11 +144,13 @@ def segment(
         warnings.warn(notes[-1], stacklevel=2)
     return SegmentationResult(masks=masks, probabilities=probs, affine=vol.affine, spacing=vol.spacing,
                               modality=modality, timings=timings, peak_memory_bytes=pm.peak, mode=mode,
-                              notes=notes)
+                              notes=notes, precision=run_precision, **run_info)
 
 
-def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed):
-    """Crop-frame masks (bool) and, when asked, probabilities, one per prompt."""
+def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed,
+         output_voxels):
+    """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
+    per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
     if mode == "exact":
         from .exact import run_exact
 
@@ -123,12 +159,13 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
                           stacklevel=3)
         logits = run_exact(model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress)
         # The official mask is sigmoid > 0.5, which differs from logits > 0 for logits below ~6e-8.
-        probs = [torch.sigmoid(lg) for lg in logits]
-        return [p > 0.5 for p in probs], (probs if want_probs else None)
+        return [torch.sigmoid(lg) > 0.5 for lg in logits], (logits if want_probs else None), {}
     from .budget import plan_fast
     from .fast import run_fast
 
-    plan = plan_fast(model, tuple(prep.image.shape[-3:]), len(prompts), max_memory, device, return_logits=want_probs)
+    plan = plan_fast(model, prep.crop_shape, len(prompts), max_memory, device, return_logits=want_probs,
+                     output_voxels=output_voxels)
     outs = run_fast(model, prep, prompts, modality=modality, zoom_in=zoom_in, plan=plan, progress=progress,
                     return_logits=want_probs)
-    return [o.mask for o in outs], ([torch.sigmoid(o.logits.float()) for o in outs] if want_probs else None)
+    info = {"plan": plan.summary(), "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
+    return [o.mask for o in outs], ([o.logits for o in outs] if want_probs else None), info

@@ -59,18 +59,32 @@ def test_estimate_items_have_the_documented_sizes(official):
     voxels = 120 * 300 * 300
     assert items["weights"] == sum(p.numel() * 4 for p in official.parameters()) + sum(
         b.numel() * b.element_size() for b in official.buffers())
-    assert items["accumulators"] == 2 * voxels * 5  # float32 sum + bool mask per ROI voxel
+    band = 32 * 300 * 300  # one window depth of D-rows over the whole crop
+    assert items["accumulators"] == 2 * band * 4  # float32 row sums of the 2 prompts stitched together
     assert items["embedding_cache"] == 3 * 768 * 2048 * 4
-    assert items["masks"] == 0  # on CUDA the output masks live on the CPU
-    _, cpu = estimate(official, CROP, 2, device="cpu", baseline_bytes=0)
-    assert cpu["masks"] == 2 * voxels and cpu["encoder"] > items["encoder"]  # CPU attention budgeted S×S
+    assert items["masks"] == items["output"] == 0  # on CUDA the results live in host memory
+    assert "crop_image" not in items  # fast mode reads windows from the scan: no crop copy
+    _, cpu = estimate(official, CROP, 2, device="cpu", baseline_bytes=0, output_voxels=2 * voxels)
+    assert cpu["masks"] == 2 * voxels and cpu["output"] == 2 * 2 * voxels
+    assert cpu["encoder"] == items["encoder"]  # no S×S attention term on either device
+    _, probs = estimate(official, CROP, 2, device="cpu", baseline_bytes=0, return_logits=True)
+    assert probs["logits"] == 2 * voxels * 2 and probs["output"] == 2 * voxels * 5  # fp16 sums; mask + fp32 prob
+
+
+def test_accumulators_are_bounded_by_one_window_depth(official):
+    def acc(crop):
+        return estimate(official, crop, 1, device="cpu", baseline_bytes=0, accumulator_dtype=torch.float32)[1]
+
+    assert acc((300, 512, 512))["accumulators"] == acc((32, 512, 512))["accumulators"] == 32 * 512 * 512 * 4
+    assert acc((20, 512, 512))["accumulators"] == 20 * 512 * 512 * 4
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_no_limit_takes_the_largest_settings(official, device):
     plan = plan_fast(official, CROP, 3, None, device, baseline_bytes=0)
     assert (plan.window_batch, plan.accumulator_dtype, plan.prompt_group, plan.decode_batch) == (8, torch.float32, 3, 3)
-    assert plan.stitch_device == torch.device(device) and plan.cache_windows > 0
+    assert plan.stitch_device == torch.device(device)
+    assert plan.cache_windows == 0  # one prompt group encodes each window once: a cache would never hit
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -97,11 +111,15 @@ def test_a_smaller_budget_shrinks_the_batch_then_the_accumulators(official, devi
         assert total(accumulator_dtype=torch.float16) <= plan.estimated_peak_bytes < fp32_min
 
 
-def test_the_cache_takes_what_is_left(official):
-    base = estimate(official, CROP, 2, device="cuda", baseline_bytes=0, accumulator_dtype=torch.float32,
-                    window_batch=8, prompt_group=2, decode_batch=2)[0]
-    plan = plan_fast(official, CROP, 2, base + 10 * 768 * 2048 * 4 * 1.2, "cuda", baseline_bytes=0)
-    assert plan.window_batch == 8 and 5 <= plan.cache_windows <= 10
+def test_the_cache_takes_what_is_left_when_prompts_stitch_in_groups(official):
+    # room for 20 of 60 prompts' row sums plus one cached window, which is less than a 21st prompt
+    n, window = 60, 768 * 2048 * 4
+    fixed = dict(device="cuda", baseline_bytes=0, accumulator_dtype=torch.float32, window_batch=8, decode_batch=1)
+    limit = estimate(official, CROP, n, prompt_group=20, **fixed)[0] + int(window * 1.1) + 1
+    assert estimate(official, CROP, n, prompt_group=21, **fixed)[0] > limit
+    plan = plan_fast(official, CROP, n, limit, "cuda", baseline_bytes=0)
+    assert (plan.window_batch, plan.prompt_group, plan.decode_batch, plan.cache_windows) == (8, 20, 1, 1)
+    assert plan.estimated_peak_bytes <= limit < estimate(official, CROP, n, prompt_group=20, cache_windows=2, **fixed)[0]
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])

@@ -13,7 +13,7 @@ from segevol_fast.inference.exact import box_to_zoom_out, points_to_zoom_out, ro
 from segevol_fast.inference.fast import _CropMap, global_grid, run_fast, windows_for_roi
 from segevol_fast.inference.prompts import Prompt
 from segevol_fast.inference.sliding_window import pad_widths, window_starts
-from segevol_fast.preprocess import Preprocessed, resize_logits_back, zoom_out_resize
+from segevol_fast.preprocess import Preprocessed, preprocess, resize_logits_back, zoom_out_resize
 
 SIZE = (8, 32, 32)  # SegVolConfig.tiny().spatial_size
 
@@ -191,6 +191,41 @@ def test_window_batch_and_decode_batch_do_not_change_results(model):
     for a, b in zip(ref, got):
         assert torch.equal(a.mask, b.mask)
         torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
+
+
+def test_a_lazy_crop_gives_results_identical_to_the_stored_crop(model, monkeypatch):
+    _fake_text(model, monkeypatch)
+    vol = torch.randint(-1000, 1000, (90, 70, 20), dtype=torch.int16)  # (X, Y, Z) -> crop (20, 70, 90)
+    stored, lazy = preprocess(vol), preprocess(vol, lazy=True)
+    assert lazy.lazy and lazy.crop_shape == stored.crop_shape == (20, 70, 90)
+    prompts = [BOX, POINTS, Prompt("liver", text="liver")]
+    for a, b in zip(run_fast(model, stored, prompts, plan=_plan(), return_logits=True),
+                    run_fast(model, lazy, prompts, plan=_plan(), return_logits=True)):
+        assert a.roi == b.roi and a.windows == b.windows
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.logits, b.logits)
+
+
+def test_row_sums_alive_never_exceed_one_window_depth(model, monkeypatch):
+    # a crop five windows deep, two full-depth prompts stitched one after the other: the second
+    # group walks the grid backwards (cache reuse), and rows must be finished in both directions
+    import segevol_fast.inference.fast as fast
+
+    alive = []
+    add = fast._Stitch.add
+
+    def counting_add(self, logits, origin):
+        add(self, logits, origin)
+        alive.append(len(self.rows))
+
+    monkeypatch.setattr(fast._Stitch, "add", counting_add)
+    shape = (40, 64, 96)
+    prompts = [Prompt("left", box=np.array([0.0, 0, 0, 39, 63, 50])),
+               Prompt("right", box=np.array([0.0, 0, 45, 39, 63, 95]))]
+    outs = run_fast(model, _prep(shape), prompts, plan=_plan(prompt_group=1), return_logits=True)
+    assert all(o.roi[0][0] == 0 and o.roi[1][0] == 39 for o in outs)  # ROIs span the whole depth
+    assert len(alive) == sum(o.windows for o in outs)
+    assert 0 < max(alive) <= SIZE[0] < shape[0]
+    assert all(torch.isfinite(o.logits).all() for o in outs)
 
 
 def test_float16_accumulators_agree(model):

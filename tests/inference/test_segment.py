@@ -113,3 +113,39 @@ def test_world_coordinate_box_equals_voxel_box(model, ct):
     a = segment(model, ct, box=ijk.reshape(-1), zoom_in=False, progress=False)
     b = segment(model, Volume(ct.array, ct.affine), box=mm.reshape(-1), coords="world", zoom_in=False, progress=False)
     np.testing.assert_array_equal(a.masks["box 0"], b.masks["box 0"])
+
+
+def test_auto_precision_is_reduced_only_in_fast_mode_on_cuda(monkeypatch):
+    from segevol_fast.inference.segment import resolve_precision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", "fp32", cuda, "fast") == "bf16"
+    assert resolve_precision(None, "fp32", "cuda", "fast") == "bf16"
+    assert resolve_precision("auto", "fp32", cuda, "exact") == "fp32"  # the official float32 pipeline
+    assert resolve_precision("auto", "fp32", cpu, "fast") == "fp32"
+    assert resolve_precision("auto", "fp16", cpu, "fast") == "fp16"  # the model's own setting stands
+    assert resolve_precision("fp32", "bf16", cuda, "fast") == "fp32"  # an explicit choice wins
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", "fp32", cuda, "fast") == "fp16"  # pre-Ampere GPUs
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("int8", "fp32", cpu, "fast")
+
+
+def test_a_precision_applies_to_the_call_only(model, ct):
+    res = segment(model, ct, text="liver", precision="bf16", zoom_in=False, progress=False)
+    assert res.precision == "bf16" and res.summary()["precision"] == "bf16"
+    assert model.precision == "fp32"  # restored
+    assert segment(model, ct, text="liver", zoom_in=False, progress=False).precision == "fp32"  # auto on CPU
+
+
+@pytest.mark.gpu
+def test_cuda_fast_mode_autocasts_and_stays_within_its_device_budget(data_dir, ct):
+    m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").cuda().eval()
+    m.weights_source = "test"
+    budget = torch.cuda.memory_allocated() + 300_000_000
+    res = segment(m, ct, text=["liver", "spleen"], box=[30, 20, 5, 80, 70, 20], max_memory=budget, progress=False)
+    assert res.precision in ("bf16", "fp16") and 0 < res.peak_memory_bytes <= budget
+    ref = segment(m, ct, text=["liver", "spleen"], box=[30, 20, 5, 80, 70, 20], precision="fp32", progress=False)
+    for label in ref.labels:  # reduced precision may flip voxels whose logits are near 0, not many
+        assert (res.masks[label] != ref.masks[label]).mean() < 0.02

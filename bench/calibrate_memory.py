@@ -1,0 +1,97 @@
+"""Measure what the memory planner's encoder and decoder terms stand for, on this machine.
+
+    python bench/calibrate_memory.py            # CPU, full-size SegVolConfig, random weights
+
+Each case runs in a fresh Python process that builds the model, reads its resident set size, runs
+ONE call (an encode of B windows, or a decode of N prompts against a random image embedding, so
+the encoder's own peak cannot hide the decoder's) and reports ru_maxrss minus the RSS before the
+call: the bytes that call added at its peak, allocator and library overheads included. The cost
+model in segevol_fast/inference/budget.py is compared with the measurement and must not be below
+it (an estimate under the measurement would let a planned call exceed its budget).
+Results go to bench/results/cpu-memory-calibration-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CASES = [("encode", 1), ("encode", 2), ("encode", 4), ("decode", 1), ("decode", 4), ("decode", 8)]
+
+
+def _child(kind: str, n: int) -> dict:
+    import resource
+
+    import torch
+
+    from segevol_fast import SegVol, SegVolConfig
+    from segevol_fast.inference.budget import estimate
+    from segevol_fast.inference.memory import current_rss
+
+    torch.manual_seed(0)
+    model = SegVol(SegVolConfig()).eval()
+    cfg = model.config
+    with torch.inference_mode():
+        if kind == "encode":
+            x = torch.rand(n, 1, *cfg.spatial_size)
+            before = current_rss()
+            model.encode_image(x)
+        else:
+            emb = torch.randn(1, cfg.hidden_size, *cfg.grid_size)
+            text = torch.randn(n, cfg.hidden_size)
+            boxes = torch.tensor([[2.0, 30, 30, 20, 200, 200]] * n)
+            before = current_rss()
+            model.decode(emb, text_embedding=text, boxes=boxes)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    kw = dict(window_batch=n) if kind == "encode" else dict(decode_batch=n)
+    _, items = estimate(model, cfg.spatial_size, 1, device="cpu", baseline_bytes=0, **kw)
+    return {"kind": kind, "n": n, "measured_bytes": peak - before, "model_bytes": items[kind + "r"],
+            "rss_before_bytes": before}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.path.insert(0, str(REPO))
+        print("@@RESULT@@" + json.dumps(_child(args.child[0], int(args.child[1]))))
+        return 0
+    import torch
+
+    rows = []
+    for kind, n in CASES:
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, str(n)], capture_output=True, text=True,
+                              cwd=REPO)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
+        if line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        row = json.loads(line[len("@@RESULT@@"):])
+        row["model_over_measured"] = row["model_bytes"] / max(1, row["measured_bytes"])
+        rows.append(row)
+        print(f"{kind} x{n}: measured {row['measured_bytes'] / 1e6:7.1f} MB, cost model {row['model_bytes'] / 1e6:7.1f} MB "
+              f"({row['model_over_measured']:.2f}x)", flush=True)
+    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+           "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "config": "SegVolConfig() official size, random weights, float32", "cases": rows}
+    path = pathlib.Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / f"cpu-memory-calibration-{dt.date.today().isoformat()}.json"
+    file.write_text(json.dumps(out, indent=2))
+    print(f"wrote {file}")
+    under = [r for r in rows if r["model_over_measured"] < 1]
+    if under:
+        print(f"COST MODEL BELOW MEASUREMENT for {[(r['kind'], r['n']) for r in under]}", file=sys.stderr)
+    return 1 if under else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
