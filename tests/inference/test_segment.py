@@ -91,6 +91,18 @@ def test_measured_cpu_peak_stays_within_a_met_budget(model, ct):
     assert res.peak_memory_bytes <= budget
 
 
+def test_a_budget_at_the_planned_minimum_is_met(model, ct):
+    # the smallest plan's estimate, used as the budget, must bound what the call really takes
+    segment(model, ct, text=["liver", "spleen"], box=[30, 20, 5, 80, 70, 20], progress=False)  # warm-up
+    with pytest.raises(BudgetError) as info:
+        segment(model, ct, text=["liver", "spleen"], box=[30, 20, 5, 80, 70, 20], max_memory="1MB", progress=False)
+    budget = info.value.required + 5_000_000  # the baseline (process RSS) is re-measured and drifts by kBs
+    res = segment(model, ct, text=["liver", "spleen"], box=[30, 20, 5, 80, 70, 20], max_memory=budget, progress=False)
+    assert res.plan["estimated_peak_bytes"] <= budget and res.plan["max_memory"] == budget
+    assert res.peak_memory_bytes <= budget
+    assert set(res.zoom_in_windows) == {"liver", "spleen"}
+
+
 def test_random_weights_are_reported_loudly(data_dir, ct):
     m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
     with pytest.warns(UserWarning, match="meaningless"):
