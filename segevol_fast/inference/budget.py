@@ -28,11 +28,13 @@ bytes, band = min(D', window depth)·H'·W' (the most D-rows of sums one prompt 
     encoder           window_batch · [2·V·4 + S·patch·4 + S·(8C·4 + a·(8C + 2M)) + C·S·4]
                       No S×S term: SDPA keeps no score matrix (flash / memory-efficient kernels on
                       CUDA, a blocked kernel on the CPU). Measured on the CPU (fp32, torch 2.13,
-                      fresh process, `bench/calibrate_memory.py`): 121 MB at batch 1, 499 MB at
+                      fresh process, `bench/calibrate_memory.py`): 127 MB at batch 1, 498 MB at
                       batch 4, i.e. ~125 MB a window, against 182 MB a window here.
     embedding_cache   cache_windows · C·S·4
     decoder           decode_batch · (24·S·C·4 + 64·S·4 + 2·V·4)  (two-way transformer image side,
-                      ×4 upscaling to C/8 channels at 64·S voxels, low-res and upsampled logits)
+                      ×4 upscaling to C/8 channels at 64·S voxels, low-res and upsampled logits);
+                      measured likewise: 111 MB for 1 prompt (first call), 327 MB for 8, against
+                      168 MB and 1.35 GB here
     coarse            N·V·6 (zoom-out logits float32, two bool masks: sigmoid > 0.5 and logits > 0)
     accumulators      prompt_group · band·q: the row sums of the prompts stitched together
     masks / logits    N·Vc (bool) and, with return_logits, N·Vc·q: crop-frame results, host memory,
