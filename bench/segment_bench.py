@@ -80,17 +80,13 @@ def case_synthetic512() -> dict:
     path = pathlib.Path(tempfile.gettempdir()) / "segevol_fast_phantom_{}x{}x{}.nii.gz".format(*SYNTHETIC_SHAPE)
     if not path.exists():
         subprocess.run([sys.executable, __file__, "--make-synthetic", str(path)], check=True, cwd=REPO)
+    from segevol_fast.inference.memory import current_rss
+
     model = _model()
-    rss_before = _rss()
+    rss_before = current_rss()
     out = _run_segment(model, path, text=["liver"], max_memory="2GB")
     return {"input": f"phantom {SYNTHETIC_SHAPE} int16 CT, read from {path.name}", "max_memory": "2GB",
             "rss_before_call_bytes": rss_before, **out}
-
-
-def _rss() -> int:
-    from segevol_fast.inference.memory import current_rss
-
-    return current_rss()
 
 
 def case_fast_vs_exact() -> dict:

@@ -52,11 +52,6 @@ class CropReader:
         """The whole crop, float32 (D', H', W') (a new tensor for a normalising reader)."""
         return self.block((0, 0, 0), self.shape)
 
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes this reader adds on top of the source volume (0 when it reads the source)."""
-        return 0
-
 
 class StoredCrop(CropReader):
     """A crop that exists as a float32 tensor (D', H', W')."""
@@ -75,10 +70,6 @@ class StoredCrop(CropReader):
     def take(self, indices):
         i, j, k = (t.to(self.device) for t in indices)
         return self.image.index_select(0, i).index_select(1, j).index_select(2, k)
-
-    @property
-    def stored_bytes(self) -> int:
-        return self.image.numel() * 4
 
 
 class NormalizedCrop(CropReader):
@@ -101,10 +92,12 @@ class NormalizedCrop(CropReader):
         out.copy_(src)
         return out.clamp_(self.lo, self.hi).sub_(self.lo).mul_(self.scale)
 
+    def _normalized(self, src: Tensor) -> Tensor:
+        return self.normalize_into(torch.empty(src.shape, dtype=torch.float32, device=self.device), src)
+
     def block(self, lo, hi):
         _check_box(self.shape, lo, hi)
-        src = self.source[tuple(slice(a, b) for a, b in zip(lo, hi))]
-        return self.normalize_into(torch.empty(src.shape, dtype=torch.float32, device=self.device), src)
+        return self._normalized(self.source[tuple(slice(a, b) for a, b in zip(lo, hi))])
 
     def full(self) -> Tensor:
         """The whole crop, in H-slabs of a few MB: each is transposed (the source is a permuted
@@ -118,5 +111,4 @@ class NormalizedCrop(CropReader):
 
     def take(self, indices):
         i, j, k = (t.to(self.device) for t in indices)
-        src = self.source.index_select(0, i).index_select(1, j).index_select(2, k)
-        return self.normalize_into(torch.empty(src.shape, dtype=torch.float32, device=self.device), src)
+        return self._normalized(self.source.index_select(0, i).index_select(1, j).index_select(2, k))

@@ -96,7 +96,7 @@ class Preprocessed:
     def image(self) -> Tensor:
         """(1, 1, D', H', W') float32. A stored crop is returned as it is (no copy); a lazy one is
         normalised into a new tensor on every access (D'·H'·W'·4 bytes: keep the result)."""
-        return self.crop.full()[None, None] if self.lazy else self.crop.image[None, None]
+        return self.crop.full()[None, None]
 
     @property
     def lazy(self) -> bool:
