@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Optional
 
-from .errors import SegVolFastError
+from .errors import SegVolFastError, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -31,10 +31,6 @@ DEMO_ORGANS = {"liver": "liver", "spleen": "spleen", "left kidney": "kidney_left
 RANDOM_NOTE = "random weights: masks are meaningless"
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class UsageError(SegVolFastError, ValueError):
-    """A command-line request that cannot be run as given (exit code 2)."""
 
 
 def parse_size(text: str) -> int:

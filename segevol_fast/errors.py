@@ -1,4 +1,11 @@
-"""Typed errors. Each says what was wrong and what to do about it."""
+"""Every error a user of segevol_fast can meet, in one place.
+
+Each class subclasses `SegVolFastError` (catch everything of ours with one clause) *and* the builtin
+a Python user would expect (`ValueError` for bad values, `TypeError` for wrong types,
+`FileNotFoundError` for missing files, `MemoryError` for budgets...), so existing `except` clauses
+keep working. Messages say what was wrong and what to do. Modules re-export the classes they raise
+(e.g. `segevol_fast.inference.prompts.PromptError`), but they are defined only here.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +14,7 @@ class SegVolFastError(Exception):
     """Base class of every error raised on purpose by segevol_fast."""
 
 
+# ---------------------------------------------------------------------- kernels and build
 class BackendUnavailableError(SegVolFastError, RuntimeError):
     """A forced kernel backend cannot run here (not built, no GPU, no Triton...)."""
 
@@ -15,13 +23,94 @@ class NativeExtensionError(BackendUnavailableError):
     """The compiled extension `segevol_fast._C` is missing or lacks the requested kernel."""
 
 
+# ---------------------------------------------------------------------- arguments
 class ShapeError(SegVolFastError, ValueError):
     """A tensor has the wrong rank, size, dtype or device for the call."""
 
 
+class ArgumentTypeError(SegVolFastError, TypeError):
+    """An argument has the wrong type (text=5, a string box, a float seed...)."""
+
+
+class InvalidArgumentError(SegVolFastError, ValueError):
+    """An argument has the right type but a value that cannot be used (unknown mode, device...)."""
+
+
+class UsageError(SegVolFastError, ValueError):
+    """A command-line request that cannot be run as given (exit code 2)."""
+
+
+class PromptError(SegVolFastError, ValueError):
+    """A prompt is malformed, outside the volume, or an unsupported combination."""
+
+
+# ---------------------------------------------------------------------- model and weights
 class ConfigError(SegVolFastError, ValueError):
     """A model configuration is inconsistent."""
 
 
 class CheckpointError(SegVolFastError, RuntimeError):
     """A checkpoint cannot be loaded: wrong format, or missing / unexpected / mis-shaped keys."""
+
+
+class WeightsNotFoundError(SegVolFastError, FileNotFoundError):
+    """No SegVol weights were found; the message lists where it looked and how to get them."""
+
+
+# ---------------------------------------------------------------------- input volumes
+class VolumeError(SegVolFastError, ValueError):
+    """Voxel data or geometry is unusable: non-finite values, a singular affine, bad spacing..."""
+
+
+class VolumeFileError(VolumeError):
+    """A path is missing, of an unknown kind, or cannot be read as a volume."""
+
+
+class DamagedFileError(VolumeFileError):
+    """A file exists and has the right kind but is truncated or corrupt (the message names it)."""
+
+
+class DicomSeriesError(VolumeFileError):
+    """A DICOM folder holds several series, or a series whose slices do not form one regular grid."""
+
+
+class MissingDependencyError(SegVolFastError, ImportError):
+    """An optional package needed for this input is not installed (the message says which extra)."""
+
+
+class PreprocessError(SegVolFastError, ValueError):
+    """The volume cannot be normalised: constant, empty, or non-finite."""
+
+
+# ---------------------------------------------------------------------- memory
+class MemorySpecError(SegVolFastError, ValueError):
+    """A memory limit could not be read (e.g. "2 bananas", a negative number)."""
+
+
+class BudgetError(SegVolFastError, MemoryError):
+    """The memory limit cannot be met, not even by the smallest plan. Raised before any work.
+
+    Attributes: required (bytes the smallest plan needs), limit (bytes), breakdown (item -> bytes).
+    """
+
+    def __init__(self, message: str, required: int, limit: int, breakdown: dict[str, int]):
+        super().__init__(message)
+        self.required, self.limit, self.breakdown = required, limit, breakdown
+
+
+class DeviceOutOfMemoryError(SegVolFastError, MemoryError):
+    """The device ran out of memory even after retrying with the smallest window batch and
+    host-side stitching."""
+
+
+# ---------------------------------------------------------------------- outputs
+class ResultError(SegVolFastError, ValueError):
+    """A result is inconsistent (masks of different shapes, bad affine) or a label is unknown."""
+
+
+class OutputError(SegVolFastError, OSError):
+    """An output path cannot be written (permissions, a file where a folder is needed, full disk...)."""
+
+
+class OutputLockedError(OutputError):
+    """Another run is writing into the same output folder right now."""

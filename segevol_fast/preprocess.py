@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .crop import CropReader, NormalizedCrop, StoredCrop
-from .errors import SegVolFastError, ShapeError
+from .errors import PreprocessError, ShapeError
 
 PERCENTILES = (0.05, 99.95)
 ZOOM_OUT_SIZE = (32, 256, 256)
@@ -46,10 +46,6 @@ _WIDEN = {  # unsigned dtypes torch supports only partly -> a signed dtype that 
     for n, w in (("uint16", torch.int32), ("uint32", torch.int64), ("uint64", torch.int64))
     if hasattr(torch, n)
 }
-
-
-class PreprocessError(SegVolFastError, ValueError):
-    """The volume cannot be normalised: constant, empty, or non-finite."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import pathlib
 from typing import Optional, Union
 
-from .errors import SegVolFastError
+from .errors import WeightsNotFoundError
 from .model.checkpoint import WEIGHT_FILES
 
 PathLike = Union[str, os.PathLike]
@@ -36,10 +36,6 @@ Get the official SegVol weights in one of these ways:
   2. SegVol_v1.pth from the official GitHub README (https://github.com/BAAI-DCAI/SegVol); put the
      tokenizer files above next to it (text prompts need them).
 Then pass --weights DIR (or the file) on the command line, or set {ENV_VAR}=DIR."""
-
-
-class WeightsNotFoundError(SegVolFastError, FileNotFoundError):
-    """No SegVol weights were found; the message lists where it looked and how to get them."""
 
 
 def hf_hub_dir() -> pathlib.Path:

@@ -53,7 +53,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from ..errors import SegVolFastError
+from ..errors import BudgetError, MemorySpecError
 from .memory import current_rss
 
 MAX_WINDOW_BATCH = 8
@@ -66,21 +66,6 @@ for _i, _p in enumerate("kmgt", start=1):
     _UNITS[_p] = _UNITS[_p + "b"] = 1000**_i
     _UNITS[_p + "ib"] = 1024**_i
 _SPEC = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
-
-
-class MemorySpecError(SegVolFastError, ValueError):
-    """A memory limit could not be read (e.g. "2 bananas", a negative number)."""
-
-
-class BudgetError(SegVolFastError, MemoryError):
-    """The memory limit cannot be met, not even by the smallest plan. Raised before any work.
-
-    Attributes: required (bytes the smallest plan needs), limit (bytes), breakdown (item -> bytes).
-    """
-
-    def __init__(self, message: str, required: int, limit: int, breakdown: dict[str, int]):
-        super().__init__(message)
-        self.required, self.limit, self.breakdown = required, limit, breakdown
 
 
 def parse_memory(spec: Union[int, float, str]) -> int:

@@ -18,13 +18,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import SegVolFastError
+from ..errors import PromptError
 
 ArrayLike = Union[np.ndarray, Sequence]
-
-
-class PromptError(SegVolFastError, ValueError):
-    """A prompt is malformed, outside the volume, or an unsupported combination."""
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import SegVolFastError
+from ..errors import ResultError
 from ..io.nifti import is_nifti_path, save_nifti
 from ..io.volume import spacing_from_affine
 
@@ -34,10 +34,6 @@ OVERLAY_ALPHA = 0.45
 # distinguishable on grey CT: red, green, blue, yellow, magenta, cyan, orange, purple, ...
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50, 230),
            (70, 240, 240), (245, 130, 48), (145, 30, 180), (210, 245, 60), (250, 190, 212)]
-
-
-class ResultError(SegVolFastError, ValueError):
-    """A result is inconsistent (masks of different shapes, bad affine) or a label is unknown."""
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:

@@ -12,26 +12,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..errors import SegVolFastError, ShapeError
+from ..errors import DicomSeriesError, MissingDependencyError, ShapeError, VolumeError, VolumeFileError
 
 MODALITIES = ("ct", "mri")
 _MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}
-
-
-class VolumeError(SegVolFastError, ValueError):
-    """Voxel data or geometry is unusable: non-finite values, a singular affine, bad spacing..."""
-
-
-class VolumeFileError(VolumeError):
-    """A path is missing, of an unknown kind, or cannot be read as a volume."""
-
-
-class DicomSeriesError(VolumeFileError):
-    """A DICOM folder holds several series, or a series whose slices do not form one regular grid."""
-
-
-class MissingDependencyError(SegVolFastError, ImportError):
-    """An optional package needed for this input is not installed (the message says which extra)."""
 
 
 def normalize_modality(modality: Optional[str]) -> Optional[str]:
