@@ -11,9 +11,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .determinism import configure_mkl  # noqa: E402
+
+configure_mkl()  # before anything here can call MKL: thread-count-independent GEMMs (determinism.py)
+
 from . import errors, ops  # noqa: E402
-from .info import info  # noqa: E402
 from .inference import SegmentationResult, segment  # noqa: E402
+from .info import info  # noqa: E402
 from .io import Volume, load_volume  # noqa: E402
 from .model import SegVol, SegVolConfig  # noqa: E402
 

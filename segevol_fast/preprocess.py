@@ -116,7 +116,9 @@ def _as_tensor(src) -> Tensor:
     arr = getattr(src, "array", src)  # a Volume: avoid importing io (same layer, no need)
     if isinstance(arr, np.ndarray):
         if any(s < 0 for s in arr.strides):
-            arr = np.ascontiguousarray(arr)
+            # copy(), not ascontiguousarray: that returns a (1, ...) reversed view as it is, since
+            # numpy calls it contiguous, and torch refuses its negative stride
+            arr = arr.copy()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only arrays: we never write to them
             t = torch.from_numpy(arr)
@@ -287,6 +289,16 @@ def foreground_stats(volume) -> ForegroundStats:
 
 
 # ----------------------------------------------------------------------------- preprocessing
+def _top_at_most_one(scale: float, lo: float, hi: float) -> float:
+    """The float32 scale the crop is multiplied by, stepped down where float32 rounding would put
+    the top voxel, (hi - lo) * scale, at 1 + 1 ulp (e.g. int16 -32768..32767): the crop stays in
+    [0, 1] as documented. At most an ulp of change, far inside the 1e-6 agreement with the reference."""
+    s32, top = np.float32(scale), np.float32(hi) - np.float32(lo)  # float32, as the crop computes it
+    while s32 > 0 and top * s32 > 1:
+        s32 = np.nextafter(s32, np.float32(0))
+    return float(s32)
+
+
 def preprocess(volume, lazy: bool = False) -> Preprocessed:
     """Official SegVol preprocessing, fast. volume: Volume / numpy / torch (X, Y, Z), any real dtype.
 
@@ -296,7 +308,12 @@ def preprocess(volume, lazy: bool = False) -> Preprocessed:
             bit-identical to the stored crop's; the input must not be modified while it is used.
 
     Returns `Preprocessed` whose crop reads (D', H', W') float32 in [0, 1] on the input's device.
-    Equal to `preprocess_ref` up to float32 rounding (~1e-6); the crop box is identical.
+    Equal to `preprocess_ref` up to float32 rounding (~1e-6); the crop box is identical. Limits
+    (tests/property/test_preprocess_props.py), where a voxel is decided exactly here and with
+    float32 rounding by the official code, so it can fall on the other side: a voxel value within
+    float32 rounding of the mean (|v - mean| < ~1e-7·|mean|, any dtype: foreground and percentiles
+    differ), or above the lower percentile by < ~1e-7 of the clip range (float data only: crop box
+    differs). Beyond ~1e18 the official float32 std overflows; the float64 moments here stay right.
     """
     t = _as_tensor(volume)
     res = _int_stats(t) if not t.is_floating_point() else None
@@ -310,7 +327,7 @@ def preprocess(volume, lazy: bool = False) -> Preprocessed:
             "the foreground's 0.05th and 99.95th percentiles are equal: the image is (nearly) constant, "
             "nothing to segment"
         )
-    scale = 1.0 / (s * max(z_range, _EPS))
+    scale = _top_at_most_one(1.0 / (s * max(z_range, _EPS)), lo, hi)
     box = []
     for p in proj:  # voxels > lo are exactly those > 0 after min-max
         idx = torch.nonzero(p.double() > lo).flatten()

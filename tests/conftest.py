@@ -22,6 +22,20 @@ import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
+try:  # property tests (tests/property): a fast, reproducible-on-failure profile for CI and `make test`
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is a test dependency (requirements/dev.txt); only tests/property need it
+    pass
+else:
+    # deadline None: the 2-core CI boxes stall for seconds at times, which is not a failure;
+    # print_blob: a failure prints the @reproduce_failure line that replays it exactly (no example
+    # database: nothing is written into the working tree)
+    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
+                              database=None, suppress_health_check=[HealthCheck.too_slow])
+    # a bug hunt before a release: HYPOTHESIS_PROFILE=thorough pytest tests/property
+    settings.register_profile("thorough", settings.get_profile("ci"), max_examples=2000)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -55,3 +69,34 @@ def data_dir() -> pathlib.Path:
     if not path.is_dir():
         pytest.skip(f"shared data not found at {path}; set SEGEVOL_DATA to the folder with the test volumes")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: on the 2-core CI boxes OpenMP spinning between concurrent
+    processes costs more than a second thread wins. Modules use it with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_model(data_dir):
+    """The tiny SegVol (weights from seed 0) with the shared CLIP tokenizer, marked as loaded so
+    segment() does not warn about random weights."""
+    from segevol_fast import SegVol, SegVolConfig
+
+    torch.manual_seed(0)
+    model = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").eval()
+    model.weights_source = "test"
+    return model
+
+
+@pytest.fixture
+def ct(data_dir):
+    """The shared real abdominal CT (122x101x30 int16) as a Volume."""
+    from segevol_fast import load_volume
+
+    return load_volume(data_dir / "ct_abdomen_sm.nii.gz")
