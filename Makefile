@@ -9,7 +9,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test build bench bench-segment bench-gpu cuda-check info clean
+.PHONY: all demo test build bench bench-segment bench-memory bench-gpu cuda-check info clean
 
 all: test
 
@@ -42,6 +42,10 @@ bench: build
 
 bench-segment: build
 	$(PY) bench/segment_bench.py
+
+# The memory planner against measured peaks of whole segment() calls (fails outside 1.0-1.25x).
+bench-memory: build
+	$(PY) bench/calibrate_segment.py
 
 # The main job: segment several organs in the shared real CT (or a generated phantom when
 # ../shared/data is absent) with the official weights when found, else full-size random weights

@@ -1,4 +1,5 @@
-"""Memory budget of `mode="fast"`: parse a limit, estimate a call's peak, choose a plan.
+"""Memory budget of `segment()`: parse a limit, estimate a call's peak, choose a plan (fast mode)
+or check the one the official algorithm fixes (exact mode).
 
 The peak is bounded where it matters: device memory on CUDA (what `torch.cuda.max_memory_allocated`
 counts), process memory (RSS) on the CPU. `plan_fast` picks, within the limit,
@@ -16,32 +17,65 @@ counts), process memory (RSS) on the CPU. `plan_fast` picks, within the limit,
 and raises `BudgetError` before anything runs when even the smallest plan does not fit.
 
 Cost model (bytes; every item is summed as if all were alive at once, although the zoom-out and
-zoom-in stages follow each other, so the figure is an upper bound). With C = hidden, S = tokens per
-window, M = MLP width, V = voxels per window, Vc = voxels of the crop, Vo = voxels of the input
-grid, N = prompts, a = 4 (fp32) or 2 (reduced precision) bytes for matmul outputs, q = accumulator
-bytes, band = min(D', window depth)·H'·W' (the most D-rows of sums one prompt keeps, fast.py):
+zoom-in stages follow each other, so the figure is an upper bound; the one exception is the
+encoder and the decoder, which never run at the same time: only the larger of the two counts).
+With C = hidden, S = tokens per window, M = MLP width, V = voxels per window, Vc = voxels of the
+crop, Vo = voxels of the input grid, N = prompts, a = 4 (fp32) or 2 (reduced precision) bytes for
+matmul outputs, q = accumulator bytes, band = min(D', window depth)·H'·W' (the most D-rows of
+sums one prompt keeps, fast.py), b = window_batch on CUDA and min(b, 4) + max(0, b - 4)/3 on the
+CPU (below):
 
     weights           sum of parameter and buffer bytes (+ half of it for autocast's weight copies)
     baseline          CUDA: memory_allocated() minus the weights; CPU: current RSS minus the weights
                       (the scan itself is in here: fast mode reads windows from it, no crop copy)
-    zoom_out          2·V·4 (the resized image, host and device copy)
-    encoder           window_batch · [2·V·4 + S·patch·4 + S·(8C·4 + a·(8C + 2M)) + C·S·4]
-                      No S×S term: SDPA keeps no score matrix (flash / memory-efficient kernels on
-                      CUDA, a blocked kernel on the CPU). Measured on the CPU (fp32, torch 2.13,
-                      fresh process, `bench/calibrate_memory.py`): 127 MB at batch 1, 498 MB at
-                      batch 4, i.e. ~125 MB a window, against 182 MB a window here.
+    zoom_out          V·4 on the CPU, 2·V·4 on CUDA (the resized image, and its device copy)
+    encoder           b · [2·V·4 + S·patch·4 + S·(4C·4 + a·(4C + 2M)) + C·S·4]
+                      (window input and its padded copy, patch rows, per block the residual, q/k/v
+                      and attention output at fp32 plus the MLP's in/out at matmul precision, the
+                      embedding): 132 MB a window at fp32. No S×S term: SDPA keeps no score matrix
+                      (flash / memory-efficient kernels on CUDA, a blocked kernel on the CPU).
+                      On the CPU, windows beyond the 4th count a third: measured (fp32, torch 2.13,
+                      fresh process, `bench/calibrate_memory.py`) 147 / 248 / 450 / 443 / 582 MB at
+                      batch 1 / 2 / 4 / 6 / 8 (from 6 windows on, the big tensors are mmap'd and
+                      returned to the system when freed; smaller ones stay in the heap), modelled
+                      132 / 264 / 528 / 616 / 704 MB.
     embedding_cache   cache_windows · C·S·4
-    decoder           decode_batch · (24·S·C·4 + 64·S·4 + 2·V·4)  (two-way transformer image side,
-                      ×4 upscaling to C/8 channels at 64·S voxels, low-res and upsampled logits);
-                      measured likewise: 111 MB for 1 prompt (first call), 327 MB for 8, against
-                      168 MB and 1.35 GB here
+    decoder           15·S·C·4 + decode_batch · (3·S·C·4 + 2·V·4): a fixed part (the first call's
+                      workspaces and the two-way transformer's image side, which the prompts share
+                      through broadcasting) and per prompt three image-side S·C copies plus the
+                      low-res and upsampled logits: 130 / 237 / 380 MB for 1 / 4 / 8 prompts;
+                      measured likewise: 113 / 268 / 327 MB (not linear: allocator reuse; the
+                      slack covers the gap at 4)
+    not_concurrent    -min(encoder, decoder): encode_image returns (its activations freed) before
+                      the decoder runs, so the peak holds the larger of the two, not their sum
     coarse            N·V·6 (zoom-out logits float32, two bool masks: sigmoid > 0.5 and logits > 0)
     accumulators      prompt_group · band·q: the row sums of the prompts stitched together
     masks / logits    N·Vc (bool) and, with return_logits, N·Vc·q: crop-frame results, host memory,
                       so counted on the CPU only
     output            N·Vo, and with return_logits N·Vo·4 more: the masks (and probabilities) on
                       the input grid, host memory, CPU only
-    slack             10% of the transient items (allocator rounding and fragmentation) + 64 MiB
+    slack             10% of the transient items (allocator rounding and fragmentation) + 128 MiB
+                      (the text tower, Python objects, small tensors, and the whole calls' run-to-run
+                      spread of about ±40 MB on the CPU)
+
+`mode="exact"` has no choices to make: the official algorithm fixes its memory (one prompt at a
+time, window batch 1, float32 sums on the host, the crop held whole in float32, which `preprocess`
+made before planning, so it is in the baseline). `plan_exact` estimates it and refuses a limit
+below it up front. With Vp = voxels of the crop padded to at least a window per axis (the
+zoom-in ROI's padded size can reach it), the items besides weights, baseline, encoder (batch 1)
+and decoder (1 prompt), of which again only the larger counts (not_concurrent), are
+
+    zoom_out          3·V·4 (the resized crop, the window or zoom-out prompt map, one window's
+                      logits) on the CPU; on CUDA V·4 (the input's device copy)
+    zoom_in           Vp·40 + Vc·13 with zoom_in, else Vc·8: the padded ROI image (4), its
+                      global_preds and their padded copy (int64, 8 + 8), the prompt map and its
+                      gather (4 + 4), the sums, counts and mean (4 + 4 + 4) over Vp; the coarse
+                      logits, their copy, the sigmoid and its mask (4 + 4 + 4 + 1) over Vc.
+                      Host memory: CPU only
+    results           N·Vc·4: every prompt's float32 logits are kept until the end (CPU only)
+    masks / output    N·Vc + Vc·4 (the masks and one sigmoid) and N·Vo (+ N·Vo·4 probabilities
+                      with return_logits), as in fast mode (CPU only)
+    slack             as above
 """
 
 from __future__ import annotations
@@ -57,7 +91,7 @@ from ..errors import BudgetError, MemorySpecError
 from .memory import current_rss
 
 MAX_WINDOW_BATCH = 8
-_FIXED_SLACK = 64 << 20  # Python objects, tqdm, cuBLAS workspace, small tensors
+_FIXED_SLACK = 128 << 20  # Python objects, tqdm, cuBLAS workspace, the text tower, small tensors
 _SLACK_FRACTION = 0.10
 # Decimal prefixes for "KB/MB/GB/TB" (and bare "K/M/G/T"), binary for "KiB/MiB/GiB/TiB": the SI
 # meaning, as disk vendors, `accelerate` and most CLIs use it. 2GB = 2e9 bytes, 2GiB = 2**31.
@@ -204,6 +238,25 @@ def _num_windows(crop_shape: Sequence[int], window: Sequence[int]) -> int:
 
 
 # ------------------------------------------------------------------------------ the cost model
+def encoder_window_bytes(cfg, a: int = 4) -> int:
+    """Activation bytes of one window in `encode_image` (module docstring, item "encoder")."""
+    C, S, M, V = cfg.hidden_size, cfg.num_patches, cfg.mlp_dim, math.prod(cfg.spatial_size)
+    return 2 * V * 4 + S * cfg.patch_dim * 4 + S * (4 * C * 4 + a * (4 * C + 2 * M)) + C * S * 4
+
+
+def encoder_bytes(cfg, window_batch: int, a: int = 4, on_cpu: bool = True) -> int:
+    """Activation bytes of one `encode_image` of window_batch windows (docstring, "encoder")."""
+    b = int(window_batch)
+    windows = min(b, 4) + max(0, b - 4) / 3 if on_cpu else b  # CPU: big batches are mmap'd (docstring)
+    return int(windows * encoder_window_bytes(cfg, a))
+
+
+def decoder_bytes(cfg, decode_batch: int) -> int:
+    """Activation bytes of one `decode` call of decode_batch prompts (module docstring, "decoder")."""
+    C, S, V = cfg.hidden_size, cfg.num_patches, math.prod(cfg.spatial_size)
+    return 15 * S * C * 4 + int(decode_batch) * (3 * S * C * 4 + 2 * V * 4)
+
+
 def estimate(
     model,
     crop_shape: Sequence[int],
@@ -238,7 +291,7 @@ def estimate(
     dev = torch.device(device) if device is not None else _model_device(model)
     stitch = torch.device(stitch_device) if stitch_device is not None else dev
     on_cpu = dev.type == "cpu"
-    C, S, M = cfg.hidden_size, cfg.num_patches, cfg.mlp_dim
+    C, S = cfg.hidden_size, cfg.num_patches
     V, Vc, N = math.prod(cfg.spatial_size), math.prod(crop_shape), int(n_prompts)
     Vo = Vc if output_voxels is None else int(output_voxels)
     reduced = getattr(model, "precision", "fp32") != "fp32"
@@ -251,21 +304,89 @@ def estimate(
         "weights": weights,
         "baseline": _baseline(dev, model) if baseline_bytes is None else int(baseline_bytes),
         "autocast_weights": _encoder_side_bytes(model) // 2 if reduced else 0,
-        "zoom_out": 2 * V * 4,
+        "zoom_out": (1 if on_cpu else 2) * V * 4,
     }
-    per_window = 2 * V * 4 + S * cfg.patch_dim * 4 + S * (8 * C * 4 + a * (8 * C + 2 * M)) + C * S * 4
-    items["encoder"] = window_batch * per_window
+    items["encoder"] = encoder_bytes(cfg, window_batch, a, on_cpu)
     items["embedding_cache"] = cache_windows * C * S * 4
-    items["decoder"] = decode_batch * (24 * S * C * 4 + 64 * S * 4 + 2 * V * 4)
+    items["decoder"] = decoder_bytes(cfg, decode_batch)
     stitched_here = on_dev or on_cpu  # items that live on the stitch device count when it is budgeted
     items["coarse"] = N * V * 6 if stitched_here else 0
     items["accumulators"] = prompt_group * band_voxels(crop_shape, cfg.spatial_size) * q if stitched_here else 0
     items["masks"] = N * Vc if on_cpu else 0
     items["logits"] = N * Vc * q if (on_cpu and return_logits) else 0
     items["output"] = N * Vo * (1 + (4 if return_logits else 0)) if on_cpu else 0
+    items["not_concurrent"] = -min(items["encoder"], items["decoder"])
     transient = sum(v for k, v in items.items() if k not in ("weights", "baseline"))
     items["slack"] = int(_SLACK_FRACTION * transient) + _FIXED_SLACK
     return sum(items.values()), items
+
+
+def estimate_exact(
+    model,
+    crop_shape: Sequence[int],
+    n_prompts: int,
+    *,
+    zoom_in: bool = True,
+    device: Union[str, torch.device, None] = None,
+    return_logits: bool = False,
+    baseline_bytes: Optional[int] = None,
+    output_voxels: Optional[int] = None,
+) -> tuple[int, dict[str, int]]:
+    """Peak memory of one `run_exact` call and its paste-back (module docstring, exact mode).
+
+    Same arguments and return value as `estimate`; the crop is assumed materialised already
+    (the baseline holds it), as `segment()` does before planning.
+    """
+    from .sliding_window import padded_size
+
+    cfg = model.config
+    dev = torch.device(device) if device is not None else _model_device(model)
+    on_cpu = dev.type == "cpu"
+    V, Vc, N = math.prod(cfg.spatial_size), math.prod(crop_shape), max(1, int(n_prompts))
+    Vp = math.prod(padded_size(crop_shape, cfg.spatial_size))
+    Vo = Vc if output_voxels is None else int(output_voxels)
+    a = 2 if getattr(model, "precision", "fp32") != "fp32" else 4
+    items = {
+        "weights": _weight_bytes(model),
+        "baseline": _baseline(dev, model) if baseline_bytes is None else int(baseline_bytes),
+        "autocast_weights": _encoder_side_bytes(model) // 2 if a == 2 else 0,
+        "zoom_out": (3 if on_cpu else 1) * V * 4,
+        "encoder": encoder_window_bytes(cfg, a),
+        "decoder": decoder_bytes(cfg, 1),
+        "not_concurrent": -min(encoder_window_bytes(cfg, a), decoder_bytes(cfg, 1)),
+        "zoom_in": (Vp * 40 + Vc * 13 if zoom_in else Vc * 8) if on_cpu else 0,
+        "results": N * Vc * 4 if on_cpu else 0,
+        "masks": N * Vc + Vc * 4 if on_cpu else 0,
+        "output": N * Vo * (1 + (4 if return_logits else 0)) if on_cpu else 0,
+    }
+    transient = sum(v for k, v in items.items() if k not in ("weights", "baseline"))
+    items["slack"] = int(_SLACK_FRACTION * transient) + _FIXED_SLACK
+    return sum(items.values()), items
+
+
+def plan_exact(
+    model,
+    crop_shape: Sequence[int],
+    n_prompts: int,
+    max_memory: Union[int, str, None] = None,
+    device: Union[str, torch.device, None] = None,
+    *,
+    zoom_in: bool = True,
+    return_logits: bool = False,
+    baseline_bytes: Optional[int] = None,
+    output_voxels: Optional[int] = None,
+) -> Plan:
+    """The (only) `Plan` of `mode="exact"`: window batch 1, one prompt at a time, float32 sums on
+    the host, no cache; with its estimate. Raises `BudgetError` when max_memory is below it."""
+    dev = torch.device(device) if device is not None else _model_device(model)
+    total, items = estimate_exact(model, crop_shape, n_prompts, zoom_in=zoom_in, device=dev,
+                                  return_logits=return_logits, baseline_bytes=baseline_bytes,
+                                  output_voxels=output_voxels)
+    limit = parse_memory(max_memory) if max_memory is not None else None
+    if limit is not None and total > limit:
+        raise BudgetError(_budget_message(limit, total, items, dev, mode="exact"), total, limit, items)
+    return Plan(device=dev, stitch_device="cpu", accumulator_dtype=torch.float32, estimated_peak_bytes=total,
+                breakdown=items, max_memory=limit)
 
 
 # ------------------------------------------------------------------------------ the planner
@@ -345,12 +466,17 @@ def plan_fast(
     return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, **kw)
 
 
-def _budget_message(limit: int, total: int, items: dict[str, int], device: torch.device) -> str:
+def _budget_message(limit: int, total: int, items: dict[str, int], device: torch.device, mode: str = "fast") -> str:
     where = "device memory" if device.type == "cuda" else "process memory (RSS)"
     top = sorted(((v, k) for k, v in items.items() if v > 0), reverse=True)[:3]
     biggest = ", ".join(f"{k} {format_bytes(v)}" for v, k in top)
+    if mode == "fast":
+        smallest = "window batch 1, float16 accumulators, one prompt at a time"
+        advice = "segment fewer prompts per call"
+    else:  # the official algorithm has nothing to trade for memory
+        smallest = "the official algorithm: one prompt and one window at a time, float32"
+        advice = "use mode='fast' (it plans within the limit), segment fewer prompts per call"
     return (
-        f"max_memory={format_bytes(limit)} cannot be met on {device}: mode='fast' needs at least "
-        f"{format_bytes(total)} of {where} here (window batch 1, float16 accumulators, one prompt at a "
-        f"time). Biggest items: {biggest}. Raise max_memory, segment fewer prompts per call, or free "
-        "memory held elsewhere (the baseline counts what this process already holds).")
+        f"max_memory={format_bytes(limit)} cannot be met on {device}: mode={mode!r} needs at least "
+        f"{format_bytes(total)} of {where} here ({smallest}). Biggest items: {biggest}. Raise max_memory, "
+        f"{advice}, or free memory held elsewhere (the baseline counts what this process already holds).")

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
+from .progress import display_for, steps
 from .prompts import Prompt, PromptError
 from .sliding_window import pad_volume, pad_widths, sliding_window_average, window_starts
 
@@ -259,7 +260,8 @@ def run_exact(
         modality: text template ("ct" is the official one).
         zoom_in: run the zoom-in pass (official default); False returns the coarse result.
         seed: seeds the torch.Generator (one per prompt) that `select_points` draws from.
-        progress: tqdm bars over prompts and windows.
+        progress: a `Progress` to report each prompt's zoom-out and zoom-in windows into, or True
+            for a display of its own.
 
     Returns:
         one float32 logits tensor (D', H', W') per prompt, crop frame, CPU; mask = sigmoid > 0.5.
@@ -270,15 +272,11 @@ def run_exact(
     crop_shape = tuple(image.shape[2:])
     zoom_image = zoom_out_resize(image, size)
     results = []
-    items = prompts
-    if progress:
-        from tqdm.auto import tqdm
-
-        items = tqdm(prompts, desc="prompts (exact)")
-    with torch.no_grad():
-        for prompt in items:
+    with torch.no_grad(), display_for(progress) as display:
+        for i, prompt in enumerate(prompts):
+            display.stage(f"prompt {i + 1}/{len(prompts)} {prompt.label!r}: zoom-out", key="zoom-out")
             results.append(_run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality,
-                                       zoom_in, seed, progress))
+                                       zoom_in, seed, display))
     return results
 
 
@@ -324,7 +322,17 @@ def _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality, zo
             box = generate_box(source[sl])[None]
         return _forward(model, window, text, box, points)
 
-    stitched = sliding_window_average(roi_image, size, predict, overlap=0.5, progress=progress)
+    bar = steps(progress, f"{prompt.label!r}: zoom-in windows", n_windows, unit="win", key="zoom-in")
+
+    def counted(window: Tensor, index: int, sl: tuple[slice, ...]) -> Tensor:
+        out = predict(window, index, sl)
+        if bar is not None:
+            bar.update(1)
+        return out
+
+    stitched = sliding_window_average(roi_image, size, counted, overlap=0.5)
+    if bar is not None:
+        bar.close()
     out = coarse.clone()
     out[region] = stitched[0, 0]
     return out

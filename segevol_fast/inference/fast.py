@@ -28,6 +28,10 @@ Same kind of result as the official pipeline (reference §5.3–5.4), computed d
 * The crop is read through `prep.crop`: with `preprocess(..., lazy=True)` each window and the
   zoom-out image are normalised from the scan's own voxels as they are read, and no float32 copy
   of the crop is ever made.
+* Device out-of-memory (`oom.py`): a failed encoder or decoder call is repeated with half the
+  window / decode batch; at batch 1, or when the stitching itself runs out, the call restarts
+  with stitching on the host; then `DeviceOutOfMemoryError`. Every change is reported
+  (`run_fast(oom_retries=...)`, `res.plan["oom_retries"]`).
 
 mask = logits > 0 (sigmoid > 0.5). Masks and logits come back in the crop frame on the CPU.
 """
@@ -42,11 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ShapeError
 from ..crop import CropReader
+from ..errors import ShapeError
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
 from .exact import box_to_zoom_out, points_to_zoom_out
+from .oom import HostStitchNeeded, OutOfMemoryError, Retries
+from .progress import stage, steps
 from .prompts import Prompt, PromptError
 from .sliding_window import axis_starts, pad_widths, padded_size, scan_interval
 
@@ -152,23 +158,31 @@ class _Item:
         return has_text, self.box is not None, None if self.points is None else len(self.points[0])
 
 
-def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor], chunk: int):
+def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor], chunk):
     """Decode items against emb (1, hidden, *grid), batching items with the same signature in
-    chunks of `chunk`. Yields (item, logits (1, *spatial) float32 on the model's device)."""
+    chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
+    the same items then decoded again). Yields (item, logits (1, *spatial) float32 on the model's
+    device)."""
+    retry = chunk if isinstance(chunk, Retries) else None
     dev = emb.device
     groups: dict[tuple, list[_Item]] = {}
     for it in items:
         groups.setdefault(it.signature(it.k in texts), []).append(it)
     for (has_text, has_box, n_points), group in groups.items():
-        for s in range(0, len(group), chunk):
-            part = group[s : s + chunk]
+        s = 0
+        while s < len(group):
+            part = group[s : s + (retry.plan.decode_batch if retry is not None else chunk)]
             text = torch.cat([texts[it.k] for it in part]) if has_text else None
             boxes = torch.stack([it.box for it in part]).to(dev) if has_box else None
             points = None
             if n_points is not None:
                 points = (torch.stack([it.points[0] for it in part]).to(dev),
                           torch.stack([it.points[1] for it in part]).to(dev))
-            logits = model.decode(emb, text_embedding=text, boxes=boxes, points=points)
+            call = lambda: model.decode(emb, text_embedding=text, boxes=boxes, points=points)  # noqa: E731
+            logits = call() if retry is None else retry.attempt("decoder", call)
+            if logits is None:
+                continue  # the decode batch was halved: the same items again
+            s += len(part)
             yield from zip(part, logits[:, 0])
 
 
@@ -327,6 +341,7 @@ def run_fast(
     plan: Optional[Plan] = None,
     progress: bool = False,
     return_logits: bool = False,
+    oom_retries: Optional[list] = None,
 ) -> list[FastOutput]:
     """Fast zoom-out-zoom-in for all prompts at once (see the module docstring).
 
@@ -337,11 +352,17 @@ def run_fast(
         modality: text template ("ct" official, "mri").
         zoom_in: run the zoom-in pass (official default); False returns the coarse result.
         plan: from `plan_fast`; default: planned here without a limit.
-        progress: tqdm bar over zoom-in windows.
+        progress: a `Progress` to report the zoom-out and zoom-in stages into, or True for a bar
+            over zoom-in windows.
         return_logits: also return crop-frame logits (else FastOutput.logits stays None).
+        oom_retries: a list to append what out-of-memory recovery changed to (`oom.py`: halved
+            window / decode batches, stitching moved to the host), one dict per change.
 
     Returns:
         one `FastOutput` per prompt, in order.
+
+    Raises:
+        DeviceOutOfMemoryError: the device ran out of memory even at batch 1 with host stitching.
     """
     device = next(model.parameters()).device
     crop_shape = prep.crop.shape
@@ -350,11 +371,27 @@ def run_fast(
     _check(prep, prompts, plan, device)
     if not prompts:
         return []
+    retry = Retries(plan, oom_retries)
+    while True:
+        error = None
+        try:
+            return _run_once(model, prep, prompts, modality, zoom_in, retry, progress, return_logits)
+        except OutOfMemoryError as err:  # outside the encoder and decoder calls: the stitch buffers
+            error = f"{type(err).__name__}: {err}"  # text only: the traceback pins the failed tensors
+        except HostStitchNeeded as err:  # a batch was already 1
+            error = str(err)
+        retry.to_host(error)  # raises DeviceOutOfMemoryError when nothing is left to try
+
+
+def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress, return_logits) -> list[FastOutput]:
+    """One attempt of run_fast with retry.plan (which the encoder and decoder may shrink as they go)."""
+    plan, crop_shape = retry.plan, prep.crop.shape
     size = tuple(model.config.spatial_size)
     cmap = _CropMap(size, crop_shape, plan.stitch_device)
 
+    stage(progress, "zoom-out")
     texts = _text_embeddings(model, prompts, modality)
-    logits = _zoom_out(model, prep.crop, prompts, texts, size, plan)  # (N, *size) fp32, stitch device
+    logits = _zoom_out(model, prep.crop, prompts, texts, size, retry)  # (N, *size) fp32, stitch device
     # sigmoid > 0.5 picks the ROI and the window boxes (official); the mask is logits > 0
     coarse = _Coarse(torch.sigmoid(logits) > 0.5, logits > 0, logits if return_logits else None)
     del logits
@@ -366,7 +403,7 @@ def run_fast(
             outputs[k] = FastOutput(*coarse.output(k, cmap, plan.accumulator_dtype))
     zoomed = [k for k, roi in enumerate(rois) if roi is not None]
     if zoomed:
-        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, plan, progress).run(zoomed, outputs)
+        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress).run(zoomed, outputs)
     return outputs  # type: ignore[return-value]
 
 
@@ -395,8 +432,9 @@ def _text_embeddings(model, prompts: Sequence[Prompt], modality: str) -> dict[in
     return {k: emb[row[p.text]][None] for k, p in enumerate(prompts) if p.text is not None}
 
 
-def _zoom_out(model, crop: CropReader, prompts, texts, size, plan) -> Tensor:
+def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries) -> Tensor:
     """One encode of the resized crop, batched decodes -> coarse logits (N, *size) float32."""
+    plan = retry.plan
     dev, crop_shape = plan.device, crop.shape
     emb = model.encode_image(zoom_out_crop(crop, size).to(dev))
     items = []
@@ -410,7 +448,7 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, plan) -> Tensor:
             points = (coords, labels)
         items.append(_Item(k, box, points))
     coarse = torch.empty((len(prompts), *size), dtype=torch.float32, device=plan.stitch_device)
-    for it, logits in _decode(model, emb, items, texts, plan.decode_batch):
+    for it, logits in _decode(model, emb, items, texts, retry):
         coarse[it.k] = logits
     return coarse
 
@@ -418,12 +456,17 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, plan) -> Tensor:
 class _ZoomIn:
     """The zoom-in pass over prompt groups; see the module docstring."""
 
-    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, plan, progress):
+    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress):
         self.model, self.crop, self.prompts, self.texts = model, crop, prompts, texts
-        self.cmap, self.coarse, self.rois, self.plan = cmap, coarse, rois, plan
+        self.cmap, self.coarse, self.rois, self.retry = cmap, coarse, rois, retry
+        plan = retry.plan
         self.size, self.progress = tuple(model.config.spatial_size), progress
         self.grid = global_grid(crop.shape, self.size)
         self.cache = _LRU(plan.cache_windows)
+
+    @property
+    def plan(self) -> Plan:
+        return self.retry.plan  # batches may shrink during the run (out-of-memory recovery)
 
     def _groups(self, ks: Sequence[int]) -> list[list[int]]:
         """Prompts in ROI order, grouped while their row sums fit prompt_group crop-wide bands."""
@@ -441,12 +484,8 @@ class _ZoomIn:
     def run(self, ks: Sequence[int], outputs: list) -> None:
         need = {k: windows_for_roi(self.grid, self.size, *self.rois[k]) for k in ks}
         groups = self._groups(ks)
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            total = sum(len({w for k in g for w in need[k]}) for g in groups)
-            bar = tqdm(total=total, desc="zoom-in windows", unit="win")
+        total = sum(len({w for k in g for w in need[k]}) for g in groups)
+        bar = steps(self.progress, "zoom-in windows", total, unit="win", key="zoom-in")
         for gi, group in enumerate(groups):
             users: dict[Window, list[int]] = {}
             for k in group:
@@ -470,7 +509,7 @@ class _ZoomIn:
                 origin = self._origin(w)
                 items = [_window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size,
                                       len(need[k]) == 1) for k in users[w]]
-                for it, logits in _decode(self.model, embs[w], items, self.texts, self.plan.decode_batch):
+                for it, logits in _decode(self.model, embs[w], items, self.texts, self.retry):
                     stitches[it.k].add(logits, origin)
                 if bar is not None:
                     bar.update(1)
@@ -492,11 +531,20 @@ class _ZoomIn:
                     todo.append(w)
                 else:
                     embs[w] = hit
-            if todo:
-                x = _extract(self.crop, [self._origin(w) for w in todo], self.size).to(self.plan.device)
-                e = self.model.encode_image(x)
-                for j, w in enumerate(todo):
-                    # clone: a cached slice must not pin the whole batch (clone keeps the strides)
-                    embs[w] = e[j : j + 1].clone()
-                    self.cache.put(w, embs[w])
+            for w, e in zip(todo, self._encode(todo)):
+                embs[w] = e
+                self.cache.put(w, e)
             yield batch, embs
+
+    def _encode(self, todo: Sequence[Window]) -> list[Tensor]:
+        """Embeddings (1, hidden, *grid) of the windows todo, at most window_batch per encoder
+        call; on out-of-memory the batch is halved and the same windows are encoded again."""
+        out: list[Tensor] = []
+        while len(out) < len(todo):
+            part = todo[len(out) : len(out) + self.plan.window_batch]
+            e = self.retry.attempt("encoder", lambda: self.model.encode_image(
+                _extract(self.crop, [self._origin(w) for w in part], self.size).to(self.plan.device)))
+            if e is not None:
+                # clone: a cached slice must not pin the whole batch (clone keeps the strides)
+                out.extend(e[j : j + 1].clone() for j in range(len(part)))
+        return out

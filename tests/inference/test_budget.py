@@ -11,8 +11,15 @@ import torch
 
 from segevol_fast import SegVol, SegVolConfig
 from segevol_fast.errors import SegVolFastError
-from segevol_fast.inference.budget import (BudgetError, MemorySpecError, Plan, estimate, format_bytes,
-                                           parse_memory, plan_fast)
+from segevol_fast.inference.budget import (
+    BudgetError,
+    MemorySpecError,
+    Plan,
+    estimate,
+    format_bytes,
+    parse_memory,
+    plan_fast,
+)
 
 CROP = (120, 300, 300)
 
@@ -112,13 +119,15 @@ def test_a_smaller_budget_shrinks_the_batch_then_the_accumulators(official, devi
 
 
 def test_the_cache_takes_what_is_left_when_prompts_stitch_in_groups(official):
-    # room for 20 of 60 prompts' row sums plus one cached window, which is less than a 21st prompt
+    # room for 20 of 60 prompts' row sums plus one cached window, which is less than a 21st prompt;
+    # decoding all 20 at once costs nothing extra: the decoder then needs less than the 8-window
+    # encoder, and the two never run together
     n, window = 60, 768 * 2048 * 4
-    fixed = dict(device="cuda", baseline_bytes=0, accumulator_dtype=torch.float32, window_batch=8, decode_batch=1)
+    fixed = dict(device="cuda", baseline_bytes=0, accumulator_dtype=torch.float32, window_batch=8, decode_batch=20)
     limit = estimate(official, CROP, n, prompt_group=20, **fixed)[0] + int(window * 1.1) + 1
     assert estimate(official, CROP, n, prompt_group=21, **fixed)[0] > limit
     plan = plan_fast(official, CROP, n, limit, "cuda", baseline_bytes=0)
-    assert (plan.window_batch, plan.prompt_group, plan.decode_batch, plan.cache_windows) == (8, 20, 1, 1)
+    assert (plan.window_batch, plan.prompt_group, plan.decode_batch, plan.cache_windows) == (8, 20, 20, 1)
     assert plan.estimated_peak_bytes <= limit < estimate(official, CROP, n, prompt_group=20, cache_windows=2, **fixed)[0]
 
 
