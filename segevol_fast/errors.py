@@ -74,6 +74,14 @@ class DicomSeriesError(VolumeFileError):
     """A DICOM folder holds several series, or a series whose slices do not form one regular grid."""
 
 
+class VolumeNotFoundError(VolumeFileError, FileNotFoundError):
+    """An input path (NIfTI file, DICOM file or folder) does not exist."""
+
+
+class UnreadableFileError(VolumeFileError, PermissionError):
+    """An input path exists but cannot be opened (permissions, a folder where a file is needed...)."""
+
+
 class MissingDependencyError(SegVolFastError, ImportError):
     """An optional package needed for this input is not installed (the message says which extra)."""
 
@@ -114,3 +122,12 @@ class OutputError(SegVolFastError, OSError):
 
 class OutputLockedError(OutputError):
     """Another run is writing into the same output folder right now."""
+
+
+# ---------------------------------------------------------------------- warnings (filterable by class)
+class VocabularyWarning(UserWarning):
+    """A text prompt is not among the structure names known from SegVol's training data."""
+
+
+class ModalityWarning(UserWarning):
+    """The input looks like MRI (file name or header) but text prompts run with the CT template."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
 from .volume import DicomSeriesError, MissingDependencyError, Volume, VolumeFileError, apply_rescale
 
 PathLike = Union[str, os.PathLike]
@@ -41,20 +42,83 @@ def _read_headers(folder: pathlib.Path) -> List[Tuple[pathlib.Path, object]]:
             continue
         try:
             ds = pydicom.dcmread(f, stop_before_pixels=True)
-        except Exception:  # not DICOM (README, thumbnails, ...): skip, as converters do
+        except PermissionError as exc:
+            raise UnreadableFileError(f"cannot open {f}: {exc.strerror or exc}") from exc
+        except Exception as exc:
+            # not DICOM (README, thumbnails, ...): skip, as converters do; but a file that says it
+            # is DICOM and does not parse is a damaged slice, and skipping it would drop a slice
+            if _has_dicm_magic(f):
+                raise DamagedFileError(f"{f} is a damaged DICOM file ({type(exc).__name__}: {exc}); "
+                                       "copy the series again, or remove this slice") from exc
             continue
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
             out.append((f, ds))
+        elif _is_image_storage(ds) and _lacks_pixels(pydicom, f):  # an image slice cut short
+            raise DamagedFileError(f"{f} is a damaged DICOM image: it lacks ImagePositionPatient / "
+                                   "ImageOrientationPatient (truncated?); copy the series again, or remove this slice")
     return out
 
 
+def _is_image_storage(ds) -> bool:
+    sop = getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None) or getattr(ds, "SOPClassUID", None)
+    return sop is not None and "Image Storage" in str(getattr(sop, "name", ""))
+
+
+def _lacks_pixels(pydicom, path: pathlib.Path) -> bool:
+    # an image file without geometry may be a legitimate screenshot (secondary capture); without
+    # pixel data too, it was cut short
+    try:
+        return "PixelData" not in pydicom.dcmread(path)
+    except Exception:
+        return True
+
+
+def _has_dicm_magic(path: pathlib.Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series of a folder, as `list_series` reports it."""
+
+    uid: str  # SeriesInstanceUID: pass it as series= / --series
+    slices: int
+    modality: str
+    description: str
+
+    def __str__(self) -> str:
+        uid = self.uid or "<no SeriesInstanceUID>"
+        return f"{uid}  ({self.slices} slices, {self.modality or '?'}, {self.description!r})"
+
+
+def _group(folder: pathlib.Path) -> Dict[str, list]:
+    groups: Dict[str, list] = {}
+    for f, ds in _read_headers(folder):
+        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((f, ds))
+    return groups
+
+
+def _infos(groups: Dict[str, list]) -> List[SeriesInfo]:
+    return [SeriesInfo(uid, len(items), str(getattr(items[0][1], "Modality", "") or ""),
+                       str(getattr(items[0][1], "SeriesDescription", "") or ""))
+            for uid, items in groups.items()]
+
+
+def list_series(folder: PathLike) -> List[SeriesInfo]:
+    """The image series in a DICOM folder (not its sub-folders): UID, slice count, modality,
+    description. Pick one with `load_volume(folder, series=uid)` or `--series UID`."""
+    p = pathlib.Path(folder)
+    if not p.is_dir():
+        raise VolumeNotFoundError(f"no such DICOM folder: {p}")
+    return _infos(_group(p))
+
+
 def _describe(series: Dict[str, list]) -> str:
-    lines = []
-    for uid, items in series.items():
-        ds = items[0][1]
-        desc = getattr(ds, "SeriesDescription", "")
-        lines.append(f"  {uid}  ({len(items)} slices, {getattr(ds, 'Modality', '?')}, {desc!r})")
-    return "\n".join(lines)
+    return "\n".join(f"  {info}" for info in _infos(series))
 
 
 def _check_decoder(ds, path: pathlib.Path) -> None:
@@ -95,26 +159,32 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     if p.is_file():
         folder = p.parent
         if series is None:
-            series = getattr(_pydicom().dcmread(p, stop_before_pixels=True), "SeriesInstanceUID", None)
+            try:
+                series = getattr(_pydicom().dcmread(p, stop_before_pixels=True), "SeriesInstanceUID", None)
+            except PermissionError as exc:
+                raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}") from exc
+            except Exception as exc:
+                raise DamagedFileError(f"{p} cannot be read as DICOM ({type(exc).__name__}: {exc}); "
+                                       "is it damaged?") from exc
     elif p.is_dir():
         folder = p
     else:
-        raise VolumeFileError(f"no such DICOM file or folder: {p}")
+        raise VolumeNotFoundError(f"no such DICOM file or folder: {p}")
 
-    groups: Dict[str, list] = {}
-    for f, ds in _read_headers(folder):
-        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((f, ds))
+    groups = _group(folder)
     if not groups:
         raise VolumeFileError(f"{folder} holds no DICOM image files (sub-folders are not searched)")
     if series is None:
         if len(groups) > 1:
             raise DicomSeriesError(
-                f"{folder} holds {len(groups)} series; pick one with series=<SeriesInstanceUID>:\n"
-                + _describe(groups)
+                f"{folder} holds {len(groups)} series; pick one with load_volume(folder, series=UID), "
+                "segment(..., series=UID) or `segevol-fast segment FOLDER --series UID` "
+                f"(segevol_fast.io.list_series(folder) lists them):\n" + _describe(groups)
             )
         series = next(iter(groups))
     if series not in groups:
-        raise DicomSeriesError(f"series {series} is not in {folder}; it holds:\n" + _describe(groups))
+        raise DicomSeriesError(f"series {series} is not in {folder}; pick one of the series it holds:\n"
+                               + _describe(groups))
     items = groups[series]
     first = items[0][1]
     for f, ds in items:
@@ -171,8 +241,9 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     for k, (f, ds) in enumerate(items):
         try:
             pix = pixel_array(f)
-        except Exception as exc:
-            raise VolumeFileError(f"cannot decode pixel data of {f}: {exc}") from exc
+        except Exception as exc:  # truncated pixel data, a broken JPEG 2000 stream, ...
+            raise DamagedFileError(f"{f} is damaged: its pixel data cannot be decoded ({type(exc).__name__}: "
+                                   f"{exc}); copy the series again, or remove this slice") from exc
         if pix.ndim != 2:
             raise ShapeError(f"{f}: expected one grey-level 2-D frame, got pixel array of shape {pix.shape}")
         if stack is None:

@@ -12,7 +12,13 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..errors import DicomSeriesError, MissingDependencyError, ShapeError, VolumeError, VolumeFileError
+from ..errors import (  # noqa: F401  (re-exported: io.volume is where they were first defined)
+    DicomSeriesError,
+    MissingDependencyError,
+    ShapeError,
+    VolumeError,
+    VolumeFileError,
+)
 
 MODALITIES = ("ct", "mri")
 _MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}
@@ -26,6 +32,20 @@ def normalize_modality(modality: Optional[str]) -> Optional[str]:
     if key not in _MODALITY_ALIASES:
         raise VolumeError(f"unknown modality {modality!r}; use one of {MODALITIES} or None")
     return _MODALITY_ALIASES[key]
+
+
+def check_3d_shape(shape, what: str) -> None:
+    """A ShapeError unless `shape` is 3-D with no empty axis; the message names what is wrong
+    (a 2-D slice, an empty axis) instead of a generic "not 3-D"."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 3 and 0 in shape:
+        raise ShapeError(f"{what} is empty: shape {shape} has no voxels along axis {shape.index(0)}; "
+                         "a scan needs at least one voxel along each of X, Y, Z")
+    if len(shape) == 2:
+        raise ShapeError(f"{what} is 2-D (shape {shape}), a single slice; SegVol needs a 3-D volume (X, Y, Z): "
+                         "stack the slices, or add an axis (array[..., None]) for a one-slice volume")
+    if len(shape) != 3:
+        raise ShapeError(f"{what} must be 3-D (X, Y, Z), got {len(shape)}-D shape {shape}")
 
 
 def spacing_from_affine(affine: np.ndarray) -> Tuple[float, float, float]:
@@ -79,8 +99,7 @@ class Volume:
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
-        if arr.ndim != 3:
-            raise ShapeError(f"a Volume array must be 3-D (X, Y, Z), got shape {arr.shape}")
+        check_3d_shape(arr.shape, "a Volume array")
         if arr.dtype.kind not in "iufb":
             raise VolumeError(f"a Volume array must be numeric, got dtype {arr.dtype}")
         self.array = arr

@@ -38,23 +38,73 @@ class LoadedWeights:
     dropped: list[str] = field(default_factory=list)  # keys deliberately ignored (e.g. position_ids)
 
 
+def _not_a_checkpoint(path: pathlib.Path, head: bytes) -> str | None:
+    """What the file is when its first bytes say it is not a checkpoint (None: it may be one).
+
+    torch.load on a NIfTI or a DICOM answers with an unpickling error about "invalid load key"
+    that tells the user nothing; the magic numbers of the formats people mix up say it plainly.
+    """
+    name = path.name.lower()
+    if len(head) == 0:
+        return "an empty file (0 bytes)"
+    if head[:2] == b"\x1f\x8b":
+        return ("a NIfTI image (gzip-compressed .nii.gz)" if name.endswith(".nii.gz")
+                else "a gzip-compressed file (no checkpoint format is gzipped; a .nii.gz image?)")
+    if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
+        return "a NIfTI image"
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "a PNG image"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "a JSON / text file (config.json? give the folder or the weights file next to it)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _safetensors_header_ok(head: bytes) -> bool:
+    # safetensors: 8-byte little-endian header length, then a JSON object
+    return len(head) > 8 and head[8:9] == b"{"
+
+
 def read_tensor_file(path: str | os.PathLike) -> Mapping:
-    """Load a weights file without running pickled code."""
+    """Load a weights file without running pickled code.
+
+    The first bytes are checked first, so an image (NIfTI, DICOM, PNG) or a JSON file given as
+    weights is named for what it is, and a truncated or corrupt checkpoint is reported as damaged.
+    """
     path = pathlib.Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} does not exist")
-    if path.suffix in _SAFETENSORS_SUFFIXES:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1024)
+    except OSError as exc:
+        raise CheckpointError(f"cannot open weights file {path}: {exc.strerror or exc}") from exc
+    what = _not_a_checkpoint(path, head)
+    if what is not None:
+        raise CheckpointError(f"{path} is {what}, not a checkpoint; give SegVol weights (a folder with "
+                              "model.safetensors or pytorch_model.bin, or SegVol_v1.pth)")
+    if path.suffix in _SAFETENSORS_SUFFIXES or (head[:2] != b"PK" and _safetensors_header_ok(head)):
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+            raise CheckpointError(f"{path} is damaged or not a safetensors file (truncated download?): "
+                                  f"{exc}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped; retry plainly
+            if head[:2] == b"PK" or "EOF" in str(exc):  # a zip torch cannot read, or a pickle cut short
+                raise CheckpointError(f"{path} is damaged (truncated download?): {_first_line(exc)}") from exc
             raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
+    except EOFError as exc:
+        raise CheckpointError(f"{path} is damaged: it ends early (truncated download?)") from exc
     except Exception as exc:
         raise CheckpointError(
             f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exc}). "
@@ -63,6 +113,8 @@ def read_tensor_file(path: str | os.PathLike) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if isinstance(exc, EOFError) or "EOF" in str(exc):
+            raise CheckpointError(f"{path} is damaged: it ends early (truncated download?)") from exc
         raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
 
 
