@@ -2,8 +2,19 @@
 
 One mask per prompt, in prompt order, keyed by the prompt's label ("liver", "box 0", ...), each on
 the *input* voxel grid (X, Y, Z) of the volume with the input's affine, so a mask saved here lines
-up with the scan in any viewer. Every file is written atomically (temporary name in the same
-folder, then `os.replace`): a crash never leaves a half-written mask, summary or preview.
+up with the scan in any viewer.
+
+Saving is all-or-nothing (`segevol_fast.io.output`): a result folder, or a label map with its
+sidecar, is always one complete result, the new one or the old one, whatever interrupts the write;
+concurrent saves to one output serialise on a lock. Every output records where it came from: the
+input, the prompts, the package version, the weights (summary.json / sidecar fields, the NIfTI
+header's `descrip`), and random weights are flagged in each file, the preview image included.
+
+Label-map rule (`save("x.nii.gz")`, `label_map()`): ids 1..N follow prompt order and on overlap the
+*later* prompt wins. The sidecar says what that cost: `voxels` (each mask), `map_voxels` (each id
+in the map; equal to the map's own counts) and `overlaps` (every pair of masks that share voxels,
+with how many). Probabilities, when present, go to `<name>_prob.nii.gz`, one 4-D float32 file whose
+4th axis is the id minus one; they are never dropped.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import numpy as np
 
 from ..errors import ResultError
 from ..io.nifti import is_nifti_path, save_nifti
+from ..io.output import LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder
 from ..io.volume import spacing_from_affine
 
 PathLike = Union[str, os.PathLike]
@@ -32,6 +44,10 @@ LEGEND_ROW_PX = 18  # height of one legend line
 MAX_COLS = 3
 OVERLAY_ALPHA = 0.45
 # distinguishable on grey CT: red, green, blue, yellow, magenta, cyan, orange, purple, ...
+BANNER_PX = 20  # height of the red "random weights" banner on top of a preview (only then)
+BANNER_TEXT = "RANDOM WEIGHTS - MASKS ARE MEANINGLESS"
+BANNER_RGB = (200, 0, 0)
+OVERLAP_RULE = "later prompt wins: a voxel in several masks gets the id of the last of them in prompt order"
 PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50, 230),
            (70, 240, 240), (245, 130, 48), (145, 30, 180), (210, 245, 60), (250, 190, 212)]
 
@@ -75,6 +91,29 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode()
 
 
+def _package_version() -> str:
+    from .. import __version__  # lazy: the package imports this module while it initialises
+
+    return __version__
+
+
+def _jsonable(value):
+    """numpy / torch values -> plain lists and numbers (None stays None)."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if hasattr(value, "detach"):  # torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value)
+    return np.asarray(value).tolist()
+
+
+def describe_prompts(text=None, box=None, points=None, point_labels=None, coords: str = "voxel") -> dict:
+    """The prompts as the user gave them, JSON-ready (recorded in summary.json as "prompts")."""
+    return {"text": _jsonable(text), "box": _jsonable(box), "points": _jsonable(points),
+            "point_labels": _jsonable(point_labels), "coords": coords}
+
+
 @dataclass
 class SegmentationResult:
     """Masks (and optionally probabilities) of one `segment()` call.
@@ -88,10 +127,20 @@ class SegmentationResult:
     peak_memory_bytes: peak memory of the call (device memory on CUDA, RSS on CPU), or None.
     mode:          "fast" or "exact".
     precision:     "fp32", "bf16" or "fp16": the autocast precision the model ran under.
-    plan:          fast mode: the memory plan it ran with (`Plan.summary()`: window batch,
-                   accumulator dtype, cache size, estimated peak and its breakdown); else None.
+    plan:          the memory plan it ran with (`Plan.summary()`: window batch, accumulator
+                   dtype, cache size, estimated peak and its breakdown; in fast mode also
+                   "oom_retries", what out-of-memory recovery changed); None when built by hand.
     zoom_in_windows: fast mode: {label: zoom-in windows the prompt used} (0 = coarse result kept).
     notes:         human-readable caveats, e.g. "random weights: masks are meaningless".
+    source:        the input: its path, "array" for an in-memory array, or None when unknown.
+    prompts:       the prompts as given (`describe_prompts`), or None when unknown.
+    weights_source: where the model's weights came from (a path), None when not loaded.
+    random_weights: True when the model was not loaded from a checkpoint (masks are meaningless),
+                   False when it was, None when unknown. True adds a banner to the preview and
+                   "RANDOM WEIGHTS" to every NIfTI header.
+    package_version: segevol_fast's version that produced the result.
+    volume:        a reference (not a copy) to the input scan (X, Y, Z), used as the preview's
+                   background; not in repr or summary. Set it to None to release the scan's memory.
     """
 
     masks: dict[str, np.ndarray]
@@ -106,6 +155,12 @@ class SegmentationResult:
     precision: str = "fp32"
     plan: Optional[dict] = None
     zoom_in_windows: Optional[dict[str, int]] = None
+    source: Optional[str] = None
+    prompts: Optional[dict] = None
+    weights_source: Optional[str] = None
+    random_weights: Optional[bool] = None
+    package_version: str = field(default_factory=_package_version)
+    volume: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         aff = np.asarray(self.affine, dtype=np.float64)
@@ -127,6 +182,11 @@ class SegmentationResult:
             if any(p.shape != self.shape for p in probs.values()):
                 raise ResultError(f"probabilities must have the masks' shape {self.shape}")
             self.probabilities = probs
+        if self.volume is not None:
+            vol = np.asarray(getattr(self.volume, "array", self.volume))  # a Volume or an array; no copy
+            if self.masks and vol.shape != self.shape:
+                raise ResultError(f"volume has shape {vol.shape}, masks have {self.shape}")
+            self.volume = vol
 
     # ------------------------------------------------------------------ queries
     @property
@@ -164,8 +224,15 @@ class SegmentationResult:
         return out
 
     def summary(self) -> dict:
-        """JSON-ready description: labels, volumes, timings, memory, mode, notes, geometry."""
+        """JSON-ready description: provenance (writer, version, input, prompts, weights), labels,
+        volumes, timings, memory, mode, notes, geometry."""
         return {
+            "writer": WRITER,
+            "package_version": self.package_version,
+            "source": self.source,
+            "prompts": self.prompts,
+            "weights_source": self.weights_source,
+            "random_weights": self.random_weights,
             "labels": self.labels,
             "volumes_ml": {k: round(v, 3) for k, v in self.volumes_ml().items()},
             "voxels": {k: int(np.count_nonzero(m)) for k, m in self.masks.items()},
@@ -183,56 +250,123 @@ class SegmentationResult:
         }
 
     # ------------------------------------------------------------------ output
-    def save(self, path_or_dir: PathLike) -> pathlib.Path:
-        """Write the result; returns the directory or label-map path written.
+    def description(self) -> str:
+        """The NIfTI header `descrip` of every file written (at most 80 bytes)."""
+        text = f"segevol_fast {self.package_version}"
+        if self.random_weights:
+            text += "; RANDOM WEIGHTS - MEANINGLESS"
+        return text[:80]
 
-        * A path ending in .nii / .nii.gz: one label map (`label_map()`, input affine) plus a
-          sidecar `<name>.json` whose "labels" maps id (str) -> label, with the summary fields.
-          Probabilities are not stored in this form.
-        * Anything else is a directory: `<safe_label>.nii.gz` per mask (uint8 0/1), with
-          probabilities `<safe_label>_prob.nii.gz` (float32) when present, and `summary.json`
-          (its "files" maps label -> file name). summary.json is written last, so its presence
-          means every mask file is complete.
+    def save(self, path_or_dir: PathLike, *, preview: bool = False, volume=None,
+             lock_timeout: float = LOCK_TIMEOUT_S) -> pathlib.Path:
+        """Write the result, all or nothing; returns the directory or label-map path written.
+
+        * A path ending in .nii / .nii.gz: one label map (`label_map()`: later prompts win on
+          overlap, see the module docstring), a sidecar `<name>.json` ("labels" maps id (str) ->
+          label; `map_voxels`, `overlaps`, "files" and the summary fields), `<name>_prob.nii.gz`
+          (4-D float32, id-1 along the 4th axis) when probabilities are present, and
+          `<name>.png` with `preview=True`. These files are replaced together.
+        * Anything else is a directory, replaced as a whole: `<safe_label>.nii.gz` per mask (uint8
+          0/1), `<safe_label>_prob.nii.gz` (float32) with probabilities, `preview.png` with
+          `preview=True`, and `summary.json` ("files": label -> mask file; "probability_files").
+          An existing non-empty folder that segevol_fast did not write is refused (OutputError).
+
+        volume: background of the preview (default: the scan kept in `self.volume`).
+        lock_timeout: seconds to wait for another run writing the same output (OutputLockedError).
         """
         p = pathlib.Path(path_or_dir)
         if is_nifti_path(p):
-            save_nifti(p, self.label_map(), self.affine)
-            name = p.name[: -len(".nii.gz")] if p.name.lower().endswith(".nii.gz") else p.stem
-            side = self.summary()
-            side["labels"] = {str(i): label for i, label in enumerate(self.masks, start=1)}
-            write_bytes_atomic(p.with_name(name + ".json"), _json_bytes(side))
+            self._save_label_map(p, preview, volume, lock_timeout)
             return p
-        if p.exists() and not p.is_dir():
-            raise ResultError(f"{p} is a file; give a directory, or a .nii / .nii.gz path for one label map")
-        p.mkdir(parents=True, exist_ok=True)
+        check_output_path(p)  # before the lock: a path that cannot work fails without waiting
+        with replace_folder(p, lock_timeout=lock_timeout) as stage:
+            self._save_into(stage, preview, volume)
+        return p
+
+    def _save_into(self, folder: pathlib.Path, preview: bool, volume) -> None:
         stems = _unique_names(self.labels)
-        files = {}
+        descrip = self.description()
+        files, prob_files = {}, {}
         for label, mask in self.masks.items():
-            files[label] = save_nifti(p / f"{stems[label]}.nii.gz", mask, self.affine, dtype=np.uint8).name
+            files[label] = save_nifti(folder / f"{stems[label]}.nii.gz", mask, self.affine, dtype=np.uint8,
+                                      description=descrip).name
             if self.probabilities is not None:
-                save_nifti(p / f"{stems[label]}_prob.nii.gz", self.probabilities[label], self.affine)
+                prob_files[label] = save_nifti(folder / f"{stems[label]}_prob.nii.gz", self.probabilities[label],
+                                               self.affine, description=descrip).name
+        if preview:
+            self.preview(folder / "preview.png", volume)
         summary = self.summary()
         summary["files"] = files
-        write_bytes_atomic(p / "summary.json", _json_bytes(summary))
-        return p
+        summary["probability_files"] = prob_files or None
+        summary["preview"] = "preview.png" if preview else None
+        write_bytes_atomic(folder / "summary.json", _json_bytes(summary))
+
+    def _save_label_map(self, p: pathlib.Path, preview: bool, volume, lock_timeout: float) -> None:
+        gz = p.name.lower().endswith(".nii.gz")
+        name, sidecar = label_map_names(p)
+        check_output_path(p)  # and again under the lock: the sidecar may have appeared meanwhile
+        with replace_files(p, lock_timeout=lock_timeout, guard=lambda folder: check_output_path(p)) as group:
+            lm = self.label_map()
+            save_nifti(group.dir / p.name, lm, self.affine, description=self.description())
+            files = {"label_map": p.name, "sidecar": sidecar, "probabilities": None, "preview": None}
+            if self.probabilities is not None:
+                files["probabilities"] = name + ("_prob.nii.gz" if gz else "_prob.nii")
+                _save_probabilities_4d(group.dir / files["probabilities"], list(self.probabilities.values()),
+                                       self.affine, self.description())
+            if preview:
+                files["preview"] = name + ".png"
+                self.preview(group.dir / files["preview"], volume)
+            side = self.summary()
+            side.update(self.label_map_report(lm))
+            side["files"] = files
+            write_bytes_atomic(group.dir / sidecar, _json_bytes(side))
+            group.remove = _stale_files(p.parent / sidecar, set(files.values()))
+
+    def label_map_report(self, label_map: Optional[np.ndarray] = None) -> dict:
+        """What the label map keeps of each mask: {"labels": {id: label}, "overlap_rule",
+        "map_voxels": {label: voxels with its id in the map}, "overlaps": [{"labels": [a, b],
+        "voxels": n}, ...] for every pair of masks sharing voxels}. `voxels` (in `summary()`) minus
+        `map_voxels` is what later prompts took from a mask."""
+        lm = self.label_map() if label_map is None else label_map
+        counts = np.bincount(lm.ravel(), minlength=len(self.masks) + 1)
+        labels = self.labels
+        overlaps = []
+        boxes = [_bbox(m) for m in self.masks.values()]
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                sl = _intersect(boxes[a], boxes[b])
+                if sl is None:
+                    continue
+                n = int(np.count_nonzero(self.masks[labels[a]][sl] & self.masks[labels[b]][sl]))
+                if n:
+                    overlaps.append({"labels": [labels[a], labels[b]], "voxels": n})
+        return {"labels": {str(i): label for i, label in enumerate(labels, start=1)},
+                "overlap_rule": OVERLAP_RULE,
+                "map_voxels": {label: int(counts[i]) for i, label in enumerate(labels, start=1)},
+                "overlaps": overlaps}
 
     def preview(self, png_path: PathLike, volume=None, n_slices: int = 6) -> pathlib.Path:
         """Write a PNG montage of up to `n_slices` axial slices (the array's 3rd axis) through the
         masks' extent, masks as coloured semi-transparent overlays, with a legend.
 
         volume: a `Volume` or an (X, Y, Z) array on the masks' grid for the background (windowed
-        to its 0.5 / 99.5 percentiles), or None for a black background. Tiles show i to the right
+        to its 0.5 / 99.5 percentiles); None (default) uses the scan kept in `self.volume`;
+        False draws on black. With `random_weights` a red banner (BANNER_PX high) saying the
+        masks are meaningless is added on top. Tiles show i to the right
         and j upwards, scaled so their longer side is TILE_PX with the in-plane spacing's aspect.
         Size: cols = min(n, MAX_COLS), rows = ceil(n / cols) for n distinct slices; width =
         cols*tile_w + (cols+1)*PAD_PX; height = rows*tile_h + (rows+1)*PAD_PX +
-        len(labels)*LEGEND_ROW_PX + PAD_PX.
+        len(labels)*LEGEND_ROW_PX + PAD_PX (+ BANNER_PX with the banner).
         """
-        arr = None if volume is None else np.asarray(getattr(volume, "array", volume))
+        if volume is None:
+            volume = self.volume
+        arr = None if volume is None or volume is False else np.asarray(getattr(volume, "array", volume))
         if arr is not None and arr.shape != self.shape:
             raise ResultError(f"preview volume has shape {arr.shape}, masks have {self.shape}")
         if not self.masks:
             raise ResultError("nothing to preview: the result has no masks")
-        image = _render_montage(arr, self.masks, self.spacing, n_slices)
+        image = _render_montage(arr, self.masks, self.spacing, n_slices,
+                                banner=BANNER_TEXT if self.random_weights else None)
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return write_bytes_atomic(png_path, buf.getvalue())
@@ -246,8 +380,53 @@ class SegmentationResult:
             lines.append("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         if self.peak_memory_bytes is not None:
             lines.append(f"  peak memory: {self.peak_memory_bytes / 2**20:.0f} MiB")
+        if self.random_weights:
+            lines.append("  RANDOM WEIGHTS: the masks are meaningless")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- saving helpers
+def _save_probabilities_4d(path: pathlib.Path, probs: list, affine: np.ndarray, description: str) -> None:
+    """One (X, Y, Z, N) float32 NIfTI; written straight to `path` (the caller stages it)."""
+    import nibabel as nib
+
+    arr = np.stack([np.asarray(p, dtype=np.float32) for p in probs], axis=-1)
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = description.encode("ascii", "replace")[:80]
+    nib.save(img, str(path))
+
+
+def _stale_files(old_sidecar: pathlib.Path, keep: set) -> list[str]:
+    """Files the previous label map of this name listed (in its sidecar) that the new one lacks."""
+    try:
+        old = json.loads(old_sidecar.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict) or old.get("writer") != WRITER or not isinstance(old.get("files"), dict):
+        return []
+    names = {n for n in old["files"].values() if isinstance(n, str)}
+    # plain names in the same folder only: a tampered sidecar cannot make us delete elsewhere
+    return sorted(n for n in names - keep if n and pathlib.PurePath(n).name == n and not n.startswith("."))
+
+
+def _bbox(m: np.ndarray):
+    """Per-axis (lo, hi) of the set voxels, None when the mask is empty."""
+    out = []
+    for axis in range(m.ndim):
+        idx = np.flatnonzero(m.any(axis=tuple(a for a in range(m.ndim) if a != axis)))
+        if idx.size == 0:
+            return None
+        out.append((int(idx[0]), int(idx[-1]) + 1))
+    return out
+
+
+def _intersect(a, b):
+    if a is None or b is None:
+        return None
+    sl = tuple(slice(max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return None if any(s.start >= s.stop for s in sl) else sl
 
 
 # ---------------------------------------------------------------------- preview rendering
@@ -283,8 +462,8 @@ def _tile_size(shape_xy: tuple[int, int], spacing: tuple[float, ...]) -> tuple[i
     return max(1, int(round(w_mm * s))), max(1, int(round(h_mm * s)))
 
 
-def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int):
-    """PIL RGB image: the slice tiles in a grid, then one legend line per mask."""
+def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, banner: Optional[str] = None):
+    """PIL RGB image: an optional red banner, the slice tiles in a grid, then one legend line per mask."""
     try:
         from PIL import Image, ImageDraw
     except ImportError as exc:
@@ -297,8 +476,13 @@ def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int):
     cols = min(len(ks), MAX_COLS)
     rows = -(-len(ks) // cols)
     width = cols * tw + (cols + 1) * PAD_PX
-    height = rows * th + (rows + 1) * PAD_PX + len(masks) * LEGEND_ROW_PX + PAD_PX
+    top = BANNER_PX if banner else 0
+    height = top + rows * th + (rows + 1) * PAD_PX + len(masks) * LEGEND_ROW_PX + PAD_PX
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    if banner:
+        draw = ImageDraw.Draw(canvas)
+        draw.rectangle([0, 0, width - 1, BANNER_PX - 1], fill=BANNER_RGB)
+        draw.text((PAD_PX, 4), banner, fill=(255, 255, 255))
     lo, hi = _window(arr) if arr is not None else (0.0, 1.0)
     for idx, k in enumerate(ks):
         if arr is None:
@@ -315,11 +499,11 @@ def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int):
         img = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 0, 2)[::-1]).astype(np.uint8), "RGB")
         img = img.resize((tw, th), Image.Resampling.NEAREST)  # keep voxel edges crisp
         x0 = PAD_PX + (idx % cols) * (tw + PAD_PX)
-        y0 = PAD_PX + (idx // cols) * (th + PAD_PX)
+        y0 = top + PAD_PX + (idx // cols) * (th + PAD_PX)
         canvas.paste(img, (x0, y0))
         ImageDraw.Draw(canvas).text((x0 + 3, y0 + 2), f"k={k}", fill=(255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    y = rows * th + (rows + 1) * PAD_PX
+    y = top + rows * th + (rows + 1) * PAD_PX
     for c, label in enumerate(masks):
         colour = PALETTE[c % len(PALETTE)]
         draw.rectangle([PAD_PX, y + 3, PAD_PX + 12, y + 15], fill=colour)

@@ -1,8 +1,9 @@
 """Volumes in and out: NIfTI, DICOM series, numpy / torch arrays, MONAI MetaTensors <-> `Volume`."""
 
-from .dicom import load_dicom
+from .dicom import SeriesInfo, list_series, load_dicom
 from .load import load_volume
 from .nifti import load_nifti, save_nifti
+from .output import check_output_path
 from .volume import (
     DicomSeriesError,
     MissingDependencyError,
@@ -16,7 +17,10 @@ __all__ = [
     "load_volume",
     "load_nifti",
     "save_nifti",
+    "check_output_path",
     "load_dicom",
+    "list_series",
+    "SeriesInfo",
     "VolumeError",
     "VolumeFileError",
     "DicomSeriesError",

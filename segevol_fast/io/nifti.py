@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import pathlib
 import uuid
+import zlib
 from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
 from .volume import Volume, VolumeError, VolumeFileError, apply_rescale
 
 PathLike = Union[str, os.PathLike]
@@ -23,6 +24,25 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 def is_nifti_path(path: PathLike) -> bool:
     """True when the name ends in .nii or .nii.gz (case-insensitive)."""
     return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _open(nib, p: pathlib.Path):
+    """nib.load with its errors turned into ours: nibabel raises unrelated types for damaged files."""
+    if p.stat().st_size == 0:
+        raise DamagedFileError(f"{p} is empty (0 bytes): the file is damaged or was not fully written")
+    try:
+        return nib.load(str(p))
+    except PermissionError as exc:
+        raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        gz = "gzip" in str(exc).lower() or isinstance(exc, (EOFError, zlib.error))
+        raise DamagedFileError(
+            f"{p} is damaged or not a NIfTI file: its {'gzip stream' if gz else 'header'} cannot be read "
+            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again") from exc
 
 
 def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
@@ -37,13 +57,17 @@ def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
 
     p = pathlib.Path(path)
     if not p.is_file():
-        raise VolumeFileError(f"no such NIfTI file: {p}")
-    try:
-        img = nib.load(str(p))
-    except Exception as exc:  # nibabel raises several unrelated types for damaged files
-        raise VolumeFileError(f"cannot read {p} as NIfTI: {exc}") from exc
+        raise VolumeNotFoundError(f"no such NIfTI file: {p}")
+    img = _open(nib, p)
     proxy = img.dataobj
-    raw = np.asanyarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    try:
+        raw = np.asanyarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)
+    except PermissionError as exc:
+        raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}") from exc
+    except (EOFError, OSError, ValueError, zlib.error) as exc:  # truncated / corrupt voxel data
+        raise DamagedFileError(
+            f"{p} is damaged or truncated: its header reads but its voxel data does not "
+            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again") from exc
     slope = getattr(proxy, "slope", 1.0)
     inter = getattr(proxy, "inter", 0.0)
     while raw.ndim > 3 and raw.shape[-1] == 1:
@@ -59,13 +83,13 @@ def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
     return Volume(array=array, affine=np.asarray(img.affine, dtype=np.float64), modality=modality, source=str(p))
 
 
-def save_nifti(path: PathLike, array, affine, dtype=None) -> pathlib.Path:
+def save_nifti(path: PathLike, array, affine, dtype=None, description: Optional[str] = None) -> pathlib.Path:
     """Write a 3-D array (numpy or torch, (X, Y, Z)) with a (4, 4) RAS affine as NIfTI, atomically.
 
     The file appears complete or not at all: it is written under a temporary name in the same
     folder and then renamed over `path` (os.replace is atomic within one file system).
     bool arrays are stored as uint8 (NIfTI has no bool); `dtype` forces another on-disk dtype.
-    Returns the final path.
+    `description` goes into the header's `descrip` field (cut to its 80 bytes). Returns the final path.
     """
     import nibabel as nib
 
@@ -86,6 +110,8 @@ def save_nifti(path: PathLike, array, affine, dtype=None) -> pathlib.Path:
         raise ShapeError(f"affine must be 4x4, got shape {aff.shape}")
     img = nib.Nifti1Image(arr, aff)
     img.header.set_xyzt_units("mm")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:80]
     suffix = ".nii.gz" if str(p).lower().endswith(".gz") else ".nii"
     p.parent.mkdir(parents=True, exist_ok=True)
     # a fresh unique name (not mkstemp: that would leave the final file at mode 0600)

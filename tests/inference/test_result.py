@@ -10,10 +10,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segevol_fast.errors import SegVolFastError
+from segevol_fast.errors import OutputError, SegVolFastError
 from segevol_fast.inference import result as result_mod
-from segevol_fast.inference.result import (LEGEND_ROW_PX, MAX_COLS, PAD_PX, TILE_PX, ResultError,
-                                           SegmentationResult, safe_label, write_bytes_atomic)
+from segevol_fast.inference.result import (
+    LEGEND_ROW_PX,
+    MAX_COLS,
+    PAD_PX,
+    TILE_PX,
+    ResultError,
+    SegmentationResult,
+    safe_label,
+    write_bytes_atomic,
+)
 
 SHAPE = (20, 16, 12)
 
@@ -113,8 +121,10 @@ def test_save_single_label_map_later_prompts_win(tmp_path):
 
 def test_save_refuses_a_file_as_directory(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(ResultError, match="is a file"):
+    # an unusable output path is an OutputError (an OSError), like every other output problem
+    with pytest.raises(OutputError, match="is a file"):
         _result().save(tmp_path / "f")
+    assert (tmp_path / "f").read_text() == "x" and os.listdir(tmp_path) == ["f"]
 
 
 def test_safe_and_unique_file_names(tmp_path):
