@@ -3,6 +3,7 @@
 Subcommands:
     segment  segment organs in a NIfTI file or DICOM folder by text, boxes and/or points
     demo     segment liver, spleen and kidneys in the shared real CT (or a synthetic phantom)
+    vocabulary  the structure names SegVol is known to have been trained on (text prompts)
     info     versions, build flags, devices and selected kernel backends (paste into bug reports)
 
 Exit codes: 0 success; 1 the input or the run failed (unreadable volume, prompt outside the
@@ -18,7 +19,6 @@ import os
 import pathlib
 import re
 import sys
-import time
 from typing import Optional
 
 from .errors import SegVolFastError, UsageError
@@ -29,16 +29,18 @@ DEMO_FILE = "ct_abdomen_sm.nii.gz"
 # prompt text -> TotalSegmentator class name in labels.json "ct" (and in the phantom)
 DEMO_ORGANS = {"liver": "liver", "spleen": "spleen", "left kidney": "kidney_left", "right kidney": "kidney_right"}
 RANDOM_NOTE = "random weights: masks are meaningless"
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def parse_size(text: str) -> int:
-    """'2GB' -> 2_000_000_000, '1.5GiB' -> 1610612736, '512MB', '1000' (bytes) -> int bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (examples: 2GB, 1.5GiB, 512MB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    """'2GB' -> 2_000_000_000, '1.5GiB' -> 1610612736, '512MB', '1000' (bytes) -> int bytes.
+
+    The same reading as segment(max_memory=...) (`budget.parse_memory`), reported as argparse's error."""
+    from .inference.budget import MemorySpecError, parse_memory
+
+    try:
+        return parse_memory(text)
+    except MemorySpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- shared helpers
@@ -52,10 +54,17 @@ def _segment_fn():
 def _resolve_device(name: Optional[str]) -> str:
     import torch
 
+    from .errors import InvalidArgumentError
+    from .inference.arguments import check_device
+
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: this torch build or machine has no CUDA device; use --device cpu")
+    try:
+        check_device(name)  # "gpu7", "cuda:5" on a one-GPU machine: a usage error, not a torch RuntimeError
+    except InvalidArgumentError as exc:
+        raise UsageError(f"--device {name}: {exc}") from None
     return name
 
 
@@ -72,11 +81,13 @@ def _peak_memory_bytes(device: str) -> int:
 
 
 def _loud_random_notice(config_name: str) -> None:
+    from tqdm import tqdm  # tqdm.write: the notice goes above a progress line instead of into it
+
     bar = "!" * 78
-    print(f"{bar}\n!! RANDOM WEIGHTS ({config_name} architecture): the masks are MEANINGLESS.\n"
-          "!! This run only exercises the pipeline: timing, memory, files written.\n"
-          "!! For real masks get the official weights (run `segevol-fast segment` without\n"
-          f"!! --random-weights to see how).\n{bar}", file=sys.stderr)
+    tqdm.write(f"{bar}\n!! RANDOM WEIGHTS ({config_name} architecture): the masks are MEANINGLESS.\n"
+               "!! This run only exercises the pipeline: timing, memory, files written.\n"
+               "!! For real masks get the official weights (run `segevol-fast segment` without\n"
+               f"!! --random-weights to see how).\n{bar}", file=sys.stderr)
 
 
 def _build_model(weights: Optional[pathlib.Path], config_name: str, tokenizer, device: str):
@@ -92,11 +103,20 @@ def _build_model(weights: Optional[pathlib.Path], config_name: str, tokenizer, d
     return SegVol(config, tokenizer=tokenizer).to(device).eval()
 
 
-def _report(result, seconds: float, device: str, out: pathlib.Path) -> None:
+def _display(args: argparse.Namespace):
+    """The run's one progress display (drawn unless --quiet; timed either way)."""
+    from .inference.progress import Progress
+
+    return Progress(enabled=not args.quiet)
+
+
+def _report(result, seconds: float, device: str, out: pathlib.Path, timings: Optional[dict] = None) -> None:
+    """Volumes, time (`timings`: the whole run's stages, loading and saving included; default the
+    result's own), peak memory, notes."""
     width = max([len(k) for k in result.masks] + [8])
     for label, ml in result.volumes_ml().items():
         print(f"  {label:<{width}} {ml:10.1f} mL")
-    stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in (result.timings if timings is None else timings).items())
     print(f"time: {seconds:.2f} s" + (f" ({stages})" if stages else ""))
     peak = result.peak_memory_bytes
     what = "GPU max allocated" if device.startswith("cuda") else "process max RSS"
@@ -109,25 +129,53 @@ def _report(result, seconds: float, device: str, out: pathlib.Path) -> None:
     print(f"wrote {out}")
 
 
-def _write(result, out: pathlib.Path, volume, preview: bool) -> None:
-    result.save(out)
-    if preview:
-        from .io.nifti import is_nifti_path
+def _output_path(out: pathlib.Path) -> pathlib.Path:
+    """Check that the result can be written to `out` (OutputError otherwise) before anything slow runs."""
+    from .io.output import check_output_path
 
-        png = out / "preview.png" if not is_nifti_path(out) else out.with_name(
-            re.sub(r"\.nii(\.gz)?$", "", out.name, flags=re.I) + ".png")
-        result.preview(png, volume)
+    check_output_path(out)
+    return out
+
+
+def _write(result, out: pathlib.Path, volume, preview: bool, random_weights: bool) -> None:
+    """Masks, summary and preview in one all-or-nothing transaction (`segevol_fast.io.output`)."""
+    if random_weights:  # the CLI knows it built a random model: say so in every file written
+        result.random_weights = True
+    result.save(out, preview=preview, volume=volume)
 
 
 def _input_stem(path: str) -> str:
-    p = pathlib.Path(path)
-    return re.sub(r"\.nii(\.gz)?$", "", p.name, flags=re.I) if p.is_file() or p.suffix else p.name
+    """Default output folder name: a NIfTI file's name without .nii(.gz), a DICOM series folder's
+    name (also when one of its files is given), file-name safe; '.' gives the current folder's name."""
+    from .inference.result import safe_label
+    from .io.nifti import is_nifti_path
+
+    p = pathlib.Path(os.path.abspath(path))
+    if is_nifti_path(p):
+        stem = re.sub(r"\.nii(\.gz)?$", "", p.name, flags=re.I)
+    else:
+        stem = p.parent.name if p.is_file() else p.name
+    return safe_label(stem) if stem else "input"
 
 
 # ---------------------------------------------------------------------- segment
-def _cmd_segment(args: argparse.Namespace) -> int:
+def _prompt_arguments(args: argparse.Namespace) -> dict:
+    """segment()'s text / box / points / point_labels from the flags, checked (PromptError)."""
     import numpy as np
 
+    from .inference.prompts import check_prompt_arguments
+
+    prompts = dict(
+        text=args.text or None,
+        box=np.asarray(args.box, dtype=np.float64) if args.box else None,
+        points=np.asarray(args.points, dtype=np.float64) if args.points else None,
+        # floats: "1.0" (the official code's labels) is accepted, 0.5 refused with a clear message
+        point_labels=np.asarray(args.point_labels, dtype=np.float64) if args.point_labels else None)
+    check_prompt_arguments(**prompts)
+    return prompts
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
     from .io import load_volume
     from .weights import find_tokenizer, find_weights
 
@@ -135,34 +183,35 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         raise UsageError("give at least one prompt: --text NAME..., --box i0 j0 k0 i1 j1 k1, or --points i j k")
     if args.point_labels and not args.points:
         raise UsageError("--point-labels given without --points")
+    prompts = _prompt_arguments(args)  # checked here: a bad prompt fails before the scan and model load
+    out = _output_path(pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / _input_stem(args.input))
     device = _resolve_device(args.device)
     tok = pathlib.Path(args.tokenizer).expanduser() if args.tokenizer else None
     if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
         raise UsageError(f"--tokenizer {args.tokenizer}: no tokenizer.json (or vocab.json + merges.txt) there")
     weights = None if args.random_weights else find_weights(args.weights, download=args.download)
     tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
-    volume = load_volume(args.input, modality=args.modality)
+    display = _display(args)  # one progress display for the run; its timings include loading and saving
+    display.stage("load scan")
+    volume = load_volume(args.input, modality=args.modality, series=args.series)
     if weights is None:
         _loud_random_notice(args.config)
+    display.stage("load model")
     model = _build_model(weights, args.config, tok_dir, device)
     if args.text and model.tokenizer is None:
         raise UsageError("text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
                          "put them next to the weights or pass --tokenizer DIR")
-    t0 = time.perf_counter()
     result = _segment_fn()(
-        model, volume, text=args.text or None,
-        box=np.asarray(args.box, dtype=np.float64) if args.box else None,
-        points=np.asarray(args.points, dtype=np.float64) if args.points else None,
-        point_labels=np.asarray(args.point_labels, dtype=np.int64) if args.point_labels else None,
-        coords=args.coords, modality=args.modality, mode=args.mode, zoom_in=not args.no_zoom_in,
-        max_memory=args.max_memory, device=device, progress=not args.quiet,
+        model, volume, **prompts, coords=args.coords, modality=args.modality, mode=args.mode,
+        zoom_in=not args.no_zoom_in,
+        max_memory=args.max_memory, device=device, progress=display,
         return_probabilities=args.probabilities, precision=args.precision)
-    seconds = time.perf_counter() - t0
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
-    out = pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / _input_stem(args.input)
-    _write(result, out, volume, args.preview)
-    _report(result, seconds, device, out)
+    display.stage("save")
+    _write(result, out, volume, args.preview, random_weights=weights is None)
+    display.close()
+    _report(result, display.seconds, device, out, display.timings)
     return EXIT_OK
 
 
@@ -214,6 +263,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .weights import WeightsNotFoundError, find_tokenizer, find_weights
 
+    out = _output_path(pathlib.Path(args.out))
     device = _resolve_device(args.device)
     weights = None
     if not args.random_weights:
@@ -223,37 +273,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             if args.weights:  # asked for these weights explicitly: do not silently go random
                 raise
     config_name = "official" if args.full else "tiny"
+    display = _display(args)  # one progress display for the run; its timings include loading and saving
+    display.stage("load scan")
     volume, labels, ids, source = _demo_input()
     organs = [o for o in DEMO_ORGANS if (labels == ids.get(DEMO_ORGANS[o], -1)).any()]
-    print(f"demo input: {source}, shape {volume.shape}, spacing {tuple(round(s, 3) for s in volume.spacing)} mm")
+    display.print(f"demo input: {source}, shape {volume.shape}, "
+                  f"spacing {tuple(round(s, 3) for s in volume.spacing)} mm")
     if weights is None:
         _loud_random_notice(config_name)
     else:
-        print(f"weights: {weights}")
+        display.print(f"weights: {weights}")
+    display.stage("load model")
     model = _build_model(weights, config_name, find_tokenizer(weights, _data_dir() / "clip_tokenizer"), device)
     use_text = model.tokenizer is not None
     if not use_text:
-        print("no CLIP tokenizer found: prompting with the ground-truth boxes instead of text", file=sys.stderr)
-    t0 = time.perf_counter()
+        display.print("no CLIP tokenizer found: prompting with the ground-truth boxes instead of text", file=sys.stderr)
     result = _segment_fn()(
         model, volume, text=organs if use_text else None,
         box=None if use_text else _boxes_from_labels(labels, ids, organs),
-        modality="ct", mode=args.mode, zoom_in=not args.no_zoom_in, device=device, progress=not args.quiet,
+        modality="ct", mode=args.mode, zoom_in=not args.no_zoom_in, device=device, progress=display,
         precision=args.precision)
-    seconds = time.perf_counter() - t0
     if not use_text:  # box prompts come back as "box 0", ...: give them the organs' names
         result = dataclasses.replace(
             result, masks=dict(zip(organs, result.masks.values())),
             probabilities=None if result.probabilities is None else dict(zip(organs, result.probabilities.values())))
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
-    out = pathlib.Path(args.out)
-    _write(result, out, volume, preview=True)
+    display.stage("save")
+    _write(result, out, volume, preview=True, random_weights=weights is None)
+    display.close()
     for organ, mask in result.masks.items():
         print(f"  Dice vs ground truth, {organ:<12} {_dice(mask, labels == ids[DEMO_ORGANS[organ]]):.3f}")
-    _report(result, seconds, device, out)
+    _report(result, display.seconds, device, out, display.timings)
     if weights is None:
         print(f"!! {RANDOM_NOTE.upper()} !!", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_vocabulary(args: argparse.Namespace) -> int:
+    from .vocabulary import NAMES, format_vocabulary
+
+    print("\n".join(sorted(NAMES)) if args.plain else format_vocabulary())
     return EXIT_OK
 
 
@@ -284,24 +344,34 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segevol-fast", description="Fast SegVol 3-D medical segmentation.",
                                      epilog="exit codes: 0 ok, 1 input/run failed, 2 usage or setup error")
+    parser.add_argument("--version", action="version", version=f"segevol-fast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("segment", help="segment a NIfTI file or DICOM folder",
                        description="Segment structures by text, boxes and/or points. Coordinates are voxel indices "
                                    "(i, j, k) of the stored array, or RAS millimetres with --coords world.")
     p.add_argument("input", help="a .nii / .nii.gz file, a DICOM series folder or one of its files")
-    p.add_argument("--text", nargs="+", metavar="NAME",
-                   help='category names, one mask each, e.g. liver spleen "left kidney"')
+    p.add_argument("--text", nargs="+", action="extend", metavar="NAME",
+                   help='category names, one mask each, e.g. liver spleen "left kidney" (repeatable: '
+                        '--text liver --text spleen asks for both)')
     p.add_argument("--box", nargs=6, type=float, action="append", metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
                    help="inclusive box corners; repeat for several (one per --text name, or one shared)")
     p.add_argument("--points", nargs=3, type=float, action="append", metavar=("I", "J", "K"),
                    help="a point prompt; repeat for several (shared by all text prompts)")
-    p.add_argument("--point-labels", nargs="+", type=int, metavar="L",
+    p.add_argument("--point-labels", nargs="+", type=float, metavar="L",
                    help="1 positive / 0 negative per point (default all 1)")
     p.add_argument("--coords", choices=["voxel", "world"], default="voxel", help="units of --box / --points")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several "
+                   "(the error for such a folder lists them)")
     p.add_argument("--modality", choices=["ct", "mri"], help="text template (default: from DICOM, else ct)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="folder with the CLIP tokenizer files (default: next to the weights)")
@@ -327,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
 
+    p = sub.add_parser("vocabulary", help="list the structure names SegVol is known to have been trained on",
+                       description="Structure names known from SegVol's training data (a known subset, from the "
+                                   "SegVol reference notes). Text prompts outside it run, with a VocabularyWarning.")
+    p.add_argument("--plain", action="store_true", help="one name a line, sorted, nothing else")
+    p.set_defaults(func=_cmd_vocabulary)
+
     p = sub.add_parser("info", help="print versions, devices and kernel backends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
@@ -335,12 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .inference.progress import closing_displays
     from .weights import WeightsNotFoundError
 
     try:
-        return args.func(args)
+        with closing_displays():  # a failed run ends its progress line before the error below
+            return args.func(args)
     except (UsageError, WeightsNotFoundError) as exc:
-        print(f"segevol-fast {args.command}: {exc}", file=sys.stderr)
+        print(f"segevol-fast {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except SegVolFastError as exc:
         print(f"segevol-fast {args.command}: error: {exc}", file=sys.stderr)

@@ -9,6 +9,9 @@ Search order of `find_weights`:
     4. only with download=True: huggingface_hub.snapshot_download("BAAI/SegVol").
 A path given in 1 or 2 that holds no weights is an error, not a reason to look further: the user
 asked for those weights.
+
+`resolve_pretrained` gives `SegVol.from_pretrained` the same search for the Hugging Face names
+"BAAI/SegVol" / "SegVol" when no local file or folder of that name exists (a real one wins).
 """
 
 from __future__ import annotations
@@ -35,7 +38,10 @@ Get the official SegVol weights in one of these ways:
      (or `huggingface_hub.snapshot_download("{HF_REPO}")`, which fills the cache searched here).
   2. SegVol_v1.pth from the official GitHub README (https://github.com/BAAI-DCAI/SegVol); put the
      tokenizer files above next to it (text prompts need them).
-Then pass --weights DIR (or the file) on the command line, or set {ENV_VAR}=DIR."""
+Then pass --weights DIR (or the file) on the command line or SegVol.from_pretrained(DIR) in Python,
+or set {ENV_VAR}=DIR (then --weights and SegVol.from_pretrained("{HF_REPO}") find them)."""
+# names from_pretrained treats as the Hugging Face repository when no such local path exists
+HUB_NAMES = frozenset({HF_REPO.lower(), HF_REPO.split("/")[1].lower()})
 
 
 def hf_hub_dir() -> pathlib.Path:
@@ -104,8 +110,19 @@ def find_weights(explicit: Optional[PathLike] = None, download: bool = False) ->
     download: when nothing is found locally, try `huggingface_hub.snapshot_download("BAAI/SegVol")`.
     Raises WeightsNotFoundError (message: where it looked, how to get the weights).
     """
+    given = "--weights (not given)"
     if explicit is not None and str(explicit) != "":
-        return _checked(pathlib.Path(explicit), "--weights")
+        if not _is_hub_name(explicit):
+            return _checked(pathlib.Path(explicit), "--weights")
+        given = f"--weights {str(explicit)!r} (no such local path: taken as the Hugging Face name {HF_REPO})"
+    return _search(download, f"SegVol weights not found. Looked at: {given}", "")
+
+
+def _search(download: bool, asked: str, not_downloading: str) -> pathlib.Path:
+    """The shared search of `find_weights` and `resolve_pretrained`: $SEGEVOL_WEIGHTS, then the
+    Hugging Face cache, then (download=True) the Hub. Otherwise WeightsNotFoundError: `asked` (what
+    was asked for), where it looked, why nothing was downloaded (`not_downloading` when download is
+    False), and HOW_TO."""
     env = os.environ.get(ENV_VAR)
     if env:
         return _checked(pathlib.Path(env), f"${ENV_VAR}")
@@ -113,13 +130,13 @@ def find_weights(explicit: Optional[PathLike] = None, download: bool = False) ->
     cached = find_in_hf_cache(hub)
     if cached is not None:
         return cached
-    why = ""
+    why = not_downloading
     if download:
-        path, why = _download()
-        if path is not None:
-            return path
-    looked = (f"SegVol weights not found. Looked at: --weights (not given), ${ENV_VAR} (not set), "
-              f"the Hugging Face cache {hub / ('models--' + HF_REPO.replace('/', '--'))} (no snapshot with weights).")
+        found, why = _download()
+        if found is not None:
+            return found
+    cache = hub / ("models--" + HF_REPO.replace("/", "--"))
+    looked = f"{asked}; ${ENV_VAR} is not set; the Hugging Face cache {cache} has no snapshot with weights."
     raise WeightsNotFoundError("\n".join(s for s in (looked, why, HOW_TO) if s))
 
 
@@ -140,3 +157,23 @@ def find_tokenizer(*candidates: Optional[PathLike]) -> Optional[pathlib.Path]:
         if (f / "tokenizer.json").is_file() or ((f / "vocab.json").is_file() and (f / "merges.txt").is_file()):
             return f
     return None
+
+
+def _is_hub_name(name: PathLike) -> bool:
+    """True for "BAAI/SegVol" / "SegVol" (any case) when no local file or folder has that name."""
+    return str(name).strip().lower() in HUB_NAMES and not pathlib.Path(name).expanduser().exists()
+
+
+def resolve_pretrained(name: PathLike, download: bool = False) -> pathlib.Path:
+    """The local path `SegVol.from_pretrained(name)` loads.
+
+    An existing file or folder is returned as is (a local folder called "SegVol" wins). The names
+    "BAAI/SegVol" and "SegVol" (any case) without a local copy are searched like the CLI's weights:
+    $SEGEVOL_WEIGHTS, then the Hugging Face cache, then (download=True) the Hub; when none has them,
+    WeightsNotFoundError says where it looked and how to get them. Any other missing path is
+    returned unchanged for the loader to report.
+    """
+    if not _is_hub_name(name):
+        return pathlib.Path(name).expanduser()
+    return _search(download, f"SegVol.from_pretrained({str(name)!r}): no local file or folder of that name",
+                   "download=False (pass download=True to fetch it with huggingface_hub, network needed)")

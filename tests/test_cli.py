@@ -26,11 +26,11 @@ def fake_segment(monkeypatch):
 
     def segment(model, volume, text=None, box=None, points=None, point_labels=None, coords="voxel", modality=None,
                 mode="fast", zoom_in=True, max_memory=None, device=None, progress=True, return_probabilities=False,
-                precision="auto"):
+                precision="auto", **kwargs):  # **kwargs: keywords segment() gains later (series=...) pass
         calls.append(dict(model=model, volume=volume, text=text, box=box, points=points, point_labels=point_labels,
                           coords=coords, modality=modality, mode=mode, zoom_in=zoom_in, max_memory=max_memory,
                           device=device, progress=progress, return_probabilities=return_probabilities,
-                          precision=precision))
+                          precision=precision, **kwargs))
         if text:
             labels = list(text)
         elif box is not None:
@@ -103,7 +103,7 @@ def test_segment_end_to_end_random_weights(ct, tmp_path, fake_segment, no_weight
     (call,) = fake_segment
     assert call["precision"] == "fp16"
     assert call["box"].shape == (2, 6) and call["points"].shape == (1, 3) and call["point_labels"].tolist() == [1]
-    assert call["max_memory"] == 10**9 and call["zoom_in"] is False and call["progress"] is False
+    assert call["max_memory"] == 10**9 and call["zoom_in"] is False and not call["progress"]  # -q: a display that draws nothing
     assert call["return_probabilities"] and call["device"] == "cpu" and call["mode"] == "fast"
     assert call["model"].config.hidden_size == 32  # the tiny config
     assert call["volume"].shape == SHAPE

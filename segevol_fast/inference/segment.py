@@ -19,15 +19,19 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..determinism import sigmoid
+from ..errors import InvalidArgumentError
 from ..io import Volume, load_volume
+from ..modality_hint import warn_if_mri
 from ..preprocess import paste_back, preprocess
+from ..vocabulary import check_names
+from .arguments import PRECISIONS, check_segment_arguments
 from .budget import _model_device, same_device
 from .memory import PeakMemory
+from .progress import display_for
 from .prompts import build_prompts
-from .result import SegmentationResult
+from .result import SegmentationResult, describe_prompts
 
-MODES = ("fast", "exact")
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
 
 
 def resolve_precision(requested: Optional[str], model_precision: str, device: torch.device, mode: str) -> str:
@@ -40,8 +44,8 @@ def resolve_precision(requested: Optional[str], model_precision: str, device: to
     "fp32" / "bf16" / "fp16" force one.
     """
     requested = "auto" if requested is None else requested
-    if requested not in PRECISION_CHOICES:
-        raise ValueError(f"precision must be one of {PRECISION_CHOICES}, got {requested!r}")
+    if requested not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {requested!r}")
     if requested != "auto":
         return requested
     if model_precision != "fp32" or mode != "fast" or torch.device(device).type != "cuda":
@@ -67,6 +71,7 @@ def segment(
     return_probabilities: bool = False,
     seed: int = 0,
     precision: Optional[str] = "auto",
+    series: Optional[str] = None,
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -74,45 +79,59 @@ def segment(
         model: a `SegVol` (moved to `device` when one is given).
         volume: a path (NIfTI file, DICOM folder), a `Volume`, a numpy/torch array (X, Y, Z) or a
             MONAI MetaTensor.
-        text: an organ name or a list of names (one mask each).
+        text: an organ name or a list of names (one mask each). A repeated name (equal after
+            lower-casing and collapsing spaces) still gets its own mask, labelled "liver (2)", ...
         box: (6,) (i0, j0, k0, i1, j1, k1) inclusive, or (N, 6) one per name; input-voxel indices,
             or world millimetres with coords="world".
-        points, point_labels: (P, 3) and (P,) (1 positive, 0 negative), shared by all prompts.
+        points, point_labels: (P, 3) and (P,) (1 positive, 0 negative; 1. / 0. floats accepted),
+            shared by all prompts. Lists, numpy arrays or torch tensors; numbers must be finite.
         modality: "ct" or "mri" (text template); default the volume's, else "ct".
         mode: "fast" (shared encodings, batched windows, compact accumulators) or "exact" (the
             official pipeline step by step, quirks included).
         zoom_in: run the sliding-window zoom-in after the zoom-out pass (official default).
         max_memory: peak memory bound of the whole call ("2GB", bytes): device memory on CUDA,
             process memory on CPU. The call fails before starting if it cannot be met.
-        progress: show a progress bar over windows.
+        progress: True shows one progress display for the whole call (load, preprocess, zoom-out,
+            zoom-in windows, paste back); or a `segevol_fast.inference.progress.Progress` to report
+            into (its creator closes it; the CLI adds its load and save stages).
         return_probabilities: also keep sigmoid probabilities (float32, input grid).
         seed: seeds the random point sampling of exact mode (official behaviour is random).
         precision: "auto" (bf16/fp16 autocast in fast mode on CUDA, else the model's precision),
             or "fp32" / "bf16" / "fp16" for this call (see `resolve_precision`).
+        series: SeriesInstanceUID to read when `volume` is a DICOM folder holding several series
+            (`segevol_fast.io.list_series(folder)` lists them).
 
     Returns:
         SegmentationResult with masks (bool, input grid (X, Y, Z)), volumes in mL, timings, the
         measured peak memory, and `save` / `preview`.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_segment_arguments(  # types and values, before anything is loaded or moved
+        model, volume, text, box, points, point_labels, coords=coords, modality=modality, mode=mode, zoom_in=zoom_in,
+        max_memory=max_memory, device=device, progress=progress, return_probabilities=return_probabilities,
+        seed=seed, precision=precision, series=series)
     if device is not None and not same_device(_model_device(model), device):
         model.to(device)
     dev = _model_device(model)
     run_precision = resolve_precision(precision, model.precision, dev, mode)
     timings: dict[str, float] = {}
 
-    with PeakMemory(dev) as pm:  # the whole call, reading the scan included
+    # `progress` becomes the call's one display (a Progress) and is handed down to _run as such
+    with PeakMemory(dev) as pm, display_for(progress) as progress:  # the whole call, reading the scan included
         t = time.perf_counter()
-        vol = volume if isinstance(volume, Volume) else load_volume(volume)
+        if not isinstance(volume, Volume):  # a Volume was loaded by the caller (the CLI times that itself)
+            progress.stage("load scan")
+        vol = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
+        warn_if_mri(vol, modality, has_text=text is not None)  # before the default: None means "not given"
         modality = modality or vol.modality or "ct"
         timings["load"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        progress.stage("preprocess")
         # fast mode reads the crop window by window from the scan: no float32 copy of it is made
         prep = preprocess(vol.array, lazy=(mode == "fast"))
         prompts = build_prompts(text, box, points, point_labels, shape=vol.shape, start=prep.start,
                                 coords=coords, affine=vol.affine)
+        check_names([p.text for p in prompts if p.text is not None])  # a warning, never an error
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -129,22 +148,31 @@ def segment(
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
+        progress.stage("paste back")
         masks, probs = {}, ({} if return_probabilities else None)
         for i, p in enumerate(prompts):  # one prompt at a time: its crop-frame copies go as it is pasted
             masks[p.label] = paste_back(crop_masks[i].numpy(), prep).astype(bool, copy=False)
             crop_masks[i] = None
             if return_probabilities:
-                probs[p.label] = paste_back(torch.sigmoid(crop_probs[i].float()).numpy(), prep)
+                # fixed-chunk sigmoid: torch.sigmoid's last bit depends on the thread count
+                probs[p.label] = paste_back(sigmoid(crop_probs[i].float()).numpy(), prep)
                 crop_probs[i] = None
         timings["paste_back"] = time.perf_counter() - t
     timings["total"] = sum(timings.values())
-    notes = []
+    notes = run_info.pop("notes", [])  # e.g. out-of-memory retries of the fast run
     if getattr(model, "weights_source", None) is None:
         notes.append("model weights are random (not loaded with SegVol.from_pretrained): masks are meaningless")
         warnings.warn(notes[-1], stacklevel=2)
+    weights_source = getattr(model, "weights_source", None)
+    # provenance travels with the result (summary.json, NIfTI headers, preview banner); `volume` is a
+    # reference to the scan already in memory, so `res.preview(path)` draws on it
     return SegmentationResult(masks=masks, probabilities=probs, affine=vol.affine, spacing=vol.spacing,
                               modality=modality, timings=timings, peak_memory_bytes=pm.peak, mode=mode,
-                              notes=notes, precision=run_precision, **run_info)
+                              notes=notes, precision=run_precision, **run_info,
+                              source=str(vol.source) if vol.source is not None else "array",
+                              prompts=describe_prompts(text, box, points, point_labels, coords),
+                              weights_source=None if weights_source is None else str(weights_source),
+                              random_weights=weights_source is None, volume=vol.array)
 
 
 def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed,
@@ -152,20 +180,28 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
     """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
     per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
     if mode == "exact":
+        from .budget import plan_exact
         from .exact import run_exact
 
-        if max_memory is not None:
-            warnings.warn("max_memory is planned for mode='fast'; mode='exact' follows the official memory use",
-                          stacklevel=3)
+        # the official algorithm fixes its memory: the limit is met as it stands or refused here
+        plan = plan_exact(model, prep.crop_shape, len(prompts), max_memory, device, zoom_in=zoom_in,
+                          return_logits=want_probs, output_voxels=output_voxels)
         logits = run_exact(model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress)
         # The official mask is sigmoid > 0.5, which differs from logits > 0 for logits below ~6e-8.
-        return [torch.sigmoid(lg) > 0.5 for lg in logits], (logits if want_probs else None), {}
+        info = {"plan": plan.summary()}
+        return [torch.sigmoid(lg) > 0.5 for lg in logits], (logits if want_probs else None), info
     from .budget import plan_fast
     from .fast import run_fast
 
     plan = plan_fast(model, prep.crop_shape, len(prompts), max_memory, device, return_logits=want_probs,
                      output_voxels=output_voxels)
+    retries: list[dict] = []  # what run_fast changed after running out of device memory
     outs = run_fast(model, prep, prompts, modality=modality, zoom_in=zoom_in, plan=plan, progress=progress,
-                    return_logits=want_probs)
-    info = {"plan": plan.summary(), "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
+                    return_logits=want_probs, oom_retries=retries)
+    info = {"plan": {**plan.summary(), "oom_retries": retries},
+            "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
+    if retries:
+        changes = "; ".join(r["change"] for r in retries)
+        info["notes"] = [f"ran out of {plan.device} memory {len(retries)} time(s) and retried with {changes} "
+                         "(results are unchanged; see plan['oom_retries'])"]
     return [o.mask for o in outs], ([o.logits for o in outs] if want_probs else None), info

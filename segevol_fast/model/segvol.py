@@ -166,16 +166,24 @@ class SegVol(nn.Module):
         tokenizer=None,
         device: str | torch.device | None = None,
         precision: str = "fp32",
+        download: bool = False,
     ) -> "SegVol":
         """Load weights from an HF-style folder, `SegVol_v1.pth`, a bare state-dict file, our own
         `save_pretrained` folder, or (encoder only) `vit_pretrain.ckpt`.
+
+        `path` may also be the Hugging Face name "BAAI/SegVol" (or "SegVol") when no local file or
+        folder has that name: the weights are then looked up as the CLI does ($SEGEVOL_WEIGHTS,
+        the Hugging Face cache, and with download=True the Hub); WeightsNotFoundError says how to
+        get them when none is found.
 
         The config comes from `config`, else the folder's config.json, else the official one.
         The tokenizer comes from `tokenizer`, else the folder of the weights. Loading is strict:
         one CheckpointError lists every missing, unexpected and mis-shaped key. Nothing pickled is
         executed (safetensors, or torch.load(weights_only=True), memory-mapped when possible).
         """
-        path = pathlib.Path(path)
+        from ..weights import resolve_pretrained  # lazy: weights.py imports model.checkpoint
+
+        path = resolve_pretrained(path, download=download)
         if not path.exists():
             raise CheckpointError(f"{path} does not exist")
         folder = path if path.is_dir() else path.parent

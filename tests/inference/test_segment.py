@@ -6,30 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from segevol_fast import SegVol, SegVolConfig, Volume, load_volume
+from segevol_fast import SegVol, SegVolConfig, Volume
 from segevol_fast.inference import BudgetError, PromptError, segment
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two-core CI boxes: OpenMP spinning between concurrent processes costs more than threads win.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def model(data_dir):
-    torch.manual_seed(0)
-    m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").eval()
-    m.weights_source = "test"
-    return m
+def model(tiny_model):
+    return tiny_model
 
-
-@pytest.fixture
-def ct(data_dir):
-    return load_volume(data_dir / "ct_abdomen_sm.nii.gz")
 
 
 def test_fast_masks_come_back_on_the_input_grid(model, ct, tmp_path):

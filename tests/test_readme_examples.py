@@ -1,0 +1,107 @@
+"""The README's segmentation examples run as written, so the README cannot drift from the code.
+
+The "Quick start" and "Segmenting a scan" sections are read from README.md: each ```python block is
+executed with `SegVol.from_pretrained` returning a tiny random model (the official weights are not
+available here), and each `segevol-fast ...` command line goes through `cli.main` with
+`--random-weights --config tiny` (demo: without --full), `--no-zoom-in` (the tiny model's zoom-in
+takes hundreds of windows) and `--device cpu -q` added. Only the data prefix `../shared/data/` is
+rewritten, to the `data_dir` fixture; everything runs in a temporary working folder.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import shlex
+
+import pytest
+import torch
+
+from segevol_fast import cli
+from segevol_fast.model import SegVol, SegVolConfig
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+SECTIONS = ("Quick start", "Segmenting a scan")
+DATA_PREFIX = "../shared/data/"
+
+
+def _section(text: str, title: str) -> str:
+    m = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    assert m, f"README.md has no '## {title}' section"
+    return m.group(1)
+
+
+def _blocks(lang: str) -> list[str]:
+    text = README.read_text()
+    return [b for title in SECTIONS for b in re.findall(rf"^```{lang}\n(.*?)^```", _section(text, title),
+                                                         flags=re.M | re.S)]
+
+
+def _cli_lines() -> list[str]:
+    return [line.strip() for block in _blocks("bash") for line in block.splitlines()
+            if line.strip().startswith("segevol-fast ")]
+
+
+def test_the_sections_hold_examples():
+    # the extraction itself: an empty match would make the tests below pass vacuously
+    assert len(_blocks("python")) >= 1
+    lines = _cli_lines()
+    assert len(lines) >= 4 and any(" segment " in f" {x} " for x in lines) and any("demo" in x for x in lines)
+    assert all(DATA_PREFIX in x for x in lines if x.split()[1] == "segment"), "segment examples use the shared data"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, data_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SEGEVOL_DATA", str(data_dir))
+    for var in ("SEGEVOL_WEIGHTS", "HF_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no weights: the random model is what runs
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tmp_path
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python"))))
+def test_python_example_runs(index, workdir, data_dir, monkeypatch):
+    code = _blocks("python")[index]
+    assert DATA_PREFIX in code, "the example should read the shared data"
+    calls = []
+
+    def tiny_from_pretrained(cls, path, *args, **kwargs):
+        calls.append(str(path))
+        torch.manual_seed(0)
+        model = cls(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
+        model.weights_source = "test"
+        return model
+
+    monkeypatch.setattr(SegVol, "from_pretrained", classmethod(tiny_from_pretrained))
+    namespace: dict = {}
+    exec(compile(code.replace(DATA_PREFIX, f"{data_dir}/"), f"README.md python block {index}", "exec"), namespace)
+    assert calls, "the example loads a model with from_pretrained"
+    res = namespace["res"]
+    assert set(res.volumes_ml()) == set(res.masks) and res.masks
+    written = sorted(p.relative_to(workdir).as_posix() for p in workdir.rglob("*") if p.is_file())
+    assert any(p.endswith("summary.json") for p in written) and any(p.endswith(".png") for p in written), written
+
+
+def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
+    args = shlex.split(line.replace(DATA_PREFIX, f"{data_dir}/"), comments=True)[1:]
+    if args[0] == "segment":
+        args += ["--random-weights", "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q"]
+    elif args[0] == "demo":
+        args = [a for a in args if a != "--full"] + ["--random-weights", "--no-zoom-in", "--device", "cpu", "-q"]
+    return args
+
+
+@pytest.mark.parametrize("line", _cli_lines(), ids=lambda line: " ".join(line.split("#")[0].split()[:3]))
+def test_cli_example_runs(line, workdir, data_dir, capsys):
+    args = _cli_args(line, data_dir)
+    rc = cli.main(args)
+    captured = capsys.readouterr()
+    assert rc == 0, f"{line!r} -> exit {rc}\n{captured.err[-2000:]}"
+    if args[0] in ("segment", "demo"):
+        assert "wrote " in captured.out
+        out = re.search(r"^wrote (.+)$", captured.out, flags=re.M).group(1)
+        assert (workdir / out / "summary.json").is_file() or pathlib.Path(out).joinpath("summary.json").is_file()
