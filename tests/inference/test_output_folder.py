@@ -158,6 +158,16 @@ def _slow_save(started, seconds):
     result_mod.save_nifti = slow
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt here, as in a terminal. A test run started in the background
+    (`make test &` in a script) inherits SIGINT ignored, and Python then leaves it ignored, so
+    without this the signal tests would test nothing; forked children inherit the handler."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def _child_save(out, started, labels):
     _slow_save(started, 0.5)
     _result(labels=labels, seed=1).save(out, preview=True)
