@@ -53,6 +53,9 @@ def info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
+        # thread-count-independent GEMMs (determinism.py); a different value here explains results
+        # that change with the number of threads
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
         "cuda_available": torch.cuda.is_available(),
         "gpus": gpus,
         "nvcc": shutil.which("nvcc"),

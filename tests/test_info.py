@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ def test_info_reports_versions_and_backends():
     assert d["torch"] == torch.__version__
     assert d["segevol_fast"] == segevol_fast.__version__
     assert d["cuda_available"] == torch.cuda.is_available()
+    assert d["mkl_cbwr"] == os.environ.get("MKL_CBWR") and d["mkl_cbwr"]  # set on import unless the user chose
     assert "patch_embed" in d["ops"]
     cpu = d["ops"]["patch_embed"]["cpu"]
     assert cpu["selected"] in cpu["available"]
