@@ -1,8 +1,12 @@
-// The Python module segevol_fast._C. Importing it runs the TORCH_LIBRARY registrations of the
-// kernels linked into it (torch.ops.segevol_fast_C.*); the pybind11 surface only reports how
-// the module was built, for segevol_fast.info() and bug reports.
+// The Python module segevol_fast._C. Importing it defines the schema of every op in op_list.h
+// (torch.ops.segevol_fast_C.*) and runs the TORCH_LIBRARY_IMPL registrations of the kernels
+// linked into it; the pybind11 surface only reports how the module was built, for
+// segevol_fast.info() and bug reports. No op name appears here: they all come from op_list.h.
 #include <pybind11/pybind11.h>
+#include <torch/library.h>
 #include <torch/version.h>
+
+#include "op_list.h"
 
 #include <string>
 
@@ -33,9 +37,17 @@ static py::dict build_info() {
   d["compiler"] = std::string(__VERSION__);
   d["cplusplus"] = static_cast<long>(__cplusplus);
   py::list ops;
-  ops.append("patch_embed");
+#define SF_APPEND_NAME(name, schema) ops.append(#name);
+  SEGEVOL_FAST_OPS(SF_APPEND_NAME)
+#undef SF_APPEND_NAME
   d["ops"] = ops;
   return d;
+}
+
+TORCH_LIBRARY(segevol_fast_C, m) {
+#define SF_DEFINE_SCHEMA(name, schema) m.def(#name schema);
+  SEGEVOL_FAST_OPS(SF_DEFINE_SCHEMA)
+#undef SF_DEFINE_SCHEMA
 }
 
 PYBIND11_MODULE(_C, m) {

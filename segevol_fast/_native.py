@@ -56,5 +56,17 @@ def native_has_cuda() -> bool:
     return bool(mod is not None and mod.build_info().get("cuda", False))
 
 
+def native_ops() -> frozenset[str]:
+    """Names of the ops compiled into the extension (csrc/op_list.h at build time); empty without it."""
+    mod = native()
+    return frozenset() if mod is None else _ops_of(mod)
+
+
+@functools.lru_cache(maxsize=None)
+def _ops_of(mod: ModuleType) -> frozenset[str]:
+    # Cached: backend selection asks on every native call, and build_info() builds a fresh dict.
+    return frozenset(mod.build_info().get("ops", ()))
+
+
 def build_hint() -> str:
     return _BUILD_HINT

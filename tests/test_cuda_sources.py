@@ -1,7 +1,7 @@
-"""Compile-check every csrc/cuda/*.cu with nvcc, on any machine that has nvcc (no GPU needed).
+"""Compile-check every csrc/<op>/cuda/*.cu with nvcc, on any machine that has nvcc (no GPU needed).
 
-The .cu files include only CUDA headers (torch-facing code lives in *_cuda.cpp, built only in CUDA
-builds), so they compile in about a second here even with a CPU torch; this keeps GPU code from
+The .cu files include only CUDA headers (torch-facing code lives in <op>/cuda/*_cuda.cpp, built only
+in CUDA builds), so they compile in about a second here even with a CPU torch; this keeps GPU code from
 rotting on machines that never build it.
 """
 
@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-CUDA_DIR = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda"
-CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+CU_FILES = sorted(CSRC.glob("*/cuda/*.cu"))
 
 
 def _find_nvcc() -> str | None:
@@ -35,13 +35,13 @@ _TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch/|ATen/|c10/|caffe2/)'
 
 
 def test_cuda_sources_exist():
-    assert CU_FILES, f"no .cu files under {CUDA_DIR}"
+    assert CU_FILES, f"no .cu files under {CSRC}/<op>/cuda/"
 
 
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_cu_includes_no_torch_headers(cu: pathlib.Path):
     # A torch/ATen include (directly or through a local header) breaks the compile-check design.
-    for path in [cu, *sorted(CUDA_DIR.glob("*.cuh"))]:
+    for path in [cu, *sorted(cu.parent.glob("*.cuh"))]:
         hits = [m.group(0).strip() for m in _TORCH_INCLUDE.finditer(path.read_text())]
         assert not hits, f"{path.name} includes torch headers {hits}; move torch code to a *_cuda.cpp wrapper"
 

@@ -22,8 +22,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import torch
-
 from .. import _native
 from ..errors import BackendUnavailableError
 

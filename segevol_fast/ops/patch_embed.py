@@ -10,7 +10,8 @@ with the channel fastest. This is MONAI's `Rearrange("b c (h p1) (w p2) (d p3) -
 Linear weight reshaped to (E, pd, ph, pw, C) and permuted to (E, C, pd, ph, pw). As with that
 Conv3d, voxels past the last whole patch along an axis do not contribute.
 
-Implementations: `patch_embed_ref` (PyTorch), native C++ (CPU), CUDA, Triton; see `_backend`.
+Implementations: `patch_embed_ref` (PyTorch), native C++ (CPU), CUDA, Triton (csrc/patch_embed/,
+kernels/triton/patch_embed.py); dispatch, custom op and eager bypass come from `_op.define_op`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.utils._python_dispatch as _python_dispatch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ShapeError
-from . import _backend
+from ._op import define_op
 
 OP_NAME = "patch_embed"
 DEFAULT_PATCH = (4, 16, 16)
@@ -123,40 +123,13 @@ def _triton_impl(x, weight, bias, pos_embed, patch_size, scale, shift):
     return patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale, shift)
 
 
-_backend.register(OP_NAME, "ref", patch_embed_ref, _backend.always)
-_backend.register(OP_NAME, "native", _native_impl, _backend.why_not_native)
-_backend.register(OP_NAME, "triton", _triton_impl, _backend.why_not_triton)
-
-
-def _run_backend(x, weight, bias, pos_embed, patch_size, scale, shift) -> Tensor:
-    impl = _backend.implementation(OP_NAME, x.device.type)
-    # Every backend computes in the inputs' dtype (fp32 accumulation), autocast or not, so that the
-    # backends agree; callers wanting bf16 tokens pass bf16 inputs.
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return impl(x, weight, bias, pos_embed, patch_size, scale, shift)
-
-
-# ---------------------------------------------------------------------------- torch custom op
-@torch.library.custom_op("segevol_fast::patch_embed", mutates_args=())
-def _patch_embed_op(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    pos_embed: Optional[Tensor],
-    patch_size: list[int],
-    scale: float,
-    shift: float,
-) -> Tensor:
-    return _run_backend(x, weight, bias, pos_embed, patch_size, scale, shift)
-
-
-@_patch_embed_op.register_fake
-def _(x, weight, bias, pos_embed, patch_size, scale, shift):
+def _fake(x, weight, bias, pos_embed, patch_size, scale, shift):
     B, C, D, H, W = x.shape
     pd, ph, pw = patch_size
     return x.new_empty((B, (D // pd) * (H // ph) * (W // pw), weight.shape[0]))
 
 
+# ---------------------------------------------------------------------------- autograd
 def _setup_context(ctx, inputs, output):
     x, weight, bias, pos_embed, patch_size, scale, shift = inputs
     ctx.save_for_backward(x, weight)
@@ -188,28 +161,19 @@ def _backward(ctx, grad_out):
     return grad_x, grad_w, grad_b, grad_pos, None, None, None
 
 
-_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+# ---------------------------------------------------------------------------- registration
+SCHEMA = (
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, int[] patch_size, float scale, "
+    "float shift) -> Tensor"
+)
+_OP = define_op(
+    OP_NAME, SCHEMA,
+    ref=patch_embed_ref, native=_native_impl, triton=_triton_impl, fake=_fake,
+    setup_context=_setup_context, backward=_backward,
+)
 
 
 # ---------------------------------------------------------------------------- public entry point
-def _plain_eager_call(*tensors: Optional[Tensor]) -> bool:
-    """True when the custom-op dispatcher would add nothing: no autograd to record (grad mode off
-    or no input requiring grad), nothing tracing (not compiling, no dispatch mode, plain tensors
-    or Parameters only). Then `patch_embed` calls the same backend function directly.
-
-    Why bother: `torch.library.custom_op` wraps the kernel in `torch._dynamo.disable`, which
-    imports torch._dynamo (sympy, inductor, torch.distributed, ...) on the first call: about 200 MB
-    of resident memory in an inference process that never compiles, a tenth of a 2 GB budget.
-    """
-    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN and not (grad and t.requires_grad)) for t in tensors)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def patch_embed(
     x: Tensor,
     weight: Tensor,
@@ -238,7 +202,4 @@ def patch_embed(
     (`torch.ops.segevol_fast.patch_embed`).
     """
     _check(x, weight, bias, pos_embed, patch_size)
-    args = (x, weight, bias, pos_embed, [int(p) for p in patch_size], float(scale), float(shift))
-    if _plain_eager_call(x, weight, bias, pos_embed):
-        return _run_backend(*args)
-    return _patch_embed_op(*args)
+    return _OP(x, weight, bias, pos_embed, [int(p) for p in patch_size], float(scale), float(shift))

@@ -17,7 +17,7 @@
 
 #include "patch_embed_kernel.cuh"
 #include "segevol_fast/checks.h"
-#include "segevol_fast/patch_embed.h"
+#include "patch_embed/patch_embed.h"
 
 namespace segevol_fast {
 namespace {

@@ -1,12 +1,10 @@
-// Schemas of the native ops. Implementations register per dispatch key next to their kernels
-// (cpu/*.cpp for CPU, cuda/*_cuda.cpp for CUDA, the latter only in CUDA builds).
-// Python reaches them as torch.ops.segevol_fast_C.<op>; the public, differentiable and
-// backend-dispatching op is torch.ops.segevol_fast.<op> defined in segevol_fast/ops/.
+// patch_embed: argument checks and the token pre-fill shared by the CPU and CUDA kernels.
+// The schema is declared in csrc/op_list.h; the kernels register per dispatch key in cpu/ and
+// cuda/ (the latter only in CUDA builds).
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "segevol_fast/checks.h"
-#include "segevol_fast/patch_embed.h"
+#include "patch_embed/patch_embed.h"
 
 namespace segevol_fast {
 
@@ -66,9 +64,3 @@ at::Tensor init_tokens(const PatchEmbedShape& s, const at::Tensor& x,
 }
 
 }  // namespace segevol_fast
-
-TORCH_LIBRARY(segevol_fast_C, m) {
-  m.def(
-      "patch_embed(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, int[] patch_size, "
-      "float scale, float shift) -> Tensor");
-}

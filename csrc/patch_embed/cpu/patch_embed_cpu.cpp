@@ -19,7 +19,7 @@
 #include <cstring>
 
 #include "segevol_fast/checks.h"
-#include "segevol_fast/patch_embed.h"
+#include "patch_embed/patch_embed.h"
 
 namespace segevol_fast {
 namespace {
