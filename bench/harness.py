@@ -84,3 +84,65 @@ def patch_embed_providers(c: PatchEmbedCase, backends: list[str]) -> dict[str, C
     for b in backends:
         providers[f"segevol_fast_{b}"] = lambda b=b: ours(c, b)
     return providers
+
+
+# ---------------------------------------------------------------------------- lora_linear
+# One ViT block's fused qkv projection on a SegVol window: 2048 tokens, 768 -> 2304, LoRA r=16.
+LORA_QKV = dict(tokens=2048, k=768, n=2304, rank=16)
+
+
+@dataclass
+class LoraLinearCase:
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+    @property
+    def flops(self) -> float:
+        """The base GEMM's 2*M*K*N; the rank-r shrink and expand add 2*M*r*(K+N) on top."""
+        return 2.0 * self.x.shape[0] * self.x.shape[1] * self.weight.shape[0]
+
+
+def lora_linear_case(tokens=LORA_QKV["tokens"], k=LORA_QKV["k"], n=LORA_QKV["n"], rank=LORA_QKV["rank"],
+                     dtype=torch.float32, device="cpu") -> LoraLinearCase:
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return LoraLinearCase(mk(tokens, k), mk(n, k) / k**0.5, mk(n), mk(rank, k) / k**0.5, mk(n, rank) / rank**0.5,
+                          scale=2.0)
+
+
+def peft_unfused(c: LoraLinearCase) -> torch.Tensor:
+    """peft's lora.Linear forward: base layer, then dropout(=id) -> A -> B -> * scale, added."""
+    return F.linear(c.x, c.weight, c.bias) + c.scale * F.linear(F.linear(c.x, c.lora_a), c.lora_b)
+
+
+def stacked_wa_then_expand(c: LoraLinearCase, wa: torch.Tensor) -> torch.Tensor:
+    """The other fused CPU layout: one GEMM over [W; A] (N + r outputs), then the rank-r expand
+    added into the output columns in place. Kept as a baseline for the one we ship."""
+    n = c.weight.shape[0]
+    y = torch.addmm(torch.cat([c.bias, c.bias.new_zeros(wa.shape[0] - n)]), c.x, wa.t())
+    out = y[:, :n]
+    out.addmm_(y[:, n:], c.lora_b.t(), alpha=c.scale)
+    return out
+
+
+def lora_linear_providers(c: LoraLinearCase, backends: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> zero-argument callable: the base GEMM alone, peft's unfused path, [W; A] + expand,
+    then each segevol_fast backend."""
+    wa = torch.cat([c.weight, c.lora_a], 0)
+    providers: dict[str, Callable[[], torch.Tensor]] = {
+        "base_gemm_only": lambda: F.linear(c.x, c.weight, c.bias),
+        "peft_unfused": lambda: peft_unfused(c),
+        "stacked_wa_then_expand": lambda: stacked_wa_then_expand(c, wa),
+    }
+    for b in backends:
+        providers[f"segevol_fast_{b}"] = lambda b=b: _lora_ours(c, b)
+    return providers
+
+
+def _lora_ours(c: LoraLinearCase, backend: str | None = None) -> torch.Tensor:
+    with ops.use_backend(backend):
+        return ops.lora_linear(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.scale)

@@ -20,6 +20,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch as _python_dispatch
 
 from ..errors import ArgumentTypeError, ShapeError
 
@@ -106,14 +107,23 @@ def flash_attention_sdpa(q, k, v, scale: float | None = None, kv_len=None) -> to
     return out
 
 
+def _tracing(*tensors) -> bool:
+    """True under torch.compile, a dispatch mode (make_fx, FakeTensorMode) or a tensor subclass."""
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return True
+    return any(isinstance(t, torch.Tensor) and type(t) not in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+
+
 def _drop_unused_keys(k, v, kv_len):
     """Slice off the keys no batch row may see, and drop the mask if no row needs one.
 
     SDPA does not skip masked keys, it computes and discards them; a slice makes them free. Only
-    for CPU tensors, where reading the lengths costs no device sync.
+    for CPU tensors, where reading the lengths costs no device sync, and only in plain eager mode:
+    under tracing (torch.compile, opcheck, the op's backward being traced) the slice length would be
+    data-dependent, so the mask alone does the work there.
     """
     Sk = k.shape[2]
-    if kv_len is None or k.device.type != "cpu" or k.shape[0] == 0:
+    if kv_len is None or k.device.type != "cpu" or k.shape[0] == 0 or _tracing(k, kv_len):
         return k, v, kv_len
     lengths = kv_lengths(kv_len, k.shape[0], Sk, k.device)
     longest = int(lengths.max())

@@ -7,9 +7,16 @@ on the one scaffold in `_op` (`define_op`), whose docstring lists the steps to a
 """
 
 from ._backend import available_backends, forced_backend, registered_ops, select, use_backend
+from .flash_attention import flash_attention, flash_attention_ref
+from .lora_linear import lora_linear, lora_linear_ref, stack_lora_slices
 from .patch_embed import patch_embed, patch_embed_ref
 
 __all__ = [
+    "flash_attention",
+    "flash_attention_ref",
+    "lora_linear",
+    "lora_linear_ref",
+    "stack_lora_slices",
     "patch_embed",
     "patch_embed_ref",
     "use_backend",

@@ -4,7 +4,8 @@ Each op registers up to three implementations:
 
     "ref"     plain PyTorch, the definition of correct; always available
     "triton"  a Triton kernel; on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1
-    "native"  the C++ (CPU) or CUDA kernel from `segevol_fast._C`
+    "native"  the C++ (CPU) or CUDA kernel from `segevol_fast._C`; for an op defined with
+              `native_cpu=` (see `_op.define_op`), PyTorch's own compiled CPU kernel, CPU only
 
 Default order: a CUDA tensor goes to native CUDA if built, else Triton, else ref; a CPU tensor goes
 to native C++ if built, else ref (the Triton interpreter is for tests, never a default).

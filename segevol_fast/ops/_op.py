@@ -18,6 +18,10 @@ Adding an op `foo` (each step is a few lines; `patch_embed.py` is the worked exa
   2. Backend functions with those same positional arguments (only the ones that exist):
      `_native(*args)` calls `torch.ops.segevol_fast_C.foo(*args)`; `_triton(*args)` imports its
      kernel module lazily (Triton is optional) and launches it. Arguments arrive validated.
+     Where PyTorch itself already ships the best compiled CPU kernel (attention: ATen's fused
+     SDPA), pass a Python function calling it as `native_cpu=` instead of writing C++: it is the
+     op's "native" backend on CPU tensors (no _C kernel, no step 6); CUDA tensors then go to
+     Triton, else ref.
   3. `_fake(*args)`: empty output(s) of the right shape, dtype and device (`x.new_empty(...)`),
      for torch.compile and opcheck; no data is read.
   4. Autograd, if training needs it: `_setup_context(ctx, inputs, output)` saves what the
@@ -129,6 +133,18 @@ def _why_not_native_for(name: str) -> Callable[[str], Optional[str]]:
     return why_not
 
 
+def _cpu_only(name: str) -> Callable[[str], Optional[str]]:
+    def why_not(device_type: str) -> Optional[str]:
+        if device_type == "cpu":
+            return None
+        return (
+            f"op {name!r} has a native backend for CPU tensors only (PyTorch's own kernel); "
+            f"on {device_type} use the triton or ref backend"
+        )
+
+    return why_not
+
+
 def define_op(
     name: str,
     schema: str,
@@ -137,6 +153,7 @@ def define_op(
     fake: Callable,
     native: Optional[Callable] = None,
     triton: Optional[Callable] = None,
+    native_cpu: Optional[Callable] = None,
     setup_context: Optional[Callable] = None,
     backward: Optional[Callable] = None,
 ) -> Op:
@@ -153,14 +170,20 @@ def define_op(
             (and with CUDA kernels, for CUDA tensors).
         triton: launches the Triton kernel; available where Triton runs (CUDA, or CPU under
             TRITON_INTERPRET=1).
+        native_cpu: instead of `native`, a Python function into a compiled PyTorch kernel that
+            serves as the "native" backend for CPU tensors only; always available there.
         setup_context, backward: the autograd formula (both or neither), as in
             `torch.library.register_autograd`.
     """
     if (setup_context is None) != (backward is None):
         raise ValueError(f"op {name!r}: give both setup_context and backward, or neither")
+    if native is not None and native_cpu is not None:
+        raise ValueError(f"op {name!r}: give native (a _C kernel) or native_cpu (a PyTorch one), not both")
     _backend.register(name, "ref", ref, _backend.always)
     if native is not None:
         _backend.register(name, "native", native, _why_not_native_for(name))
+    if native_cpu is not None:
+        _backend.register(name, "native", native_cpu, _cpu_only(name))
     if triton is not None:
         _backend.register(name, "triton", triton, _backend.why_not_triton)
 

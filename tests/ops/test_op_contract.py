@@ -50,6 +50,7 @@ class OpSpec:
     tiny_case: object                # small enough for gradcheck in float64
     backends: tuple[str, ...] = ("ref", "native", "triton")
     dtypes: dict = field(default_factory=lambda: _ALL_DTYPES)
+    native_in_C: bool = True         # False: "native" is PyTorch's own CPU kernel (define_op native_cpu=)
 
     @property
     def op(self) -> Callable:
@@ -76,6 +77,25 @@ def _patch_embed_args(case, device):
     return (x, w, torch.randn(E, **f64), torch.randn(1, N, E, **f64), list(patch), 0.37, -1.25)
 
 
+def _flash_attention_args(case, device):
+    (B, H, Sq, Sk, D), scale, kv = case
+    f64 = dict(device=device, dtype=torch.float64)
+    q, k, v = (torch.randn(B, H, S, D, **f64) for S in (Sq, Sk, Sk))
+    kv_len = None if kv is None else torch.tensor(kv, device=device)
+    return (q, k, v, scale, kv_len)
+
+
+def _lora_linear_args(case, device):
+    lead, K, N, r, out_slice = case
+    f64 = dict(device=device, dtype=torch.float64)
+    n = N if out_slice is None else out_slice[1] - out_slice[0]
+    x = torch.randn(*lead, K, **f64)
+    w = torch.randn(N, K, **f64) / K**0.5
+    a = torch.randn(r, K, **f64) / K**0.5
+    b = torch.randn(n, r, **f64) / r**0.5
+    return (x, w, torch.randn(N, **f64), a, b, 0.7, list(out_slice or (0, N)))
+
+
 SPECS = [
     OpSpec(
         name="patch_embed",
@@ -87,7 +107,33 @@ SPECS = [
         grad_args=(0, 1, 2, 3),
         tiny_case=((2, 2, 5, 6, 7), (2, 3, 2), 6),
     ),
+    OpSpec(
+        name="flash_attention",
+        module="segevol_fast.ops.flash_attention",
+        # ((B, H, Sq, Sk, D), scale, kv_len per row): tails of every 16-block, Sq < Sk and Sq > Sk,
+        # one query, a row with no valid key (0) and one longer than Sk (clamped)
+        cases=[((2, 3, 19, 37, 24), 0.3, [37, 5]), ((1, 2, 33, 17, 64), None, None),
+               ((2, 1, 1, 40, 32), None, [0, 50])],
+        make_args=_flash_attention_args,
+        grad_args=(0, 1, 2),
+        tiny_case=((2, 1, 3, 5, 4), None, [5, 2]),
+        native_in_C=False,
+    ),
 ]
+SPECS.append(
+    OpSpec(
+        name="lora_linear",
+        module="segevol_fast.ops.lora_linear",
+        # ((leading dims), K, N, r, out_slice): odd K/N/rows, ranks 2/5/16 (rank 1 in test_lora_linear:
+        # a (n, 1) B cannot be made non-contiguous), a middle slice
+        # (the v third of a qkv-like output) and the whole output; W is frozen (not a grad arg)
+        cases=[((2, 19), 37, 45, 5, (30, 45)), ((33,), 20, 18, 2, None), ((3, 2, 7), 24, 51, 16, (17, 34))],
+        make_args=_lora_linear_args,
+        grad_args=(0, 2, 3, 4),
+        tiny_case=((2, 3), 5, 7, 2, (2, 6)),
+        native_in_C=False,
+    )
+)
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 
@@ -174,7 +220,7 @@ def test_registered_as_custom_op_and_native_op(spec):
     assert hasattr(torch.ops.segevol_fast, spec.name)
     assert spec.name in ops.registered_ops()
     assert spec.op_def.custom_op is not None
-    if "native" in spec.backends and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") == "1":
+    if "native" in spec.backends and spec.native_in_C and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") == "1":
         # the native op comes from csrc/op_list.h: a listed op is both compiled and reported
         assert spec.name in _native.native_ops()
         assert hasattr(torch.ops.segevol_fast_C, spec.name)
@@ -247,11 +293,12 @@ def test_eager_inference_never_imports_dynamo(spec):
         "import sys, torch\n"
         "from tests.ops.test_op_contract import SPEC_BY_NAME\n"
         f"spec = SPEC_BY_NAME[{spec.name!r}]\n"
-        "args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in spec.make_args(spec.cases[0], 'cpu'))\n"
+        "fp = lambda a: isinstance(a, torch.Tensor) and a.is_floating_point()\n"
+        "args = tuple(a.float() if fp(a) else a for a in spec.make_args(spec.cases[0], 'cpu'))\n"
         "with torch.inference_mode():\n"
         "    spec.op(*args)\n"
         "with torch.no_grad():\n"
-        "    spec.op(*(torch.nn.Parameter(a) if isinstance(a, torch.Tensor) else a for a in args))\n"
+        "    spec.op(*(torch.nn.Parameter(a) if fp(a) else a for a in args))\n"
         "spec.op(*args)\n"
         "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
     )

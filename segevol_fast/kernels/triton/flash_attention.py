@@ -28,7 +28,6 @@ interpreter computes bf16 wrongly), nor with the GPU default block sizes.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -36,6 +35,7 @@ import triton.language as tl
 
 from ...errors import ShapeError
 from ..reference_attention import check_attention_args, kv_lengths
+from ._launch import interpreted, matmul_precision
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -237,25 +237,15 @@ def _bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------- launchers
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _blocks(block_m, block_n, head_dim: int, backward: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter is slow, so tiny tiles there."""
-    if _interpreted():
+    if interpreted():
         return block_m or 16, block_n or 16, 1, 1
     # GPU defaults, untuned (never run on a GPU yet): forward 128 x 64 tiles (fewer keys per step at
     # hd 128); backward keeps four operand tiles and two accumulators live, so 64 x 64.
     bm = block_m or (64 if backward else 128)
     bn = block_n or (64 if head_dim <= 64 else 32)
     return bm, bn, 4 if bm * bn <= 64 * 64 else 8, 2
-
-
-def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return "tf32"  # ignored for 16-bit operands; the backend default
 
 
 def _check(q, k, v, kv_len, block_m, block_n) -> None:
@@ -298,7 +288,7 @@ def flash_attention_triton(q, k, v, scale: float | None = None, kv_len=None, *, 
         H, Sq, Sk, D,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         scale * _LOG2E,
-        PRECISION=_precision(q.dtype),
+        PRECISION=matmul_precision(q.dtype),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
         num_warps=warps, num_stages=stages,
     )
@@ -334,7 +324,7 @@ def flash_attention_triton_backward(grad_out, q, k, v, out, lse, scale: float | 
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
         scale, scale * _LOG2E,
     )
-    meta = {"PRECISION": _precision(q.dtype), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d,
+    meta = {"PRECISION": matmul_precision(q.dtype), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d,
             "num_warps": warps, "num_stages": stages}
     _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, lengths, *common, **meta)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](q, k, v, grad_out, lse, delta, dq, lengths, *common, **meta)

@@ -9,13 +9,12 @@ read once and the tokens written once. Semantics: `segevol_fast.ops.patch_embed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ...errors import ShapeError
+from ._launch import TiledKernel, gemm_configs, matmul_precision
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -83,32 +82,8 @@ def _patch_embed_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _configs():
-    # The interpreter crashes on multi-config autotune and is slow: one small fixed tile there.
-    if _interpreted() or not torch.cuda.is_available():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    cfg = lambda m, n, k, w, s: triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-    return [
-        cfg(128, 128, 64, 8, 3),
-        cfg(128, 128, 32, 4, 4),
-        cfg(128, 64, 64, 4, 4),
-        cfg(64, 128, 64, 4, 4),
-        cfg(64, 64, 64, 4, 3),
-        cfg(64, 64, 32, 2, 4),
-    ]
-
-
-_CONFIGS = _configs()
 # Autotune only when there is a real choice; the key covers what changes the best tile.
-_kernel = (
-    triton.autotune(configs=_CONFIGS, key=["M", "E", "K", "PRECISION"])(_patch_embed_kernel)
-    if len(_CONFIGS) > 1
-    else _patch_embed_kernel
-)
+_kernel = TiledKernel(_patch_embed_kernel, gemm_configs((64, 64, 32, 2, 4)), key=["M", "E", "K", "PRECISION"])
 
 
 def patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale: float = 1.0, shift: float = 0.0):
@@ -130,18 +105,8 @@ def patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale: float = 1.
     # dummies for absent operands: never read (constexpr flags compile the loads out)
     b = bias if bias is not None else out
     pos = pos_embed.reshape(N, E) if pos_embed is not None else out.view(M, E)
-    if x.dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
-        precision = "tf32"  # ignored for 16-bit operands; the backend default
-    if len(_CONFIGS) > 1:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(E, meta["BLOCK_N"]))
-        extra = {}
-    else:
-        blk = _CONFIGS[0]
-        grid = (triton.cdiv(M, blk.kwargs["BLOCK_M"]), triton.cdiv(E, blk.kwargs["BLOCK_N"]))
-        extra = dict(blk.kwargs, num_warps=blk.num_warps, num_stages=blk.num_stages)
-    _kernel[grid](
+    _kernel(
+        M, E,
         x, weight, b, pos, out,
         M, N, E, K,
         gh, gw, pd, ph, pw, C,
@@ -151,7 +116,6 @@ def patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale: float = 1.
         pos.stride(0), pos.stride(1),
         float(scale), float(shift),
         AFFINE=(scale != 1.0 or shift != 0.0), HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
-        PRECISION=precision,
-        **extra,
+        PRECISION=matmul_precision(x.dtype),
     )
     return out
