@@ -5,6 +5,8 @@ Public API:
     load_volume, Volume    NIfTI / DICOM / arrays in, with affine and spacing
     segevol_fast.ops       kernels with plain-PyTorch `*_ref` twins and backend dispatch
     segevol_fast.info()    versions, backends and devices, for bug reports
+    optimize(model)        route a MONAI ViT / peft LoRA / SegVol model's attention, patch embedding
+                           and LoRA linears through segevol_fast.ops, in place
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .inference import SegmentationResult, segment  # noqa: E402
 from .info import info  # noqa: E402
 from .io import Volume, load_volume  # noqa: E402
 from .model import SegVol, SegVolConfig  # noqa: E402
+from .optimize import OptimizeReport, optimize  # noqa: E402
 
 __all__ = ["__version__", "errors", "ops", "info", "SegVol", "SegVolConfig", "Volume", "load_volume",
-           "segment", "SegmentationResult"]
+           "segment", "SegmentationResult", "optimize", "OptimizeReport"]

@@ -10,6 +10,7 @@ from ._backend import available_backends, forced_backend, registered_ops, select
 from .flash_attention import flash_attention, flash_attention_ref
 from .lora_linear import lora_linear, lora_linear_ref, stack_lora_slices
 from .patch_embed import patch_embed, patch_embed_ref
+from .routed_lora_linear import routed_lora_linear, routed_lora_linear_ref
 
 __all__ = [
     "flash_attention",
@@ -19,6 +20,8 @@ __all__ = [
     "stack_lora_slices",
     "patch_embed",
     "patch_embed_ref",
+    "routed_lora_linear",
+    "routed_lora_linear_ref",
     "use_backend",
     "select",
     "available_backends",

@@ -134,6 +134,38 @@ SPECS.append(
         native_in_C=False,
     )
 )
+def _routed_lora_linear_args(case, device):
+    lengths, K, N, r, E, routing = case
+    f64 = dict(device=device, dtype=torch.float64)
+    M = sum(lengths)
+    segments = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
+    x = torch.randn(M, K, **f64)
+    w = torch.randn(N, K, **f64) / K**0.5
+    a = torch.randn(E, r, K, **f64) / K**0.5
+    b = torch.randn(E, N, r, **f64) / r**0.5
+    if routing == "soft":
+        idx, gates = None, torch.softmax(torch.randn(len(lengths), E, **f64), -1)
+    else:
+        idx, gates = torch.tensor(routing, device=device), None
+    return (x, w, torch.randn(N, **f64), a, b, segments, idx, gates, 0.7)
+
+
+SPECS.append(
+    OpSpec(
+        name="routed_lora_linear",
+        module="segevol_fast.ops.routed_lora_linear",
+        # (segment lengths, K, N, r, E, "soft" or adapter per segment): soft mixtures (the first
+        # case and tiny_case, so gates are a grad arg everywhere) and hard routing with a base-only
+        # (-1) and an empty segment; odd K/N/rows
+        cases=[((7, 0, 12), 37, 45, 5, 3, "soft"), ((5, 9, 0, 4), 20, 18, 2, 3, [2, -1, 0, 2]),
+               ((33,), 24, 51, 16, 2, [1])],
+        make_args=_routed_lora_linear_args,
+        grad_args=(0, 2, 3, 4, 7),
+        tiny_case=((2, 0, 3), 5, 7, 2, 3, "soft"),
+        native_in_C=False,
+    )
+)
+
 SPEC_BY_NAME = {s.name: s for s in SPECS}
 
 
