@@ -59,8 +59,6 @@ def _resolve_device(name: Optional[str]) -> str:
 
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this torch build or machine has no CUDA device; use --device cpu")
     try:
         check_device(name)  # "gpu7", "cuda:5" on a one-GPU machine: a usage error, not a torch RuntimeError
     except InvalidArgumentError as exc:

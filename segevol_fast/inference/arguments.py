@@ -16,11 +16,11 @@ from typing import Optional
 import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..io.volume import MODALITY_ALIASES
 
 MODES = ("fast", "exact")
 COORDS = ("voxel", "world")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MODALITY_NAMES = ("ct", "mri", "mr")
 
 
 def _is_bool(value) -> bool:
@@ -55,7 +55,7 @@ def check_modality(modality) -> None:
         return
     if not isinstance(modality, str):
         raise ArgumentTypeError(f"modality must be 'ct', 'mri' or None, got {type(modality).__name__} {modality!r:.60}")
-    if modality.strip().lower() not in MODALITY_NAMES:
+    if modality.strip().lower() not in MODALITY_ALIASES:
         raise InvalidArgumentError(f"modality must be 'ct', 'mri' (or 'mr') or None, got {modality!r}")
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from ..errors import ArgumentTypeError, PromptError
+from ..vocabulary import normalize as normalize_name
 
 ArrayLike = Union[np.ndarray, Sequence]
 
@@ -111,8 +112,9 @@ def _text_names(text) -> list[str]:
 
 
 def _label_key(name: str) -> str:
-    # "Liver", " liver" and "liver" ask for the same structure (CLIP's tokenizer lower-cases)
-    return " ".join(name.split()).casefold()
+    # "Liver", " liver" and "liver" ask for the same structure (CLIP's tokenizer lower-cases):
+    # the same normal form the vocabulary matches names in
+    return normalize_name(name)
 
 
 def unique_labels(names: Sequence[str]) -> list[str]:

@@ -21,7 +21,7 @@ from ..errors import (  # noqa: F401  (re-exported: io.volume is where they were
 )
 
 MODALITIES = ("ct", "mri")
-_MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}
+MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}
 
 
 def normalize_modality(modality: Optional[str]) -> Optional[str]:
@@ -29,9 +29,9 @@ def normalize_modality(modality: Optional[str]) -> Optional[str]:
     if modality is None:
         return None
     key = str(modality).strip().lower()
-    if key not in _MODALITY_ALIASES:
+    if key not in MODALITY_ALIASES:
         raise VolumeError(f"unknown modality {modality!r}; use one of {MODALITIES} or None")
-    return _MODALITY_ALIASES[key]
+    return MODALITY_ALIASES[key]
 
 
 def check_3d_shape(shape, what: str) -> None:
