@@ -20,10 +20,12 @@ import datetime as dt
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
+
+from bench.fresh_process import report, run_child  # noqa: E402
 CASES = [("encode", 1), ("encode", 2), ("encode", 4), ("encode", 6), ("encode", 8), ("decode", 1), ("decode", 4),
          ("decode", 8)]
 
@@ -64,20 +66,16 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        sys.path.insert(0, str(REPO))
-        print("@@RESULT@@" + json.dumps(_child(args.child[0], int(args.child[1]))))
+        report(_child(args.child[0], int(args.child[1])))
         return 0
     import torch
 
     rows = []
     for kind, n in CASES:
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, str(n)], capture_output=True, text=True,
-                              cwd=REPO)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
-        if line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
+        row = run_child(__file__, ["--child", kind, str(n)], cwd=REPO)
+        if "error" in row:
+            print(row["error"], file=sys.stderr)
             return 1
-        row = json.loads(line[len("@@RESULT@@"):])
         row["model_over_measured"] = row["model_bytes"] / max(1, row["measured_bytes"])
         rows.append(row)
         print(f"{kind} x{n}: measured {row['measured_bytes'] / 1e6:7.1f} MB, cost model {row['model_bytes'] / 1e6:7.1f} MB "
@@ -90,7 +88,6 @@ def main() -> int:
     file = path / f"cpu-memory-terms-{dt.date.today().isoformat()}.json"
     file.write_text(json.dumps(out, indent=2))
     print(f"wrote {file}")
-    sys.path.insert(0, str(REPO))
     from segevol_fast.inference.budget import _FIXED_SLACK
 
     under = [r for r in rows if r["model_bytes"] + _FIXED_SLACK < r["measured_bytes"]]

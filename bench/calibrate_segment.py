@@ -24,10 +24,12 @@ import json
 import os
 import pathlib
 import platform
-import subprocess
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
+
+from bench.fresh_process import report, run_child  # noqa: E402
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
           "inferior vena cava", "esophagus"]
@@ -81,20 +83,17 @@ def main() -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        sys.path.insert(0, str(REPO))
-        print("@@RESULT@@" + json.dumps(_child(args.child), default=str))
+        report(_child(args.child))
         return 0
     import torch
 
     rows, failed = [], []
     for name in (QUICK if args.quick else args.cases):
-        proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True, cwd=REPO)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
-        if line is None:
-            print(f"{name}: FAILED\n{proc.stderr[-3000:]}", file=sys.stderr)
+        row = run_child(__file__, ["--child", name], cwd=REPO)
+        if "error" in row:
+            print(f"{name}: FAILED\n{row['error']}", file=sys.stderr)
             failed.append(name)
             continue
-        row = json.loads(line[len("@@RESULT@@"):])
         row["estimate_over_measured"] = row["estimate_bytes"] / row["measured_bytes"]
         rows.append(row)
         ok = LOW <= row["estimate_over_measured"] <= HIGH

@@ -24,6 +24,9 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
+
+from bench.fresh_process import report, run_child  # noqa: E402
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 CT_ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
              "inferior vena cava", "esophagus"]
@@ -121,10 +124,9 @@ CASES = {
 
 
 def _child(name: str) -> None:
-    sys.path.insert(0, str(REPO))
     result = CASES[name]()
     result["ru_maxrss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("@@RESULT@@" + json.dumps(result, default=str))
+    report(result)
 
 
 def main() -> int:
@@ -139,7 +141,6 @@ def main() -> int:
         _child(args.child)
         return 0
     if args.make_synthetic:
-        sys.path.insert(0, str(REPO))
         _make_synthetic(pathlib.Path(args.make_synthetic))
         return 0
     import torch
@@ -148,13 +149,9 @@ def main() -> int:
     for name in args.cases:
         t = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, __file__, "--child", name], capture_output=True, text=True,
-                                  cwd=REPO, timeout=args.timeout)
+            results[name] = run_child(__file__, ["--child", name], cwd=REPO, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             results[name] = {"error": f"timed out after {args.timeout:.0f} s (not completed)"}
-        else:
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("@@RESULT@@")), None)
-            results[name] = json.loads(line[len("@@RESULT@@"):]) if line else {"error": proc.stderr[-3000:]}
         results[name]["wall_s"] = time.perf_counter() - t
         print(name, json.dumps(results[name], default=str)[:400], flush=True)
     out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
