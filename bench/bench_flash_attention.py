@@ -16,9 +16,16 @@ from segevol_fast.kernels.reference_attention import flash_attention_sdpa
 
 SHAPE = (1, 12, 2048, 64)  # (B, H, S, D): 2048 tokens of one 32x256x256 window, 12 heads of 64
 KV_LENS = {"full": None, "kv2000": 2000}
-# "sdpa_autograd" is flash_attention_sdpa called directly, autograd recording SDPA itself: the op's
-# native backward re-runs the forward instead (it keeps no autograd graph), this shows what that costs.
-PROVIDERS = {"op_native_sdpa": "native", "reference": "ref", "sdpa_autograd": None}
+# "sdpa_autograd" is flash_attention_sdpa called directly, autograd recording SDPA itself: the
+# baseline for the op's native backward, which runs ATen's fused backward from the saved out and lse.
+# "monai_einsum" is MONAI's SABlock attention before its SDPA option (what the official encoder
+# runs): einsum scores, softmax, einsum; it has no key mask, so it runs only without kv_len.
+PROVIDERS = {"op_native_sdpa": "native", "reference": "ref", "sdpa_autograd": None, "monai_einsum": "monai"}
+
+
+def _monai_einsum(q, k, v):
+    att = (torch.einsum("bhxd,bhyd->bhxy", q, k) * q.shape[-1] ** -0.5).softmax(dim=-1)
+    return torch.einsum("bhxy,bhyd->bhxd", att, v)
 
 
 def _inputs(requires_grad: bool):
@@ -31,6 +38,9 @@ def _forward(backend, kv_len):
     kv = None if kv_len is None else torch.tensor([kv_len])
 
     def run():
+        if backend == "monai":
+            with torch.inference_mode():
+                return _monai_einsum(q, k, v)
         with torch.inference_mode(), ops.use_backend(backend):
             return ops.flash_attention(q, k, v, kv_len=kv)
 
@@ -45,6 +55,8 @@ def _forward_backward(backend, kv_len):
     def run():
         if backend is None:
             out = flash_attention_sdpa(q, k, v, None, kv)
+        elif backend == "monai":
+            out = _monai_einsum(q, k, v)
         else:
             with ops.use_backend(backend):
                 out = ops.flash_attention(q, k, v, kv_len=kv)
@@ -67,6 +79,8 @@ def _one_thread():
 def test_flash_attention_segvol_window(benchmark, passes, provider, kv):
     if passes == "forward" and PROVIDERS[provider] is None:
         pytest.skip("without a backward, sdpa_autograd is op_native_sdpa")
+    if PROVIDERS[provider] == "monai" and KV_LENS[kv] is not None:
+        pytest.skip("MONAI's attention has no key mask")
     make = _forward if passes == "forward" else _forward_backward
     fn = make(PROVIDERS[provider], KV_LENS[kv])
     benchmark.group = f"flash_attention 1x12x2048x64 fp32 cpu 1 thread, {passes}, {kv}"

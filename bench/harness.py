@@ -146,3 +146,64 @@ def lora_linear_providers(c: LoraLinearCase, backends: list[str]) -> dict[str, C
 def _lora_ours(c: LoraLinearCase, backend: str | None = None) -> torch.Tensor:
     with ops.use_backend(backend):
         return ops.lora_linear(c.x, c.weight, c.bias, c.lora_a, c.lora_b, c.scale)
+
+
+# ---------------------------------------------------------------------------- routed_lora_linear
+# Four windows of a mixed batch (say CT, MR T1, MR T2, PET), each routed to its own LoRA adapter
+# on the fused qkv projection: 4 x 2048 tokens, 768 -> 2304, r=16.
+ROUTED = dict(segments=4, adapters=4)
+
+
+@dataclass
+class RoutedCase:
+    one: LoraLinearCase  # x is all rows; lora_a/b are adapter 0
+    lora_a: torch.Tensor  # (E, r, K)
+    lora_b: torch.Tensor  # (E, N, r)
+    segments: torch.Tensor  # (S + 1,) row offsets
+    adapter_idx: torch.Tensor  # (S,) segment s -> adapter s % E
+    gates: torch.Tensor  # (S, E) softmax gates
+
+
+def routed_case(segments=ROUTED["segments"], adapters=ROUTED["adapters"]) -> RoutedCase:
+    one = lora_linear_case(tokens=segments * LORA_QKV["tokens"])
+    g = torch.Generator().manual_seed(1)
+    k, n, r = one.x.shape[1], one.weight.shape[0], one.lora_a.shape[0]
+    a = torch.cat([one.lora_a[None], torch.randn(adapters - 1, r, k, generator=g) / k**0.5])
+    b = torch.cat([one.lora_b[None], torch.randn(adapters - 1, n, r, generator=g) / r**0.5])
+    offsets = torch.arange(segments + 1, dtype=torch.int64) * LORA_QKV["tokens"]
+    idx = torch.arange(segments, dtype=torch.int64) % adapters
+    gates = torch.softmax(torch.randn(segments, adapters, generator=g), dim=-1)
+    return RoutedCase(one, a, b, offsets, idx, gates)
+
+
+def routed_providers(c: RoutedCase, backends: list[str]) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> zero-argument callable: the base GEMM alone, every row through ONE adapter
+    (lora_linear, the target's denominator), a per-segment Python loop of lora_linear calls (what
+    serving without a routed op does), and the routed op, hard and soft, per backend."""
+    o = c.one
+    bounds = c.segments.tolist()
+
+    def loop() -> torch.Tensor:
+        out = torch.empty(o.x.shape[0], o.weight.shape[0])
+        for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            e = int(c.adapter_idx[s])
+            out[lo:hi] = ops.lora_linear(o.x[lo:hi], o.weight, o.bias, c.lora_a[e], c.lora_b[e], o.scale)
+        return out
+
+    providers: dict[str, Callable[[], torch.Tensor]] = {
+        "base_gemm_only": lambda: F.linear(o.x, o.weight, o.bias),
+        "one_adapter_lora_linear": lambda: ops.lora_linear(o.x, o.weight, o.bias, o.lora_a, o.lora_b, o.scale),
+        "per_segment_loop": loop,
+    }
+    for bk in backends:
+        providers[f"segevol_fast_{bk}_hard"] = lambda bk=bk: _routed(c, bk, hard=True)
+        providers[f"segevol_fast_{bk}_soft"] = lambda bk=bk: _routed(c, bk, hard=False)
+    return providers
+
+
+def _routed(c: RoutedCase, backend: str, hard: bool) -> torch.Tensor:
+    o = c.one
+    with ops.use_backend(backend):
+        return ops.routed_lora_linear(o.x, o.weight, o.bias, c.lora_a, c.lora_b, c.segments,
+                                      adapter_idx=c.adapter_idx if hard else None,
+                                      gates=None if hard else c.gates, scale=o.scale)

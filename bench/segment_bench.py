@@ -104,7 +104,22 @@ def case_fast_vs_exact() -> dict:
             "fast_10_in_one_call_s": fast10["seconds"], "exact_10_calls_s": exact_seconds,
             "ratio_10": exact_seconds / fast10["seconds"],
             "fast_1_s": fast1["seconds"], "exact_1_s": exact10[0]["seconds"],
-            "ratio_1": exact10[0]["seconds"] / fast1["seconds"]}
+            "ratio_1": exact10[0]["seconds"] / fast1["seconds"], "fast_precision": fast1["precision"],
+            "fast_1_windows": fast1["zoom_in_windows"]}
+
+
+def case_fast_vs_exact_mri() -> dict:
+    """One structure on the brain MRI (197x233x189, several zoom-in windows), fast at default
+    settings vs exact; `precision` records what "auto" picked on this machine."""
+    src, kw = DATA / "mr_brain_mni152_t1.nii.gz", dict(text="white matter", modality="mri")
+    model = _model()
+    _run_segment(model, src, zoom_in=False, **kw)  # warm-up, untimed
+    fast1 = _run_segment(model, src, **kw)
+    exact1 = _run_segment(model, src, mode="exact", **kw)
+    return {"input": str(src), "prompt": kw, "fast_1_s": fast1["seconds"], "exact_1_s": exact1["seconds"],
+            "ratio_1": exact1["seconds"] / fast1["seconds"], "fast_precision": fast1["precision"],
+            "fast_windows": fast1["zoom_in_windows"], "fast_timings": fast1["timings"],
+            "exact_timings": exact1["timings"]}
 
 
 def case_exact_vs_rerun() -> dict:
@@ -119,6 +134,7 @@ CASES = {
     "mri_brain": lambda: case_volume("mri_brain"),
     "synthetic512": case_synthetic512,
     "fast_vs_exact": case_fast_vs_exact,
+    "fast_vs_exact_mri": case_fast_vs_exact_mri,
     "exact_vs_rerun": case_exact_vs_rerun,
 }
 

@@ -338,7 +338,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="skip the weights and use a randomly initialised model (masks are meaningless)")
     p.add_argument("--no-zoom-in", action="store_true", help="zoom-out pass only (faster, coarser)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision (default auto: bf16 in fast mode on CUDA, float32 otherwise)")
+                   help="autocast precision (default auto: fast mode in bf16 on CUDA and on CPUs with bf16 "
+                        "instructions, float32 otherwise; `segevol-fast info` says which)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 

@@ -22,6 +22,16 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def _cpu_auto_precision() -> str:
+    from .inference.precision import cpu_bf16_native
+
+    try:
+        native, why = cpu_bf16_native()
+    except Exception as exc:  # a bad override in the environment: report it, never raise
+        return f"error: {exc}"
+    return f"{'bf16' if native else 'fp32'} ({why})"
+
+
 def info() -> dict[str, Any]:
     """Versions, build flags, devices and the backend each op picks on each device type."""
     from . import __version__
@@ -56,6 +66,8 @@ def info() -> dict[str, Any]:
         # thread-count-independent GEMMs (determinism.py); a different value here explains results
         # that change with the number of threads
         "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        # what precision="auto" runs fast mode in on this CPU, and why (inference/precision.py)
+        "cpu_auto_precision": _cpu_auto_precision(),
         "cuda_available": torch.cuda.is_available(),
         "gpus": gpus,
         "nvcc": shutil.which("nvcc"),

@@ -16,6 +16,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     assert "triton" not in sys.modules or os.environ["TRITON_INTERPRET"] == "1"
 
+# precision="auto" picks bf16 on CPUs with bf16 instructions (inference/precision.py): pin the
+# detection off so every test runs the same arithmetic on any CI machine; tests/inference/
+# test_precision.py covers the rule itself.
+os.environ.setdefault("SEGEVOL_FAST_CPU_BF16", "0")
+
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402

@@ -20,37 +20,18 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..determinism import sigmoid
-from ..errors import InvalidArgumentError
 from ..io import Volume, load_volume
 from ..modality_hint import warn_if_mri
 from ..preprocess import paste_back, preprocess
 from ..vocabulary import check_names
-from .arguments import PRECISIONS, check_segment_arguments
+from .arguments import check_segment_arguments
 from .budget import _model_device, same_device
 from .memory import PeakMemory
+from .precision import resolve_precision
 from .progress import display_for
 from .prompts import build_prompts
 from .result import SegmentationResult, describe_prompts
 
-
-
-def resolve_precision(requested: Optional[str], model_precision: str, device: torch.device, mode: str) -> str:
-    """The autocast precision a segment() call runs under.
-
-    "auto" (or None): the model's own precision when it was set to bf16/fp16; otherwise, in fast
-    mode on CUDA, bf16 where the GPU supports it (else fp16), which halves the encoder's
-    activations and runs its GEMMs on tensor cores; float32 everywhere else (CPU autocast is slower
-    than float32 GEMMs on most CPUs, and exact mode follows the official float32 pipeline).
-    "fp32" / "bf16" / "fp16" force one.
-    """
-    requested = "auto" if requested is None else requested
-    if requested not in PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {requested!r}")
-    if requested != "auto":
-        return requested
-    if model_precision != "fp32" or mode != "fast" or torch.device(device).type != "cuda":
-        return model_precision
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def segment(
@@ -96,8 +77,9 @@ def segment(
             into (its creator closes it; the CLI adds its load and save stages).
         return_probabilities: also keep sigmoid probabilities (float32, input grid).
         seed: seeds the random point sampling of exact mode (official behaviour is random).
-        precision: "auto" (bf16/fp16 autocast in fast mode on CUDA, else the model's precision),
-            or "fp32" / "bf16" / "fp16" for this call (see `resolve_precision`).
+        precision: "auto" (fast mode: bf16/fp16 autocast on CUDA, bf16 on CPUs with bf16
+            instructions, else float32; exact mode: the model's precision), or "fp32" / "bf16" /
+            "fp16" for this call (see `inference.precision.resolve_precision`).
         series: SeriesInstanceUID to read when `volume` is a DICOM folder holding several series
             (`segevol_fast.io.list_series(folder)` lists them).
 

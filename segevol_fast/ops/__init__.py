@@ -7,7 +7,7 @@ on the one scaffold in `_op` (`define_op`), whose docstring lists the steps to a
 """
 
 from ._backend import available_backends, forced_backend, registered_ops, select, use_backend
-from .flash_attention import flash_attention, flash_attention_ref
+from .flash_attention import flash_attention, flash_attention_ref, flash_attention_with_lse
 from .lora_linear import lora_linear, lora_linear_ref, stack_lora_slices
 from .patch_embed import patch_embed, patch_embed_ref
 from .routed_lora_linear import routed_lora_linear, routed_lora_linear_ref
@@ -15,6 +15,7 @@ from .routed_lora_linear import routed_lora_linear, routed_lora_linear_ref
 __all__ = [
     "flash_attention",
     "flash_attention_ref",
+    "flash_attention_with_lse",
     "lora_linear",
     "lora_linear_ref",
     "stack_lora_slices",

@@ -23,10 +23,14 @@ Adding an op `foo` (each step is a few lines; `patch_embed.py` is the worked exa
      op's "native" backend on CPU tensors (no _C kernel, no step 6); CUDA tensors then go to
      Triton, else ref.
   3. `_fake(*args)`: empty output(s) of the right shape, dtype and device (`x.new_empty(...)`),
-     for torch.compile and opcheck; no data is read.
+     for torch.compile and opcheck; no data is read. An op with several outputs (schema
+     "-> (Tensor, Tensor)") returns a tuple from every backend and the fake, and so does its `Op`;
+     the public function returns what callers need (flash_attention: out of (out, lse)).
   4. Autograd, if training needs it: `_setup_context(ctx, inputs, output)` saves what the
-     backward needs; `_backward(ctx, *grads)` returns one gradient per schema argument (None for
-     non-tensors and inputs that need none, see `ctx.needs_input_grad`).
+     backward needs (outputs too, e.g. statistics a fused backward reuses; mark those that are not
+     differentiable with `ctx.mark_non_differentiable`); `_backward(ctx, *grads)` gets one grad
+     per output and returns one gradient per schema argument (None for non-tensors and inputs
+     that need none, see `ctx.needs_input_grad`).
   5. One registration call at module level:
 
          _FOO = define_op(

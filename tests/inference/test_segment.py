@@ -113,23 +113,6 @@ def test_world_coordinate_box_equals_voxel_box(model, ct):
     np.testing.assert_array_equal(a.masks["box 0"], b.masks["box 0"])
 
 
-def test_auto_precision_is_reduced_only_in_fast_mode_on_cuda(monkeypatch):
-    from segevol_fast.inference.segment import resolve_precision
-
-    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert resolve_precision("auto", "fp32", cuda, "fast") == "bf16"
-    assert resolve_precision(None, "fp32", "cuda", "fast") == "bf16"
-    assert resolve_precision("auto", "fp32", cuda, "exact") == "fp32"  # the official float32 pipeline
-    assert resolve_precision("auto", "fp32", cpu, "fast") == "fp32"
-    assert resolve_precision("auto", "fp16", cpu, "fast") == "fp16"  # the model's own setting stands
-    assert resolve_precision("fp32", "bf16", cuda, "fast") == "fp32"  # an explicit choice wins
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert resolve_precision("auto", "fp32", cuda, "fast") == "fp16"  # pre-Ampere GPUs
-    with pytest.raises(ValueError, match="precision"):
-        resolve_precision("int8", "fp32", cpu, "fast")
-
-
 def test_a_precision_applies_to_the_call_only(model, ct):
     res = segment(model, ct, text="liver", precision="bf16", zoom_in=False, progress=False)
     assert res.precision == "bf16" and res.summary()["precision"] == "bf16"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
-import re
 
 import pytest
 import torch
@@ -12,54 +10,11 @@ import torch
 pytest.importorskip("monai")
 pytest.importorskip("einops")
 
+from bench.monai_vit import monai_grid, paired  # noqa: E402
 from segevol_fast.errors import ShapeError  # noqa: E402
 from segevol_fast.model.config import SegVolConfig  # noqa: E402
 from segevol_fast.model.image_encoder import ImageEncoder  # noqa: E402
 from tests.numerics import assert_matches_reference  # noqa: E402
-
-# MONAI >= 1.2 builds a LayerNorm for cross-attention in every block even when cross-attention is
-# off; it never runs and is absent from MONAI 0.9 and from SegVol's checkpoint.
-UNUSED_MONAI_KEY = re.compile(r"blocks\.\d+\.norm_cross_attn\.(weight|bias)")
-
-
-def monai_vit(cfg: SegVolConfig):
-    """MONAI ViT configured as SegVol builds it (reference §1), across MONAI versions."""
-    from monai.networks.nets import ViT
-
-    params = inspect.signature(ViT).parameters
-    kwargs = dict(
-        in_channels=cfg.in_channels, img_size=cfg.spatial_size, patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, classification=False, dropout_rate=0.0,
-    )
-    # MONAI renamed pos_embed -> proj_type in 1.3; qkv_bias appeared in 1.1 (0.9 had no bias).
-    kwargs["proj_type" if "proj_type" in params else "pos_embed"] = "perceptron"
-    if "qkv_bias" in params:
-        kwargs["qkv_bias"] = False
-    return ViT(**kwargs)
-
-
-def paired(cfg: SegVolConfig):
-    """(MONAI ViT, our ImageEncoder) holding the same random weights, both in eval mode."""
-    ref = monai_vit(cfg).eval()
-    with torch.no_grad():  # move LayerNorm affines and biases off their 1 / 0 initial values
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ours = ImageEncoder(cfg).eval()
-    ref_sd = ref.state_dict()
-    wanted = {k: v for k, v in ref_sd.items() if not UNUSED_MONAI_KEY.fullmatch(k)}
-    assert set(ours.state_dict()) == set(wanted), "state-dict keys differ from MONAI's"
-    for k, v in ours.state_dict().items():
-        assert v.shape == wanted[k].shape, k
-    ours.load_state_dict(wanted, strict=True)
-    return ref, ours
-
-
-def monai_grid(ref, x: torch.Tensor, cfg: SegVolConfig) -> torch.Tensor:
-    """MONAI tokens (B, N, C) -> SegVol's (B, C, gd, gh, gw)."""
-    tokens = ref(x)[0]
-    return tokens.transpose(1, 2).reshape(x.shape[0], cfg.hidden_size, *cfg.grid_size)
-
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()

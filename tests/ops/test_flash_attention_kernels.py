@@ -1,5 +1,6 @@
-"""Flash-attention kernels (Triton, under the interpreter on CPU) and the CPU SDPA path against the
-float64 reference (`segevol_fast.kernels.reference_attention`), forward and backward."""
+"""Flash-attention kernels (Triton, under the interpreter on CPU), the CPU backend (ATen's fused
+flash kernels, forward and backward) and the SDPA path against the float64 reference
+(`segevol_fast.kernels.reference_attention`), forward and backward."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch.nn.functional as F
 
 from segevol_fast.errors import ArgumentTypeError, ShapeError
 from segevol_fast.kernels.reference_attention import (
+    flash_attention_cpu,
+    flash_attention_cpu_backward,
     flash_attention_reference,
+    flash_attention_reference_with_lse,
     flash_attention_sdpa,
 )
 from tests.numerics import assert_matches_reference
@@ -210,6 +214,86 @@ def test_cpu_sdpa_path_is_torch_sdpa_with_a_key_mask():
                                rtol=1e-6, atol=1e-6)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:1], scale=0.2)
     torch.testing.assert_close(flash_attention_sdpa(q, k, v, scale=0.2, kv_len=12), expected, rtol=1e-6, atol=1e-6)
+
+
+def _cpu_grads(inputs, grad_out, scale=None, kv_len=None):
+    """out, lse and (dq, dk, dv) of the CPU backend: its forward, then its backward from the saved
+    out and lse (no autograd involved)."""
+    with torch.no_grad():
+        out, lse = flash_attention_cpu(*inputs, scale, kv_len)
+        grads = flash_attention_cpu_backward(grad_out.to(out.dtype), *inputs, out, lse, scale, kv_len)
+    return out, lse, grads
+
+
+@pytest.mark.parametrize("kv_len", [None, 9, "per-row", "row0"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=_dt)
+def test_cpu_backend_forward_and_backward_match_float64_reference(dtype, kv_len):
+    # Default scale (scores of unit variance), as SegVol runs it: ATen's fp32 backward loses about
+    # 3x the reference's precision on much sharper softmaxes (scale 0.3 at D 64), and so does SDPA's
+    # own autograd, which is the same kernel (test_cpu_backend_is_torch_sdpa_bit_for_bit).
+    kv = {"per-row": torch.tensor([33, 4]), "row0": torch.tensor([0, 20])}.get(kv_len, kv_len)
+    exact_in = [torch.randn(2, 3, S, 64, dtype=torch.float64) for S in (17, 33, 33)]
+    cast = [t.to(dtype) for t in exact_in]
+    g = torch.randn(2, 3, 17, 64, dtype=torch.float64)
+    out, lse, grads = _cpu_grads(cast, g, None, kv)
+    ref = lambda q, k, v: flash_attention_reference(q, k, v, scale=None, kv_len=kv)
+    same, same_grads = _grads(ref, cast, g)
+    exact, exact_grads = _grads(ref, exact_in, g)
+    assert_matches_reference(out, same, exact, f"cpu out {dtype}")
+    for name, a, s, e in zip(("dq", "dk", "dv"), grads, same_grads, exact_grads):
+        assert_matches_reference(a, s, e, f"cpu {name} {dtype}")
+    _, same_lse = flash_attention_reference_with_lse(*cast, None, kv)
+    _, exact_lse = flash_attention_reference_with_lse(*exact_in, None, kv)
+    rows = slice(1, None) if kv_len == "row0" else slice(None)
+    assert_matches_reference(lse[rows], same_lse[rows], exact_lse[rows], f"cpu lse {dtype}")
+    if kv_len == "row0":  # attends to nothing: out 0, lse -inf, zero gradients
+        assert torch.isneginf(lse[0]).all() and out[0].abs().max() == 0
+        assert all(torch.isfinite(t).all() and t[0].abs().max() == 0 for t in grads)
+
+
+def test_cpu_backend_strided_inputs():
+    # A non-contiguous head dim (ATen's kernels silently misread it) and a (B, S, H, D) layout.
+    exact_in = [torch.randn(2, 2, S, 32, dtype=torch.float64) for S in (19, 40, 40)]
+    head_dim_strided = [t.float().transpose(-2, -1).contiguous().transpose(-2, -1) for t in exact_in]
+    seq_strided = [t.float().transpose(1, 2).contiguous().transpose(1, 2) for t in exact_in]
+    g = torch.randn(2, 2, 19, 32, dtype=torch.float64)
+    same, same_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), [t.float() for t in exact_in], g)
+    exact, exact_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), exact_in, g)
+    for inputs in (head_dim_strided, seq_strided):
+        assert inputs[0].stride(-1) != 1 or not inputs[0].is_contiguous()
+        out, _, grads = _cpu_grads(inputs, g.float().transpose(-2, -1).contiguous().transpose(-2, -1), None, 30)
+        assert_matches_reference(out, same, exact, "strided out")
+        for name, a, s, e in zip(("dq", "dk", "dv"), grads, same_grads, exact_grads):
+            assert_matches_reference(a, s, e, f"strided {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dt)
+def test_cpu_backend_is_torch_sdpa_bit_for_bit(dtype):
+    # The model's exact mode relies on it: same kernel, same mask values, same output bits.
+    q, k, v = (torch.randn(2, 2, S, 32).to(dtype) for S in (10, 26, 26))
+    assert torch.equal(flash_attention_cpu(q, k, v)[0], F.scaled_dot_product_attention(q, k, v))
+    mask = torch.zeros(2, 1, 1, 26, dtype=torch.bool)
+    mask[0, ..., :26] = True
+    mask[1, ..., :7] = True
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)
+    assert torch.equal(flash_attention_cpu(q, k, v, 0.2, torch.tensor([26, 7]))[0], expected)
+    assert torch.equal(flash_attention_cpu(q, k, v, 0.2, torch.tensor([26, 7]))[0],
+                       flash_attention_sdpa(q, k, v, 0.2, torch.tensor([26, 7])))
+    # the backward too: SDPA's autograd runs the same fused backward kernel
+    g = torch.randn(2, 2, 10, 32).to(dtype)
+    _, sdpa_grads = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2), (q, k, v), g)
+    _, _, grads = _cpu_grads((q, k, v), g, 0.2, torch.tensor([26, 7]))
+    for a, b in zip(grads, sdpa_grads):
+        assert torch.equal(a, b)
+
+
+def test_cpu_backend_gradients_of_keys_nobody_sees_are_zero():
+    # Keys past every row's kv_len are sliced off in eager mode; their gradients are zeros.
+    q, k, v = (torch.randn(2, 2, S, 16) for S in (7, 30, 30))
+    _, _, (_, dk, dv) = _cpu_grads((q, k, v), torch.randn(2, 2, 7, 16), None, torch.tensor([12, 5]))
+    assert dk.shape == k.shape and dv.shape == v.shape
+    assert dk[:, :, 12:].abs().max() == 0 and dv[:, :, 12:].abs().max() == 0
+    assert dk[1, :, 5:].abs().max() == 0 and dk[0, :, :12].abs().max() > 0
 
 
 @pytest.mark.parametrize("fn", [flash_attention_reference, flash_attention_sdpa], ids=lambda f: f.__name__)

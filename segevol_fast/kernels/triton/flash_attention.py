@@ -270,13 +270,18 @@ def _kv_len_tensor(kv_len, q, sk: int) -> torch.Tensor:
 
 
 def flash_attention_triton(q, k, v, scale: float | None = None, kv_len=None, *, block_m: int | None = None,
-                           block_n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B,H,Sq,D), (B,H,Sk,D) x2 -> (out (B,H,Sq,D) in q's dtype, lse (B,H,Sq) fp32, natural log)."""
+                           block_n: int | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,H,Sq,D), (B,H,Sk,D) x2 -> (out (B,H,Sq,D) in q's dtype, lse (B,H,Sq) fp32, natural log).
+    `out`: where to write (any strides; q's shape, dtype and device); default a new contiguous one."""
     _check(q, k, v, kv_len, block_m, block_n)
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    out = torch.empty((B, H, Sq, D), device=q.device, dtype=q.dtype)
+    if out is None:
+        out = torch.empty((B, H, Sq, D), device=q.device, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ShapeError(f"flash_attention_triton: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
