@@ -105,6 +105,12 @@ class LoraLinearCase:
         """The base GEMM's 2*M*K*N; the rank-r shrink and expand add 2*M*r*(K+N) on top."""
         return 2.0 * self.x.shape[0] * self.x.shape[1] * self.weight.shape[0]
 
+    @property
+    def min_bytes(self) -> float:
+        """Compulsory traffic of a fused kernel: read x, W, b, A, B once; write the output."""
+        n = sum(t.numel() for t in (self.x, self.weight, self.bias, self.lora_a, self.lora_b))
+        return (n + self.x.shape[0] * self.weight.shape[0]) * self.x.element_size()
+
 
 def lora_linear_case(tokens=LORA_QKV["tokens"], k=LORA_QKV["k"], n=LORA_QKV["n"], rank=LORA_QKV["rank"],
                      dtype=torch.float32, device="cpu") -> LoraLinearCase:
@@ -164,15 +170,16 @@ class RoutedCase:
     gates: torch.Tensor  # (S, E) softmax gates
 
 
-def routed_case(segments=ROUTED["segments"], adapters=ROUTED["adapters"]) -> RoutedCase:
-    one = lora_linear_case(tokens=segments * LORA_QKV["tokens"])
+def routed_case(segments=ROUTED["segments"], adapters=ROUTED["adapters"], tokens=LORA_QKV["tokens"], k=LORA_QKV["k"],
+                n=LORA_QKV["n"], rank=LORA_QKV["rank"], dtype=torch.float32, device="cpu") -> RoutedCase:
+    one = lora_linear_case(tokens=segments * tokens, k=k, n=n, rank=rank, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(1)
-    k, n, r = one.x.shape[1], one.weight.shape[0], one.lora_a.shape[0]
-    a = torch.cat([one.lora_a[None], torch.randn(adapters - 1, r, k, generator=g) / k**0.5])
-    b = torch.cat([one.lora_b[None], torch.randn(adapters - 1, n, r, generator=g) / r**0.5])
-    offsets = torch.arange(segments + 1, dtype=torch.int64) * LORA_QKV["tokens"]
-    idx = torch.arange(segments, dtype=torch.int64) % adapters
-    gates = torch.softmax(torch.randn(segments, adapters, generator=g), dim=-1)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    a = torch.cat([one.lora_a[None], mk(adapters - 1, rank, k) / k**0.5])
+    b = torch.cat([one.lora_b[None], mk(adapters - 1, n, rank) / rank**0.5])
+    offsets = torch.arange(segments + 1, dtype=torch.int64, device=device) * tokens
+    idx = torch.arange(segments, dtype=torch.int64, device=device) % adapters
+    gates = torch.softmax(torch.randn(segments, adapters, generator=g), dim=-1).to(device=device, dtype=dtype)
     return RoutedCase(one, a, b, offsets, idx, gates)
 
 
@@ -184,7 +191,7 @@ def routed_providers(c: RoutedCase, backends: list[str]) -> dict[str, Callable[[
     bounds = c.segments.tolist()
 
     def loop() -> torch.Tensor:
-        out = torch.empty(o.x.shape[0], o.weight.shape[0])
+        out = o.x.new_empty((o.x.shape[0], o.weight.shape[0]))
         for s, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
             e = int(c.adapter_idx[s])
             out[lo:hi] = ops.lora_linear(o.x[lo:hi], o.weight, o.bias, c.lora_a[e], c.lora_b[e], o.scale)
@@ -207,3 +214,81 @@ def _routed(c: RoutedCase, backend: str, hard: bool) -> torch.Tensor:
         return ops.routed_lora_linear(o.x, o.weight, o.bias, c.lora_a, c.lora_b, c.segments,
                                       adapter_idx=c.adapter_idx if hard else None,
                                       gates=None if hard else c.gates, scale=o.scale)
+
+
+# ---------------------------------------------------------------------------- flash_attention
+@dataclass
+class AttentionCase:
+    q: torch.Tensor  # (B, H, Sq, D)
+    k: torch.Tensor  # (B, H, Sk, D)
+    v: torch.Tensor
+    kv_len: torch.Tensor | None  # (B,) or None
+    grad_out: torch.Tensor  # (B, H, Sq, D), for forward+backward providers
+
+    @property
+    def flops(self) -> float:
+        """Forward: 4*B*H*Sq*Sk*D (QK^T and PV); a backward is counted as 2.5x that by callers."""
+        B, H, Sq, D = self.q.shape
+        return 4.0 * B * H * Sq * self.k.shape[2] * D
+
+    @property
+    def min_bytes(self) -> float:
+        """Read q, k, v once, write out once."""
+        return (2 * self.q.numel() + self.k.numel() + self.v.numel()) * self.q.element_size()
+
+    def reference(self, dtype: torch.dtype) -> torch.Tensor:
+        """flash_attention_ref on the inputs cast to dtype (float64: the exact answer)."""
+        q, k, v = (t.detach().to(dtype) for t in (self.q, self.k, self.v))
+        return ops.flash_attention_ref(q, k, v, kv_len=self.kv_len)
+
+
+def attention_case(batch: int, heads: int, sq: int, sk: int, hd: int, kv_len: int | None,
+                   dtype=torch.float32, device="cpu") -> AttentionCase:
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    kv = None if kv_len is None else torch.full((batch,), kv_len, dtype=torch.int64, device=device)
+    return AttentionCase(mk(batch, heads, sq, hd), mk(batch, heads, sk, hd), mk(batch, heads, sk, hd), kv,
+                         mk(batch, heads, sq, hd))
+
+
+def attention_providers(c: AttentionCase, backends: list[str], passes: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> callable returning the attention output (after running the backward too, for
+    passes="forward_backward"): the op per backend, and torch SDPA, per kernel on CUDA (flash,
+    memory-efficient, cuDNN; the key mask as a boolean attn_mask)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    mask = None
+    if c.kv_len is not None:
+        mask = (torch.arange(c.k.shape[2], device=c.k.device)[None, :] < c.kv_len[:, None])[:, None, None, :]
+
+    def run(attend):
+        if passes == "forward":
+            with torch.no_grad():
+                return attend(c.q, c.k, c.v)
+        q, k, v = (t.detach().requires_grad_(True) for t in (c.q, c.k, c.v))
+        out = attend(q, k, v)
+        out.backward(c.grad_out)
+        return out.detach()
+
+    def op(backend):
+        def attend(q, k, v):
+            with ops.use_backend(backend):
+                return ops.flash_attention(q, k, v, kv_len=c.kv_len)
+        return attend
+
+    def sdpa(kernel):
+        def attend(q, k, v):
+            if kernel is None:
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            with sdpa_kernel([kernel]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return attend
+
+    providers = {f"op_{b}": (lambda b=b: run(op(b))) for b in backends}
+    if c.q.is_cuda:
+        kernels = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+                   "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+        providers.update({name: (lambda k=k: run(sdpa(k))) for name, k in kernels.items()})
+    else:
+        providers["sdpa"] = lambda: run(sdpa(None))
+    return providers
