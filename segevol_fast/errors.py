@@ -57,6 +57,17 @@ class WeightsNotFoundError(SegVolFastError, FileNotFoundError):
     """No SegVol weights were found; the message lists where it looked and how to get them."""
 
 
+# ---------------------------------------------------------------------- adapters
+class AdapterError(SegVolFastError, ValueError):
+    """An adapter request that cannot be honoured: unknown name, no target matched, a duplicate
+    name, routing over adapters of different shapes, merging a routed layer..."""
+
+
+class AdapterMismatchError(AdapterError):
+    """A saved adapter was trained on other base weights (its base-weights hash differs) or for
+    another architecture; loading it would silently give wrong masks."""
+
+
 # ---------------------------------------------------------------------- input volumes
 class VolumeError(SegVolFastError, ValueError):
     """Voxel data or geometry is unusable: non-finite values, a singular affine, bad spacing..."""

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..crop import CropReader
 from ..errors import ShapeError
+from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
 from .exact import box_to_zoom_out, points_to_zoom_out
@@ -241,19 +242,21 @@ def _window_item(k: int, prompt: Prompt, cmap: _CropMap, fg: Tensor, origin: Tri
 
 # ------------------------------------------------------------------------------ window cache
 class _LRU:
-    """At most `capacity` window embeddings, least recently used evicted first."""
+    """At most `capacity` window embeddings, least recently used evicted first. Keys are
+    (window, adapter state of the image encoder): an embedding computed under one adapter or
+    route is never returned under another (`model.seams`)."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
-        self.data: OrderedDict[Window, Tensor] = OrderedDict()
+        self.data: OrderedDict[tuple, Tensor] = OrderedDict()
 
-    def get(self, key: Window) -> Optional[Tensor]:
+    def get(self, key: tuple) -> Optional[Tensor]:
         if key in self.data:
             self.data.move_to_end(key)
             return self.data[key]
         return None
 
-    def put(self, key: Window, value: Tensor) -> None:
+    def put(self, key: tuple, value: Tensor) -> None:
         if self.capacity <= 0:
             return
         self.data[key] = value
@@ -521,19 +524,20 @@ class _ZoomIn:
         encodes per step; cached embeddings are taken before new ones can evict them."""
         i = 0
         while i < len(order):
+            state = adapter_state(self.model.image_encoder)
             batch, embs, todo = [], {}, []
             while i < len(order) and len(todo) < self.plan.window_batch:
                 w = order[i]
                 i += 1
                 batch.append(w)
-                hit = self.cache.get(w)
+                hit = self.cache.get((w, state))
                 if hit is None:
                     todo.append(w)
                 else:
                     embs[w] = hit
             for w, e in zip(todo, self._encode(todo)):
                 embs[w] = e
-                self.cache.put(w, e)
+                self.cache.put((w, state), e)
             yield batch, embs
 
     def _encode(self, todo: Sequence[Window]) -> list[Tensor]:

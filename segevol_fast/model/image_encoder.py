@@ -9,6 +9,8 @@ Parameter names equal MONAI's, so `state_dict()` keys equal the official checkpo
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -83,11 +85,20 @@ class TransformerBlock(nn.Module):
         self.attn = SelfAttention(hidden, config.num_heads)
         self.norm2 = LayerNorm32(hidden, eps=eps)
         self.mlp = MLP(hidden, config.mlp_dim)
+        # Adapter seams (segevol_fast.adapters): residual side branches, None = the official block.
+        self.after_attn: Optional[nn.Module] = None  # x -> x + after_attn(x), after the attention residual
+        self.beside_mlp: Optional[nn.Module] = None  # parallel to the MLP, on the same normed input
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, S, hidden) -> (B, S, hidden)."""
         x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        if self.after_attn is not None:
+            x = x + self.after_attn(x)
+        h = self.norm2(x)
+        out = x + self.mlp(h)
+        if self.beside_mlp is not None:
+            out = out + self.beside_mlp(h)
+        return out
 
 
 class ImageEncoder(nn.Module):
@@ -105,6 +116,9 @@ class ImageEncoder(nn.Module):
         self.patch_embedding = PatchEmbedding(config)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = LayerNorm32(config.hidden_size, eps=config.layer_norm_eps)
+        # Adapter seam: tokens (B, N, hidden) -> tokens, after the final norm (context priors fuse
+        # here); None = the official encoder.
+        self.after_encoder: Optional[nn.Module] = None
 
     def forward(self, x: Tensor, input_scale: float = 1.0, input_shift: float = 0.0) -> Tensor:
         """Encode a batch of volumes.
@@ -136,5 +150,7 @@ class ImageEncoder(nn.Module):
             else:
                 tokens = block(tokens)
         tokens = self.norm(tokens)
+        if self.after_encoder is not None:
+            tokens = self.after_encoder(tokens)
         B, _, C = tokens.shape
         return tokens.transpose(1, 2).view(B, C, *cfg.grid_size)

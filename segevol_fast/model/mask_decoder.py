@@ -71,6 +71,10 @@ class MaskDecoder(nn.Module):
         # True: upscale + project in token order (model/upscale.py, ~4x faster on CPU for many
         # prompts); False: run `output_upscaling` as modules, literally as the official code does.
         self.fused_upscale = True
+        # Adapter seam: the two-way transformer's output tokens (B, 1 + M + T, hidden) [iou, M mask
+        # tokens, prompt tokens] -> tokens, before the hypernetwork MLPs read mask token 0 (context
+        # priors add their posterior to the mask tokens here); None = the official decoder.
+        self.after_transformer: Optional[nn.Module] = None
 
     def forward(
         self,
@@ -106,6 +110,8 @@ class MaskDecoder(nn.Module):
         tokens = torch.cat([out_tokens.to(sparse.dtype).expand(B, -1, -1), sparse], dim=1)  # (B, 1+M+T, hidden)
 
         hs, src = self.transformer(src, pos, tokens)
+        if self.after_transformer is not None:
+            hs = self.after_transformer(hs)
         src = src.expand(B, -1, -1)  # only matters for depth 0, where the image side stays batch 1
         weights = self.output_hypernetworks_mlps[0](hs[:, 1])  # (B, hidden/8), mask token 0
         if text_embedding is not None:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..errors import ShapeError
 from .attention import attention
 from .config import SegVolConfig
+from .seams import adapter_state
 from .tokenizer import ClipTokenizer, normalize_modality, prompt_text
 
 
@@ -206,7 +207,7 @@ class TextEncoder(nn.Module):
         if torch.is_grad_enabled() and any(p.requires_grad for p in clip_params):
             return self(*tokenizer([prompt_text(n, modality) for n in names], device=device))
 
-        fingerprint = _fingerprint(clip_params)
+        fingerprint = _fingerprint(clip_params, self.clip_text_model)
         if fingerprint is None or fingerprint != self._cache_fingerprint:
             self._cache.clear()
             self._cache_fingerprint = fingerprint
@@ -224,10 +225,13 @@ class TextEncoder(nn.Module):
         self._cache_fingerprint = None
 
 
-def _fingerprint(params: Sequence[Tensor]) -> Optional[tuple]:
-    """What identifies the current weights: storage, version counter, dtype, device per tensor.
-    None when unknowable (inference-mode tensors have no version counter): then nothing is reused."""
+def _fingerprint(params: Sequence[Tensor], tower: nn.Module) -> Optional[tuple]:
+    """What identifies the current weights: storage, version counter, dtype, device per tensor,
+    plus the state of any adapter attached inside the tower (`cache_key()`, see
+    `model.seams`). None when unknowable (inference-mode tensors have no version
+    counter): then nothing is reused."""
     try:
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        weights = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
     except RuntimeError:
         return None
+    return weights, adapter_state(tower)

@@ -1,0 +1,103 @@
+"""Adapters saved alone: a small safetensors file that names the base weights it was trained on.
+
+The file holds only the adapter's tensors (LoRA A/B per adapted layer) plus metadata: format and
+version, the adapter kind and config, the layers it attaches to, and a SHA-256 of the base model's
+weights (`base_weights_hash`). Loading refuses a file whose hash differs from the model it is
+loaded into (`AdapterMismatchError`): an adapter on other base weights gives wrong masks with no
+error otherwise. `check_base=False` overrides that, for a deliberate transfer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, AdapterMismatchError, CheckpointError
+
+FORMAT = "segevol_fast.adapter"
+VERSION = 1
+
+
+def adapter_parameter_names(model: nn.Module) -> set[str]:
+    """state_dict keys that belong to adapters (anything under an `AdapterModule`)."""
+    from .lora import AdapterModule
+
+    names = set()
+    for path, m in model.named_modules():
+        if isinstance(m, AdapterModule):
+            names.update(f"{path}.{k}" if path else k for k in m.state_dict())
+    return names
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without adapter tensors: exactly the base checkpoint's keys."""
+    skip = adapter_parameter_names(model)
+    return {k: v for k, v in model.state_dict().items() if k not in skip}
+
+
+def base_weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every base tensor's name, shape, dtype and bytes, in key order. Refuses a model
+    with a merged adapter (its weights are not the base's)."""
+    merged = [p for p, m in model.named_modules() if getattr(m, "merged", None) is not None]
+    if merged:
+        raise AdapterError(f"{len(merged)} layer(s) hold a merged adapter (e.g. {merged[0]}): unmerge before hashing "
+                           "or saving the base")
+    h = hashlib.sha256()
+    for key, t in sorted(base_state_dict(model).items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors + JSON metadata to `path` (safetensors), atomically (temp file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True)}
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, meta) of an adapter file; CheckpointError for anything else."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no adapter file at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own types for damaged / foreign files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is a safetensors file but not a segevol_fast adapter (format {header.get('format')!r})")
+    if int(header.get("version", "0")) > VERSION:
+        raise CheckpointError(f"{path} was written by a newer segevol_fast (adapter format {header['version']}); upgrade")
+    return tensors, json.loads(header["meta"])
+
+
+def check_base(model: nn.Module, meta: dict, path, check: bool, base_hash: Optional[str] = None) -> None:
+    """Refuse an adapter trained on other base weights (AdapterMismatchError)."""
+    if not check:
+        return
+    want = meta.get("base_weights_sha256")
+    have = base_hash or base_weights_hash(model)
+    if want != have:
+        raise AdapterMismatchError(
+            f"{path} was trained on base weights with SHA-256 {str(want)[:16]}..., but this model's are "
+            f"{have[:16]}...: load the base checkpoint it was trained on (its metadata names "
+            f"{meta.get('base_weights_source') or 'no source'}), or pass check_base=False to load it anyway")

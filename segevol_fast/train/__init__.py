@@ -1,0 +1,1 @@
+"""Fine-tuning SegVol: datasets, the official loss and prompt mix, metrics, the trainer (issue 10)."""
