@@ -23,15 +23,18 @@ from torch import nn
 
 from ..errors import AdapterError, CheckpointError
 from . import io as _io
+from .context import PromptContext, current_context, prompt_context
 from .io import base_state_dict, base_weights_hash
+from .bottleneck import BottleneckConfig, BottleneckSlot, attach_bottleneck, detach_bottleneck
 from .lora import AdapterModule, LoraConfig, LoraLinear, LoraWeights
+from .mixture import MixtureConfig, attach_router, detach_router, expert_names, route_for
 from .routing import Route, current_route, no_route, route
 from .targets import SEGEVOLUTION_TARGETS, match_linears, output_slices
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LoraWeights", "AdapterModule", "Route", "route", "no_route", "current_route",
-    "SEGEVOLUTION_TARGETS", "add_lora", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
-    "adapter_parameters", "base_parameters", "save_adapter", "load_adapter", "base_state_dict", "base_weights_hash",
+    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
+    "adapter_parameters", "base_parameters", "save_adapter", "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
 ]
 
 
@@ -41,9 +44,43 @@ def _lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
             yield path, m
 
 
+def _holders(model: nn.Module) -> Iterator[tuple[str, nn.ModuleDict, nn.Module]]:
+    """(path, named-adapter dict, holder) of every place holding adapters: LoRA layers and
+    bottleneck slots. The holder has `.active`."""
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            yield path, m.lora, m
+        elif isinstance(m, BottleneckSlot):
+            yield path, m.experts, m
+
+
+def adapter_modules(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
+    """(holder path, module) of every piece of adapter `name` (a mixture: its experts' pieces,
+    each under "<expert>@<path>", and its router)."""
+    entry = getattr(model, "adapter_configs", {}).get(name)
+    if entry is not None and entry["kind"] == "mixture":
+        pieces = [(f"{e}@{path}", m) for e in entry["layers"] for path, m in adapter_modules(model, e)]
+        return pieces + ([(entry["router"], model.get_submodule(entry["router"]))] if entry.get("router") else [])
+    return [(path, d[name]) for path, d, _ in _holders(model) if name in d]
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters attached to `model`, in the order they were added."""
     return list(getattr(model, "adapter_configs", {}))
+
+
+def _register(model: nn.Module, name: str, entry: dict, freeze_base: bool, activate: bool) -> None:
+    model.__dict__.setdefault("adapter_configs", {})[name] = entry
+    if freeze_base:
+        for p in base_parameters(model):
+            p.requires_grad_(False)
+    if activate:
+        set_active(model, name)
+
+
+def _new_name(model: nn.Module, name: str) -> None:
+    if name in adapter_names(model):
+        raise AdapterError(f"model already has an adapter named {name!r}; remove_adapter it first or pick another name")
 
 
 def add_lora(model: nn.Module, name: str = "default", config: Optional[LoraConfig] = None, *,
@@ -51,27 +88,58 @@ def add_lora(model: nn.Module, name: str = "default", config: Optional[LoraConfi
     """Attach a LoRA adapter called `name` to every layer `config.targets` matches.
 
     Returns the adapted layers' names. With freeze_base (default) every non-adapter parameter is
-    set requires_grad=False, so an optimiser over `adapter_parameters(model)` trains LoRA only;
+    set requires_grad=False, so an optimiser over `adapter_parameters(model)` trains adapters only;
     with activate (default) the new adapter is the active one. At step 0 the model's outputs
     equal the base model's bit for bit (B starts at zero).
     """
     config = config or LoraConfig()
-    registry = model.__dict__.setdefault("adapter_configs", {})
-    if name in registry:
-        raise AdapterError(f"model already has an adapter named {name!r}; remove_adapter it first or pick another name")
+    _new_name(model, name)
     matched = match_linears(model, config.targets)
     for path, layer, parts in matched:
         slices = output_slices(layer, parts, path)
         if not isinstance(layer, LoraLinear):
             layer = _replace(model, path, LoraLinear(layer))
         layer.add_adapter(name, config, slices)
-    registry[name] = {"kind": "lora", "config": config.to_dict(), "layers": [p for p, _, _ in matched]}
-    if freeze_base:
-        for p in base_parameters(model):
-            p.requires_grad_(False)
-    if activate:
-        set_active(model, name)
-    return [p for p, _, _ in matched]
+    layers = [p for p, _, _ in matched]
+    _register(model, name, {"kind": "lora", "config": config.to_dict(), "layers": layers}, freeze_base, activate)
+    return layers
+
+
+def add_bottleneck(model: nn.Module, name: str = "default", config: Optional[BottleneckConfig] = None, *,
+                   freeze_base: bool = True, activate: bool = True) -> list[str]:
+    """Attach a bottleneck adapter (Medical SAM Adapter style, `bottleneck.py`) called `name`
+    beside the attention and/or MLP of the chosen encoder blocks; returns the module paths."""
+    config = config or BottleneckConfig()
+    _new_name(model, name)
+    paths = attach_bottleneck(model, name, config)
+    _register(model, name, {"kind": "bottleneck", "config": config.to_dict(), "layers": paths}, freeze_base, activate)
+    return paths
+
+
+def add_mixture(model: nn.Module, name: str, config: MixtureConfig, *, freeze_base: bool = True) -> list[str]:
+    """Attach a mixture of adapters (`mixture.py`): one adapter "<name>/<expert>" per expert, of
+    config.kind, and a learned router for top-1 / soft routing. Use it per batch with
+    `with route(route_for(model, name, images)): ...`. Returns the expert adapters' names."""
+    _new_name(model, name)
+    experts = expert_names(name, config)
+    for e in experts:
+        _new_name(model, e)
+    added = []
+    try:
+        for e in experts:
+            if config.kind == "lora":
+                add_lora(model, e, config.lora or LoraConfig(), freeze_base=False, activate=False)
+            else:
+                add_bottleneck(model, e, config.bottleneck or BottleneckConfig(), freeze_base=False, activate=False)
+            added.append(e)
+        router = attach_router(model, name, config)
+    except Exception:
+        for e in added:
+            remove_adapter(model, e)
+        raise
+    _register(model, name, {"kind": "mixture", "config": config.to_dict(), "layers": list(experts),
+                            "router": router}, freeze_base, activate=False)
+    return list(experts)
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
@@ -87,12 +155,10 @@ def base_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 def adapter_parameters(model: nn.Module, name: Optional[str] = None) -> list[nn.Parameter]:
     """Parameters of every adapter (or of adapter `name`): what the trainer optimises."""
-    out = []
-    for _, layer in _lora_layers(model):
-        for n, w in layer.lora.items():
-            if name is None or n == name:
-                out.extend(w.parameters())
-    return out
+    names = adapter_names(model) if name is None else [name]
+    _known(model, name)
+    params = {id(p): p for n in names for _, m in adapter_modules(model, n) for p in m.parameters()}
+    return list(params.values())  # a mixture's experts are adapters of their own too: once each
 
 
 def _known(model: nn.Module, name: Optional[str]) -> None:
@@ -101,15 +167,21 @@ def _known(model: nn.Module, name: Optional[str]) -> None:
 
 
 def set_active(model: nn.Module, name: Optional[str]) -> None:
-    """Make `name` the adapter every adapted layer applies (None: the base model)."""
+    """Make `name` the adapter the model applies (None: the base model). One at a time; a batch
+    that needs several goes through `route(...)` (a mixture always does: `route_for`)."""
     _known(model, name)
-    for _, layer in _lora_layers(model):
-        layer.active = name if name in layer.lora else None
+    if name is not None and model.adapter_configs[name]["kind"] == "mixture":
+        raise AdapterError(f"{name!r} is a mixture: run it with `with route(route_for(model, {name!r}, images)):`")
+    for _, d, holder in _holders(model):
+        holder.active = name if name in d else None
 
 
 def merge(model: nn.Module, name: str) -> None:
-    """Fold adapter `name` into the base weights (no LoRA cost at inference; routing then refuses)."""
+    """Fold LoRA adapter `name` into the base weights (no LoRA cost at inference; routing then
+    refuses). Bottleneck adapters have nonlinear branches and cannot be merged."""
     _known(model, name)
+    if model.adapter_configs[name]["kind"] != "lora":
+        raise AdapterError(f"only LoRA adapters can be merged; {name!r} is a {model.adapter_configs[name]['kind']} adapter")
     for _, layer in _lora_layers(model):
         if name in layer.lora:
             layer.merge(name)
@@ -123,23 +195,31 @@ def unmerge(model: nn.Module) -> None:
 
 def remove_adapter(model: nn.Module, name: str) -> None:
     _known(model, name)
-    for _, layer in _lora_layers(model):
-        if name in layer.lora:
-            layer.remove_adapter(name)
+    entry = model.adapter_configs[name]
+    if entry["kind"] == "mixture":
+        for e in entry["layers"]:
+            remove_adapter(model, e)
+        detach_router(model, name)
+    elif entry["kind"] == "bottleneck":
+        detach_bottleneck(model, name)
+    else:
+        for _, layer in _lora_layers(model):
+            if name in layer.lora:
+                layer.remove_adapter(name)
     del model.adapter_configs[name]
 
 
 # ---------------------------------------------------------------------------- files
+_ATTACH = {"lora": (LoraConfig, add_lora), "bottleneck": (BottleneckConfig, add_bottleneck),
+           "mixture": (MixtureConfig, add_mixture)}
+
+
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> str:
     """Write adapter `name` alone to `path` (safetensors + metadata naming the base weights'
     SHA-256). Returns the path."""
     _known(model, name)
     entry = model.adapter_configs[name]
-    tensors = {}
-    for layer_path, layer in _lora_layers(model):
-        if name in layer.lora:
-            for k, t in layer.lora[name].state_dict().items():
-                tensors[f"{layer_path}.{k}"] = t
+    tensors = {f"{holder}.{k}": t for holder, m in adapter_modules(model, name) for k, t in m.state_dict().items()}
     meta = {"name": name, "kind": entry["kind"], "config": entry["config"], "layers": entry["layers"],
             "base_weights_sha256": base_weights_hash(model),
             "base_weights_source": None if getattr(model, "weights_source", None) is None else str(model.weights_source),
@@ -156,29 +236,31 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] 
     check_base=False), CheckpointError for a damaged or foreign file or mismatched tensors."""
     tensors, meta = _io.read_adapter_file(path)
     _io.check_base(model, meta, path, check_base)
-    if meta.get("kind") != "lora":
+    if meta.get("kind") not in _ATTACH:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, which this version cannot load")
     name = name or meta["name"]
-    config = LoraConfig.from_dict(meta["config"])
-    layers = add_lora(model, name, config, freeze_base=False, activate=False)
-    if layers != meta["layers"]:
-        remove_adapter(model, name)
-        raise CheckpointError(f"{path} adapts {len(meta['layers'])} layers, but its targets match {len(layers)} here")
+    config_cls, attach = _ATTACH[meta["kind"]]
+    if meta["kind"] == "mixture":
+        if name != meta["name"]:
+            raise CheckpointError(f"{path}: a mixture loads under its saved name {meta['name']!r}")
+        layers = add_mixture(model, name, config_cls.from_dict(meta["config"]), freeze_base=False)
+    else:
+        layers = attach(model, name, config_cls.from_dict(meta["config"]), freeze_base=False, activate=False)
     try:
-        for layer_path, layer in _lora_layers(model):
-            if name in layer.lora:
-                w = layer.lora[name]
-                own = {k: tensors.pop(f"{layer_path}.{k}", None) for k in w.state_dict()}
-                missing = [k for k, v in own.items() if v is None]
-                if missing:
-                    raise CheckpointError(f"{path} lacks {layer_path}.{missing[0]}")
-                w.load_state_dict(own, strict=True)
+        if len(layers) != len(meta["layers"]):
+            raise CheckpointError(f"{path} adapts {len(meta['layers'])} places, but its config matches {len(layers)} here")
+        for holder, m in adapter_modules(model, name):
+            own = {k: tensors.pop(f"{holder}.{k}", None) for k in m.state_dict()}
+            missing = [k for k, v in own.items() if v is None]
+            if missing:
+                raise CheckpointError(f"{path} lacks {holder}.{missing[0]}")
+            m.load_state_dict(own, strict=True)
         if tensors:
-            raise CheckpointError(f"{path} has tensors for no adapted layer here, e.g. {next(iter(tensors))}")
+            raise CheckpointError(f"{path} has tensors for no adapted place here, e.g. {next(iter(tensors))}")
     except (CheckpointError, RuntimeError) as exc:
         remove_adapter(model, name)
         raise CheckpointError(str(exc)) from exc
-    if activate:
+    if activate and meta["kind"] != "mixture":
         set_active(model, name)
     return name
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +47,12 @@ class Route:
         elif self.gates.dim() != 2 or self.gates.shape[1] != len(self.names):
             raise AdapterError(f"Route gates must be (B, {len(self.names)}), got {tuple(self.gates.shape)}")
 
+    def row(self, i: int) -> "Route":
+        """Batch row i's choice alone, for a call that broadcasts it (one image's decode)."""
+        if self.index is not None:
+            return Route(self.names, index=self.index[i : i + 1])
+        return Route(self.names, gates=self.gates[i : i + 1])
+
     @property
     def rows(self) -> int:
         return (self.index if self.index is not None else self.gates).shape[0]
@@ -68,15 +74,18 @@ def current_route() -> Optional[Route]:
 
 
 @contextlib.contextmanager
-def route(names: Sequence[str], index=None, gates=None) -> Iterator[Route]:
-    """Route batch rows to adapters for the calls inside the block.
+def route(names, index=None, gates=None) -> Iterator[Route]:
+    """Route batch rows to adapters for the calls inside the block (`names` may be a Route).
 
         with route(["mr", "pet"], index=[0, 1, -1]):   # row 0 -> "mr", 1 -> "pet", 2 -> base
             emb = model.encode_image(windows)           # (3, 1, D, H, W)
     """
-    if index is not None and not isinstance(index, Tensor):
-        index = torch.as_tensor(list(index), dtype=torch.int64)
-    r = Route(tuple(names), index, gates)
+    if isinstance(names, Route):
+        r = names
+    else:
+        if index is not None and not isinstance(index, Tensor):
+            index = torch.as_tensor(list(index), dtype=torch.int64)
+        r = Route(tuple(names), index, gates)
     token = _ROUTE.set(r)
     try:
         yield r

@@ -1,0 +1,162 @@
+"""Bottleneck adapters of the SAM-for-medicine family (Medical SAM Adapter): down-projection,
+GELU, up-projection, beside each encoder block's attention and MLP.
+
+In a block with both places adapted:
+
+    x = x + attn(norm1(x))
+    x = x + after_attn(x)                       # the "space" adapter, with its skip connection
+    h = norm2(x)
+    x = x + mlp(h) + scale * beside_mlp(h)      # the MLP adapter in parallel (scale 0.5 in MSA)
+
+The up-projection starts at zero (weight and bias), so a new adapter adds exact zeros: the model
+is the base model bit for bit until the first step. Several named adapters may sit at one place
+(`BottleneckSlot`), one active, or one per batch row under `routing.route(...)` (experts of a
+mixture, `mixture.py`): each expert then runs on the whole batch and rows take their weight of it
+(few experts, small MLPs: cheaper than gathering rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import AdapterError
+from .lora import AdapterModule
+from .routing import Route, current_route
+
+PLACES = ("after_attn", "beside_mlp")
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """dim: bottleneck width; scale: factor on the MLP-side adapter (MSA uses 0.5; the attention
+    side has none); places: which seams of each block; blocks: encoder block indices (None: all)."""
+
+    dim: int = 64
+    scale: float = 0.5
+    places: tuple[str, ...] = PLACES
+    blocks: Optional[tuple[int, ...]] = None
+
+    def __post_init__(self):
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise AdapterError(f"bottleneck dim must be a positive int, got {self.dim!r}")
+        bad = [p for p in self.places if p not in PLACES]
+        if bad or not self.places:
+            raise AdapterError(f"bottleneck places must be among {PLACES}, got {self.places}")
+        object.__setattr__(self, "places", tuple(self.places))
+        if self.blocks is not None:
+            object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["places"] = list(self.places)
+        d["blocks"] = None if self.blocks is None else list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BottleneckConfig":
+        return cls(**{**d, "places": tuple(d["places"]), "blocks": None if d.get("blocks") is None else tuple(d["blocks"])})
+
+
+class Bottleneck(AdapterModule):
+    """x (..., hidden) -> scale * up(gelu(down(x))); zero at initialisation."""
+
+    def __init__(self, hidden: int, dim: int, scale: float = 1.0):
+        super().__init__()
+        self.scale = float(scale)
+        self.down = nn.Linear(hidden, dim)
+        self.up = nn.Linear(dim, hidden)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.scale * self.up(F.gelu(self.down(x)))
+
+
+class BottleneckSlot(nn.Module):
+    """Sits at one seam of one block and holds that place's named adapters."""
+
+    def __init__(self):
+        super().__init__()
+        self.experts = nn.ModuleDict()
+        self.active: Optional[str] = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        r = current_route()
+        if r is not None and any(n in self.experts for n in r.names):
+            return self._routed(x, r)
+        if self.active is None:
+            return x.new_zeros(())  # the seam adds this: x + 0 is x
+        return self.experts[self.active](x)
+
+    def _routed(self, x: Tensor, r: Route) -> Tensor:
+        """sum_e w[b, e] * expert_e(x[b]) with w one-hot (index; -1: no expert) or the gates."""
+        B = x.shape[0]
+        if r.rows not in (1, B):
+            raise AdapterError(f"route covers {r.rows} batch rows but this adapter got input {tuple(x.shape)}")
+        if r.index is not None:
+            w = F.one_hot((r.index + 1).to(x.device), len(r.names) + 1)[:, 1:].to(x.dtype)  # -1 -> all zero
+        else:
+            w = r.gates.to(device=x.device, dtype=x.dtype)
+        w = w.expand(B, -1) if r.rows == 1 else w
+        out = x.new_zeros(())
+        for e, name in enumerate(r.names):
+            if name in self.experts and bool((w[:, e] != 0).any()):
+                out = out + w[:, e].view(B, *([1] * (x.dim() - 1))) * self.experts[name](x)
+        return out
+
+    def cache_key(self) -> tuple:
+        r = current_route()
+        return self.active, (r.key() if r is not None and any(n in self.experts for n in r.names) else None)
+
+
+def _slot(block: nn.Module, place: str) -> BottleneckSlot:
+    current = getattr(block, place)
+    if current is None:
+        current = BottleneckSlot()
+        setattr(block, place, current)
+    elif not isinstance(current, BottleneckSlot):
+        raise AdapterError(f"the {place} seam of this block is taken by a {type(current).__name__}")
+    return current
+
+
+def attach_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
+    """Add adapter `name` at config.places of the chosen encoder blocks; returns the module paths."""
+    blocks = model.image_encoder.blocks
+    indices = range(len(blocks)) if config.blocks is None else config.blocks
+    hidden = model.config.hidden_size
+    paths = []
+    for i in indices:
+        if not 0 <= i < len(blocks):
+            raise AdapterError(f"block index {i} out of range: the encoder has {len(blocks)} blocks")
+        for place in config.places:
+            slot = _slot(blocks[i], place)
+            if name in slot.experts:
+                raise AdapterError(f"image_encoder.blocks.{i}.{place} already has an adapter named {name!r}")
+            ref = blocks[i].norm1.weight
+            slot.experts[name] = Bottleneck(hidden, config.dim, 1.0 if place == "after_attn" else config.scale).to(
+                device=ref.device, dtype=ref.dtype)
+            paths.append(f"image_encoder.blocks.{i}.{place}.experts.{name}")
+    return paths
+
+
+def bottleneck_slots(model: nn.Module):
+    for path, m in model.named_modules():
+        if isinstance(m, BottleneckSlot):
+            yield path, m
+
+
+def detach_bottleneck(model: nn.Module, name: str) -> None:
+    """Remove adapter `name` everywhere; a slot left empty is taken off its seam."""
+    for block in model.image_encoder.blocks:
+        for place in PLACES:
+            slot = getattr(block, place)
+            if isinstance(slot, BottleneckSlot) and name in slot.experts:
+                del slot.experts[name]
+                if slot.active == name:
+                    slot.active = None
+                if not len(slot.experts):
+                    setattr(block, place, None)

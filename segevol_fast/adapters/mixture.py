@@ -1,0 +1,163 @@
+"""Mixture of adapters: K experts (LoRA or bottleneck) plus an identity expert, routed per image.
+
+The identity expert is the base model itself: an image routed there gets exactly the base model
+(CT can stay SegVol, bit for bit, while MRI gets an adapter). Three ways to route:
+
+  * "tag": a fixed map from the image's modality (from `prompt_context`) to an expert name or
+    "identity" (SegEVOLution's on/off switch is the map {"ct": "identity", "mri": <expert>});
+  * "top1": a learned router (a Linear on the mean of the image's patch tokens) picks one of the
+    K + 1 experts. Training uses the straight-through gate p / p.detach() (= 1 in the forward, so
+    the chosen expert runs at full strength, while the router gets p's gradient) and a Switch-style
+    load-balancing loss `(K+1) * sum_e f_e * P_e` (f: fraction of images sent to e, P: mean router
+    probability of e), left on the router as `aux_loss` for the trainer to add;
+  * "soft": every expert weighted by the router's softmax (the identity's share adds nothing).
+
+Routing is decided once per image batch by `route_for(model, name, images)` and applied to every
+call under it (`with route: encode ... decode`): the encoder's adapted layers route per window row,
+the decoder per image (`Route.row(i)`), so the experts run in one `routed_lora_linear` call per
+layer, never a Python loop over experts. The router reads the patch embedding (one cheap extra
+pass of `patch_embed`), so the choice is known before the first adapted block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import AdapterError
+from .bottleneck import BottleneckConfig
+from .context import current_context
+from .lora import AdapterModule, LoraConfig
+from .routing import Route
+
+ROUTINGS = ("tag", "top1", "soft")
+IDENTITY = "identity"
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """experts: expert names (adapters "<mixture>/<expert>" are created); kind "lora" | "bottleneck"
+    with its config; routing (see the module docstring); tags: modality -> expert name or
+    "identity" (tag routing); balance_weight: factor on the top-1 load-balancing loss."""
+
+    experts: tuple[str, ...]
+    kind: str = "lora"
+    routing: str = "tag"
+    tags: dict = field(default_factory=dict)
+    lora: Optional[LoraConfig] = None
+    bottleneck: Optional[BottleneckConfig] = None
+    balance_weight: float = 0.01
+
+    def __post_init__(self):
+        object.__setattr__(self, "experts", tuple(self.experts))
+        if not self.experts or len(set(self.experts)) != len(self.experts) or IDENTITY in self.experts:
+            raise AdapterError(f"a mixture needs distinct expert names (not {IDENTITY!r}), got {self.experts}")
+        if self.kind not in ("lora", "bottleneck"):
+            raise AdapterError(f"mixture experts are 'lora' or 'bottleneck', got {self.kind!r}")
+        if self.routing not in ROUTINGS:
+            raise AdapterError(f"mixture routing must be one of {ROUTINGS}, got {self.routing!r}")
+        bad = {t: e for t, e in self.tags.items() if e != IDENTITY and e not in self.experts}
+        if bad:
+            raise AdapterError(f"tags route to unknown experts {bad}; experts are {self.experts} or {IDENTITY!r}")
+        if self.routing == "tag" and not self.tags:
+            raise AdapterError("tag routing needs tags={modality: expert or 'identity'}")
+
+    def to_dict(self) -> dict:
+        return {"experts": list(self.experts), "kind": self.kind, "routing": self.routing, "tags": dict(self.tags),
+                "lora": None if self.lora is None else self.lora.to_dict(),
+                "bottleneck": None if self.bottleneck is None else self.bottleneck.to_dict(),
+                "balance_weight": self.balance_weight}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MixtureConfig":
+        return cls(experts=tuple(d["experts"]), kind=d["kind"], routing=d["routing"], tags=dict(d["tags"]),
+                   lora=None if d.get("lora") is None else LoraConfig.from_dict(d["lora"]),
+                   bottleneck=None if d.get("bottleneck") is None else BottleneckConfig.from_dict(d["bottleneck"]),
+                   balance_weight=d.get("balance_weight", 0.01))
+
+
+def expert_names(name: str, config: MixtureConfig) -> tuple[str, ...]:
+    """The registered adapter name of each expert."""
+    return tuple(f"{name}/{e}" for e in config.experts)
+
+
+class Router(AdapterModule):
+    """Mean patch token (B, hidden) -> logits (B, K + 1), column 0 the identity expert. Small
+    random weights, so top-1 choices differ between images from the start and every expert gets
+    trained (the model is still the base model at step 0: the experts start at zero)."""
+
+    def __init__(self, hidden: int, experts: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, experts + 1)
+        nn.init.normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+        self.aux_loss: Optional[Tensor] = None
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.proj(pooled)
+
+
+def route_for(model: nn.Module, name: str, images: Optional[Tensor] = None,
+              modalities: Optional[Sequence[str]] = None) -> Route:
+    """The Route of mixture `name` for a batch of images (B, 1, D, H, W) (learned routing) or of
+    modalities (tag routing; default: the current `prompt_context`)."""
+    entry = getattr(model, "adapter_configs", {}).get(name)
+    if entry is None or entry["kind"] != "mixture":
+        raise AdapterError(f"no mixture named {name!r} on this model")
+    config = MixtureConfig.from_dict(entry["config"])
+    names = expert_names(name, config)
+    if config.routing == "tag":
+        if modalities is None:
+            ctx = current_context()
+            rows = images.shape[0] if images is not None else 1
+            modalities = ctx.modality_rows(rows) if ctx is not None else None
+        if modalities is None:
+            raise AdapterError(f"tag routing of {name!r} needs the images' modalities (modalities= or prompt_context)")
+        unknown = [m for m in modalities if m not in config.tags]
+        if unknown:
+            raise AdapterError(f"mixture {name!r} has no tag for modality {unknown[0]!r}; tags: {sorted(config.tags)}")
+        index = [-1 if config.tags[m] == IDENTITY else config.experts.index(config.tags[m]) for m in modalities]
+        return Route(names, index=torch.tensor(index, dtype=torch.int64))
+    if images is None:
+        raise AdapterError(f"{config.routing} routing of {name!r} needs the images (B, 1, D, H, W)")
+    router: Router = model.mixture_routers[_key(name)]
+    tokens = model.image_encoder.patch_embedding(images.to(router.proj.weight.dtype))  # (B, N, hidden)
+    probs = torch.softmax(router(tokens.mean(dim=1)).float(), dim=-1)  # (B, K + 1)
+    if config.routing == "soft":
+        router.aux_loss = None
+        return Route(names, gates=probs[:, 1:])
+    choice = probs.argmax(dim=-1)
+    K1 = probs.shape[1]
+    f = F.one_hot(choice, K1).float().mean(dim=0)
+    router.aux_loss = config.balance_weight * K1 * (f * probs.mean(dim=0)).sum()
+    if not torch.is_grad_enabled():
+        return Route(names, index=choice - 1)
+    chosen = probs.gather(1, choice[:, None])  # (B, 1)
+    gates = F.one_hot(choice, K1)[:, 1:].to(probs.dtype) * (chosen / chosen.detach())
+    return Route(names, gates=gates)
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_").replace("/", "_")
+
+
+def attach_router(model: nn.Module, name: str, config: MixtureConfig) -> Optional[str]:
+    """Add the learned router of mixture `name` (None for tag routing); returns its path."""
+    if config.routing == "tag":
+        return None
+    if not hasattr(model, "mixture_routers"):
+        model.mixture_routers = nn.ModuleDict()
+    ref = model.image_encoder.norm.weight
+    model.mixture_routers[_key(name)] = Router(model.config.hidden_size, len(config.experts)).to(
+        device=ref.device, dtype=ref.dtype)
+    return f"mixture_routers.{_key(name)}"
+
+
+def detach_router(model: nn.Module, name: str) -> None:
+    routers = getattr(model, "mixture_routers", None)
+    if routers is not None and _key(name) in routers:
+        del routers[_key(name)]
