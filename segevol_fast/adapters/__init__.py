@@ -22,18 +22,37 @@ from typing import Iterator, Optional
 from torch import nn
 
 from ..errors import AdapterError, CheckpointError
+from . import context_prior
 from . import io as _io
+from .bottleneck import (
+    BottleneckConfig,
+    BottleneckSlot,
+    attach_bottleneck,
+    detach_bottleneck,
+)
 from .context import PromptContext, current_context, prompt_context
+from .context_prior import (
+    ContextPriorConfig,
+    ContextPriors,
+    add_context_priors,
+    get_context_priors,
+)
 from .io import base_state_dict, base_weights_hash
-from .bottleneck import BottleneckConfig, BottleneckSlot, attach_bottleneck, detach_bottleneck
 from .lora import AdapterModule, LoraConfig, LoraLinear, LoraWeights
-from .mixture import MixtureConfig, attach_router, detach_router, expert_names, route_for
+from .mixture import (
+    MixtureConfig,
+    attach_router,
+    detach_router,
+    expert_names,
+    route_for,
+)
 from .routing import Route, current_route, no_route, route
 from .targets import SEGEVOLUTION_TARGETS, match_linears, output_slices
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LoraWeights", "AdapterModule", "Route", "route", "no_route", "current_route",
-    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
+    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "active_state", "restore_active", "ContextPriorConfig", "ContextPriors",
+    "add_context_priors", "get_context_priors", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
     "adapter_parameters", "base_parameters", "save_adapter", "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
 ]
 
@@ -58,6 +77,9 @@ def adapter_modules(model: nn.Module, name: str) -> list[tuple[str, nn.Module]]:
     """(holder path, module) of every piece of adapter `name` (a mixture: its experts' pieces,
     each under "<expert>@<path>", and its router)."""
     entry = getattr(model, "adapter_configs", {}).get(name)
+    if entry is not None and entry["kind"] == context_prior.KIND:
+        handle = context_prior.get_context_priors(model)
+        return [("image_encoder.after_encoder", handle.image_side), ("mask_decoder.after_transformer", handle.decoder_side)]
     if entry is not None and entry["kind"] == "mixture":
         pieces = [(f"{e}@{path}", m) for e in entry["layers"] for path, m in adapter_modules(model, e)]
         return pieces + ([(entry["router"], model.get_submodule(entry["router"]))] if entry.get("router") else [])
@@ -172,8 +194,20 @@ def set_active(model: nn.Module, name: Optional[str]) -> None:
     _known(model, name)
     if name is not None and model.adapter_configs[name]["kind"] == "mixture":
         raise AdapterError(f"{name!r} is a mixture: run it with `with route(route_for(model, {name!r}, images)):`")
+    if name is not None and model.adapter_configs[name]["kind"] == context_prior.KIND:
+        raise AdapterError(f"{name!r} are context priors: they apply while attached (remove_adapter to drop them)")
     for _, d, holder in _holders(model):
         holder.active = name if name in d else None
+
+
+def active_state(model: nn.Module) -> list[tuple[nn.Module, Optional[str]]]:
+    """Every adapter holder's active adapter, to put back with `restore_active`."""
+    return [(holder, holder.active) for _, _, holder in _holders(model)]
+
+
+def restore_active(model: nn.Module, state: list[tuple[nn.Module, Optional[str]]]) -> None:
+    for holder, name in state:
+        holder.active = name
 
 
 def merge(model: nn.Module, name: str) -> None:
@@ -196,6 +230,9 @@ def unmerge(model: nn.Module) -> None:
 def remove_adapter(model: nn.Module, name: str) -> None:
     _known(model, name)
     entry = model.adapter_configs[name]
+    if entry["kind"] == context_prior.KIND:
+        context_prior.remove_context_priors(model)
+        return
     if entry["kind"] == "mixture":
         for e in entry["layers"]:
             remove_adapter(model, e)
@@ -211,7 +248,8 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 # ---------------------------------------------------------------------------- files
 _ATTACH = {"lora": (LoraConfig, add_lora), "bottleneck": (BottleneckConfig, add_bottleneck),
-           "mixture": (MixtureConfig, add_mixture)}
+           "mixture": (MixtureConfig, add_mixture),
+           context_prior.KIND: (context_prior.ContextPriorConfig, context_prior.attach)}
 
 
 def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> str:
@@ -260,7 +298,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] 
     except (CheckpointError, RuntimeError) as exc:
         remove_adapter(model, name)
         raise CheckpointError(str(exc)) from exc
-    if activate and meta["kind"] != "mixture":
+    if activate and meta["kind"] in ("lora", "bottleneck"):  # mixtures route, priors always apply
         set_active(model, name)
     return name
 

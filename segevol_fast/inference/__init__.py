@@ -1,5 +1,6 @@
 """Zoom-out-zoom-in inference: prompts, the exact (official) and fast modes, memory planning."""
 
+from .batch import segment_batch
 from .budget import BudgetError, Plan, parse_memory, plan_fast
 from .exact import ZoomInWarning, run_exact
 from .fast import run_fast
@@ -7,5 +8,5 @@ from .prompts import Prompt, PromptError, build_prompts
 from .result import SegmentationResult
 from .segment import segment
 
-__all__ = ["segment", "SegmentationResult", "Prompt", "PromptError", "build_prompts", "run_exact", "run_fast",
+__all__ = ["segment", "segment_batch", "SegmentationResult", "Prompt", "PromptError", "build_prompts", "run_exact", "run_fast",
            "plan_fast", "parse_memory", "Plan", "BudgetError", "ZoomInWarning"]

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io.volume import MODALITY_ALIASES
 
 MODES = ("fast", "exact")
@@ -158,7 +158,7 @@ def check_progress(progress) -> None:
 def check_segment_arguments(model, volume, text=None, box=None, points=None, point_labels=None, *,
                             coords="voxel", modality=None, mode="fast", zoom_in=True, max_memory=None,
                             device=None, progress=True, return_probabilities=False, seed=0,
-                            precision: Optional[str] = "auto", series=None) -> None:
+                            precision: Optional[str] = "auto", series=None, adapter=None) -> None:
     """Check every `segment()` argument that can be checked without reading the volume.
 
     Raises ArgumentTypeError / InvalidArgumentError / PromptError / MemorySpecError; returns None.
@@ -182,3 +182,15 @@ def check_segment_arguments(model, volume, text=None, box=None, points=None, poi
     check_series(series, volume)
     check_prompt_arguments(text, box, points, point_labels)
     check_text_support(model, text)
+    check_adapter(model, adapter)
+
+
+def check_adapter(model, adapter) -> None:
+    """adapter: None, "base", "auto" or the name of one of the model's adapters."""
+    if adapter is None:
+        return
+    if not isinstance(adapter, str):
+        raise ArgumentTypeError(f"adapter must be None or a name (str), got {type(adapter).__name__}")
+    names = list(getattr(model, "adapter_configs", {}))
+    if adapter not in ("base", "auto") and adapter not in names:
+        raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} (or use 'base' / 'auto')")

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..adapters.context import prompt_context
 from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
 from .progress import display_for, steps
 from .prompts import Prompt, PromptError
@@ -281,6 +282,12 @@ def run_exact(
 
 
 def _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress):
+    with prompt_context(tasks=[prompt.text]):  # for adapters that read the prompt's task
+        return _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed,
+                                      progress)
+
+
+def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress):
     text = model.encode_text([prompt.text], modality) if prompt.text is not None else None
     zp = zoom_out_prompt(prompt, crop_shape, size)
     coarse = resize_logits_back(_forward(model, zoom_image, text, zp.box, zp.points), crop_shape)[0, 0]

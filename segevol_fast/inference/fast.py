@@ -48,6 +48,7 @@ from torch import Tensor
 
 from ..crop import CropReader
 from ..errors import ShapeError
+from ..adapters.context import prompt_context
 from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
@@ -159,11 +160,12 @@ class _Item:
         return has_text, self.box is not None, None if self.points is None else len(self.points[0])
 
 
-def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor], chunk):
+def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor], chunk, tasks: Sequence):
     """Decode items against emb (1, hidden, *grid), batching items with the same signature in
     chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
-    the same items then decoded again). Yields (item, logits (1, *spatial) float32 on the model's
-    device)."""
+    the same items then decoded again). tasks[k]: prompt k's structure name (or None), declared to
+    adapters per decode batch (`adapters.prompt_context`). Yields (item, logits (1, *spatial)
+    float32 on the model's device)."""
     retry = chunk if isinstance(chunk, Retries) else None
     dev = emb.device
     groups: dict[tuple, list[_Item]] = {}
@@ -179,7 +181,10 @@ def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor]
             if n_points is not None:
                 points = (torch.stack([it.points[0] for it in part]).to(dev),
                           torch.stack([it.points[1] for it in part]).to(dev))
-            call = lambda: model.decode(emb, text_embedding=text, boxes=boxes, points=points)  # noqa: E731
+            def call(part=part, text=text, boxes=boxes, points=points):
+                with prompt_context(tasks=[tasks[it.k] for it in part]):
+                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points)
+
             logits = call() if retry is None else retry.attempt("decoder", call)
             if logits is None:
                 continue  # the decode batch was halved: the same items again
@@ -345,6 +350,7 @@ def run_fast(
     progress: bool = False,
     return_logits: bool = False,
     oom_retries: Optional[list] = None,
+    zoom_out_embedding: Optional[Tensor] = None,
 ) -> list[FastOutput]:
     """Fast zoom-out-zoom-in for all prompts at once (see the module docstring).
 
@@ -360,6 +366,8 @@ def run_fast(
         return_logits: also return crop-frame logits (else FastOutput.logits stays None).
         oom_retries: a list to append what out-of-memory recovery changed to (`oom.py`: halved
             window / decode batches, stitching moved to the host), one dict per change.
+        zoom_out_embedding: (1, hidden, *grid) of this crop's zoom-out image when the caller
+            already encoded it (`segment_batch` encodes many scans' in one routed pass).
 
     Returns:
         one `FastOutput` per prompt, in order.
@@ -378,7 +386,8 @@ def run_fast(
     while True:
         error = None
         try:
-            return _run_once(model, prep, prompts, modality, zoom_in, retry, progress, return_logits)
+            return _run_once(model, prep, prompts, modality, zoom_in, retry, progress, return_logits,
+                             zoom_out_embedding)
         except OutOfMemoryError as err:  # outside the encoder and decoder calls: the stitch buffers
             error = f"{type(err).__name__}: {err}"  # text only: the traceback pins the failed tensors
         except HostStitchNeeded as err:  # a batch was already 1
@@ -386,7 +395,8 @@ def run_fast(
         retry.to_host(error)  # raises DeviceOutOfMemoryError when nothing is left to try
 
 
-def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress, return_logits) -> list[FastOutput]:
+def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress, return_logits,
+              zoom_out_embedding=None) -> list[FastOutput]:
     """One attempt of run_fast with retry.plan (which the encoder and decoder may shrink as they go)."""
     plan, crop_shape = retry.plan, prep.crop.shape
     size = tuple(model.config.spatial_size)
@@ -394,7 +404,7 @@ def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress,
 
     stage(progress, "zoom-out")
     texts = _text_embeddings(model, prompts, modality)
-    logits = _zoom_out(model, prep.crop, prompts, texts, size, retry)  # (N, *size) fp32, stitch device
+    logits = _zoom_out(model, prep.crop, prompts, texts, size, retry, zoom_out_embedding)  # (N, *size) fp32
     # sigmoid > 0.5 picks the ROI and the window boxes (official); the mask is logits > 0
     coarse = _Coarse(torch.sigmoid(logits) > 0.5, logits > 0, logits if return_logits else None)
     del logits
@@ -435,11 +445,13 @@ def _text_embeddings(model, prompts: Sequence[Prompt], modality: str) -> dict[in
     return {k: emb[row[p.text]][None] for k, p in enumerate(prompts) if p.text is not None}
 
 
-def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries) -> Tensor:
-    """One encode of the resized crop, batched decodes -> coarse logits (N, *size) float32."""
+def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries, emb: Optional[Tensor] = None) -> Tensor:
+    """One encode of the resized crop (unless given), batched decodes -> coarse logits (N, *size)
+    float32 on the stitch device."""
     plan = retry.plan
     dev, crop_shape = plan.device, crop.shape
-    emb = model.encode_image(zoom_out_crop(crop, size).to(dev))
+    if emb is None:
+        emb = model.encode_image(zoom_out_crop(crop, size).to(dev))
     items = []
     for k, p in enumerate(prompts):
         box = box_to_zoom_out(p.box, crop_shape, size) if p.box is not None else None
@@ -451,7 +463,7 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries) -> 
             points = (coords, labels)
         items.append(_Item(k, box, points))
     coarse = torch.empty((len(prompts), *size), dtype=torch.float32, device=plan.stitch_device)
-    for it, logits in _decode(model, emb, items, texts, retry):
+    for it, logits in _decode(model, emb, items, texts, retry, [p.text for p in prompts]):
         coarse[it.k] = logits
     return coarse
 
@@ -461,6 +473,7 @@ class _ZoomIn:
 
     def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress):
         self.model, self.crop, self.prompts, self.texts = model, crop, prompts, texts
+        self.tasks = [p.text for p in prompts]
         self.cmap, self.coarse, self.rois, self.retry = cmap, coarse, rois, retry
         plan = retry.plan
         self.size, self.progress = tuple(model.config.spatial_size), progress
@@ -512,7 +525,7 @@ class _ZoomIn:
                 origin = self._origin(w)
                 items = [_window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size,
                                       len(need[k]) == 1) for k in users[w]]
-                for it, logits in _decode(self.model, embs[w], items, self.texts, self.retry):
+                for it, logits in _decode(self.model, embs[w], items, self.texts, self.retry, self.tasks):
                     stitches[it.k].add(logits, origin)
                 if bar is not None:
                     bar.update(1)

@@ -138,6 +138,8 @@ class SegmentationResult:
     random_weights: True when the model was not loaded from a checkpoint (masks are meaningless),
                    False when it was, None when unknown. True adds a banner to the preview and
                    "RANDOM WEIGHTS" to every NIfTI header.
+    adapter:       which adapter ran ("base", a name, a mixture's choice for this scan), or None
+                   when the call did not choose (the model as it was set).
     package_version: segevol_fast's version that produced the result.
     volume:        a reference (not a copy) to the input scan (X, Y, Z), used as the preview's
                    background; not in repr or summary. Set it to None to release the scan's memory.
@@ -159,6 +161,7 @@ class SegmentationResult:
     prompts: Optional[dict] = None
     weights_source: Optional[str] = None
     random_weights: Optional[bool] = None
+    adapter: Optional[str] = None
     package_version: str = field(default_factory=_package_version)
     volume: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
@@ -233,6 +236,7 @@ class SegmentationResult:
             "prompts": self.prompts,
             "weights_source": self.weights_source,
             "random_weights": self.random_weights,
+            "adapter": self.adapter,
             "labels": self.labels,
             "volumes_ml": {k: round(v, 3) for k, v in self.volumes_ml().items()},
             "voxels": {k: int(np.count_nonzero(m)) for k, m in self.masks.items()},

@@ -22,8 +22,9 @@ import torch
 from ..determinism import sigmoid
 from ..io import Volume, load_volume
 from ..modality_hint import warn_if_mri
-from ..preprocess import paste_back, preprocess
+from ..preprocess import paste_back, preprocess, zoom_out_crop
 from ..vocabulary import check_names
+from .adapter_scope import adapter_scope
 from .arguments import check_segment_arguments
 from .budget import _model_device, same_device
 from .memory import PeakMemory
@@ -53,6 +54,8 @@ def segment(
     seed: int = 0,
     precision: Optional[str] = "auto",
     series: Optional[str] = None,
+    adapter: Optional[str] = None,
+    _zoom_out_embedding: Optional[torch.Tensor] = None,
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -82,6 +85,9 @@ def segment(
             "fp16" for this call (see `inference.precision.resolve_precision`).
         series: SeriesInstanceUID to read when `volume` is a DICOM folder holding several series
             (`segevol_fast.io.list_series(folder)` lists them).
+        adapter: None (the model as set), "base", an adapter's name, or "auto" (the model's
+            mixture of adapters, routed for this scan); see `inference.adapter_scope`. What ran
+            is in `res.adapter`.
 
     Returns:
         SegmentationResult with masks (bool, input grid (X, Y, Z)), volumes in mL, timings, the
@@ -90,7 +96,7 @@ def segment(
     check_segment_arguments(  # types and values, before anything is loaded or moved
         model, volume, text, box, points, point_labels, coords=coords, modality=modality, mode=mode, zoom_in=zoom_in,
         max_memory=max_memory, device=device, progress=progress, return_probabilities=return_probabilities,
-        seed=seed, precision=precision, series=series)
+        seed=seed, precision=precision, series=series, adapter=adapter)
     if device is not None and not same_device(_model_device(model), device):
         model.to(device)
     dev = _model_device(model)
@@ -121,9 +127,11 @@ def segment(
         model.eval()
         model.set_precision(run_precision)
         try:
-            with torch.inference_mode():
+            zoom_image = lambda: zoom_out_crop(prep.crop, model.config.spatial_size).to(dev)  # noqa: E731
+            with torch.inference_mode(), adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
                 crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
-                                                        dev, progress, return_probabilities, seed, math.prod(vol.shape))
+                                                        dev, progress, return_probabilities, seed, math.prod(vol.shape),
+                                                        _zoom_out_embedding)
         finally:
             model.train(was_training)
             model.set_precision(model_precision)
@@ -150,7 +158,7 @@ def segment(
     # reference to the scan already in memory, so `res.preview(path)` draws on it
     return SegmentationResult(masks=masks, probabilities=probs, affine=vol.affine, spacing=vol.spacing,
                               modality=modality, timings=timings, peak_memory_bytes=pm.peak, mode=mode,
-                              notes=notes, precision=run_precision, **run_info,
+                              notes=notes, precision=run_precision, adapter=adapter_used, **run_info,
                               source=str(vol.source) if vol.source is not None else "array",
                               prompts=describe_prompts(text, box, points, point_labels, coords),
                               weights_source=None if weights_source is None else str(weights_source),
@@ -158,7 +166,7 @@ def segment(
 
 
 def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed,
-         output_voxels):
+         output_voxels, zoom_out_embedding=None):
     """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
     per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
     if mode == "exact":
@@ -179,7 +187,7 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
                      output_voxels=output_voxels)
     retries: list[dict] = []  # what run_fast changed after running out of device memory
     outs = run_fast(model, prep, prompts, modality=modality, zoom_in=zoom_in, plan=plan, progress=progress,
-                    return_logits=want_probs, oom_retries=retries)
+                    return_logits=want_probs, oom_retries=retries, zoom_out_embedding=zoom_out_embedding)
     info = {"plan": {**plan.summary(), "oom_retries": retries},
             "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
     if retries:

@@ -71,9 +71,10 @@ class MaskDecoder(nn.Module):
         # True: upscale + project in token order (model/upscale.py, ~4x faster on CPU for many
         # prompts); False: run `output_upscaling` as modules, literally as the official code does.
         self.fused_upscale = True
-        # Adapter seam: the two-way transformer's output tokens (B, 1 + M + T, hidden) [iou, M mask
-        # tokens, prompt tokens] -> tokens, before the hypernetwork MLPs read mask token 0 (context
-        # priors add their posterior to the mask tokens here); None = the official decoder.
+        # Adapter seam: (the two-way transformer's output tokens (B, 1 + M + T, hidden) [iou, M mask
+        # tokens, prompt tokens], this call's image_embedding (1 or B, hidden, gd, gh, gw)) -> tokens,
+        # before the hypernetwork MLPs read mask token 0 (context priors add their posterior to the
+        # mask tokens here); None = the official decoder.
         self.after_transformer: Optional[nn.Module] = None
 
     def forward(
@@ -111,7 +112,7 @@ class MaskDecoder(nn.Module):
 
         hs, src = self.transformer(src, pos, tokens)
         if self.after_transformer is not None:
-            hs = self.after_transformer(hs)
+            hs = self.after_transformer(hs, image_embedding)
         src = src.expand(B, -1, -1)  # only matters for depth 0, where the image side stays batch 1
         weights = self.output_hypernetworks_mlps[0](hs[:, 1])  # (B, hidden/8), mask token 0
         if text_embedding is not None:

@@ -9,8 +9,8 @@ default, so the official model runs unchanged, bit for bit):
   * `ImageEncoder.blocks[i].after_attn`: x -> x + after_attn(x) after the attention residual;
   * `ImageEncoder.blocks[i].beside_mlp`: + beside_mlp(norm2(x)) next to the MLP;
   * `ImageEncoder.after_encoder`: tokens (B, N, hidden) -> tokens after the final norm;
-  * `MaskDecoder.after_transformer`: decoder output tokens (B, 1 + M + T, hidden) -> tokens,
-    before the hypernetwork reads mask token 0.
+  * `MaskDecoder.after_transformer`: (decoder output tokens (B, 1 + M + T, hidden), the call's
+    image embedding) -> tokens, before the hypernetwork reads mask token 0.
 
 Caches (the text cache in `TextEncoder.encode`, the window-embedding cache of fast mode) must
 never return a result computed under another adapter state. Any module whose output depends on
