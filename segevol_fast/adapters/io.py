@@ -60,6 +60,7 @@ def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # like res.save(folder)
     tmp = f"{path}.tmp-{os.getpid()}"
     header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True)}
     try:
