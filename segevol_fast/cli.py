@@ -402,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plain", action="store_true", help="one name a line, sorted, nothing else")
     p.set_defaults(func=_cmd_vocabulary)
 
+    p = sub.add_parser("finetune", help="adapt SegVol to new data (LoRA or full fine-tuning; runs under torchrun)",
+                       description="Fine-tune on Decathlon / nnU-Net / M3D-Seg folders or image+label pairs with the "
+                                   "official loss and prompt mix; `torchrun --nproc-per-node N segevol-fast finetune ...` "
+                                   "runs the same command data-parallel.")
+    from .train.cli_finetune import add_finetune_arguments, run_finetune
+
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
+
     p = sub.add_parser("info", help="print versions, devices and kernel backends")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)

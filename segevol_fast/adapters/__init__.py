@@ -52,7 +52,7 @@ from .targets import SEGEVOLUTION_TARGETS, match_linears, output_slices
 __all__ = [
     "LoraConfig", "LoraLinear", "LoraWeights", "AdapterModule", "Route", "route", "no_route", "current_route",
     "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "active_state", "restore_active", "ContextPriorConfig", "ContextPriors",
-    "add_context_priors", "get_context_priors", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
+    "add_context_priors", "get_context_priors", "batch_route", "aux_loss", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
     "adapter_parameters", "base_parameters", "save_adapter", "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
 ]
 
@@ -244,6 +244,28 @@ def remove_adapter(model: nn.Module, name: str) -> None:
             if name in layer.lora:
                 layer.remove_adapter(name)
     del model.adapter_configs[name]
+
+
+# ---------------------------------------------------------------------------- training helpers
+def batch_route(model: nn.Module, images, modalities) -> Optional[Route]:
+    """The route of the model's mixture of adapters for a batch (None when it has none): what the
+    trainer applies around encode (and, row by row, decode). AdapterError with several mixtures."""
+    mixtures = [n for n, e in getattr(model, "adapter_configs", {}).items() if e["kind"] == "mixture"]
+    if not mixtures:
+        return None
+    if len(mixtures) > 1:
+        raise AdapterError(f"the model has several mixtures {mixtures}: train one at a time")
+    return route_for(model, mixtures[0], images=images, modalities=list(modalities))
+
+
+def aux_loss(model: nn.Module):
+    """Sum of the auxiliary losses the last forward left on adapters (a top-1 router's load
+    balancing, Hermes priors' modality classification), or None."""
+    parts = [r.aux_loss for r in getattr(model, "mixture_routers", {}).values() if r.aux_loss is not None]
+    priors = context_prior.get_context_priors(model)
+    if priors is not None and priors.aux_loss is not None:
+        parts.append(priors.aux_loss)
+    return sum(parts) if parts else None
 
 
 # ---------------------------------------------------------------------------- files

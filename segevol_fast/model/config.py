@@ -93,25 +93,14 @@ class SegVolConfig:
     @classmethod
     def tiny(cls, **overrides: Any) -> "SegVolConfig":
         """Same structure as the official model at toy widths (forward+backward in seconds on CPU)."""
-        base = dict(
-            spatial_size=(8, 32, 32),
-            patch_size=(4, 16, 16),
-            hidden_size=32,
-            mlp_dim=64,
-            num_layers=2,
-            num_heads=2,
-            text_hidden_size=32,
-            text_intermediate_size=64,
-            text_num_layers=2,
-            text_num_heads=2,
-            mask_in_chans=4,
-            decoder_depth=2,
-            decoder_num_heads=2,
-            decoder_mlp_dim=64,
-            iou_head_hidden_dim=16,
-        )
-        base.update(overrides)
-        return cls(**base)
+        return cls(**{**_PRESETS["tiny"], **overrides})
+
+    @classmethod
+    def small(cls, **overrides: Any) -> "SegVolConfig":
+        """The official structure at a width and window that train on a CPU in minutes: a
+        16x64x64 window of 4x8x8 patches (256 tokens of 96), 4 encoder blocks, a 2-block text
+        tower. Used by the adaptation study (bench/adaptation_study.py) and its trained base."""
+        return cls(**{**_PRESETS["small"], **overrides})
 
     # ------------------------------------------------------------------ checks and (de)serialisation
     def validate(self) -> None:
@@ -163,3 +152,17 @@ class SegVolConfig:
         path = os.path.join(os.fspath(directory), "config.json")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+# Presets: what differs from the official architecture (the dataclass defaults).
+_PRESETS: dict[str, dict[str, Any]] = {
+    # (name: spatial, patch, hidden, mlp, layers, heads, text hidden/intermediate/layers/heads, decoder heads/mlp, iou hidden)
+    name: dict(spatial_size=v[0], patch_size=v[1], hidden_size=v[2], mlp_dim=v[3], num_layers=v[4], num_heads=v[5],
+               text_hidden_size=v[6], text_intermediate_size=v[7], text_num_layers=v[8], text_num_heads=v[9],
+               mask_in_chans=4, decoder_depth=2, decoder_num_heads=v[10], decoder_mlp_dim=v[11],
+               iou_head_hidden_dim=v[12])
+    for name, v in {
+        "tiny": ((8, 32, 32), (4, 16, 16), 32, 64, 2, 2, 32, 64, 2, 2, 2, 64, 16),
+        "small": ((16, 64, 64), (4, 8, 8), 96, 192, 4, 4, 64, 128, 2, 2, 4, 192, 32),
+    }.items()
+}

@@ -1,0 +1,219 @@
+"""`segevol-fast finetune`: fine-tune SegVol (LoRA by default) on a dataset folder or image/label
+files, on one process or under torchrun.
+
+    segevol-fast finetune --data /data/Task07_Pancreas --weights BAAI/SegVol --steps 2000 --out runs/p
+    segevol-fast finetune --image mr.nii.gz --label mr_labels.nii.gz --label-map labels.json \\
+        --label-map-key mr --modality mri --random-weights --config tiny --tokenizer clip_tokenizer \\
+        --steps 50 --out runs/toy
+    torchrun --nproc-per-node 4 -m segevol_fast finetune ...            # DDP: the same command
+
+Writes into --out: train_log.csv/.jsonl, eval_log.* (with --eval-data / --eval-image),
+checkpoint_<step>.pt (resume with --resume), and the result: adapter_<name>.safetensors (LoRA)
+or model/ (full fine-tuning, `SegVol.from_pretrained` reads it).
+
+`cli.py` wires `add_finetune_arguments` and `run_finetune` as the `finetune` subcommand;
+`python -m segevol_fast.train.cli_finetune` runs the same thing directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+from ..errors import SegVolFastError, UsageError
+
+METHODS = ("lora", "full")
+CONFIGS = ("official", "tiny", "small")
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the finetune options to a (sub)parser and return it."""
+    d = p.add_argument_group("data")
+    d.add_argument("--data", nargs="+", action="extend", metavar="ROOT", default=[],
+                   help="dataset folders (MSD / nnU-Net v2 dataset.json, or an M3D-Seg code folder)")
+    d.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat; pairs with --label)")
+    d.add_argument("--label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
+    d.add_argument("--label-map", metavar="JSON", help="label id -> name for --image/--label, a JSON file")
+    d.add_argument("--label-map-key", metavar="KEY", help="take the map under this key of the JSON (e.g. ct, mr)")
+    d.add_argument("--modality", choices=["ct", "mri"], help="modality of --image cases (and an override for --data)")
+    d.add_argument("--eval-data", nargs="+", action="extend", metavar="ROOT", default=[], help="held-out dataset folders")
+    d.add_argument("--eval-image", action="append", default=[], metavar="PATH", help="held-out image (repeat)")
+    d.add_argument("--eval-label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
+    d.add_argument("--rotation-deg", type=float, default=0.0, help="random rotation augmentation (degrees)")
+
+    m = p.add_argument_group("model")
+    src = m.add_mutually_exclusive_group()
+    src.add_argument("--weights", metavar="PATH", help="base weights (a folder, .pth, safetensors, or BAAI/SegVol)")
+    src.add_argument("--random-weights", action="store_true", help="start from a random model (tests, toy runs)")
+    m.add_argument("--config", choices=CONFIGS, default="official", help="architecture for --random-weights")
+    m.add_argument("--tokenizer", metavar="DIR", help="CLIP tokenizer folder (default: next to the weights)")
+    m.add_argument("--method", choices=METHODS, default="lora", help="lora (default) or full fine-tuning")
+    m.add_argument("--adapter-name", default="default", help="name of the LoRA adapter (default 'default')")
+    m.add_argument("--lora-rank", type=int, default=16)
+    m.add_argument("--lora-alpha", type=float, default=16.0)
+    m.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(rank)")
+    m.add_argument("--lora-dropout", type=float, default=0.0)
+    m.add_argument("--model-seed", type=int, default=0, help="seed of --random-weights")
+
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=4, help="images per step, across all processes")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--weight-decay", type=float, default=1e-5)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (default off)")
+    t.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off")
+    t.add_argument("--grad-checkpointing", action="store_true")
+    t.add_argument("--seed", type=int, default=2023)
+    t.add_argument("--categories-per-image", type=int, default=None, help="default all non-empty (official)")
+    t.add_argument("--mixes", nargs="+", metavar="MIX", help="prompt mixes (default the official six)")
+    t.add_argument("--box-jitter", type=int, default=0, help="box jitter in training prompts (voxels)")
+    t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
+    t.add_argument("--eval-jitter", type=int, default=5, help="voxels of the jittered-box evaluation")
+    t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
+    t.add_argument("--log-every", type=int, default=1)
+    t.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
+    t.add_argument("--device", choices=["cpu", "cuda"], help="default CUDA when available")
+    t.add_argument("--out", required=True, metavar="DIR", help="output folder (logs, checkpoints, the adapter)")
+    t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint_<step>.pt")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+# ------------------------------------------------------------------------------ building blocks
+def _label_map(args) -> dict:
+    if not args.label_map:
+        raise UsageError("--image/--label cases need --label-map JSON (label id -> name)")
+    path = pathlib.Path(args.label_map)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--label-map {path}: cannot read a JSON object ({exc})") from exc
+    if args.label_map_key is not None:
+        if args.label_map_key not in data:
+            raise UsageError(f"--label-map {path} has no key {args.label_map_key!r}; it has {sorted(data)[:10]}")
+        data = data[args.label_map_key]
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise UsageError(f"--label-map {path} must map label ids to names (use --label-map-key for nested maps)")
+    return data
+
+
+def _cases(args, roots, images, labels, what: str) -> list:
+    from .cases import cases_from_files, discover_cases
+
+    if len(images) != len(labels):
+        raise UsageError(f"{what}: {len(images)} images but {len(labels)} label maps; give them in pairs")
+    cases = []
+    for root in roots:
+        cases += discover_cases(root, **({"modality": args.modality} if args.modality else {}))
+    if images:
+        if args.modality is None:
+            raise UsageError("--image cases need --modality ct|mri")
+        cases += cases_from_files(list(zip(images, labels)), _label_map(args), args.modality,
+                                  pathlib.Path(images[0]).parent.name or "files")
+    return cases
+
+
+def _model(args, device):
+    import torch
+
+    from ..model import SegVol, SegVolConfig
+
+    if args.random_weights:
+        if args.config == "small" and not hasattr(SegVolConfig, "small"):
+            raise UsageError("--config small is not available in this version; use tiny or official")
+        config = SegVolConfig() if args.config == "official" else getattr(SegVolConfig, args.config)()
+        torch.manual_seed(args.model_seed)
+        model = SegVol(config, tokenizer=args.tokenizer)
+    elif args.weights:
+        model = SegVol.from_pretrained(args.weights, tokenizer=args.tokenizer)
+    else:
+        raise UsageError("give --weights PATH (the base model) or --random-weights")
+    return model.to(device)
+
+
+def _train_config(args):
+    from .trainer import TrainConfig
+
+    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+                  "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
+                  "amp": args.amp, "grad_checkpointing": args.grad_checkpointing, "seed": args.seed,
+                  "categories_per_image": args.categories_per_image, "box_jitter": args.box_jitter,
+                  "eval_every": args.eval_every, "save_every": args.save_every, "log_every": args.log_every,
+                  "eval_jitter": args.eval_jitter, "out_dir": args.out, "workers": args.workers}
+    if args.mixes:
+        fields["mixes"] = tuple(args.mixes)
+    try:
+        return TrainConfig(**fields)
+    except SegVolFastError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------ the command
+def run_finetune(args: argparse.Namespace) -> int:
+    """Run `segevol-fast finetune`; returns the exit code (0). Errors are segevol_fast errors
+    (UsageError for bad arguments), reported by the caller."""
+    from .. import adapters
+    from . import distributed
+    from .datasets import SegmentationDataset
+    from .trainer import Trainer
+
+    if not args.data and not args.image:
+        raise UsageError("nothing to train on: give --data ROOT or --image/--label pairs")
+    config = _train_config(args)
+    env = distributed.init_from_env(device=args.device)
+    try:
+        train_cases = _cases(args, args.data, args.image, args.label, "training data")
+        eval_cases = _cases(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
+        model = _model(args, env.device)
+        if args.method == "lora":
+            adapters.add_lora(model, args.adapter_name, adapters.LoraConfig(
+                rank=args.lora_rank, alpha=args.lora_alpha, rslora=args.rslora, dropout=args.lora_dropout))
+        size = model.config.spatial_size
+        train = SegmentationDataset(train_cases, size, train=True, seed=args.seed, rotation_deg=args.rotation_deg)
+        evals = SegmentationDataset(eval_cases, size, train=False) if eval_cases else None
+        trainer = Trainer(model, config, train, evals)
+        if args.resume:
+            trainer.resume(args.resume)
+        trainer.fit(progress=not args.quiet)
+        if distributed.is_main():
+            _write_result(args, model, trainer)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _write_result(args, model, trainer) -> None:
+    from .. import adapters
+
+    out = pathlib.Path(args.out)
+    if args.method == "lora":
+        result = adapters.save_adapter(model, args.adapter_name, out / f"adapter_{args.adapter_name}.safetensors")
+    else:
+        result = str(out / "model")
+        model.save_pretrained(result)
+    summary = {"steps": trainer.step, "result": str(result),
+               "last_loss": trainer.history[-1]["loss"] if trainer.history else None,
+               "eval": trainer.eval_history[-1] if trainer.eval_history else None}
+    print(json.dumps(summary))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_finetune_arguments(argparse.ArgumentParser(prog="segevol-fast finetune",
+                                                            description="Fine-tune SegVol."))
+    args = parser.parse_args(argv)
+    try:
+        return run_finetune(args)
+    except UsageError as exc:
+        print(f"segevol-fast finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except SegVolFastError as exc:
+        print(f"segevol-fast finetune: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,646 @@
+"""The fine-tuning loop: official loss and prompt mix, AdamW + warm-up/cosine, AMP, gradient
+checkpointing and clipping, metrics, evaluation, checkpoints with bit-exact resume, DDP.
+
+    cfg = TrainConfig(steps=2000, batch_size=4, out_dir="runs/mri_lora")
+    trainer = Trainer(model, cfg, train_dataset, eval_dataset)   # model: SegVol (+ adapters)
+    trainer.resume("runs/mri_lora/checkpoint_0001000.pt")        # optional
+    trainer.fit()
+
+One optimizer step (reference §6, batched): the step's global batch of `batch_size` images is
+encoded at once; for each image, each chosen category (non-empty in the crop) draws one box and
+one point set from its mask, and the decoder runs every prompt mix (official six: points+text,
+box+text, text, box, points, box+points) for all chosen categories of the image in one call.
+A category's loss is the sum over mixes of BCE + Dice (official); the step's loss is its mean over
+all (image, category) pairs of the global batch. (Officially one step is taken per category with
+the encoder re-run each time; here all categories of a step share one encoder pass and one step.)
+
+Randomness: the prompts and category choice of sample j of the global batch at step s come from a
+generator seeded by (seed, s, j) only, and the samples themselves from (seed, epoch, index)
+(`datasets.py`), so the run is the same for any number of ranks or loader workers, and a resumed
+run continues exactly (global RNGs, used by e.g. LoRA dropout, are checkpointed too).
+
+DDP: with world_size > 1 (see `distributed.py`) each rank takes batch_size / world_size images of
+the global batch (rank r the positions r, r + W, ...); the loss of a rank is scaled so that DDP's
+gradient average equals the gradient of the global mean; only rank 0 logs, shows progress and
+writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import pathlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Sampler
+
+from .. import adapters
+from ..errors import CheckpointError, InvalidArgumentError, OutputError
+from . import distributed as dist_utils
+from .datasets import sample_seed
+from .loader import ModalityBalancedSampler, make_loader
+from .loss import bce_dice_loss
+from .metrics import MetricLog, dice
+from .prompts import (
+    PROMPT_MIXES,
+    box_from_mask,
+    collate_prompts,
+    restrict_to_mix,
+    sample_prompts,
+)
+from .schedule import warmup_cosine
+
+AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+EVAL_PROMPTS = ("text", "box", "jittered_box")
+EVAL_SEED = 0x5E6E  # jittered-box evaluation draws from (EVAL_SEED, case index): same boxes for every run
+CHECKPOINT_FORMAT = "segevol_fast.trainer/1"
+# config fields that decide which samples and prompts each step sees: a resumed run must keep them
+_STREAM_FIELDS = ("seed", "batch_size", "categories_per_image", "mixes", "box_jitter")
+
+
+# ---------------------------------------------------------------------------------- config
+@dataclass
+class TrainConfig:
+    """Everything a fine-tuning run needs besides the model and the data.
+
+    steps: optimizer steps in total. batch_size: images per step, global across ranks (a multiple
+    of the world size). lr / weight_decay: AdamW (official 1e-4 / 1e-5). warmup_steps,
+    min_lr_ratio: the schedule of `schedule.py`. grad_clip: max global grad norm (None: off).
+    amp: "off" | "bf16" | "fp16" autocast (fp16 uses a GradScaler on CUDA). grad_checkpointing:
+    recompute encoder blocks in backward. seed: of samples and prompts. categories_per_image:
+    how many non-empty categories of a sample train per step (None: all, as officially). mixes:
+    prompt mixes by name (default the official six; their losses are summed). box_jitter: voxels
+    of box jitter in training prompts (0 as GitHub, 10 as HF). eval_every / save_every /
+    log_every: in steps (0: eval and save only at the end; log_every >= 1). eval_jitter: voxels for
+    the jittered-box evaluation. out_dir: where logs and checkpoints go (None: no files).
+    workers: DataLoader workers. find_unused_parameters: passed to DDP (True is safe when some
+    adapter parameters get no gradient in a step, e.g. unrouted experts).
+    """
+
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    amp: str = "off"
+    grad_checkpointing: bool = False
+    seed: int = 2023
+    categories_per_image: int | None = None
+    mixes: tuple[str, ...] = field(default_factory=lambda: tuple(m.name for m in PROMPT_MIXES))
+    box_jitter: int = 0
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    eval_jitter: int = 5
+    out_dir: str | None = None
+    workers: int = 0
+    find_unused_parameters: bool = True
+
+    def __post_init__(self) -> None:
+        self.mixes = tuple(self.mixes)
+        if self.out_dir is not None:
+            self.out_dir = os.fspath(self.out_dir)
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
+                raise InvalidArgumentError(f"TrainConfig.{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
+
+        for name in ("steps", "batch_size", "log_every"):
+            positive_int(name)
+        for name in ("warmup_steps", "eval_every", "save_every", "box_jitter", "eval_jitter", "workers", "seed"):
+            positive_int(name, allow_zero=True)
+        if self.categories_per_image is not None:
+            positive_int("categories_per_image")
+        if self.amp not in AMP_MODES:
+            raise InvalidArgumentError(f"TrainConfig.amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if not (self.lr > 0 and self.weight_decay >= 0 and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise InvalidArgumentError("TrainConfig needs lr > 0, weight_decay >= 0 and 0 <= min_lr_ratio <= 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise InvalidArgumentError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        known = {m.name for m in PROMPT_MIXES}
+        if not self.mixes or any(m not in known for m in self.mixes) or len(set(self.mixes)) != len(self.mixes):
+            raise InvalidArgumentError(f"TrainConfig.mixes must be distinct names among {sorted(known)}, got {self.mixes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mixes"] = list(self.mixes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidArgumentError(f"unknown TrainConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------- data order
+class _ResumableSampler(Sampler):
+    """This rank's share of a ModalityBalancedSampler epoch, starting `skip` indices in (a run
+    resumed mid-epoch starts at the batch it stopped at without loading the ones before)."""
+
+    def __init__(self, inner: ModalityBalancedSampler):
+        self.inner, self.skip = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.inner), self.skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+# ---------------------------------------------------------------------------------- one step
+def encode_names(model: nn.Module, names: Sequence[str], modality: str) -> Tensor:
+    """Text embeddings (N, hidden) of `names`, each name encoded on its own.
+
+    `encode_text` runs the names missing from its cache as one padded batch, and a name's
+    embedding then differs in the last bits with the batch it first came in (padding length,
+    batched matmuls). One name per call makes every cached embedding independent of history, which
+    bit-exact resume and history-independent evaluation need; the cache makes it cheap."""
+    return torch.cat([model.encode_text([n], modality) for n in names])
+
+
+class _StepModule(nn.Module):
+    """The forward of one training step as a module, so that DDP can wrap it (DDP synchronises
+    gradients only for work done inside its forward).
+
+    forward(images (B, 1, D, H, W) float32, plans: B dicts from `Trainer._plan`) ->
+        (loss_sum 0-d float32: sum over this rank's (image, category) pairs of that category's
+         summed-over-mixes loss, parts (2 + n_mixes,) float64 detached: the same sums of BCE,
+         Dice and of each mix's loss).
+    """
+
+    def __init__(self, model: nn.Module, mixes: Sequence[str], params: Sequence[nn.Parameter]):
+        super().__init__()
+        self.model = model
+        self.mixes = tuple(mixes)
+        self._params = list(params)  # not registered twice: a plain list
+
+    def forward(self, images: Tensor, plans: list[dict]) -> tuple[Tensor, Tensor]:
+        model = self.model
+        zero = torch.zeros((), dtype=torch.float64, device=images.device)
+        parts = [zero] * (2 + len(self.mixes))  # detached sums, synchronised once at the end
+        if not any(p["names"] for p in plans):
+            # nothing to learn on this rank this step; still touch every parameter so DDP's
+            # gradient all-reduce sees the same parameters on every rank
+            return sum(p.reshape(-1)[0] * 0.0 for p in self._params), torch.stack(parts)
+        modalities = [p["modality"] for p in plans]
+        route = adapters.batch_route(model, images, modalities)  # a mixture's choice per image, or None
+        with adapters.prompt_context(modalities=modalities), _routed(route):
+            emb = model.encode_image(images)
+        total = images.new_zeros((), dtype=torch.float32)
+        for i, plan in enumerate(plans):
+            n = len(plan["names"])
+            if n == 0:
+                continue
+            with adapters.prompt_context(modalities=[plan["modality"]], tasks=plan["names"]), \
+                    _routed(None if route is None else route.row(i)):
+                text = encode_names(model, plan["names"], plan["modality"]) if plan["needs_text"] else None
+                for k, prompt in enumerate(plan["prompts"]):
+                    logits = model.decode(emb[i : i + 1], text_embedding=text if prompt["text"] else None,
+                                          boxes=prompt["boxes"], points=prompt["points"])
+                    loss, bce, dc = bce_dice_loss(logits, plan["target"], return_parts=True)
+                    total = total + n * loss  # loss is a mean over the n categories
+                    for slot, value in ((0, bce), (1, dc), (2 + k, loss)):
+                        parts[slot] = parts[slot] + n * value.detach().double()
+        aux = adapters.aux_loss(model)  # router load balancing / prior modality loss of this forward
+        if aux is not None:  # weighted by this rank's pairs: the step's scaling turns it into a mean
+            total = total + aux * sum(len(p["names"]) for p in plans)
+        return total, torch.stack(parts)
+
+
+def _routed(route):
+    return contextlib.nullcontext() if route is None else adapters.route(route)
+
+
+# ---------------------------------------------------------------------------------- trainer
+def _mix_uses_text(name: str) -> bool:
+    return next(m for m in PROMPT_MIXES if m.name == name).text
+
+
+def _default_params(model: nn.Module) -> list[nn.Parameter]:
+    """Adapter parameters when the model has adapters, else every parameter that requires grad."""
+    adapter_ids = {id(p) for m in model.modules() if isinstance(m, adapters.AdapterModule) for p in m.parameters()}
+    adapter_ids |= {id(p) for p in adapters.adapter_parameters(model)}
+    if adapter_ids:
+        return [p for p in model.parameters() if id(p) in adapter_ids and p.requires_grad]
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+    """DistributedDataParallel over `module`; buffers are not re-broadcast every forward (the
+    model's buffers never change in training, and the official model's are large)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    no_sync = {"forward_sync_buffers": False}  # newer torch; older spells it broadcast_buffers
+    if "forward_sync_buffers" not in inspect.signature(DistributedDataParallel.__init__).parameters:
+        no_sync = {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused, **no_sync)
+
+
+def _seed_global_rngs(seed: int) -> None:
+    """Seed torch, numpy and Python's global generators (what e.g. LoRA dropout draws from), so a
+    run is the same every time; `resume` replaces them with the checkpoint's states."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Fine-tune `model` (a SegVol, with or without adapters) on `train_dataset`.
+
+    Args:
+        model: on its target device already; DDP-wrapped here when a process group is up.
+        config: a TrainConfig.
+        train_dataset: a `SegmentationDataset` (train=True); batches come from a
+            ModalityBalancedSampler over it, batch_size * ceil(len / batch_size) draws an epoch.
+        eval_dataset: optional `SegmentationDataset` (train=False) for `evaluate` every eval_every.
+        params: what to train; default `_default_params` (adapter parameters if any, else every
+            requires_grad parameter). Every other parameter of the model is set
+            requires_grad=False, so that autograd and DDP track only what is trained.
+
+    Construction seeds the global torch / numpy / Python generators from (config.seed, rank).
+
+    Attributes: step (optimizer steps done), history (logged train rows), eval_history.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, train_dataset, eval_dataset=None,
+                 params: Sequence[nn.Parameter] | None = None):
+        if not isinstance(config, TrainConfig):
+            raise InvalidArgumentError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.model, self.config = model, config
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
+        if config.batch_size % self.world_size:
+            raise InvalidArgumentError(f"batch_size {config.batch_size} (global) must be a multiple of the "
+                                       f"world size {self.world_size}")
+        self.local_batch = config.batch_size // self.world_size
+        self.device = next(model.parameters()).device
+        if getattr(model, "tokenizer", True) is None and any(_mix_uses_text(m) for m in config.mixes):
+            raise InvalidArgumentError("text prompt mixes need the model's CLIP tokenizer (model.tokenizer = DIR), "
+                                       "or train without them (TrainConfig.mixes=('box', 'points', 'box+points'))")
+        self.params, self.param_names = self._select_params(params)
+        if hasattr(model, "image_encoder"):
+            model.image_encoder.gradient_checkpointing = bool(config.grad_checkpointing)
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = warmup_cosine(self.optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16" and self.device.type == "cuda")
+        self.step = 0
+        _seed_global_rngs(sample_seed(config.seed, self.rank, 0x61D))
+        self.history: list[dict] = []
+        self.eval_history: list[dict] = []
+        self.steps_per_epoch = max(1, math.ceil(len(train_dataset) / config.batch_size))
+        self.sampler = _ResumableSampler(ModalityBalancedSampler(
+            train_dataset, self.steps_per_epoch * config.batch_size, seed=config.seed,
+            rank=self.rank, world_size=self.world_size))
+        self.loader = make_loader(train_dataset, self.local_batch, sampler=self.sampler, workers=config.workers,
+                                  seed=config.seed)
+        self._step_module = _StepModule(model, config.mixes, self.params)
+        self._engine: nn.Module = self._step_module
+        if self.world_size > 1:
+            self._engine = _wrap_ddp(self._step_module, self.device, config.find_unused_parameters)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _select_params(self, params) -> tuple[list[nn.Parameter], list[str]]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        wanted = {id(p) for p in (_default_params(self.model) if params is None else params)}
+        if not wanted <= set(names):
+            raise InvalidArgumentError("params holds tensors that are not parameters of the model")
+        if not wanted:
+            raise InvalidArgumentError("nothing to train: no parameter requires grad (add an adapter or unfreeze)")
+        chosen = [p for p in self.model.parameters() if id(p) in wanted]  # model order: stable optimizer state
+        for p in self.model.parameters():  # autograd and DDP then track exactly what is trained
+            p.requires_grad_(id(p) in wanted)
+        return chosen, [names[id(p)] for p in chosen]
+
+    def _autocast(self):
+        dtype = AMP_MODES[self.config.amp]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ one step
+    def _plan(self, batch: dict, step: int) -> list[dict]:
+        """Per image of this rank's batch: chosen categories, their targets and the prompts of
+        every mix (collated for one decode call). All draws from (seed, step, global position)."""
+        cfg = self.config
+        plans = []
+        for j, labels in enumerate(batch["labels"]):
+            position = j * self.world_size + self.rank  # place in the global batch (see the sampler)
+            g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, position))
+            nonempty = [c for c in range(labels.shape[0]) if bool(labels[c].amax() > 0)]  # official: skip empty
+            if cfg.categories_per_image is not None and len(nonempty) > cfg.categories_per_image:
+                pick = torch.randperm(len(nonempty), generator=g)[: cfg.categories_per_image]
+                nonempty = sorted(nonempty[int(i)] for i in pick)
+            drawn = [sample_prompts(labels[c], None, g, jitter=cfg.box_jitter) for c in nonempty]
+            prompts = []
+            if nonempty:
+                for mix in cfg.mixes:
+                    p = collate_prompts([restrict_to_mix(d, mix) for d in drawn])
+                    prompts.append({"text": p["text"],
+                                    "boxes": None if p["boxes"] is None else p["boxes"].to(self.device),
+                                    "points": None if p["points"] is None else
+                                    tuple(t.to(self.device) for t in p["points"])})
+            plans.append({"names": [batch["names"][j][c] for c in nonempty], "modality": batch["modality"][j],
+                          "target": labels[nonempty].to(self.device), "prompts": prompts,
+                          "needs_text": any(p["text"] for p in prompts)})
+        return plans
+
+    def loss_on(self, batch: dict, step: int | None = None) -> tuple[Tensor, Tensor, float]:
+        """Forward of one step on this rank's batch (no optimizer work).
+
+        Returns:
+            loss: 0-d float32 to call backward on: this rank's loss sum * world_size / global
+                number of (image, category) pairs, so DDP's gradient average is the gradient of
+                the global mean loss;
+            parts: (2 + n_mixes,) float64 global means (all-reduced) of BCE, Dice, each mix;
+            count: the global number of (image, category) pairs (0: nothing to learn).
+        """
+        step = self.step if step is None else step
+        plans = self._plan(batch, step)
+        count = float(dist_utils.all_reduce_sum(torch.tensor([sum(len(p["names"]) for p in plans)],
+                                                             dtype=torch.float64, device=self.device)).item())
+        if count == 0:  # no rank has a non-empty category: no forward at all (keeps DDP's ranks in step)
+            return torch.zeros((), device=self.device), torch.zeros(2 + len(self.config.mixes), dtype=torch.float64), 0.0
+        with self._autocast():
+            total, parts = self._engine(batch["image"].to(self.device), plans)
+        parts = dist_utils.all_reduce_sum(parts.to(self.device)).cpu() / count
+        return total * (self.world_size / count), parts, count
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on this rank's share of the global batch; returns the metric row."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, parts, count = self.loss_on(batch)
+        grad_norm = float("nan")
+        if count > 0:  # the same on every rank (all-reduced): ranks stay in step
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            # max_norm inf measures without changing the gradients (the clip factor clamps to 1)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf")))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+               "loss": float(parts[2:].sum()) if count else float("nan"),
+               "bce": float(parts[0]) if count else float("nan"), "dice": float(parts[1]) if count else float("nan")}
+        for k, mix in enumerate(cfg.mixes):
+            row[f"loss[{mix}]"] = float(parts[2 + k]) if count else float("nan")
+        row.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0, categories=int(count))
+        return row
+
+    # ------------------------------------------------------------------ the loop
+    def _logs(self) -> tuple[MetricLog | None, MetricLog | None]:
+        if self.config.out_dir is None or not dist_utils.is_main():
+            return None, None
+        out = pathlib.Path(self.config.out_dir)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {out}: {exc}") from exc
+        train = MetricLog(out / "train_log.csv", out / "train_log.jsonl")
+        evals = MetricLog(out / "eval_log.csv", out / "eval_log.jsonl") if self.eval_dataset is not None else None
+        return train, evals
+
+    def checkpoint_path(self, step: int | None = None) -> pathlib.Path | None:
+        if self.config.out_dir is None:
+            return None
+        return pathlib.Path(self.config.out_dir) / f"checkpoint_{self.step if step is None else step:07d}.pt"
+
+    def fit(self, progress: bool = True, until: int | None = None) -> list[dict]:
+        """Train until config.steps optimizer steps are done (from `self.step`, e.g. after resume),
+        or only until step `until` (< config.steps: stop early with the schedule of the full run;
+        no final evaluation or checkpoint then).
+
+        Logs every log_every steps (rank 0, to out_dir/train_log.{csv,jsonl}), evaluates every
+        eval_every steps (out_dir/eval_log.*), checkpoints every save_every steps and at the end
+        (out_dir/checkpoint_<step>.pt). Returns `history` (the logged rows of all fit calls)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        stop = cfg.steps if until is None else int(until)
+        if not self.step <= stop <= cfg.steps:
+            raise InvalidArgumentError(f"until must be in [{self.step}, {cfg.steps}], got {until!r}")
+        train_log, eval_log = self._logs()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="finetune", unit="step",
+                   disable=not (progress and dist_utils.is_main()), dynamic_ncols=True)
+        last_saved = last_eval = None
+        self.model.train()
+        try:
+            while self.step < stop:
+                epoch, within = divmod(self.step, self.steps_per_epoch)
+                self.sampler.skip = within * self.local_batch
+                self.loader.set_epoch(epoch)
+                for batch in self.loader:
+                    row = self.train_step(batch)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self.history.append(row)
+                        if train_log is not None:
+                            train_log.log(row)
+                    if self.eval_dataset is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        self._evaluate_and_log(eval_log)
+                        last_eval = self.step
+                    if cfg.save_every and self.step % cfg.save_every == 0 and cfg.out_dir is not None:
+                        self.save_checkpoint(self.checkpoint_path())
+                        last_saved = self.step
+                    if self.step >= stop:
+                        break
+            if stop < cfg.steps:
+                return self.history
+            if self.eval_dataset is not None and last_eval != self.step:
+                self._evaluate_and_log(eval_log)
+            if cfg.out_dir is not None and last_saved != self.step:
+                self.save_checkpoint(self.checkpoint_path())
+        finally:
+            bar.close()
+            for log in (train_log, eval_log):
+                if log is not None:
+                    log.close()
+        return self.history
+
+    def _evaluate_and_log(self, eval_log: MetricLog | None) -> None:
+        result = self.evaluate(self.eval_dataset, jitter=self.config.eval_jitter)
+        row = {"step": self.step, **{f"dice_{k}": v for k, v in result["mean"].items()},
+               "labels": len(result["per_label"])}
+        self.eval_history.append(row)
+        if eval_log is not None:
+            eval_log.log(row)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, dataset, prompts: Sequence[str] = EVAL_PROMPTS, jitter: int = 5) -> dict:
+        """Dice of (logits > 0) vs the label, per case and label, for each prompt kind.
+
+        Args:
+            dataset: a SegmentationDataset, normally train=False (whole case resized, no
+                augmentation); case i is dataset[i]. With DDP the cases are split over the ranks
+                and the results gathered, so every rank gets the whole answer.
+            prompts: among "text" (the label's name, the sample's modality template), "box" (the
+                ground-truth box) and "jittered_box" (each corner moved by up to `jitter` voxels,
+                drawn from a generator seeded by (EVAL_SEED, case index): the same boxes every call).
+
+        Returns:
+            {"mean": {kind: mean Dice over all (case, label)}, "per_label": [{"case", "index",
+             "label", kind: Dice...}, ...]} ordered by case index then label; labels that are
+             empty after resizing are skipped. The model is evaluated in eval mode under no_grad
+             and put back in its previous mode.
+        """
+        unknown = [p for p in prompts if p not in EVAL_PROMPTS]
+        if unknown or not prompts:
+            raise InvalidArgumentError(f"evaluate prompts must be among {EVAL_PROMPTS}, got {tuple(prompts)}")
+        was_training = self.model.training
+        self.model.eval()
+        rows: list[dict] = []
+        try:
+            with torch.no_grad(), self._autocast():
+                for i in range(self.rank, len(dataset), self.world_size):
+                    rows.extend(self._evaluate_case(dataset, i, tuple(prompts), jitter))
+        finally:
+            self.model.train(was_training)
+        rows = sorted((r for part in dist_utils.all_gather_objects(rows) for r in part),
+                      key=lambda r: (r["index"], r["position"]))
+        mean = {k: (float(np.mean([r[k] for r in rows])) if rows else float("nan")) for k in prompts}
+        return {"mean": mean, "per_label": rows}
+
+    def _evaluate_case(self, dataset, index: int, prompts: tuple[str, ...], jitter: int) -> list[dict]:
+        sample = dataset[index]
+        labels = sample["labels"] > 0.5  # (C, D, H, W) bool
+        keep = [c for c in range(labels.shape[0]) if bool(labels[c].any())]
+        if not keep:
+            return []
+        names, modality = [sample["names"][c] for c in keep], sample["modality"]
+        model = self.model
+        image = sample["image"][None].to(self.device)
+        route = adapters.batch_route(model, image, [modality])
+        with adapters.prompt_context(modalities=[modality]), _routed(route):
+            emb = model.encode_image(image)
+        scores: dict[str, list[float]] = {}
+        with adapters.prompt_context(modalities=[modality], tasks=names), _routed(route):
+            for kind in prompts:
+                if kind == "text":
+                    logits = model.decode(emb, text_embedding=encode_names(model, names, modality))
+                else:
+                    g = torch.Generator().manual_seed(sample_seed(EVAL_SEED, index))
+                    shift = jitter if kind == "jittered_box" else 0
+                    boxes = torch.stack([box_from_mask(labels[c], shift, g) for c in keep]).to(self.device)
+                    logits = model.decode(emb, boxes=boxes)
+                scores[kind] = [dice(logits[n, 0] > 0, labels[c].to(logits.device)) for n, c in enumerate(keep)]
+        return [{"case": sample["case"], "index": index, "position": n, "label": name,
+                 **{k: scores[k][n] for k in prompts}} for n, name in enumerate(names)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What resume needs: trainable parameters (only), optimizer, scheduler, scaler, step,
+        RNG states of every rank, config. Collective under DDP (every rank must call it)."""
+        rngs = dist_utils.all_gather_objects(_rng_state())
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "world_size": self.world_size, "config": self.config.to_dict(),
+                "trainable": {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)},
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rngs}
+
+    def save_checkpoint(self, path) -> pathlib.Path | None:
+        """Write the checkpoint atomically (temporary file in the same folder, then rename), on
+        rank 0 only; every rank must call it. Returns the path (None on other ranks)."""
+        state = self.state_dict()
+        path = pathlib.Path(path)
+        if dist_utils.is_main():
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(tmp, "wb") as f:
+                    torch.save(state, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise OutputError(f"cannot write the checkpoint {path}: {exc}") from exc
+        dist_utils.barrier()
+        return path if dist_utils.is_main() else None
+
+    def resume(self, path) -> Trainer:
+        """Continue from a `save_checkpoint` file: the same model (base weights and adapters
+        attached as when it was saved) and the same data-stream settings are required.
+
+        Raises CheckpointError for a foreign or mismatched file."""
+        path = pathlib.Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"no checkpoint at {path}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds for damaged files
+            raise CheckpointError(f"{path} cannot be read as a trainer checkpoint: {exc}") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} is not a segevol_fast trainer checkpoint")
+        saved = state["config"]
+        changed = [k for k in _STREAM_FIELDS if TrainConfig.from_dict(saved).to_dict()[k] != self.config.to_dict()[k]]
+        if changed:
+            raise CheckpointError(f"{path} was trained with other {changed}: resuming would not continue the run")
+        self._load_trainable(state["trainable"], path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        rngs = state["rng"]
+        _set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+        return self
+
+    def _load_trainable(self, tensors: dict, path) -> None:
+        mine = dict(zip(self.param_names, self.params))
+        missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
+        if missing or extra:
+            raise CheckpointError(f"{path} trains other parameters than this trainer: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]} (attach the same adapters first)")
+        for name, p in mine.items():
+            if tensors[name].shape != p.shape:
+                raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                                      f"the model's {tuple(p.shape)}")
+        with torch.no_grad():
+            for name, p in mine.items():
+                p.copy_(tensors[name])
