@@ -2,7 +2,7 @@
 
     python bench/adaptation_study.py                      # small config, shared data, ~15 min on 2 cores
     python bench/adaptation_study.py --base-only          # (re)train and save only the CT base
-    python bench/adaptation_study.py --config official --weights SegVol_v1.pth --data-root ... --device cuda
+    python bench/adaptation_study.py --config official --weights SegVol_v1.pth --ct-root CT_DATASET --mr-root MR_DATASET --device cuda
 
 1. Base: `SegVolConfig.small()` from random weights (seed), every parameter trained on the shared
    CT volumes (ct_abdomen_sm and the DICOM series) with the official loss and prompt mix; saved to
@@ -39,15 +39,27 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from segevol_fast import SegVol, SegVolConfig, adapters  # noqa: E402
-from segevol_fast.train.cases import cases_from_files  # noqa: E402
+from segevol_fast.train.cases import cases_from_files, discover_cases  # noqa: E402
 from segevol_fast.train.datasets import SegmentationDataset  # noqa: E402
-from segevol_fast.train.trainer import Trainer, TrainConfig  # noqa: E402
+from segevol_fast.train.trainer import TrainConfig, Trainer  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 # TotalSegmentator ids shared by the "total" (CT) and "total_mr" (MRI) tasks for these organs
 ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 5: "liver", 6: "stomach"}
-TASKS = ("spleen", "right kidney", "left kidney", "liver", "stomach")
 PROMPTS = ("text", "box", "jittered_box")
+
+
+def dataset_cases(args):
+    """(CT cases, MRI cases): the shared volumes, or Decathlon / nnU-Net / M3D-Seg folders."""
+    if not (args.ct_root or args.mr_root):
+        return shared_cases(DATA)
+    if not (args.ct_root and args.mr_root):
+        raise SystemExit("give both --ct-root and --mr-root (or neither: the shared data)")
+    return discover_cases(args.ct_root, modality="ct"), discover_cases(args.mr_root, modality="mri")
+
+
+def task_names(cases) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(n for c in cases for n in c.label_map.values()))
 
 
 def shared_cases(data: pathlib.Path):
@@ -104,14 +116,15 @@ METHODS = {
     "mixture_top1": (lambda m: adapters.add_mixture(m, "moa", adapters.MixtureConfig(
         experts=("a", "b"), routing="top1", lora=adapters.LoraConfig(rank=8, alpha=8, rslora=True))), "ct+mr"),
     "priors_additive": (lambda m: adapters.add_context_priors(m, "priors", adapters.ContextPriorConfig(
-        variant="additive", tasks=TASKS)), "ct+mr"),
+        variant="additive", tasks=m.study_tasks)), "ct+mr"),
     "priors_hermes": (lambda m: adapters.add_context_priors(m, "priors", adapters.ContextPriorConfig(
-        variant="hermes", tasks=TASKS)), "ct+mr"),
+        variant="hermes", tasks=m.study_tasks)), "ct+mr"),
 }
 
 
-def run_method(name: str, args, base_folder_or_model, train_sets: dict, evals, out: pathlib.Path) -> dict:
+def run_method(name: str, args, base_folder_or_model, train_sets: dict, evals, out: pathlib.Path, tasks) -> dict:
     model = _fresh_base(args, base_folder_or_model)
+    model.study_tasks = tasks  # the structure names the priors get tokens for
     attach, data = METHODS[name]
     attach(model)
     params = adapters.adapter_parameters(model)
@@ -135,6 +148,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", choices=["small", "official"], default="small")
     p.add_argument("--weights", help="a base checkpoint instead of training one (official config)")
+    p.add_argument("--ct-root", help="a CT dataset folder (Decathlon / nnU-Net / M3D-Seg) instead of the shared CT")
+    p.add_argument("--mr-root", help="an MRI dataset folder instead of the shared MRI")
     p.add_argument("--out", default=str(REPO / "segevol_out" / "study"))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--base-steps", type=int, default=400)
@@ -156,7 +171,7 @@ def main() -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    ct_cases, mr_cases = shared_cases(DATA)
+    ct_cases, mr_cases = dataset_cases(args)
     base = base_model(args, ct_cases, out)
     if args.base_only:
         return 0
@@ -169,11 +184,11 @@ def main() -> int:
     folder = None if args.weights else out / "base"
     results = {}
     for name in args.methods:
-        results[name] = run_method(name, args, (folder, base), train_sets, evals, out)
+        results[name] = run_method(name, args, (folder, base), train_sets, evals, out, task_names(ct_cases + mr_cases))
         print(name, json.dumps(results[name]), flush=True)
     report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
               "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
-              "config": args.config, "organs": list(TASKS), "base": before, "methods": results,
+              "config": args.config, "organs": list(task_names(ct_cases + mr_cases)), "base": before, "methods": results,
               "total_seconds": time.perf_counter() - t0}
     (out / "study.json").write_text(json.dumps(report, indent=2))
     if args.results:

@@ -108,6 +108,11 @@ def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
     args = shlex.split(line.replace(DATA_PREFIX, f"{data_dir}/"), comments=True)[1:]
     if args[0] == "segment":
         args += ["--random-weights", "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q"]
+    elif args[0] == "finetune":  # a few steps of the tiny random model instead of the weights named
+        i = args.index("--weights")
+        args[i:i + 2] = ["--random-weights", "--config", "tiny"]
+        args[args.index("--steps") + 1] = "2"
+        args += ["--device", "cpu", "-q"]
     elif args[0] == "demo":
         args = [a for a in args if a != "--full"] + ["--random-weights", "--no-zoom-in", "--device", "cpu", "-q"]
     return args
@@ -122,3 +127,6 @@ def test_cli_example_runs(line, workdir, data_dir):
         assert "wrote " in proc.stdout
         out = re.search(r"^wrote (.+)$", proc.stdout, flags=re.M).group(1)
         assert (workdir / out / "summary.json").is_file() or pathlib.Path(out).joinpath("summary.json").is_file()
+    if args[0] == "finetune":
+        out = workdir / args[args.index("--out") + 1]
+        assert (out / "adapter_default.safetensors").is_file() and (out / "metrics.csv").is_file(), sorted(out.iterdir())
