@@ -129,4 +129,4 @@ def test_cli_example_runs(line, workdir, data_dir):
         assert (workdir / out / "summary.json").is_file() or pathlib.Path(out).joinpath("summary.json").is_file()
     if args[0] == "finetune":
         out = workdir / args[args.index("--out") + 1]
-        assert (out / "adapter_default.safetensors").is_file() and (out / "metrics.csv").is_file(), sorted(out.iterdir())
+        assert (out / "adapter_default.safetensors").is_file() and (out / "train_log.csv").is_file(), sorted(out.iterdir())

@@ -7,6 +7,7 @@ from .fast import run_fast
 from .prompts import Prompt, PromptError, build_prompts
 from .result import SegmentationResult
 from .segment import segment
+from .session import Session
 
-__all__ = ["segment", "segment_batch", "SegmentationResult", "Prompt", "PromptError", "build_prompts", "run_exact", "run_fast",
+__all__ = ["segment", "segment_batch", "Session", "SegmentationResult", "Prompt", "PromptError", "build_prompts", "run_exact", "run_fast",
            "plan_fast", "parse_memory", "Plan", "BudgetError", "ZoomInWarning"]

@@ -185,6 +185,19 @@ def check_segment_arguments(model, volume, text=None, box=None, points=None, poi
     check_adapter(model, adapter)
 
 
+def check_session_arguments(model, volume, *, modality=None, max_memory=None, device=None, series=None,
+                            precision: Optional[str] = "auto", adapter=None) -> None:
+    """`model.session(...)`'s arguments: segment()'s checks except the prompts, which come later."""
+    check_model(model)
+    check_volume(volume)
+    _choice(precision, "precision", PRECISIONS, optional=True)
+    check_modality(modality)
+    check_max_memory(max_memory)
+    check_device(device)
+    check_series(series, volume)
+    check_adapter(model, adapter)
+
+
 def check_adapter(model, adapter) -> None:
     """adapter: None, "base", "auto" or the name of one of the model's adapters."""
     if adapter is None:

@@ -246,20 +246,27 @@ def _window_item(k: int, prompt: Prompt, cmap: _CropMap, fg: Tensor, origin: Tri
 
 
 # ------------------------------------------------------------------------------ window cache
-class _LRU:
-    """At most `capacity` window embeddings, least recently used evicted first. Keys are
+class WindowCache:
+    """At most `capacity` window embeddings, least recently used evicted first (`hits` / `misses`
+    count lookups). Keys are
     (window, adapter state of the image encoder): an embedding computed under one adapter or
     route is never returned under another (`model.seams`)."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
         self.data: OrderedDict[tuple, Tensor] = OrderedDict()
+        self.hits = self.misses = 0
 
     def get(self, key: tuple) -> Optional[Tensor]:
         if key in self.data:
             self.data.move_to_end(key)
+            self.hits += 1
             return self.data[key]
+        self.misses += 1
         return None
+
+    def __len__(self) -> int:
+        return len(self.data)
 
     def put(self, key: tuple, value: Tensor) -> None:
         if self.capacity <= 0:
@@ -351,6 +358,7 @@ def run_fast(
     return_logits: bool = False,
     oom_retries: Optional[list] = None,
     zoom_out_embedding: Optional[Tensor] = None,
+    window_cache: Optional["WindowCache"] = None,
 ) -> list[FastOutput]:
     """Fast zoom-out-zoom-in for all prompts at once (see the module docstring).
 
@@ -368,6 +376,8 @@ def run_fast(
             window / decode batches, stitching moved to the host), one dict per change.
         zoom_out_embedding: (1, hidden, *grid) of this crop's zoom-out image when the caller
             already encoded it (`segment_batch` encodes many scans' in one routed pass).
+        window_cache: a `WindowCache` that outlives the call (an interactive session's); default a
+            new one of plan.cache_windows entries.
 
     Returns:
         one `FastOutput` per prompt, in order.
@@ -387,7 +397,7 @@ def run_fast(
         error = None
         try:
             return _run_once(model, prep, prompts, modality, zoom_in, retry, progress, return_logits,
-                             zoom_out_embedding)
+                             zoom_out_embedding, window_cache)
         except OutOfMemoryError as err:  # outside the encoder and decoder calls: the stitch buffers
             error = f"{type(err).__name__}: {err}"  # text only: the traceback pins the failed tensors
         except HostStitchNeeded as err:  # a batch was already 1
@@ -396,7 +406,7 @@ def run_fast(
 
 
 def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress, return_logits,
-              zoom_out_embedding=None) -> list[FastOutput]:
+              zoom_out_embedding=None, window_cache=None) -> list[FastOutput]:
     """One attempt of run_fast with retry.plan (which the encoder and decoder may shrink as they go)."""
     plan, crop_shape = retry.plan, prep.crop.shape
     size = tuple(model.config.spatial_size)
@@ -416,7 +426,7 @@ def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress,
             outputs[k] = FastOutput(*coarse.output(k, cmap, plan.accumulator_dtype))
     zoomed = [k for k, roi in enumerate(rois) if roi is not None]
     if zoomed:
-        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress).run(zoomed, outputs)
+        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress, window_cache).run(zoomed, outputs)
     return outputs  # type: ignore[return-value]
 
 
@@ -471,14 +481,15 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries, emb
 class _ZoomIn:
     """The zoom-in pass over prompt groups; see the module docstring."""
 
-    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress):
+    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress,
+                 window_cache=None):
         self.model, self.crop, self.prompts, self.texts = model, crop, prompts, texts
         self.tasks = [p.text for p in prompts]
         self.cmap, self.coarse, self.rois, self.retry = cmap, coarse, rois, retry
         plan = retry.plan
         self.size, self.progress = tuple(model.config.spatial_size), progress
         self.grid = global_grid(crop.shape, self.size)
-        self.cache = _LRU(plan.cache_windows)
+        self.cache = window_cache if window_cache is not None else WindowCache(plan.cache_windows)
 
     @property
     def plan(self) -> Plan:

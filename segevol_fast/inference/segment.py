@@ -56,6 +56,8 @@ def segment(
     series: Optional[str] = None,
     adapter: Optional[str] = None,
     _zoom_out_embedding: Optional[torch.Tensor] = None,
+    _prepared=None,
+    _window_cache=None,
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -115,8 +117,9 @@ def segment(
 
         t = time.perf_counter()
         progress.stage("preprocess")
-        # fast mode reads the crop window by window from the scan: no float32 copy of it is made
-        prep = preprocess(vol.array, lazy=(mode == "fast"))
+        # fast mode reads the crop window by window from the scan: no float32 copy of it is made;
+        # an interactive session (`session.py`) hands in the preprocessing it keeps
+        prep = _prepared if _prepared is not None else preprocess(vol.array, lazy=(mode == "fast"))
         prompts = build_prompts(text, box, points, point_labels, shape=vol.shape, start=prep.start,
                                 coords=coords, affine=vol.affine)
         check_names([p.text for p in prompts if p.text is not None])  # a warning, never an error
@@ -131,7 +134,7 @@ def segment(
             with torch.inference_mode(), adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
                 crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
                                                         dev, progress, return_probabilities, seed, math.prod(vol.shape),
-                                                        _zoom_out_embedding)
+                                                        _zoom_out_embedding, _window_cache)
         finally:
             model.train(was_training)
             model.set_precision(model_precision)
@@ -166,7 +169,7 @@ def segment(
 
 
 def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed,
-         output_voxels, zoom_out_embedding=None):
+         output_voxels, zoom_out_embedding=None, window_cache=None):
     """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
     per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
     if mode == "exact":
@@ -187,7 +190,8 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
                      output_voxels=output_voxels)
     retries: list[dict] = []  # what run_fast changed after running out of device memory
     outs = run_fast(model, prep, prompts, modality=modality, zoom_in=zoom_in, plan=plan, progress=progress,
-                    return_logits=want_probs, oom_retries=retries, zoom_out_embedding=zoom_out_embedding)
+                    return_logits=want_probs, oom_retries=retries, zoom_out_embedding=zoom_out_embedding,
+                    window_cache=window_cache)
     info = {"plan": {**plan.summary(), "oom_retries": retries},
             "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
     if retries:

@@ -150,6 +150,13 @@ class SegVol(nn.Module):
         txt = self.encode_text(text, modality) if text is not None else None
         return self.decode(emb, text_embedding=txt, boxes=boxes, points=points)
 
+    def session(self, volume, **kwargs):
+        """An interactive session on one scan (`segevol_fast.inference.session.Session`): the scan
+        is encoded once, then `sess.segment(...)` / `sess.refine(...)` answer from the cache."""
+        from ..inference.session import Session
+
+        return Session(self, volume, **kwargs)
+
     def segment(self, volume, text=None, box=None, points=None, point_labels=None, **kwargs):
         """Segment a whole scan with zoom-out-zoom-in: see `segevol_fast.inference.segment.segment`
         for every argument. Returns a SegmentationResult with masks on the input's own grid."""

@@ -1,0 +1,131 @@
+"""Interactive sessions: encode a scan once, then answer prompt after prompt from the cache.
+
+    sess = model.session("ct.nii.gz", max_memory="4GB")
+    res = sess.segment(text="liver")                      # zoom-out decode + the liver's windows
+    res = sess.refine("liver", points=[[60, 50, 14]], point_labels=[0])   # decoder only (+ new windows)
+
+A session keeps what `segment()` would recompute on every call: the loaded scan and its
+preprocessing (the crop is read lazily, no float32 copy), the zoom-out embedding, the text
+embeddings (the model's cache) and the zoom-in window embeddings in a `WindowCache` that lives as
+long as the session, least recently used evicted first. Its capacity comes from the memory budget:
+what `max_memory` leaves after the plan of one call (cache excluded) divided by one embedding's
+bytes, never more than the scan has windows. Every call is a full `segment()` (same planner, same
+stitching, same result type) handed the kept state, so its result equals a fresh `segment()` with
+the same prompts (tested bit for bit on the CPU), and only windows never seen are encoded.
+
+`refine(name, points, point_labels)` re-runs a previous prompt (text, box and points as given)
+with the new points added: the correction clicks of an interactive viewer.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..errors import InvalidArgumentError, PromptError
+from ..io import Volume, load_volume
+from ..preprocess import preprocess, zoom_out_crop
+from .adapter_scope import adapter_scope
+from .arguments import check_session_arguments
+from .budget import _model_device, parse_memory, plan_fast, same_device
+from .fast import WindowCache, global_grid
+from .precision import resolve_precision
+from .result import SegmentationResult
+from .segment import segment
+
+
+class Session:
+    """One scan, many prompts; see the module docstring. Build it with `model.session(volume, ...)`.
+
+    Attributes: volume (the loaded `Volume`), modality, cache (the `WindowCache`: `len`, `hits`,
+    `misses`, `capacity`), history ({mask name: the prompt arguments it was made with}).
+    """
+
+    def __init__(self, model, volume, *, modality: Optional[str] = None, adapter: Optional[str] = None,
+                 max_memory: Union[int, str, None] = None, device=None, series: Optional[str] = None,
+                 precision: Optional[str] = "auto", cache_windows: Optional[int] = None):
+        check_session_arguments(model, volume, modality=modality, max_memory=max_memory, device=device,
+                                series=series, precision=precision, adapter=adapter)
+        if device is not None and not same_device(_model_device(model), device):
+            model.to(device)
+        self.model, self.adapter, self.max_memory, self.precision = model, adapter, max_memory, precision
+        self.volume = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
+        self.modality = modality or self.volume.modality or "ct"
+        self._prep = preprocess(self.volume.array, lazy=True)
+        dev = _model_device(model)
+        size = model.config.spatial_size
+        n_windows = int(np.prod([len(a) for a in global_grid(self._prep.crop.shape, size)]))
+        if cache_windows is None:
+            cache_windows = self._capacity(n_windows, dev)
+        elif not isinstance(cache_windows, int) or cache_windows < 0:
+            raise InvalidArgumentError(f"cache_windows must be a non-negative int, got {cache_windows!r}")
+        self.cache = WindowCache(min(cache_windows, n_windows))
+        self.history: dict[str, dict] = {}
+        # the zoom-out embedding, under the session's adapter and precision, as segment() makes it
+        run_precision = resolve_precision(precision, model.precision, dev, "fast")
+        previous, was_training = model.precision, model.training
+        model.eval()
+        model.set_precision(run_precision)
+        try:
+            image = zoom_out_crop(self._prep.crop, size).to(dev)
+            with torch.inference_mode(), adapter_scope(model, adapter, self.modality, lambda: image):
+                self._zoom_out = model.encode_image(image)
+        finally:
+            model.set_precision(previous)
+            model.train(was_training)
+
+    def _capacity(self, n_windows: int, dev) -> int:
+        """Windows the budget leaves room for after one call's plan (all of them without a budget)."""
+        if self.max_memory is None:
+            return n_windows
+        plan = plan_fast(self.model, self._prep.crop.shape, 1, self.max_memory, dev)
+        cfg = self.model.config
+        per_window = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4
+        spare = parse_memory(self.max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
+        return max(0, min(n_windows, spare // per_window))
+
+    def segment(self, text: Union[str, Sequence[str], None] = None, box=None, points=None, point_labels=None, *,
+                coords: str = "voxel", zoom_in: bool = True, return_probabilities: bool = False,
+                progress: bool = False) -> SegmentationResult:
+        """`segment()` on the session's scan with these prompts (fast mode); see it for arguments."""
+        res = segment(self.model, self.volume, text, box, points, point_labels, coords=coords, modality=self.modality,
+                      mode="fast", zoom_in=zoom_in, max_memory=self.max_memory, progress=progress,
+                      return_probabilities=return_probabilities, precision=self.precision, adapter=self.adapter,
+                      _prepared=self._prep, _zoom_out_embedding=self._zoom_out, _window_cache=self.cache)
+        args = dict(text=text, box=box, points=points, point_labels=point_labels, coords=coords, zoom_in=zoom_in)
+        for i, name in enumerate(res.labels):
+            self.history[name] = _one_prompt(args, i, len(res.labels))
+        return res
+
+    def refine(self, name: str, points, point_labels, **kwargs) -> SegmentationResult:
+        """Prompt `name` again (its text / box / earlier points) with `points` (P, 3) and
+        `point_labels` (P,) added; returns a result holding the refined mask under `name`'s
+        prompt label. Other keyword arguments go to `segment` (return_probabilities, ...)."""
+        if name not in self.history:
+            raise PromptError(f"nothing to refine called {name!r}; this session has {sorted(self.history) or 'none'}")
+        prev = self.history[name]
+        new_pts = np.asarray(points, dtype=float).reshape(-1, 3)
+        new_lbl = np.asarray(point_labels).reshape(-1)
+        if prev["points"] is not None:
+            old_lbl = np.ones(len(prev["points"])) if prev["point_labels"] is None else np.asarray(prev["point_labels"])
+            new_pts = np.concatenate([np.asarray(prev["points"], dtype=float).reshape(-1, 3), new_pts])
+            new_lbl = np.concatenate([old_lbl.reshape(-1), new_lbl])
+        res = self.segment(prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"],
+                           zoom_in=prev["zoom_in"], **kwargs)
+        self.history[name] = self.history.pop(res.labels[0])
+        return res
+
+
+def _one_prompt(args: dict, i: int, n: int) -> dict:
+    """Prompt i's own arguments out of a call's (lists of texts / boxes split per prompt)."""
+    out = dict(args)
+    text = args["text"]
+    if isinstance(text, (list, tuple)):
+        out["text"] = text[i]
+    box = args["box"]
+    if box is not None:
+        arr = np.asarray(box, dtype=float)
+        out["box"] = arr.reshape(-1, 6)[i] if arr.size == 6 * n and n > 1 else arr
+    return out
