@@ -177,6 +177,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .io import load_volume
     from .weights import find_tokenizer, find_weights
 
+    from .inference.cohort import is_cohort_input
+
+    if is_cohort_input(args.input):  # a folder of scans, a glob or a manifest (whose rows may carry prompts)
+        has = args.text or args.box or args.points
+        return _cmd_cohort(args, _prompt_arguments(args) if has else {})
     if not (args.text or args.box or args.points):
         raise UsageError("give at least one prompt: --text NAME..., --box i0 j0 k0 i1 j1 k1, or --points i j k")
     if args.point_labels and not args.points:
@@ -211,6 +216,36 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     display.close()
     _report(result, display.seconds, device, out, display.timings)
     return EXIT_OK
+
+
+def _cmd_cohort(args: argparse.Namespace, prompts: dict) -> int:
+    """`segevol-fast segment FOLDER|GLOB|MANIFEST`: every scan into <out>/<name>/, resumable, with
+    <out>/cohort_summary.csv; exit 1 when some scan failed (all the others are still done)."""
+    from .inference.cohort import SUMMARY, cohort_items, segment_cohort
+    from .weights import find_tokenizer, find_weights
+
+    from .train import distributed
+
+    items = cohort_items(args.input, **prompts, modality=args.modality)
+    out = pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / "cohort"
+    device = _resolve_device(args.device)
+    env = distributed.init_from_env(device=device)  # torchrun: shard the cohort over the ranks
+    device = str(env.device)
+    weights = None if args.random_weights else find_weights(args.weights, download=args.download)
+    tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
+    if weights is None:
+        _loud_random_notice(args.config)
+    model = _build_model(weights, args.config, tok_dir, device)
+    rows = segment_cohort(model, items, out, preview=args.preview, progress=not args.quiet, coords=args.coords,
+                          mode=args.mode, zoom_in=not args.no_zoom_in, max_memory=args.max_memory, device=device,
+                          return_probabilities=args.probabilities, precision=args.precision)
+    distributed.shutdown()
+    failed = [r for r in rows if r["status"] == "error"]
+    if env.rank == 0:
+        print(f"cohort: {len(rows) - len(failed)} of {len(rows)} scans done, {len(failed)} failed; wrote {out / SUMMARY}")
+        for r in failed:
+            print(f"  {r['name']}: {r['error']}", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------- demo
@@ -358,7 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("segment", help="segment a NIfTI file or DICOM folder",
                        description="Segment structures by text, boxes and/or points. Coordinates are voxel indices "
                                    "(i, j, k) of the stored array, or RAS millimetres with --coords world.")
-    p.add_argument("input", help="a .nii / .nii.gz file, a DICOM series folder or one of its files")
+    p.add_argument("input", help="a .nii / .nii.gz file, a DICOM series folder or one of its files; or a cohort: a "
+                                 "folder of scans, a quoted glob, or a .csv / .jsonl manifest (see README)")
     p.add_argument("--text", nargs="+", action="extend", metavar="NAME",
                    help='category names, one mask each, e.g. liver spleen "left kidney" (repeatable: '
                         '--text liver --text spleen asks for both)')

@@ -123,7 +123,10 @@ def test_cli_example_runs(line, workdir, data_dir):
     args = _cli_args(line, data_dir)
     proc = _run(["-m", "segevol_fast", *args], workdir)
     assert proc.returncode == 0, f"{line!r} -> exit {proc.returncode}\n{proc.stderr[-2000:]}"
-    if args[0] in ("segment", "demo"):
+    if args[0] == "segment" and "*" in args[1]:  # a cohort: one folder per scan and the summary
+        out = workdir / args[args.index("--out") + 1]
+        assert (out / "cohort_summary.csv").is_file() and (out / "ct_abdomen_sm" / "summary.json").is_file()
+    elif args[0] in ("segment", "demo"):
         assert "wrote " in proc.stdout
         out = re.search(r"^wrote (.+)$", proc.stdout, flags=re.M).group(1)
         assert (workdir / out / "summary.json").is_file() or pathlib.Path(out).joinpath("summary.json").is_file()
