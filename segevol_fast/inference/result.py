@@ -30,7 +30,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import ResultError
+from ..errors import MissingDependencyError, ResultError
 from ..io.nifti import is_nifti_path, save_nifti
 from ..io.output import LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder
 from ..io.volume import spacing_from_affine
@@ -299,11 +299,27 @@ class SegmentationResult:
                                                self.affine, description=descrip).name
         if preview:
             self.preview(folder / "preview.png", volume)
+        dicom_seg = self._save_dicom_seg(folder)  # first: a note it adds belongs in the summary
         summary = self.summary()
         summary["files"] = files
         summary["probability_files"] = prob_files or None
         summary["preview"] = "preview.png" if preview else None
+        summary["dicom_seg"] = dicom_seg
         write_bytes_atomic(folder / "summary.json", _json_bytes(summary))
+
+    def _save_dicom_seg(self, folder: pathlib.Path) -> Optional[str]:
+        """segmentation.dcm (DICOM-SEG referencing the source series) when the input was a DICOM
+        series folder that is still there; None otherwise."""
+        from ..io.dicom_seg import is_dicom_source, write_dicom_seg
+
+        if not self.masks or not is_dicom_source(self.source):
+            return None
+        try:
+            write_dicom_seg(folder / "segmentation.dcm", self.masks, self.source, software_version=self.package_version)
+        except MissingDependencyError as exc:  # the NIfTI outputs still stand; say why there is no SEG
+            self.notes.append(f"no DICOM-SEG written: {exc}")
+            return None
+        return "segmentation.dcm"
 
     def _save_label_map(self, p: pathlib.Path, preview: bool, volume, lock_timeout: float) -> None:
         gz = p.name.lower().endswith(".nii.gz")
