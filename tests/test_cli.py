@@ -108,8 +108,8 @@ def test_segment_end_to_end_random_weights(ct, tmp_path, fake_segment, no_weight
     assert call["model"].config.hidden_size == 32  # the tiny config
     assert call["volume"].shape == SHAPE
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["box_0.nii.gz", "box_0_prob.nii.gz", "box_1.nii.gz", "box_1_prob.nii.gz", "preview.png",
-                     "summary.json"]
+    assert files == ["box_0.nii.gz", "box_0_prob.nii.gz", "box_1.nii.gz", "box_1_prob.nii.gz", "label_map.nii.gz",
+                     "preview.png", "summary.json"]
     assert np.allclose(nib.load(out / "box_0.nii.gz").affine, nib.load(ct).affine)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["notes"] == [cli.RANDOM_NOTE]

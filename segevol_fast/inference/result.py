@@ -74,9 +74,14 @@ def safe_label(label: str) -> str:
     return s or "mask"
 
 
+# stems of the files a result folder holds besides the masks: a mask may not take them
+RESERVED_STEMS = {"label_map", "summary", "preview", "segmentation"}
+
+
 def _unique_names(labels: list[str]) -> dict[str, str]:
-    """label -> safe file stem, made unique ('a b' and 'a_b' both map to 'a_b' otherwise)."""
-    out, used = {}, set()
+    """label -> safe file stem, made unique ('a b' and 'a_b' both map to 'a_b' otherwise) and
+    never one of the folder's own files (a prompt called "label map" gets label_map_2)."""
+    out, used = {}, set(RESERVED_STEMS)
     for label in labels:
         base = stem = safe_label(label)
         n = 2
@@ -271,8 +276,10 @@ class SegmentationResult:
           (4-D float32, id-1 along the 4th axis) when probabilities are present, and
           `<name>.png` with `preview=True`. These files are replaced together.
         * Anything else is a directory, replaced as a whole: `<safe_label>.nii.gz` per mask (uint8
-          0/1), `<safe_label>_prob.nii.gz` (float32) with probabilities, `preview.png` with
-          `preview=True`, and `summary.json` ("files": label -> mask file; "probability_files").
+          0/1), `label_map.nii.gz` (all masks, ids in prompt order; legend and overlaps in
+          summary.json "label_map"), `<safe_label>_prob.nii.gz` (float32) with probabilities,
+          `preview.png` with `preview=True`, `segmentation.dcm` (DICOM-SEG) when the input was a
+          DICOM series, and `summary.json` ("files": label -> mask file; "probability_files").
           An existing non-empty folder that segevol_fast did not write is refused (OutputError).
 
         volume: background of the preview (default: the scan kept in `self.volume`).
@@ -299,11 +306,16 @@ class SegmentationResult:
                                                self.affine, description=descrip).name
         if preview:
             self.preview(folder / "preview.png", volume)
+        # every mask in one map too (ids in prompt order, the legend in summary.json), for viewers
+        # that load one label volume
+        lm = self.label_map()
+        save_nifti(folder / "label_map.nii.gz", lm, self.affine, description=descrip)
         dicom_seg = self._save_dicom_seg(folder)  # first: a note it adds belongs in the summary
         summary = self.summary()
         summary["files"] = files
         summary["probability_files"] = prob_files or None
         summary["preview"] = "preview.png" if preview else None
+        summary["label_map"] = {"file": "label_map.nii.gz", **self.label_map_report(lm)}
         summary["dicom_seg"] = dicom_seg
         write_bytes_atomic(folder / "summary.json", _json_bytes(summary))
 

@@ -41,8 +41,9 @@ def _consistent(folder):
     names = set(os.listdir(folder))
     s = json.loads((folder / "summary.json").read_text())
     expected = set(s["files"].values()) | set((s["probability_files"] or {}).values()) | {"summary.json"}
-    if s["preview"]:
-        expected.add(s["preview"])
+    for extra in (s["preview"], s["label_map"]["file"], s.get("dicom_seg")):
+        if extra:
+            expected.add(extra)
     return names == expected, s
 
 
@@ -55,9 +56,9 @@ def _only(parent, *names):
 def test_rerun_with_fewer_labels_leaves_only_the_new_files(tmp_path):
     out = tmp_path / "out"
     _result(probabilities=True).save(out, preview=True)
-    assert len(os.listdir(out)) == 3 + 3 + 2  # masks, probabilities, preview, summary
+    assert len(os.listdir(out)) == 3 + 3 + 3  # masks, probabilities, label map, preview, summary
     _result(labels=("spleen",)).save(out)
-    assert sorted(os.listdir(out)) == ["spleen.nii.gz", "summary.json"]
+    assert sorted(os.listdir(out)) == ["label_map.nii.gz", "spleen.nii.gz", "summary.json"]
     ok, s = _consistent(out)
     assert ok and s["labels"] == ["spleen"] and s["probability_files"] is None and s["preview"] is None
     assert _only(tmp_path, "out")
@@ -268,7 +269,7 @@ def _read_consistently(out):
         os.close(fd)
     if not still_there:
         return None
-    return s["labels"], names == set(s["files"].values()) | {"summary.json"}
+    return s["labels"], names == set(s["files"].values()) | {"summary.json", s["label_map"]["file"]}
 
 
 def test_concurrent_writers_always_leave_one_complete_result(tmp_path):
@@ -388,4 +389,4 @@ def test_results_of_earlier_releases_count_as_ours(tmp_path):
     legacy = {k: {} for k in ("labels", "volumes_ml", "voxels", "timings_s", "spacing_mm", "affine")}
     (out / "summary.json").write_text(json.dumps(legacy))  # written before the "writer" field existed
     _result(labels=("spleen",)).save(out)
-    assert sorted(os.listdir(out)) == ["spleen.nii.gz", "summary.json"]
+    assert sorted(os.listdir(out)) == ["label_map.nii.gz", "spleen.nii.gz", "summary.json"]

@@ -82,8 +82,8 @@ def test_inputs_are_validated_and_masks_made_bool():
 def test_save_directory_round_trip(tmp_path):
     r = _result(probabilities=True)
     out = r.save(tmp_path / "out")
-    assert sorted(os.listdir(out)) == ["left_kidney.nii.gz", "left_kidney_prob.nii.gz", "liver.nii.gz",
-                                       "liver_prob.nii.gz", "summary.json"]
+    assert sorted(os.listdir(out)) == ["label_map.nii.gz", "left_kidney.nii.gz", "left_kidney_prob.nii.gz",
+                                       "liver.nii.gz", "liver_prob.nii.gz", "summary.json"]
     for label, stem in (("liver", "liver"), ("left kidney", "left_kidney")):
         img = nib.load(out / f"{stem}.nii.gz")
         assert np.allclose(img.affine, r.affine)
@@ -185,3 +185,17 @@ def test_repr_lists_labels_volumes_timings():
     text = repr(_result())
     assert "liver" in text and "10.0 mL" in text and "left kidney" in text
     assert "total 1.25 s" in text and "meaningless" in text and "3 MiB" in text
+
+
+def test_folder_holds_a_label_map_with_its_legend(tmp_path):
+    r = _result()
+    out = r.save(tmp_path / "lm")
+    lm = np.asarray(nib.load(out / "label_map.nii.gz").dataobj)
+    legend = json.loads((out / "summary.json").read_text())["label_map"]
+    assert legend["file"] == "label_map.nii.gz" and legend["labels"] == {"1": "liver", "2": "left kidney"}
+    for i, label in ((1, "liver"), (2, "left kidney")):
+        assert ((lm == i) <= r.masks[label]).all()  # a later prompt may take overlapping voxels
+    np.testing.assert_array_equal(lm > 0, r.masks["liver"] | r.masks["left kidney"])
+    named = SegmentationResult(masks={"label map": r.masks["liver"]}, affine=r.affine)
+    out2 = named.save(tmp_path / "named")
+    assert json.loads((out2 / "summary.json").read_text())["files"] == {"label map": "label_map_2.nii.gz"}
