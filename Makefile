@@ -9,7 +9,7 @@ DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test build bench bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
+.PHONY: all demo test build bench bench-resources bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
 
 all: test
 
@@ -39,6 +39,10 @@ test: build
 
 bench: build
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
+
+# Wall time / peak memory / windows for S, M, L scans, 1 and 15 organs, fast vs exact (hours on a CPU).
+bench-resources: build
+	$(PY) bench/resource_table.py
 
 bench-session: build
 	$(PY) bench/session_bench.py
