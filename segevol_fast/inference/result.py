@@ -34,6 +34,7 @@ from ..errors import MissingDependencyError, ResultError
 from ..io.nifti import is_nifti_path, save_nifti
 from ..io.output import LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder
 from ..io.volume import spacing_from_affine
+from ..totalseg_names import totalseg_legend
 
 PathLike = Union[str, os.PathLike]
 
@@ -355,7 +356,8 @@ class SegmentationResult:
             group.remove = _stale_files(p.parent / sidecar, set(files.values()))
 
     def label_map_report(self, label_map: Optional[np.ndarray] = None) -> dict:
-        """What the label map keeps of each mask: {"labels": {id: label}, "overlap_rule",
+        """What the label map keeps of each mask: {"labels": {id: label}, "totalsegmentator_total":
+        {id: {"name", "id"}} for labels naming a TotalSegmentator `total` class, "overlap_rule",
         "map_voxels": {label: voxels with its id in the map}, "overlaps": [{"labels": [a, b],
         "voxels": n}, ...] for every pair of masks sharing voxels}. `voxels` (in `summary()`) minus
         `map_voxels` is what later prompts took from a mask."""
@@ -372,7 +374,10 @@ class SegmentationResult:
                 n = int(np.count_nonzero(self.masks[labels[a]][sl] & self.masks[labels[b]][sl]))
                 if n:
                     overlaps.append({"labels": [labels[a], labels[b]], "voxels": n})
-        return {"labels": {str(i): label for i, label in enumerate(labels, start=1)},
+        legend = {str(i): label for i, label in enumerate(labels, start=1)}
+        return {"labels": legend,
+                # the TotalSegmentator `total` class of each id whose label names one (ids differ)
+                "totalsegmentator_total": totalseg_legend(legend),
                 "overlap_rule": OVERLAP_RULE,
                 "map_voxels": {label: int(counts[i]) for i, label in enumerate(labels, start=1)},
                 "overlaps": overlaps}
