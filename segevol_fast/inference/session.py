@@ -8,8 +8,8 @@ A session keeps what `segment()` would recompute on every call: the loaded scan 
 preprocessing (the crop is read lazily, no float32 copy), the zoom-out embedding, the text
 embeddings (the model's cache) and the zoom-in window embeddings in a `WindowCache` that lives as
 long as the session, least recently used evicted first. Its capacity comes from the memory budget:
-what `max_memory` leaves after the plan of one call (cache excluded) divided by one embedding's
-bytes, never more than the scan has windows. Every call is a full `segment()` (same planner, same
+what `max_memory` leaves after the plan of one call (cache excluded) and the kept zoom-out
+embedding, divided by one embedding's bytes, never more than the scan has windows. Every call is a full `segment()` (same planner, same
 stitching, same result type) handed the kept state, so its result equals a fresh `segment()` with
 the same prompts (tested bit for bit on the CPU), and only windows never seen are encoded.
 
@@ -77,14 +77,15 @@ class Session:
             model.train(was_training)
 
     def _capacity(self, n_windows: int, dev) -> int:
-        """Windows the budget leaves room for after one call's plan (all of them without a budget)."""
+        """Windows the budget leaves room for after one call's plan and the session's own zoom-out
+        embedding, which outlives the calls (all of them without a budget)."""
         if self.max_memory is None:
             return n_windows
         plan = plan_fast(self.model, self._prep.crop.shape, 1, self.max_memory, dev)
         cfg = self.model.config
-        per_window = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4
+        per_window = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4  # a zoom-out embedding is one too
         spare = parse_memory(self.max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
-        return max(0, min(n_windows, spare // per_window))
+        return max(0, min(n_windows, (spare - per_window) // per_window))
 
     def segment(self, text: Union[str, Sequence[str], None] = None, box=None, points=None, point_labels=None, *,
                 coords: str = "voxel", zoom_in: bool = True, return_probabilities: bool = False,

@@ -82,3 +82,21 @@ def test_session_with_an_adapter_equals_segment_with_it(model, ct):
     sess = m.session(ct, adapter="x")
     _same(sess.segment(text="liver"), segment(m, ct, text="liver", adapter="x", progress=False))
     assert all(layer.active is None for _, layer in adapters._lora_layers(m))
+
+
+def test_cache_capacity_leaves_room_for_the_kept_zoom_out_embedding(model, ct, monkeypatch):
+    """Capacity = (budget - one call's plan without its cache - the session's zoom-out embedding)
+    // one window embedding; a plan fixed here makes the accounting exact."""
+    from segevol_fast.inference import budget as budget_mod
+    from segevol_fast.inference import session as session_mod
+
+    cfg = model.config
+    per = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4
+    call_peak = 500_000_000
+    fixed = budget_mod.Plan(device=torch.device("cpu"), cache_windows=2, estimated_peak_bytes=call_peak + 2 * per,
+                            breakdown={"embedding_cache": 2 * per})
+    monkeypatch.setattr(session_mod, "plan_fast", lambda *a, **k: fixed)
+    for windows in (0, 1, 3):
+        budget = call_peak + per + windows * per + per // 2  # zoom-out embedding + `windows` + a spare half
+        assert model.session(ct, max_memory=budget).cache.capacity == windows
+    assert model.session(ct, max_memory=call_peak + per // 2).cache.capacity == 0  # never negative
