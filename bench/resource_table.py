@@ -114,7 +114,10 @@ def main() -> int:
            "config": "SegVolConfig() official size, random weights", "rows": rows}
     path = pathlib.Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
-    file = path / f"{device}-resources-{dt.date.today().isoformat()}-{''.join(args.sizes)}.json"
+    cases = "".join(args.sizes)  # a subset of organs/modes gets its own file, never overwriting a full run
+    if args.organs != [1, 15] or args.modes != ["fast", "exact"]:
+        cases += "-" + "-".join(map(str, args.organs)) + "organs-" + "-".join(args.modes)
+    file = path / f"{device}-resources-{dt.date.today().isoformat()}-{cases}.json"
     file.write_text(json.dumps(out, indent=2, default=str))
     print(f"wrote {file}")
     return 0
