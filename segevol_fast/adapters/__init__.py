@@ -51,7 +51,7 @@ from .targets import SEGEVOLUTION_TARGETS, match_linears, output_slices
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LoraWeights", "AdapterModule", "Route", "route", "no_route", "current_route",
-    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "active_state", "restore_active", "ContextPriorConfig", "ContextPriors",
+    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "active_state", "restore_active", "active_adapter", "ContextPriorConfig", "ContextPriors",
     "add_context_priors", "get_context_priors", "batch_route", "aux_loss", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
     "adapter_parameters", "base_parameters", "save_adapter", "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
 ]
@@ -210,6 +210,13 @@ def restore_active(model: nn.Module, state: list[tuple[nn.Module, Optional[str]]
         holder.active = name
 
 
+def active_adapter(model: nn.Module) -> Optional[str]:
+    """The adapter `set_active` made the model apply; None for the base model, or when holders
+    disagree (an adapter set per layer by hand), since then no one name describes the model."""
+    active = {holder.active for _, _, holder in _holders(model)} - {None}
+    return active.pop() if len(active) == 1 else None
+
+
 def merge(model: nn.Module, name: str) -> None:
     """Fold LoRA adapter `name` into the base weights (no LoRA cost at inference; routing then
     refuses). Bottleneck adapters have nonlinear branches and cannot be merged."""
@@ -289,12 +296,15 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> str:
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] = None, *,
-                 check_base: bool = True, activate: bool = True) -> str:
+                 check_base: bool = True, activate: bool = True, kind: Optional[str] = None) -> str:
     """Attach the adapter saved in `path` (as `name`, default its saved name); returns the name.
 
+    kind: refuse (CheckpointError) a file holding another kind of adapter ("lora", "mixture", ...).
     Raises AdapterMismatchError when it was trained on other base weights (unless
     check_base=False), CheckpointError for a damaged or foreign file or mismatched tensors."""
     tensors, meta = _io.read_adapter_file(path)
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, not a {kind!r} one")
     _io.check_base(model, meta, path, check_base)
     if meta.get("kind") not in _ATTACH:
         raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, which this version cannot load")

@@ -61,10 +61,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ..errors import AdapterError, CheckpointError, ShapeError, VolumeError
+from ..errors import AdapterError, ShapeError, VolumeError
 from ..io.volume import normalize_modality
 from ..model.two_way_transformer import Attention
-from . import io as _io
 from .context import current_context
 from .lora import AdapterModule
 
@@ -461,10 +460,7 @@ def load_context_priors(model: nn.Module, path: str | os.PathLike, *, check_base
     CheckpointError for a damaged or foreign file, another adapter kind or mismatched tensors."""
     from . import load_adapter
 
-    _, meta = _io.read_adapter_file(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, not context priors")
-    load_adapter(model, path, check_base=check_base)
+    load_adapter(model, path, check_base=check_base, kind=KIND)
     return get_context_priors(model)
 
 

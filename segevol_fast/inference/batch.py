@@ -32,8 +32,7 @@ from .segment import segment
 def _choice(model, adapter: Optional[str], modality: str, image: torch.Tensor):
     """A scan's adapter as (name or None) for hard rows, or (expert names, gates (E,)) for soft."""
     if adapter is None:
-        active = {h.active for _, _, h in _adapters._holders(model)} - {None}
-        return (active.pop() if len(active) == 1 else None), None
+        return _adapters.active_adapter(model), None
     if adapter == "base":
         return None, None
     mixture = _mixture_for(model, adapter)

@@ -240,7 +240,7 @@ def test_load_refuses_other_base_weights(model, tmp_path):
 def test_load_refuses_a_lora_file(model, tmp_path):
     adapters.add_lora(model, "mr", adapters.LoraConfig(rank=2, targets=("image_encoder.blocks.*.attn.qkv:q,v",)))
     path = adapters.save_adapter(model, "mr", tmp_path / "lora.safetensors")
-    with pytest.raises(CheckpointError, match="not context priors"):
+    with pytest.raises(CheckpointError, match="not a .context_prior. one"):
         load_context_priors(model, path)
 
 

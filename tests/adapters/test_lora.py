@@ -131,9 +131,12 @@ def test_switching_adapters_and_merging(model):
     _randomise_b(model, "b", 0.3)
     with torch.no_grad():
         out_b = _forward(model, x, boxes)  # "b" is active (added last)
+        assert adapters.active_adapter(model) == "b"
         adapters.set_active(model, "a")
+        assert adapters.active_adapter(model) == "a"
         out_a = _forward(model, x, boxes)
         adapters.set_active(model, None)
+        assert adapters.active_adapter(model) is None
         out_base = _forward(model, x, boxes)
         w0 = model.image_encoder.blocks[0].mlp.linear1.weight.clone()
         adapters.merge(model, "a")
