@@ -24,17 +24,17 @@ keeps of the base). Results -> <out>/study.json and bench/results/cpu-adaptation
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 import warnings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.environment import environment, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -186,16 +186,11 @@ def main() -> int:
     for name in args.methods:
         results[name] = run_method(name, args, (folder, base), train_sets, evals, out, task_names(ct_cases + mr_cases))
         print(name, json.dumps(results[name]), flush=True)
-    report = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "args": vars(args),
-              "config": args.config, "organs": list(task_names(ct_cases + mr_cases)), "base": before, "methods": results,
-              "total_seconds": time.perf_counter() - t0}
+    report = environment(args=vars(args), config=args.config, organs=list(task_names(ct_cases + mr_cases)), base=before, methods=results,
+                         total_seconds=time.perf_counter() - t0)
     (out / "study.json").write_text(json.dumps(report, indent=2))
     if args.results:
-        path = pathlib.Path(args.results) / f"cpu-adaptation-study-{dt.date.today().isoformat()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2))
-        print(f"wrote {path}")
+        write_results(report, args.results, "cpu-adaptation-study")
     print(f"total {report['total_seconds']:.0f} s")
     return 0
 

@@ -16,11 +16,9 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import resource
 import statistics
 import sys
@@ -30,6 +28,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
@@ -173,10 +172,8 @@ def main() -> int:
         kind, *rest = args.child
         report(case_train(rest[0], args.config, args.steps) if kind == "train" else case_serve(args.config, args.rounds))
         return 0
-    import torch
 
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "config": args.config, "train": {}}
+    out = environment(config=args.config, train={})
     extra = ["--config", args.config, "--steps", str(args.steps), "--rounds", str(args.rounds)]
     if "train" in args.cases:
         for m in args.methods:
@@ -185,11 +182,7 @@ def main() -> int:
     if "serve" in args.cases:
         out["serve"] = run_child(__file__, extra + ["--child", "serve"], cwd=REPO)
         print("serve", json.dumps(out["serve"])[:400], flush=True)
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-adapters-{args.config}-{dt.date.today().isoformat()}.json"
-    file.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {file}")
+    write_results(out, args.out, f"cpu-adapters-{args.config}")
     return 0 if all("error" not in r for r in out["train"].values()) and "error" not in out.get("serve", {}) else 1
 
 

@@ -16,16 +16,15 @@ Results go to bench/results/cpu-memory-terms-<date>.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import pathlib
-import platform
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
 
+from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+
 CASES = [("encode", 1), ("encode", 2), ("encode", 4), ("encode", 6), ("encode", 8), ("decode", 1), ("decode", 4),
          ("decode", 8)]
 
@@ -68,7 +67,6 @@ def main() -> int:
     if args.child:
         report(_child(args.child[0], int(args.child[1])))
         return 0
-    import torch
 
     rows = []
     for kind, n in CASES:
@@ -80,14 +78,8 @@ def main() -> int:
         rows.append(row)
         print(f"{kind} x{n}: measured {row['measured_bytes'] / 1e6:7.1f} MB, cost model {row['model_bytes'] / 1e6:7.1f} MB "
               f"({row['model_over_measured']:.2f}x)", flush=True)
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "config": "SegVolConfig() official size, random weights, float32", "cases": rows}
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-memory-terms-{dt.date.today().isoformat()}.json"
-    file.write_text(json.dumps(out, indent=2))
-    print(f"wrote {file}")
+    out = environment(config="SegVolConfig() official size, random weights, float32", cases=rows)
+    write_results(out, args.out, "cpu-memory-terms")
     from segevol_fast.inference.budget import _FIXED_SLACK
 
     under = [r for r in rows if r["model_bytes"] + _FIXED_SLACK < r["measured_bytes"]]

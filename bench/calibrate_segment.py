@@ -19,17 +19,16 @@ Cases run one at a time: on a shared 2-core machine each takes 10-40 s.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
 import pathlib
-import platform
 import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
 
+from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
           "inferior vena cava", "esophagus"]
@@ -85,7 +84,6 @@ def main() -> int:
     if args.child:
         report(_child(args.child))
         return 0
-    import torch
 
     rows, failed = [], []
     for name in (QUICK if args.quick else args.cases):
@@ -101,14 +99,9 @@ def main() -> int:
               f"estimate {row['estimate_bytes'] / 1e6:7.1f} MB  ratio {row['estimate_over_measured']:.3f} {'ok' if ok else 'OUT OF [1.0, 1.25]'}", flush=True)
         if not ok:
             failed.append(name)
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "bounds": [LOW, HIGH],
-           "config": "SegVolConfig() official size, random weights, float32, whole segment() calls", "cases": rows}
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-memory-calibration-{dt.date.today().isoformat()}.json"
-    file.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {file}")
+    out = environment(bounds=[LOW, HIGH], cases=rows,
+                      config="SegVolConfig() official size, random weights, float32, whole segment() calls")
+    write_results(out, args.out, "cpu-memory-calibration")
     if failed:
         print(f"outside [{LOW}, {HIGH}] or failed: {failed}", file=sys.stderr)
     return 1 if failed else 0

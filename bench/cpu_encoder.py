@@ -17,11 +17,9 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -31,22 +29,14 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from bench.environment import environment, write_results  # noqa: E402
+
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 CASES = {  # name: (file, prompts, modality)
     "ct_abdomen": ("ct_abdomen_sm.nii.gz", ["liver", "spleen", "left kidney", "right kidney"], "ct"),
     "mr_abdomen": ("mr_abdomen_sm.nii.gz", ["liver", "spleen", "left kidney", "right kidney"], "mri"),
     "mr_brain": ("mr_brain_mni152_t1.nii.gz", ["brain", "gray matter", "white matter"], "mri"),
 }
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _time(fn) -> float:
@@ -171,10 +161,8 @@ def main() -> int:
     from segevol_fast.inference.precision import cpu_bf16_native, resolve_precision
 
     native, why = cpu_bf16_native()
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "cpu": _cpu_model_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-           "threads": torch.get_num_threads(), "cpu_bf16_native": native, "why": why,
-           "auto_picks_fast_mode": resolve_precision("auto", "fp32", torch.device("cpu"), "fast")}
+    out = environment(cpu_bf16_native=native, why=why,
+                      auto_picks_fast_mode=resolve_precision("auto", "fp32", torch.device("cpu"), "fast"))
     print(json.dumps(out), flush=True)
     out["encoder"] = encoder_speed(args.rounds)
     print(json.dumps(out["encoder"]["median_s"]), flush=True)
@@ -184,11 +172,7 @@ def main() -> int:
         for name in CASES:
             out["agreement"][name] = agreement(model, name)
             print(name, json.dumps(out["agreement"][name])[:600], flush=True)
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-encoder-{dt.date.today().isoformat()}.json"
-    file.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {file}")
+    write_results(out, args.out, "cpu-encoder")
     return 0
 
 

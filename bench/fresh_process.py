@@ -1,7 +1,7 @@
 """Running a benchmark case in a fresh Python process, so that its peak memory (ru_maxrss) is the
 case's alone: the child prints one marked JSON line, the parent finds and parses it.
 
-Used by segment_bench.py, calibrate_memory.py and calibrate_segment.py.
+Used by segment_bench.py, calibrate_memory.py, calibrate_segment.py, adapter_bench.py and resource_table.py.
 """
 
 from __future__ import annotations

@@ -15,11 +15,9 @@ are recorded with every case. Results -> bench/results/<device>-resources-<date>
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -29,6 +27,7 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
@@ -93,7 +92,6 @@ def main() -> int:
         size, organs, mode = args.child
         report(_case(size, int(organs), mode))
         return 0
-    import torch
 
     rows = []
     for size in args.sizes:
@@ -108,18 +106,11 @@ def main() -> int:
                 row["case_wall_s"] = time.perf_counter() - t
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "timings"})[:300], flush=True)
-    device = "cpu"
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "config": "SegVolConfig() official size, random weights", "rows": rows}
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
+    out = environment(config="SegVolConfig() official size, random weights", rows=rows)
     cases = "".join(args.sizes)  # a subset of organs/modes gets its own file, never overwriting a full run
     if args.organs != [1, 15] or args.modes != ["fast", "exact"]:
         cases += "-" + "-".join(map(str, args.organs)) + "organs-" + "-".join(args.modes)
-    file = path / f"{device}-resources-{dt.date.today().isoformat()}-{cases}.json"
-    file.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {file}")
+    write_results(out, args.out, "cpu-resources", cases)
     return 0
 
 

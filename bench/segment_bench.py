@@ -12,11 +12,9 @@ so it is recorded with every run). Nothing here is extrapolated.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
@@ -26,7 +24,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, child or parent
 
+from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 CT_ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
              "inferior vena cava", "esophagus"]
@@ -159,7 +159,6 @@ def main() -> int:
     if args.make_synthetic:
         _make_synthetic(pathlib.Path(args.make_synthetic))
         return 0
-    import torch
 
     results = {}
     for name in args.cases:
@@ -170,14 +169,8 @@ def main() -> int:
             results[name] = {"error": f"timed out after {args.timeout:.0f} s (not completed)"}
         results[name]["wall_s"] = time.perf_counter() - t
         print(name, json.dumps(results[name], default=str)[:400], flush=True)
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "config": "SegVolConfig() official size, random weights", "results": results}
-    path = pathlib.Path(args.out)
-    path.mkdir(parents=True, exist_ok=True)
-    file = path / f"cpu-segment-{dt.date.today().isoformat()}-{'-'.join(args.cases)}.json"
-    file.write_text(json.dumps(out, indent=2, default=str))
-    print(f"wrote {file}")
+    out = environment(config="SegVolConfig() official size, random weights", results=results)
+    write_results(out, args.out, "cpu-segment", "-".join(args.cases))
     return 0 if all("error" not in r for r in results.values()) else 1
 
 

@@ -9,17 +9,17 @@ fresh `segment()` call with the same prompt, in the same process (one untimed wa
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.environment import environment, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -51,17 +51,13 @@ def main() -> int:
         _, t = _timed(lambda: segment(model, ct, text=organ, progress=False))
         fresh.append(t)
     _, t_refine = _timed(lambda: sess.refine(ORGANS[0], points=[[60, 50, 14]], point_labels=[1]))
-    out = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-           "torch": torch.__version__, "threads": torch.get_num_threads(), "config": "SegVolConfig() random weights",
-           "input": "ct_abdomen_sm.nii.gz", "open_s": t_open, "first_prompt_s": t_first,
-           "first_prompt_windows": first.zoom_in_windows, "cached_prompt_s": cached, "fresh_segment_s": fresh,
-           "median_cached_s": statistics.median(cached), "median_fresh_s": statistics.median(fresh),
-           "refine_s": t_refine, "cache": {"hits": sess.cache.hits, "misses": sess.cache.misses,
-                                           "capacity": sess.cache.capacity}}
+    out = environment(config="SegVolConfig() random weights", input="ct_abdomen_sm.nii.gz", open_s=t_open, first_prompt_s=t_first,
+                      first_prompt_windows=first.zoom_in_windows, cached_prompt_s=cached, fresh_segment_s=fresh,
+                      median_cached_s=statistics.median(cached), median_fresh_s=statistics.median(fresh),
+                      refine_s=t_refine, cache={"hits": sess.cache.hits, "misses": sess.cache.misses,
+                                                "capacity": sess.cache.capacity})
     print(json.dumps(out, indent=1))
-    path = REPO / "bench" / "results" / f"cpu-session-{dt.date.today().isoformat()}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    write_results(out, REPO / "bench" / "results", "cpu-session")
     return 0
 
 
