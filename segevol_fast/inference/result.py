@@ -129,7 +129,9 @@ class SegmentationResult:
     spacing:       (3,) mm along X, Y, Z; derived from the affine when None.
     modality:      "ct" / "mri" / None, as used for the text prompts.
     probabilities: None or {label: float32 ndarray (X, Y, Z) in [0, 1]}, same labels and grid.
-    timings:       seconds per stage, e.g. {"preprocess": .., "zoom_out": .., "zoom_in": .., "total": ..}.
+    timings:       seconds per phase of the call: {"load", "preprocess", "inference", "paste_back",
+                   "total"} (finer stages, and the CLI's model loading and saving, are the Progress
+                   display's `timings`).
     peak_memory_bytes: peak memory of the call (device memory on CUDA, RSS on CPU), or None.
     mode:          "fast" or "exact".
     precision:     "fp32", "bf16" or "fp16": the autocast precision the model ran under.
