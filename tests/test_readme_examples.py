@@ -41,7 +41,7 @@ def _blocks(lang: str) -> list[str]:
 
 def _cli_lines() -> list[str]:
     return [line.strip() for block in _blocks("bash") for line in block.splitlines()
-            if line.strip().startswith("segevol-fast ")]
+            if line.strip().startswith(("segevol-fast ", "torchrun "))]
 
 
 def test_the_sections_hold_examples():
@@ -49,7 +49,9 @@ def test_the_sections_hold_examples():
     assert len(_blocks("python")) >= 1
     lines = _cli_lines()
     assert len(lines) >= 4 and any(" segment " in f" {x} " for x in lines) and any("demo" in x for x in lines)
-    assert all(DATA_PREFIX in x for x in lines if x.split()[1] == "segment"), "segment examples use the shared data"
+    assert all(DATA_PREFIX in x for x in lines if "segment" in shlex.split(x, comments=True)[1:6]), \
+        "segment examples use the shared data"
+    assert any(x.startswith("torchrun ") for x in lines), "the README shows a torchrun cohort"
 
 
 @pytest.fixture
@@ -104,6 +106,19 @@ def test_python_example_runs(index, workdir, data_dir):
         assert any(p.endswith("summary.json") for p in written) and any(p.endswith(".png") for p in written), written
 
 
+def _launcher(line: str) -> tuple[list[str], str]:
+    """(python arguments up to `-m segevol_fast`, the segevol-fast command line). A torchrun line
+    runs through `torch.distributed.run` (what the torchrun script is) with --standalone, so
+    parallel test runs never compete for its default port."""
+    if not line.startswith("torchrun "):
+        return ["-m", "segevol_fast"], line
+    words = shlex.split(line, comments=True)
+    at = words.index("-m")
+    assert words[at + 1] == "segevol_fast", line
+    return ["-m", "torch.distributed.run", "--standalone", *words[1:at], "-m", "segevol_fast"], \
+        shlex.join(["segevol-fast", *words[at + 2:]])
+
+
 def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
     args = shlex.split(line.replace(DATA_PREFIX, f"{data_dir}/"), comments=True)[1:]
     if args[0] == "segment":
@@ -120,12 +135,15 @@ def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
 
 @pytest.mark.parametrize("line", _cli_lines(), ids=lambda line: " ".join(line.split("#")[0].split()[:3]))
 def test_cli_example_runs(line, workdir, data_dir):
+    launcher, line = _launcher(line)
     args = _cli_args(line, data_dir)
-    proc = _run(["-m", "segevol_fast", *args], workdir)
+    proc = _run([*launcher, *args], workdir)
     assert proc.returncode == 0, f"{line!r} -> exit {proc.returncode}\n{proc.stderr[-2000:]}"
     if args[0] == "segment" and "*" in args[1]:  # a cohort: one folder per scan and the summary
         out = workdir / args[args.index("--out") + 1]
         assert (out / "cohort_summary.csv").is_file() and (out / "ct_abdomen_sm" / "summary.json").is_file()
+        rows = (out / "cohort_summary.csv").read_text().splitlines()[1:]
+        assert len(rows) == len(sorted(data_dir.glob(args[1].rpartition("/")[2]))), rows  # every scan once
     elif args[0] in ("segment", "demo"):
         assert "wrote " in proc.stdout
         out = re.search(r"^wrote (.+)$", proc.stdout, flags=re.M).group(1)
