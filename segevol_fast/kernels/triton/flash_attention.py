@@ -125,6 +125,18 @@ def _bwd_preprocess_kernel(
 
 
 @triton.jit
+def _tile_p_ds(a, b, c, d, lse2, delta, ok, qk_scale, PRECISION: tl.constexpr):
+    # One tile of the softmax backward, shared by both kernels: P = exp2(a·bᵀ·qk_scale − lse2) with
+    # invalid cells zeroed, dS = P ∘ (c·dᵀ − delta). The dQ kernel passes (q, k, dO, v) and row
+    # statistics as columns; the dK/dV kernel passes (k, q, v, dO) and them as rows, so it gets Pᵀ
+    # and dSᵀ directly. lse2 is the log-sum-exp in log2 units.
+    p = tl.exp2(tl.dot(a, tl.trans(b), input_precision=PRECISION) * qk_scale - lse2)
+    p = tl.where(ok, p, 0.0)
+    ds = p * (tl.dot(c, tl.trans(d), input_precision=PRECISION) - delta)
+    return p, ds
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kvlen_ptr,
     H, Sq, Sk, D,
@@ -169,12 +181,10 @@ def _bwd_dkdv_kernel(
         do = tl.load(do_base + rm64[:, None] * sds + rd[None, :] * sdd, mask=q_mask, other=0.0)
         lse = tl.load(lse_ptr + row_base + rm64, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + row_base + rm64, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
-        p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
-        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)
+        # (BLOCK_N, BLOCK_M) tiles: Pᵀ and dSᵀ
+        p_t, ds_t = _tile_p_ds(k, q, v, do, lse[None, :] * 1.4426950408889634, delta[None, :],
+                               n_ok[:, None] & m_ok[None, :], qk_scale, PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
 
     # dK and dV are contiguous (B, H, Sk, D): allocated by the launcher.
@@ -224,12 +234,9 @@ def _bwd_dq_kernel(
         kv_mask = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + rn64[:, None] * sks + rd[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + rn64[:, None] * svs + rd[None, :] * svd, mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        # Redundant today (masked keys load as 0, so their dS rows meet k = 0), but keeps P exact.
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        # the mask is redundant here (masked keys load as 0, so their dS rows meet k = 0) but keeps P exact
+        _, ds = _tile_p_ds(q, k, do, v, lse2[:, None], delta[:, None], m_ok[:, None] & n_ok[None, :], qk_scale,
+                           PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
     tl.store(dq_ptr + pid_bh.to(tl.int64) * Sq * D + rm64[:, None] * D + rd[None, :],
