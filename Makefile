@@ -71,11 +71,10 @@ demo: build
 	$(PY) -m segevol_fast info
 	$(PY) -m segevol_fast demo --full --out segevol_out/demo
 
-# On a CUDA machine (device python with CUDA torch): build, check and time every op in one call.
+# On a CUDA machine (device python with CUDA torch), in one call: build, `gpu` tests, every op
+# timed, session latency, the resource table; logs and JSON under $OUT (bench/gpu_session.sh).
 bench-gpu:
-	python3 -m pip install --no-build-isolation --no-deps -e .
-	python3 -m pytest tests -m gpu -q
-	python3 bench/gpu_suite.py
+	bash bench/gpu_session.sh
 
 cuda-check:
 	$(PY) -m pytest tests/test_cuda_sources.py -q

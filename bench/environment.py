@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 from typing import Union
 
 
@@ -25,6 +26,16 @@ def cpu_model_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def device_slug(device: str = "cpu") -> str:
+    """The results-file prefix for a device: "cpu", or the GPU's name ("NVIDIA-H200")."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return dev.type
+    return re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(dev)).strip("-")
 
 
 def environment(**fields) -> dict:

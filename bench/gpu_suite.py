@@ -17,7 +17,6 @@ import json
 import os
 import pathlib
 import platform
-import re
 import sys
 
 import torch
@@ -25,6 +24,7 @@ import torch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.environment import device_slug  # noqa: E402
 from bench.harness import (  # noqa: E402
     LORA_QKV,
     SEGVOL_WINDOW,
@@ -239,8 +239,7 @@ def main() -> int:
     }
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-    path = out_dir / f"{slug}-{dt.date.today().isoformat()}.json"
+    path = out_dir / f"{device_slug('cuda')}-{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     for r in rows:
         t = f"{r['median_ms']:.3f} ms  {r['tflops']:.1f} TFLOP/s  {r['gb_s']:.0f} GB/s" if "median_ms" in r else r.get("error", "FAILED CHECK")
