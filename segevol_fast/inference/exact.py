@@ -250,6 +250,7 @@ def run_exact(
     zoom_in: bool = True,
     seed: int = 0,
     progress: bool = False,
+    windows: Optional[list[int]] = None,
 ) -> list[Tensor]:
     """The official zoom-out-zoom-in inference, one prompt at a time.
 
@@ -263,6 +264,7 @@ def run_exact(
         seed: seeds the torch.Generator (one per prompt) that `select_points` draws from.
         progress: a `Progress` to report each prompt's zoom-out and zoom-in windows into, or True
             for a display of its own.
+        windows: a list to append each prompt's zoom-in window count to (0: coarse result kept).
 
     Returns:
         one float32 logits tensor (D', H', W') per prompt, crop frame, CPU; mask = sigmoid > 0.5.
@@ -276,8 +278,11 @@ def run_exact(
     with torch.no_grad(), display_for(progress) as display:
         for i, prompt in enumerate(prompts):
             display.stage(f"prompt {i + 1}/{len(prompts)} {prompt.label!r}: zoom-out", key="zoom-out")
-            results.append(_run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality,
-                                       zoom_in, seed, display))
+            logits, n_windows = _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality,
+                                            zoom_in, seed, display)
+            results.append(logits)
+            if windows is not None:
+                windows.append(n_windows)
     return results
 
 
@@ -288,16 +293,17 @@ def _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality, zo
 
 
 def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress):
+    """(logits, zoom-in windows run) of one prompt."""
     text = model.encode_text([prompt.text], modality) if prompt.text is not None else None
     zp = zoom_out_prompt(prompt, crop_shape, size)
     coarse = resize_logits_back(_forward(model, zoom_image, text, zp.box, zp.points), crop_shape)[0, 0]
     if not zoom_in:
-        return coarse
+        return coarse, 0
     roi = roi_from_logits(coarse, size)
     if roi is None:
         warnings.warn(f"Fail to detect foreground! (prompt {prompt.label!r}): keeping the zoom-out result",
                       ZoomInWarning, stacklevel=3)
-        return coarse
+        return coarse, 0
     if zp.points is not None and not _points_reflected(zp, crop_shape):
         warnings.warn(
             f"prompt {prompt.label!r}: a positive point's zoom-out voxel is not copied back to the crop by the "
@@ -342,5 +348,5 @@ def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, m
         bar.close()
     out = coarse.clone()
     out[region] = stitched[0, 0]
-    return out
+    return out, n_windows
 

@@ -138,7 +138,9 @@ class SegmentationResult:
     plan:          the memory plan it ran with (`Plan.summary()`: window batch, accumulator
                    dtype, cache size, estimated peak and its breakdown; in fast mode also
                    "oom_retries", what out-of-memory recovery changed); None when built by hand.
-    zoom_in_windows: fast mode: {label: zoom-in windows the prompt used} (0 = coarse result kept).
+    zoom_in_windows: {label: zoom-in windows the prompt ran} (0 = coarse result kept). Exact mode
+                   runs the official grid over the prompt's own ROI, fast mode shares one grid
+                   over the crop, so the counts of the two modes can differ.
     notes:         human-readable caveats, e.g. "random weights: masks are meaningless".
     source:        the input: its path, "array" for an in-memory array, or None when unknown.
     prompts:       the prompts as given (`describe_prompts`), or None when unknown.

@@ -179,9 +179,11 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
         # the official algorithm fixes its memory: the limit is met as it stands or refused here
         plan = plan_exact(model, prep.crop_shape, len(prompts), max_memory, device, zoom_in=zoom_in,
                           return_logits=want_probs, output_voxels=output_voxels)
-        logits = run_exact(model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress)
+        windows: list[int] = []
+        logits = run_exact(model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress,
+                           windows=windows)
         # The official mask is sigmoid > 0.5, which differs from logits > 0 for logits below ~6e-8.
-        info = {"plan": plan.summary()}
+        info = {"plan": plan.summary(), "zoom_in_windows": {p.label: n for p, n in zip(prompts, windows)}}
         return [torch.sigmoid(lg) > 0.5 for lg in logits], (logits if want_probs else None), info
     from .budget import plan_fast
     from .fast import run_fast

@@ -258,11 +258,17 @@ def test_zoom_in_false_is_the_coarse_pass_only():
         emb = model.encode_image(zoom_out_resize(prep.image, ROI))
         manual = resize_logits_back(model.decode(emb, boxes=zb), prep.crop_shape)[0, 0]
     assert torch.equal(coarse, manual)
-    full = run_exact(model, prep, [prompt])[0]
+    windows: list[int] = []
+    full = run_exact(model, prep, [prompt], windows=windows)[0]
     lo, hi = roi_from_logits(coarse, ROI)
     inside = torch.zeros(prep.crop_shape, dtype=torch.bool)
     inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
     assert torch.equal(full[~inside], coarse[~inside]) and not torch.equal(full[inside], coarse[inside])
+    # the window count reported is the official grid over the ROI (padded to at least one window)
+    roi_shape = [max(b - a + 1, r) for a, b, r in zip(lo, hi, ROI)]
+    assert windows == [len(window_starts(roi_shape, ROI))] and windows[0] >= 1
+    run_exact(model, prep, [prompt], zoom_in=False, windows=windows)
+    assert windows[1:] == [0]
 
 
 def test_box_and_points_together_cannot_zoom_in():

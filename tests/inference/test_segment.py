@@ -56,6 +56,7 @@ def test_exact_mode_equals_run_exact_pasted_back(model, ct):
     (logits,) = run_exact(model, prep, [p], zoom_in=False)
     np.testing.assert_array_equal(res.masks["spleen"], paste_back((torch.sigmoid(logits) > 0.5).numpy(), prep))
     np.testing.assert_allclose(res.probabilities["spleen"], paste_back(torch.sigmoid(logits).numpy(), prep), atol=1e-6)
+    assert res.zoom_in_windows == {"spleen": 0}  # exact mode reports its windows too (none without zoom-in)
 
 
 def test_budget_too_small_fails_before_running_and_names_the_minimum(model, ct, monkeypatch):
