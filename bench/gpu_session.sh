@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything a lent GPU machine should run, in one call under its 600 s command limit (caps sum to 575 s):
+# Everything a lent GPU machine should run, in one call under its 600 s command limit (caps sum to 585 s):
 # build, the `gpu` tests, the op suite, interactive-session latency and the resource table.
 # Every log and JSON goes to $OUT (what comes back from the machine); copy the JSON into
 # bench/results/ afterwards. Each step has its own time cap, so one slow step cannot eat the rest.
@@ -27,11 +27,11 @@ step() {  # step NAME SECONDS COMMAND...: run with a cap, log to $OUT/NAME.log, 
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
 if [ -d "${SEGEVOL_DATA:-.device_data}/wheels" ]; then  # carried pure-Python wheels, no index there
-    step wheels 60 python3 -m pip install --no-index --no-deps "${SEGEVOL_DATA:-.device_data}"/wheels/*.whl
+    step wheels 30 python3 -m pip install --no-index --no-deps "${SEGEVOL_DATA:-.device_data}"/wheels/*.whl
 fi
 step build 150 python3 -m pip install --no-build-isolation --no-deps -e .
 step gpu_tests 120 python3 -m pytest tests -m gpu -q -p no:cacheprovider
 step gpu_suite 90 python3 bench/gpu_suite.py --out "$OUT"
 step session 45 python3 bench/session_bench.py --device cuda --out "$OUT"
-step resources 170 python3 bench/resource_table.py --device cuda --timeout 60 --out "$OUT"
+step resources 150 python3 bench/resource_table.py --device cuda --timeout 60 --out "$OUT"
 cat "$OUT/steps.txt"
