@@ -24,6 +24,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import csv
 import glob as globlib
+import io
 import json
 import os
 import pathlib
@@ -36,7 +37,7 @@ import numpy as np
 from ..errors import InvalidArgumentError, SegVolFastError, VolumeNotFoundError
 from ..io import load_volume
 from ..io.nifti import is_nifti_path
-from .result import safe_label
+from .result import safe_label, write_bytes_atomic
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 SUMMARY = "cohort_summary.csv"
@@ -160,13 +161,11 @@ def _done(folder: pathlib.Path) -> bool:
 
 def _write_summary(out: pathlib.Path, rows: Sequence[dict], name: str = SUMMARY) -> None:
     """The rows as CSV, replaced atomically (a reader never sees half a file)."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / name)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    w.writeheader()
+    w.writerows(rows)
+    write_bytes_atomic(out / name, text.getvalue().encode())
 
 
 def segment_cohort(model, items: Sequence[CohortItem], out_dir: str | os.PathLike, *, resume: bool = True,
