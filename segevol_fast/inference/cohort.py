@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, SegVolFastError, VolumeNotFoundError
 from ..io import load_volume
+from ..io.dicom import is_dicom_folder
 from ..io.nifti import is_nifti_path
 from .result import safe_label, write_bytes_atomic
 
@@ -63,24 +64,11 @@ def is_cohort_input(spec: str) -> bool:
     p = pathlib.Path(spec)
     if p.suffix.lower() in MANIFEST_SUFFIXES or globlib.has_magic(spec):
         return True
-    return p.is_dir() and not _is_dicom_folder(p) and bool(_folder_scans(p))
-
-
-def _is_dicom_folder(p: pathlib.Path) -> bool:
-    return any(f.is_file() and (f.suffix.lower() == ".dcm" or _dicom_magic(f)) for f in p.iterdir())
-
-
-def _dicom_magic(f: pathlib.Path) -> bool:
-    try:
-        with open(f, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
+    return p.is_dir() and not is_dicom_folder(p) and bool(_folder_scans(p))
 
 
 def _folder_scans(p: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(c for c in p.iterdir() if (c.is_file() and is_nifti_path(c)) or (c.is_dir() and _is_dicom_folder(c)))
+    return sorted(c for c in p.iterdir() if (c.is_file() and is_nifti_path(c)) or is_dicom_folder(c))
 
 
 def _stem(path: str) -> str:

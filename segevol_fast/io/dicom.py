@@ -81,6 +81,13 @@ def _has_dicm_magic(path: pathlib.Path) -> bool:
         return False
 
 
+def is_dicom_folder(path) -> bool:
+    """True when `path` is a folder holding DICOM files directly (a .dcm suffix or the DICM
+    magic): a series folder, as opposed to a folder of scans."""
+    p = pathlib.Path(path)
+    return p.is_dir() and any(f.is_file() and (f.suffix.lower() == ".dcm" or _has_dicm_magic(f)) for f in p.iterdir())
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
     """One DICOM series of a folder, as `list_series` reports it."""

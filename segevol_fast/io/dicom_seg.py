@@ -37,10 +37,9 @@ def is_dicom_source(source) -> bool:
     """True when `source` (a result's input) is a folder holding DICOM slices."""
     if not source or source == "array":
         return False
-    from .dicom import _has_dicm_magic
+    from .dicom import is_dicom_folder
 
-    p = pathlib.Path(source)
-    return p.is_dir() and any(f.is_file() and (f.suffix.lower() == ".dcm" or _has_dicm_magic(f)) for f in p.iterdir())
+    return is_dicom_folder(source)
 
 
 def sorted_source_images(folder: str | os.PathLike, series: str | None = None) -> list:
