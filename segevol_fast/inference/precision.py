@@ -13,10 +13,11 @@ test suite pins it to 0 so results do not depend on the CI machine).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -56,6 +57,20 @@ def cpu_bf16_native() -> tuple[bool, str]:
             raise InvalidArgumentError(f"{CPU_BF16_ENV} must be 0 or 1, got {forced!r}")
         return forced == "1", f"{CPU_BF16_ENV}={forced}"
     return _detected_cpu_bf16()
+
+
+@contextlib.contextmanager
+def inference_state(model, precision: str) -> Iterator[None]:
+    """The model in eval mode under `precision` for the block, then back as it was (training flag
+    and precision), whatever the block raises: inference never changes the caller's model."""
+    was_training, previous = model.training, model.precision
+    model.eval()
+    model.set_precision(precision)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        model.set_precision(previous)
 
 
 def resolve_precision(requested: Optional[str], model_precision: str, device: torch.device, mode: str) -> str:

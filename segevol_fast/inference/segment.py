@@ -28,7 +28,7 @@ from .adapter_scope import adapter_scope
 from .arguments import check_segment_arguments
 from .budget import _model_device, same_device
 from .memory import PeakMemory
-from .precision import resolve_precision
+from .precision import inference_state, resolve_precision
 from .progress import display_for
 from .prompts import build_prompts
 from .result import SegmentationResult, describe_prompts
@@ -126,18 +126,12 @@ def segment(
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        was_training, model_precision = model.training, model.precision
-        model.eval()
-        model.set_precision(run_precision)
-        try:
-            zoom_image = lambda: zoom_out_crop(prep.crop, model.config.spatial_size).to(dev)  # noqa: E731
-            with torch.inference_mode(), adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
-                crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
-                                                        dev, progress, return_probabilities, seed, math.prod(vol.shape),
-                                                        _zoom_out_embedding, _window_cache)
-        finally:
-            model.train(was_training)
-            model.set_precision(model_precision)
+        zoom_image = lambda: zoom_out_crop(prep.crop, model.config.spatial_size).to(dev)  # noqa: E731
+        with inference_state(model, run_precision), torch.inference_mode(), \
+                adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
+            crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
+                                                    dev, progress, return_probabilities, seed, math.prod(vol.shape),
+                                                    _zoom_out_embedding, _window_cache)
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()

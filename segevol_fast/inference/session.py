@@ -31,7 +31,7 @@ from .adapter_scope import adapter_scope
 from .arguments import check_session_arguments
 from .budget import _model_device, parse_memory, plan_fast, same_device
 from .fast import WindowCache, global_grid
-from .precision import resolve_precision
+from .precision import inference_state, resolve_precision
 from .result import SegmentationResult
 from .segment import segment
 
@@ -65,16 +65,10 @@ class Session:
         self.history: dict[str, dict] = {}
         # the zoom-out embedding, under the session's adapter and precision, as segment() makes it
         run_precision = resolve_precision(precision, model.precision, dev, "fast")
-        previous, was_training = model.precision, model.training
-        model.eval()
-        model.set_precision(run_precision)
-        try:
-            image = zoom_out_crop(self._prep.crop, size).to(dev)
-            with torch.inference_mode(), adapter_scope(model, adapter, self.modality, lambda: image):
-                self._zoom_out = model.encode_image(image)
-        finally:
-            model.set_precision(previous)
-            model.train(was_training)
+        image = zoom_out_crop(self._prep.crop, size).to(dev)
+        with inference_state(model, run_precision), torch.inference_mode(), \
+                adapter_scope(model, adapter, self.modality, lambda: image):
+            self._zoom_out = model.encode_image(image)
 
     def _capacity(self, n_windows: int, dev) -> int:
         """Windows the budget leaves room for after one call's plan and the session's own zoom-out

@@ -79,3 +79,21 @@ def test_segment_reports_the_precision_auto_picked(tiny_model, ct, monkeypatch, 
     assert (fast.precision, exact.precision, tiny_model.precision) == ("bf16", "fp32", "fp32")
     monkeypatch.setenv(P.CPU_BF16_ENV, "0")
     assert segment(tiny_model, ct, text="liver", zoom_in=False, progress=False).precision == "fp32"
+
+
+def test_inference_state_restores_the_model_even_when_the_block_raises():
+    from segevol_fast import SegVol, SegVolConfig
+    from segevol_fast.inference.precision import inference_state
+
+    with torch.device("meta"):
+        model = SegVol(SegVolConfig.tiny())
+    model.train()
+    with inference_state(model, "bf16"):
+        assert not model.training and model.precision == "bf16"
+    assert model.training and model.precision == "fp32"
+    model.eval()
+    model.set_precision("fp16")
+    with pytest.raises(RuntimeError, match="boom"), inference_state(model, "fp32"):
+        assert model.precision == "fp32"
+        raise RuntimeError("boom")
+    assert not model.training and model.precision == "fp16"
