@@ -56,19 +56,15 @@ def base_weights_hash(model: nn.Module) -> str:
 
 
 def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors + JSON metadata to `path` (safetensors), atomically (temp file, then rename)."""
+    """Write tensors + JSON metadata to `path` (safetensors), atomically and with a normal file's
+    mode (`io.output.write_file_atomic`; safetensors alone would leave it 0600)."""
     from safetensors.torch import save_file
 
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # like res.save(folder)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    from ..io.output import write_file_atomic
+
     header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True)}
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_file_atomic(os.path.abspath(os.fspath(path)), lambda tmp: save_file(cpu, tmp, metadata=header))
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -24,7 +24,6 @@ import json
 import os
 import pathlib
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -32,7 +31,8 @@ import numpy as np
 
 from ..errors import MissingDependencyError, ResultError
 from ..io.nifti import is_nifti_path, save_nifti
-from ..io.output import LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder
+from ..io.output import (LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder,
+                         write_file_atomic)
 from ..io.volume import spacing_from_affine
 from ..totalseg_names import totalseg_legend
 
@@ -54,19 +54,13 @@ PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
-    """Write `data` to `path` so that the file appears complete or not at all."""
-    p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
+    """Write `data` to `path` so that the file appears complete or not at all (`write_file_atomic`:
+    a normal file's mode, OutputError naming `path` when it cannot be written)."""
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    return p
+
+    return write_file_atomic(path, write)
 
 
 def safe_label(label: str) -> str:
@@ -393,7 +387,8 @@ class SegmentationResult:
         volume: a `Volume` or an (X, Y, Z) array on the masks' grid for the background (windowed
         to its 0.5 / 99.5 percentiles); None (default) uses the scan kept in `self.volume`;
         False draws on black. With `random_weights` a red banner (BANNER_PX high) saying the
-        masks are meaningless is added on top. Tiles show i to the right
+        masks are meaningless is added on top. A path that cannot be written raises OutputError
+        naming it and why. Tiles show i to the right
         and j upwards, scaled so their longer side is TILE_PX with the in-plane spacing's aspect.
         Size: cols = min(n, MAX_COLS), rows = ceil(n / cols) for n distinct slices; width =
         cols*tile_w + (cols+1)*PAD_PX; height = rows*tile_h + (rows+1)*PAD_PX +

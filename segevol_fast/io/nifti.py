@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import pathlib
-import uuid
 import zlib
 from typing import Optional, Union
 
 import numpy as np
 
 from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
+from .output import write_file_atomic
 from .volume import Volume, VolumeError, VolumeFileError, apply_rescale
 
 PathLike = Union[str, os.PathLike]
@@ -113,14 +113,4 @@ def save_nifti(path: PathLike, array, affine, dtype=None, description: Optional[
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:80]
     suffix = ".nii.gz" if str(p).lower().endswith(".gz") else ".nii"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    # a fresh unique name (not mkstemp: that would leave the final file at mode 0600)
-    tmp = str(p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    return write_file_atomic(p, lambda tmp: nib.save(img, tmp), suffix=suffix)

@@ -164,6 +164,62 @@ def check_output_path(path: PathLike) -> pathlib.Path:
     return p
 
 
+# ---------------------------------------------------------------------- single files
+def file_mode() -> int:
+    """The permission bits a file this user creates gets: 0o666 less the umask.
+
+    Every file the package writes is given them, whatever library wrote it (safetensors, for one,
+    creates its files 0600), so outputs are as readable as any file the user makes."""
+    try:
+        with open("/proc/self/status") as fh:  # Linux: read it without changing it (thread-safe)
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read the umask is to set it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_file_atomic(path: PathLike, write: Callable[[str], None], suffix: str = "") -> pathlib.Path:
+    """Make `path` appear complete or not at all: `write(tmp)` fills a temporary name in the same
+    folder (ending in `suffix`, for writers that choose the format by extension), which gets the
+    mode of a normal file (`file_mode`) and is renamed over `path`. Creates missing folders.
+
+    An OSError (permissions, a full disk, a folder at `path`) becomes OutputError naming `path`,
+    never the temporary name; the temporary file is removed on any failure or interruption."""
+    p = pathlib.Path(path)
+    tmp = p.parent / f".{p.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{suffix}"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write(str(tmp))
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, p)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(f"cannot write {p}: {exc.strerror or exc}; {_write_hint(p)}") from exc
+        raise
+    return p
+
+
+def _write_hint(p: pathlib.Path) -> str:
+    if p.is_dir():
+        return "it is a folder; give a file name"
+    anc = p.parent
+    while not anc.exists() and anc.parent != anc:
+        anc = anc.parent
+    if not anc.is_dir():
+        return f"{anc} is a file, not a folder; choose another path"
+    try:
+        _probe_writable(anc)
+    except OutputError:  # permissions, a read-only mount, /proc: nothing can be created there
+        return f"no file can be created in the folder {anc}; choose another path"
+    return "check the free space and the path, or choose another path"
+
+
 # ---------------------------------------------------------------------- lock
 @contextlib.contextmanager
 def output_lock(target: PathLike, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:

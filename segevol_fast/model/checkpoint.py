@@ -210,11 +210,11 @@ def check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: st
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write contiguous CPU copies atomically (temporary name, then rename)."""
+    """Write contiguous CPU copies atomically (`io.output.write_file_atomic`)."""
     from safetensors.torch import save_file
 
-    path = pathlib.Path(path)
+    from ..io.output import write_file_atomic
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "segevol_fast"})
-    os.replace(tmp, path)
+    # a normal file's mode: safetensors alone creates its files 0600
+    write_file_atomic(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "producer": "segevol_fast"}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import time
 
 import nibabel as nib
@@ -215,3 +216,54 @@ def test_default_output_names(tmp_path, monkeypatch):
     assert cli._input_stem(str(tmp_path / "series 7" / "IM0001.dcm")) == "series_7"  # a file of the series
     monkeypatch.chdir(tmp_path / "series 7")
     assert cli._input_stem(".") == "series_7"  # not '', which would make the output segevol_out itself
+
+
+# ---------------------------------------------------------------------- unwritable preview paths
+def test_preview_into_an_unwritable_place_names_the_path_given(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    cases = [(tmp_path / "a_file" / "p.png", "a_file is a file, not a folder"),
+             (tmp_path / "a_folder", "it is a folder; give a file name")]
+    if os.path.isdir("/proc"):  # no file can be created there, not even by root
+        cases.append((pathlib.Path("/proc/segevol_preview.png"), "no file can be created in the folder /proc"))
+    for path, why in cases:
+        with pytest.raises(OutputError) as info:
+            _three_overlapping().preview(path)
+        msg = str(info.value)
+        assert msg.startswith(f"cannot write {path}: ") and why in msg and ".tmp" not in msg, msg
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "a_folder"] and os.listdir(tmp_path / "a_folder") == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_preview_into_a_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    with pytest.raises(OutputError, match=f"cannot write {ro / 'p.png'}: .*no file can be created in the folder"):
+        _three_overlapping().preview(ro / "p.png")
+
+
+# ---------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask_007():
+    old = os.umask(0o007)
+    yield 0o666 & ~0o007
+    os.umask(old)
+
+
+def test_every_output_file_gets_a_normal_files_mode(tmp_path, umask_007, tiny_model):
+    from segevol_fast import adapters
+    from segevol_fast.adapters import LoraConfig
+    from segevol_fast.model.checkpoint import save_safetensors
+
+    r = _three_overlapping(probabilities=True)
+    r.save(tmp_path / "folder", preview=True)
+    r.save(tmp_path / "lm" / "seg.nii.gz", preview=True)
+    adapters.add_lora(tiny_model, "mr", LoraConfig(rank=2))
+    adapters.save_adapter(tiny_model, "mr", tmp_path / "adapters" / "mr.safetensors")
+    save_safetensors({"w": torch.zeros(3)}, tmp_path / "weights.safetensors")
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"a.nii.gz", "a_prob.nii.gz", "label_map.nii.gz", "summary.json", "preview.png", "seg.nii.gz",
+            "seg.json", "seg_prob.nii.gz", "seg.png", "mr.safetensors", "weights.safetensors"} <= names
+    modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
+    assert set(modes.values()) == {oct(umask_007)}, modes
