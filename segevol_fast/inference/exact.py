@@ -29,7 +29,8 @@ Per prompt, with S = config.spatial_size and the crop (D', H', W') = prep.image'
    - box prompt, several windows: box of global_preds (padded) in the window;
    - point prompt: `select_points` on the (unpadded, same bug) point map in the window, 1 + 4
      random positives from a torch.Generator seeded with `seed` per prompt, plus the box of
-     global_preds in the window;
+     global_preds in the window; the map holds the positive points only, so negative points act
+     in the coarse pass alone (negative-only clicks next to a text give every window the -1 point);
    - empty maps give the all -1 box / the single (-1, -1, -1) point, still fed in.
    The stitched logits overwrite the coarse logits inside the ROI.
 

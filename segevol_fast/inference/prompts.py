@@ -151,7 +151,8 @@ def _as_boxes(box, n: Optional[int]) -> list[Optional[np.ndarray]]:
 
 
 def _as_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
-    """(P, 3) float64 points and (P,) int64 labels (1 / 0), checked; (None, None) without points."""
+    """(P, 3) float64 points and (P,) int64 labels (1 / 0), checked; (None, None) without points.
+    Whether the points can stand alone (a positive one) is `_check_target`'s question."""
     if points is None:
         if point_labels is not None:
             raise PromptError("point_labels given without points")
@@ -177,10 +178,19 @@ def _as_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional[np.
         wrong = raw[~np.isin(raw, (0.0, 1.0))][0]
         raise PromptError(f"point_labels must be 1 (positive) or 0 (negative), one per point; "
                           f"got {wrong:g} in {raw.tolist()}")
-    labels = raw.astype(np.int64)
-    if not (labels == 1).any():
-        raise PromptError("at least one point must be positive (label 1)")
-    return pts, labels
+    return pts, raw.astype(np.int64)
+
+
+def _check_target(names: Sequence[str], box, labels: Optional[np.ndarray]) -> None:
+    """Some prompt must say what to segment: a text, a box or a positive point. Negative points
+    alone only say where the target is not (the decoder would get no target at all); next to a
+    text, a box or a positive point they are correction clicks, as in an interactive viewer."""
+    if not names and box is None and labels is None:
+        raise PromptError("segment() needs at least one prompt: text=..., box=... or points=...")
+    if not names and box is None and not (labels == 1).any():
+        raise PromptError("at least one point must be positive (label 1) when points are the only prompt: "
+                          "negative points only say where the target is not; give a positive point, a box or "
+                          "a text prompt")
 
 
 def check_prompt_arguments(text=None, box=None, points=None, point_labels=None) -> None:
@@ -188,9 +198,8 @@ def check_prompt_arguments(text=None, box=None, points=None, point_labels=None) 
     so a bad prompt fails before the scan is read. `build_prompts` repeats the same checks."""
     names = _text_names(text)
     _as_boxes(box, len(names) or None)
-    pts, _ = _as_points(points, point_labels)
-    if not names and box is None and pts is None:
-        raise PromptError("segment() needs at least one prompt: text=..., box=... or points=...")
+    _, labels = _as_points(points, point_labels)
+    _check_target(names, box, labels)
 
 
 def build_prompts(
@@ -214,7 +223,8 @@ def build_prompts(
         points: (P, 3) (i, j, k) (or world mm); shared by every text prompt.
         point_labels: (P,) 1 positive / 0 negative; default all positive. Floats equal to 1. / 0.
             (the official code's float tensors) are accepted; -1 (the official padding label) and
-            anything else is a PromptError.
+            anything else is a PromptError. Negative points alone say only where the target is
+            not: without a text or a box, at least one point must be positive.
         shape: (X, Y, Z) of the input array, to reject prompts outside it.
         start: crop start (d, h, w) from preprocessing.
 
@@ -230,12 +240,10 @@ def build_prompts(
     n = len(names) or None
     boxes = _as_boxes(box, n)
     pts, labels = _as_points(points, point_labels)
+    _check_target(names, box, labels)
     if pts is not None:
         pts = _check_inside(_to_input_voxels(pts, coords, affine), shape, "point", coords, affine, pts)
         pts = input_to_crop(pts, start)
-    has_box = boxes[0] is not None
-    if not names and not has_box and pts is None:
-        raise PromptError("segment() needs at least one prompt: text=..., box=... or points=...")
     labels_out = unique_labels(names)
 
     prompts = []

@@ -71,6 +71,7 @@ def segment(
             or world millimetres with coords="world".
         points, point_labels: (P, 3) and (P,) (1 positive, 0 negative; 1. / 0. floats accepted),
             shared by all prompts. Lists, numpy arrays or torch tensors; numbers must be finite.
+            Negative points alone need a text or a box beside them (they say where the target is not).
         modality: "ct" or "mri" (text template); default the volume's, else "ct".
         mode: "fast" (shared encodings, batched windows, compact accumulators) or "exact" (the
             official pipeline step by step, quirks included).

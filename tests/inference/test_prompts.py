@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from segevol_fast.inference.prompts import PromptError, build_prompts, crop_to_input, input_to_crop
+from segevol_fast.inference import segment
+from segevol_fast.inference.prompts import (PromptError, build_prompts, check_prompt_arguments, crop_to_input,
+                                            input_to_crop)
 
 SHAPE, START = (100, 90, 40), (2, 3, 4)  # input (X, Y, Z); crop start in (D, H, W) = (Z, Y, X)
 
@@ -60,3 +63,55 @@ def test_world_millimetres_go_through_the_inverse_affine():
 def test_bad_prompts_raise_prompt_error(kwargs, msg):
     with pytest.raises(PromptError, match=msg):
         build_prompts(shape=SHAPE, start=START, **kwargs)
+
+
+# ------------------------------------------------------------------ negative points
+RULE = "negative points only say where the target is not; give a positive point, a box or a text prompt"
+
+
+@pytest.mark.parametrize("kwargs", [dict(text="liver"), dict(box=[0, 0, 0, 5, 5, 5]),
+                                    dict(text=["liver", "spleen"], box=[0, 0, 0, 5, 5, 5])],
+                         ids=["text", "box", "text-and-box"])
+def test_negative_only_points_are_correction_clicks_next_to_a_text_or_box(kwargs):
+    check_prompt_arguments(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0.0], **kwargs)
+    prompts = build_prompts(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0.0], shape=SHAPE, start=(0, 0, 0),
+                            **kwargs)
+    assert all(p.point_labels.tolist() == [0, 0] and "points" in p.kinds for p in prompts)
+
+
+def test_negative_only_points_alone_are_refused_with_the_rule():
+    for check in (check_prompt_arguments, lambda **kw: build_prompts(shape=SHAPE, start=START, **kw)):
+        with pytest.raises(PromptError, match=RULE):
+            check(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0])
+
+
+@pytest.fixture
+def scan():
+    rng = np.random.default_rng(0)
+    return (rng.random((40, 40, 12)) * 100).astype(np.float32)
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_segment_takes_negative_only_clicks_beside_a_text_or_box(tiny_model, scan, one_thread, mode):
+    """The decoder gets the negative point (the result differs from the text alone); exact mode runs
+    the official zoom-in, whose point map holds positives only, so its windows get the -1 point."""
+    kw = dict(mode=mode, progress=False, return_probabilities=True)
+    plain = segment(tiny_model, scan, text="liver", **kw)
+    clicked = segment(tiny_model, scan, text="liver", points=[[20, 20, 6]], point_labels=[0], **kw)
+    assert clicked.labels == ["liver"] and clicked.zoom_in_windows["liver"] > 0
+    assert not np.array_equal(plain.probabilities["liver"], clicked.probabilities["liver"])
+    boxed = segment(tiny_model, scan, box=[5, 5, 2, 30, 30, 10], points=[[20, 20, 6]], point_labels=[0],
+                    mode=mode, zoom_in=mode == "fast", progress=False)  # exact: official zoom-in takes box or points
+    assert boxed.labels == ["box 0"]
+    with pytest.raises(PromptError, match=RULE):
+        segment(tiny_model, scan, points=[[20, 20, 6]], point_labels=[0], mode=mode, progress=False)
+
+
+def test_exact_mode_point_map_of_negative_only_clicks_is_empty():
+    from segevol_fast.inference.exact import select_points, zoom_out_prompt
+
+    (p,) = build_prompts(text="liver", points=[[20, 20, 6]], point_labels=[0], shape=(40, 40, 12), start=(0, 0, 0))
+    zp = zoom_out_prompt(p, (12, 40, 40), (8, 32, 32))
+    assert zp.points[1].tolist() == [[0]] and not zp.point_map.any()
+    coords, labels = select_points(zp.point_map, torch.Generator().manual_seed(0))
+    assert labels.tolist() == [-1] and coords.tolist() == [[-1.0, -1.0, -1.0]]
