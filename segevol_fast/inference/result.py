@@ -274,6 +274,8 @@ class SegmentationResult:
           label; `map_voxels`, `overlaps`, "files" and the summary fields), `<name>_prob.nii.gz`
           (4-D float32, id-1 along the 4th axis) when probabilities are present, and
           `<name>.png` with `preview=True`. These files are replaced together.
+        * A new path ending in another kind of file (.png, .json, .dcm, ...; `io.output.FILE_SUFFIXES`)
+          is refused (OutputError listing these forms): `save("x.png")` never makes a folder x.png.
         * Anything else is a directory, replaced as a whole: `<safe_label>.nii.gz` per mask (uint8
           0/1), `label_map.nii.gz` (all masks, ids in prompt order; legend and overlaps in
           summary.json "label_map"), `<safe_label>_prob.nii.gz` (float32) with probabilities,

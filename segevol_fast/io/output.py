@@ -125,6 +125,29 @@ def _check_replaceable_folder(p: pathlib.Path) -> None:
                           "and it is not empty; refusing to replace it: give a new or empty folder")
 
 
+OUTPUT_FORMS = ("a folder (one <label>.nii.gz per mask, label_map.nii.gz, summary.json; preview.png with "
+                "preview=True; segmentation.dcm for DICOM input), or a .nii / .nii.gz path for one label map "
+                "(with its .json sidecar)")
+# kinds of file a result is never written as: an output named like one is a slip, not a folder name
+# (a folder name with another dot, "run.v2", stays a folder)
+FILE_SUFFIXES = {
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg", ".pdf", ".html",  # images, pages
+    ".json", ".csv", ".tsv", ".txt", ".xml", ".yaml", ".yml",  # text
+    ".npy", ".npz", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".safetensors", ".h5", ".hdf5", ".mat",  # arrays
+    ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z",  # archives (.nii.gz is a label map)
+    ".dcm", ".dicom", ".ima", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".img", ".hdr",  # other scan formats
+}
+
+
+def _check_folder_name(p: pathlib.Path) -> None:
+    if p.is_dir() or p.suffix.lower() not in FILE_SUFFIXES:  # an existing folder stays one, whatever its name
+        return
+    hint = {".png": "; for a preview image pass preview=True (preview.png in the folder) or call res.preview(path)",
+            ".dcm": "; the DICOM-SEG is written as segmentation.dcm inside a result folder"}.get(p.suffix.lower(), "")
+    raise OutputError(f"{p} ends in {p.suffix}, a kind of file segevol_fast does not write a result as; give "
+                      f"{OUTPUT_FORMS}{hint}")
+
+
 def label_map_names(path: PathLike) -> tuple[str, str]:
     """(stem, sidecar name) of a label-map path: 'x.nii.gz' -> ('x', 'x.json')."""
     name = pathlib.Path(path).name
@@ -136,9 +159,11 @@ def check_output_path(path: PathLike) -> pathlib.Path:
     """Fail fast (OutputError) when a result cannot be written to `path`; returns it, absolute.
 
     A path ending in .nii / .nii.gz is one label-map file (its sidecar `<stem>.json` must be absent
-    or written by segevol_fast); anything else a folder. Checks: no existing file where a folder is needed (or
-    the reverse), no folder in the path is a file, the nearest existing ancestor is writable (a
-    file is created and removed there), an existing folder is empty or a segevol_fast result.
+    or written by segevol_fast); a new path ending in another file kind (`FILE_SUFFIXES`: .png,
+    .json, .dcm...) is refused with the accepted forms; anything else is a folder. Checks: no
+    existing file where a folder is needed (or the reverse), no folder in the path is a file, the
+    nearest existing ancestor is writable (a file is created and removed there), an existing folder
+    is empty or a segevol_fast result.
     Nothing is left behind: folders that do not exist yet are not created.
     """
     from .nifti import is_nifti_path
@@ -154,6 +179,7 @@ def check_output_path(path: PathLike) -> pathlib.Path:
     else:
         if p.exists() and not p.is_dir():
             raise OutputError(f"{p} is a file; give a folder, or a .nii / .nii.gz path for one label map")
+        _check_folder_name(p)
         _check_replaceable_folder(p)
     anc = p.parent
     while not anc.exists() and anc.parent != anc:  # exists() is False below a file, too

@@ -218,6 +218,27 @@ def test_default_output_names(tmp_path, monkeypatch):
     assert cli._input_stem(".") == "series_7"  # not '', which would make the output segevol_out itself
 
 
+# ---------------------------------------------------------------------- output path forms
+@pytest.mark.parametrize("name", ["x.png", "x.JPG", "x.json", "x.dcm", "x.tar.gz", "x.npy"])
+def test_a_file_name_of_another_kind_is_refused_with_the_accepted_forms(tmp_path, name):
+    with pytest.raises(OutputError) as info:
+        _three_overlapping().save(tmp_path / name)
+    msg = str(info.value)
+    assert name in msg and "a folder" in msg and ".nii / .nii.gz path for one label map" in msg
+    assert os.listdir(tmp_path) == []  # nothing made, no folder called x.png
+
+
+def test_every_accepted_output_form_still_works(tmp_path):
+    r = _three_overlapping()
+    for folder in ("out", "run.v2", "2024.06"):  # a dot in a folder name that is no file kind
+        assert (r.save(tmp_path / folder) / "summary.json").is_file()
+    (tmp_path / "made.png").mkdir()  # an existing (empty) folder stays a folder whatever its name
+    assert (r.save(tmp_path / "made.png") / "summary.json").is_file()
+    for label_map in ("m.nii", "m2.nii.gz", "M3.NII.GZ"):
+        r.save(tmp_path / label_map)
+        assert (tmp_path / label_map).is_file()
+
+
 # ---------------------------------------------------------------------- unwritable preview paths
 def test_preview_into_an_unwritable_place_names_the_path_given(tmp_path):
     (tmp_path / "a_file").write_text("")
