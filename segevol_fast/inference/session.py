@@ -19,6 +19,7 @@ with the new points added: the correction clicks of an interactive viewer.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -32,6 +33,7 @@ from .arguments import check_session_arguments
 from .budget import _model_device, parse_memory, plan_fast, same_device
 from .fast import WindowCache, global_grid
 from .precision import inference_state, resolve_precision
+from .prompts import _as_points
 from .result import SegmentationResult
 from .segment import segment
 
@@ -85,32 +87,54 @@ class Session:
                 coords: str = "voxel", zoom_in: bool = True, return_probabilities: bool = False,
                 progress: bool = False) -> SegmentationResult:
         """`segment()` on the session's scan with these prompts (fast mode); see it for arguments."""
-        res = segment(self.model, self.volume, text, box, points, point_labels, coords=coords, modality=self.modality,
-                      mode="fast", zoom_in=zoom_in, max_memory=self.max_memory, progress=progress,
-                      return_probabilities=return_probabilities, precision=self.precision, adapter=self.adapter,
-                      _prepared=self._prep, _zoom_out_embedding=self._zoom_out, _window_cache=self.cache)
+        res = self._run(text, box, points, point_labels, coords=coords, zoom_in=zoom_in,
+                        return_probabilities=return_probabilities, progress=progress)
         args = dict(text=text, box=box, points=points, point_labels=point_labels, coords=coords, zoom_in=zoom_in)
         for i, name in enumerate(res.labels):
             self.history[name] = _one_prompt(args, i, len(res.labels))
         return res
 
-    def refine(self, name: str, points, point_labels, **kwargs) -> SegmentationResult:
+    def refine(self, name: str, points, point_labels=None, **kwargs) -> SegmentationResult:
         """Prompt `name` again (its text / box / earlier points) with `points` (P, 3) and
-        `point_labels` (P,) added; returns a result holding the refined mask under `name`'s
-        prompt label. Other keyword arguments go to `segment` (return_probabilities, ...)."""
-        if name not in self.history:
+        `point_labels` (P,) added (default all positive); returns a result holding the refined
+        mask under `name`, whose history it updates (no other name's). Negative-only clicks are
+        fine when the prompt has a text, a box or earlier positive points. The points are checked
+        like segment()'s. Other keyword arguments go to `segment` (return_probabilities, ...)."""
+        if not isinstance(name, str) or name not in self.history:
             raise PromptError(f"nothing to refine called {name!r}; this session has {sorted(self.history) or 'none'}")
+        if points is None:
+            raise PromptError(f"refine({name!r}, ...) adds points: give points=[[i, j, k], ...] (and point_labels, "
+                              "1 positive / 0 negative); to re-run a prompt unchanged, call segment()")
+        new_pts, new_lbl = _as_points(points, point_labels)
         prev = self.history[name]
-        new_pts = np.asarray(points, dtype=float).reshape(-1, 3)
-        new_lbl = np.asarray(point_labels).reshape(-1)
-        if prev["points"] is not None:
-            old_lbl = np.ones(len(prev["points"])) if prev["point_labels"] is None else np.asarray(prev["point_labels"])
-            new_pts = np.concatenate([np.asarray(prev["points"], dtype=float).reshape(-1, 3), new_pts])
-            new_lbl = np.concatenate([old_lbl.reshape(-1), new_lbl])
-        res = self.segment(prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"],
-                           zoom_in=prev["zoom_in"], **kwargs)
-        self.history[name] = self.history.pop(res.labels[0])
+        old_pts, old_lbl = _as_points(prev["points"], prev["point_labels"])
+        if old_pts is not None:
+            new_pts, new_lbl = np.concatenate([old_pts, new_pts]), np.concatenate([old_lbl, new_lbl])
+        res = self._run(prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"], zoom_in=prev["zoom_in"],
+                        **kwargs)
+        res = _renamed(res, name)
+        self.history[name] = dict(prev, points=new_pts, point_labels=new_lbl)
         return res
+
+    def _run(self, text, box, points, point_labels, **kwargs) -> SegmentationResult:
+        """One fast-mode `segment()` handed the session's scan, zoom-out embedding and window cache;
+        quiet unless progress=True (a session answers many small calls)."""
+        kwargs.setdefault("progress", False)
+        return segment(self.model, self.volume, text, box, points, point_labels, modality=self.modality,
+                       mode="fast", max_memory=self.max_memory, precision=self.precision, adapter=self.adapter,
+                       _prepared=self._prep, _zoom_out_embedding=self._zoom_out, _window_cache=self.cache, **kwargs)
+
+
+def _renamed(res: SegmentationResult, name: str) -> SegmentationResult:
+    """`res` (one mask) with that mask labelled `name`: a prompt re-run alone gets its plain label
+    ("liver", "box 0"), but it refines the mask the session knows as `name` ("liver (2)", "box 1")."""
+    (old,) = res.labels
+
+    def rekey(d):
+        return None if d is None else {name: d[old]}
+
+    return dataclasses.replace(res, masks=rekey(res.masks), probabilities=rekey(res.probabilities),
+                               zoom_in_windows=rekey(res.zoom_in_windows))
 
 
 def _one_prompt(args: dict, i: int, n: int) -> dict:

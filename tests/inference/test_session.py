@@ -3,12 +3,14 @@ cached window embeddings, the cache stays within its bound, refine adds points."
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig, adapters
-from segevol_fast.errors import PromptError
+from segevol_fast.errors import ArgumentTypeError, PromptError
 from segevol_fast.inference import segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -100,3 +102,70 @@ def test_cache_capacity_leaves_room_for_the_kept_zoom_out_embedding(model, ct, m
         budget = call_peak + per + windows * per + per // 2  # zoom-out embedding + `windows` + a spare half
         assert model.session(ct, max_memory=budget).cache.capacity == windows
     assert model.session(ct, max_memory=call_peak + per // 2).cache.capacity == 0  # never negative
+
+
+# ------------------------------------------------------------------ refine: names, histories, checks
+BOXES = [[20, 20, 5, 80, 70, 25], [10, 10, 2, 60, 60, 20]]
+
+
+def _same_prompt(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+
+
+def _fresh(model, ct, **prompts):
+    return segment(model, ct, zoom_in=False, progress=False, return_probabilities=True, **prompts)
+
+
+def test_refine_answers_under_the_refined_name_and_leaves_other_histories(tiny_model, ct):
+    sess = tiny_model.session(ct)
+    assert sess.segment(text=["liver", "liver"], box=BOXES, zoom_in=False).labels == ["liver", "liver (2)"]
+    first = copy.deepcopy(sess.history["liver"])
+    res = sess.refine("liver (2)", points=[[30, 30, 10]], point_labels=[1], return_probabilities=True)
+    assert res.labels == ["liver (2)"] and list(res.probabilities) == list(res.zoom_in_windows) == ["liver (2)"]
+    fresh = _fresh(tiny_model, ct, text="liver", box=BOXES[1], points=[[30, 30, 10]])
+    np.testing.assert_array_equal(res.masks["liver (2)"], fresh.masks["liver"])
+    np.testing.assert_array_equal(res.probabilities["liver (2)"], fresh.probabilities["liver"])
+    assert sorted(sess.history) == ["liver", "liver (2)"] and _same_prompt(sess.history["liver"], first)
+    np.testing.assert_array_equal(sess.history["liver (2)"]["box"], BOXES[1])
+    np.testing.assert_array_equal(sess.history["liver (2)"]["points"], [[30, 30, 10]])
+
+    sess.segment(box=BOXES, zoom_in=False)
+    box0 = copy.deepcopy(sess.history["box 0"])
+    res = sess.refine("box 1", points=[[30, 30, 10]], point_labels=[0])
+    assert res.labels == ["box 1"] and _same_prompt(sess.history["box 0"], box0)
+    np.testing.assert_array_equal(sess.history["box 1"]["box"], BOXES[1])
+    fresh = _fresh(tiny_model, ct, box=BOXES[1], points=[[30, 30, 10]], point_labels=[0])
+    np.testing.assert_array_equal(res.masks["box 1"], fresh.masks["box 0"])
+
+
+@pytest.mark.parametrize("points,labels,error,phrase", [
+    ([[1, 2]], [1], PromptError, r"points must be \(P, 3\)"),
+    (None, None, PromptError, "adds points"),
+    ("1,2,3", [1], ArgumentTypeError, "points must be numbers"),
+    ([[1, 2, float("nan")]], [1], PromptError, "non-finite"),
+    ([[1, 2, 3]], [2], PromptError, r"1 \(positive\) or 0 \(negative\)"),
+    ([[1, 2, 3]], [1, 0], PromptError, "one label per point"),
+    ([[1, 2, 3]], [-1], PromptError, "padding"),
+], ids=["two-numbers", "none", "string", "nan", "label-two", "label-count", "label-minus-one"])
+def test_refine_checks_its_points_like_segment(tiny_model, ct, points, labels, error, phrase):
+    sess = tiny_model.session(ct)
+    sess.segment(text="liver", zoom_in=False)
+    before = copy.deepcopy(sess.history)
+    with pytest.raises(error, match=phrase):
+        sess.refine("liver", points=points, point_labels=labels)
+    assert sess.history.keys() == before.keys() and _same_prompt(sess.history["liver"], before["liver"])
+
+
+def test_negative_correction_clicks_refine_a_prompt_that_names_its_target(tiny_model, ct):
+    sess = tiny_model.session(ct)
+    sess.segment(text="liver", zoom_in=False)
+    res = sess.refine("liver", points=[[60, 50, 14]], point_labels=[0], return_probabilities=True)  # the docstring's
+    fresh = _fresh(tiny_model, ct, text="liver", points=[[60, 50, 14]], point_labels=[0])
+    np.testing.assert_array_equal(res.probabilities["liver"], fresh.probabilities["liver"])
+    # points alone: a negative click on top of an earlier positive one is fine
+    sess.segment(points=[[50, 40, 14]], zoom_in=False)
+    assert sess.refine("points", points=[[30, 30, 10]], point_labels=[0]).labels == ["points"]
+    np.testing.assert_array_equal(sess.history["points"]["point_labels"], [1, 0])
+    # negative points alone say nothing about the target
+    with pytest.raises(PromptError, match="negative points only say where the target is not"):
+        sess.segment(points=[[30, 30, 10]], point_labels=[0])
