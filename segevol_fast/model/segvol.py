@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, ShapeError
+from ..errors import CheckpointError, PromptError, ShapeError
 from . import checkpoint as ckpt
 from .config import SegVolConfig
 from .image_encoder import ImageEncoder
@@ -31,6 +31,23 @@ from .tokenizer import ClipTokenizer
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def _integer_labels(points):
+    """(coords, labels) with float labels 1. / 0. / -1., as the official `forward_decoder` passes
+    them, turned into the integer labels the prompt encoder takes; a float label that is none of
+    them (0.5, nan) is a PromptError. Anything else is returned as is for the prompt encoder to check."""
+    if not isinstance(points, (tuple, list)) or len(points) != 2:
+        return points
+    coords, labels = points
+    if not (torch.is_tensor(labels) and labels.is_floating_point()):
+        return points
+    known = (labels == 1) | (labels == 0) | (labels == -1)
+    if not bool(known.all()):
+        wrong = labels[~known].flatten()[0].item()
+        raise PromptError(f"point label {wrong:g} is not a label: each must be 1 (positive), 0 (negative) or "
+                          "-1 (padding), as an integer or the equal float")
+    return coords, labels.long()
 
 
 class SegVol(nn.Module):
@@ -115,7 +132,8 @@ class SegVol(nn.Module):
             boxes: None or (N, 6) voxel boxes (d_min, h_min, w_min, d_max, h_max, w_max), maxima
                 inclusive, in the spatial_size frame; all -1 is the official "empty box".
             points: None or (coords (N, P, 3) voxel (d, h, w), labels (N, P): 1 positive,
-                0 negative, -1 padding).
+                0 negative, -1 padding). Float labels equal to 1., 0., -1. (the official
+                `forward_decoder` passes floats) are taken as those integers; others are a PromptError.
             upsample: True (official) returns logits at spatial_size; False returns the decoder's
                 low-res logits (N, 1, 4gd, 4gh, 4gw), 16x smaller.
 
@@ -125,6 +143,7 @@ class SegVol(nn.Module):
         if text_embedding is None and boxes is None and points is None:
             raise ValueError("decode needs at least one prompt: text_embedding, boxes or points")
         device = image_embedding.device
+        points = _integer_labels(points)
         with self._autocast(device):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, text_embedding=text_embedding)
             image_pe = self.prompt_encoder.get_dense_pe()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig
-from segevol_fast.errors import CheckpointError
+from segevol_fast.errors import CheckpointError, PromptError
 from tests.model.official_keys import POSITION_IDS, official_inventory, official_param_count
 
 
@@ -216,6 +216,21 @@ def test_every_prompt_combination_decodes(tiny, combo):
     assert out.shape == (2, 1, *tiny.config.spatial_size)
     assert low.shape == (2, 1, *tiny.config.low_res_size)
     assert torch.isfinite(out).all()
+
+
+def test_decode_takes_the_official_float_point_labels(tiny):
+    """The official forward_decoder passes labels as floats 1. / 0. / -1. (padding); they decode
+    exactly as the integers; a float that is no label is a PromptError."""
+    emb = tiny.encode_image(torch.rand(1, 1, *tiny.config.spatial_size))
+    coords = torch.tensor([[[2.0, 5.0, 7.0], [3.0, 20.0, 9.0], [-1.0, -1.0, -1.0]]])
+    ints = torch.tensor([[1, 0, -1]])
+    with torch.no_grad():
+        expected = tiny.decode(emb, points=(coords, ints))
+        for dtype in (torch.float32, torch.float64, torch.float16):
+            torch.testing.assert_close(tiny.decode(emb, points=(coords, ints.to(dtype))), expected, rtol=0, atol=0)
+        for bad in (0.5, float("nan"), 2.0):
+            with pytest.raises(PromptError, match=f"point label {bad:g} is not a label"):
+                tiny.decode(emb, points=(coords, torch.tensor([[1.0, bad, -1.0]])))
 
 
 def test_decode_without_prompts_or_tokenizer_is_a_clear_error(tiny):
