@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .crop import CropReader, NormalizedCrop, StoredCrop
 from .errors import PreprocessError, ShapeError
+from .io.volume import check_3d_shape
 
 PERCENTILES = (0.05, 99.95)
 ZOOM_OUT_SIZE = (32, 256, 256)
@@ -128,8 +129,7 @@ def _as_tensor(src) -> Tensor:
         raise ShapeError(f"preprocess takes a Volume, numpy array or tensor, got {type(src).__name__}")
     if t.dim() != 3:
         raise ShapeError(f"preprocess expects one 3-D volume (X, Y, Z), got shape {tuple(t.shape)}")
-    if min(t.shape) == 0:
-        raise ShapeError(f"the volume is empty: shape {tuple(t.shape)}")
+    check_3d_shape(t.shape, "the volume")
     if t.dtype == torch.bool:
         t = t.to(torch.uint8)
     elif t.is_complex():

@@ -153,9 +153,11 @@ def test_cuda_on_a_cpu_only_machine_names_the_devices(model):
     (np.ones((5, 5), np.float32), ShapeError, "2-D"),
     (np.ones((0, 5, 5), np.float32), ShapeError, "empty"),
     (np.ones((1, 6, 0, 5), np.float32), ShapeError, "empty"),
+    (np.ones((5, 0, 3), np.float32), ShapeError, r"axis 1 is empty \(shape \(5, 0, 3\)\)"),
     (np.full((5, 5, 5), np.nan, np.float32), VolumeError, "NaN"),
     (np.ones((4, 4, 4), complex), VolumeError, "real-valued"),
-], ids=["None", "list", "bytes", "empty-path", "2d", "empty-axis", "empty-axis-4d", "nan", "complex"])
+], ids=["None", "list", "bytes", "empty-path", "2d", "empty-axis", "empty-axis-4d", "empty-middle-axis", "nan",
+        "complex"])
 def test_bad_volume_objects(model, volume, error, phrase):
     with pytest.raises(error, match=phrase):
         model.segment(volume, box=[0, 0, 0, 0, 0, 0], progress=False)

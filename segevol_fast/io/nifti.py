@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
 from .output import write_file_atomic
-from .volume import Volume, VolumeError, VolumeFileError, apply_rescale
+from .volume import Volume, VolumeError, VolumeFileError, apply_rescale, check_3d_shape
 
 PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -59,6 +59,11 @@ def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
     if not p.is_file():
         raise VolumeNotFoundError(f"no such NIfTI file: {p}")
     img = _open(nib, p)
+    shape = tuple(img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) == 3:  # nibabel reads an empty axis as a flat (0,) array: judge by the header
+        check_3d_shape(shape, str(p))
     proxy = img.dataobj
     try:
         raw = np.asanyarray(proxy.get_unscaled()) if hasattr(proxy, "get_unscaled") else np.asanyarray(proxy)

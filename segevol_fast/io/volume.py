@@ -39,8 +39,10 @@ def check_3d_shape(shape, what: str) -> None:
     (a 2-D slice, an empty axis) instead of a generic "not 3-D"."""
     shape = tuple(int(s) for s in shape)
     if len(shape) == 3 and 0 in shape:
-        raise ShapeError(f"{what} is empty: shape {shape} has no voxels along axis {shape.index(0)}; "
-                         "a scan needs at least one voxel along each of X, Y, Z")
+        empty = [a for a, n in enumerate(shape) if n == 0]
+        axes = f"axis {empty[0]} is" if len(empty) == 1 else f"axes {', '.join(map(str, empty))} are"
+        raise ShapeError(f"{what}: {axes} empty (shape {shape}); a 3-D scan needs at least one voxel along "
+                         "each of X, Y, Z")
     if len(shape) == 2:
         raise ShapeError(f"{what} is 2-D (shape {shape}), a single slice; SegVol needs a 3-D volume (X, Y, Z): "
                          "stack the slices, or add an axis (array[..., None]) for a one-slice volume")

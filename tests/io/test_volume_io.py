@@ -186,6 +186,27 @@ def test_dicom_gap_and_missing_decoder(data_dir, tmp_path, monkeypatch):
         load_volume(src)
 
 
+@pytest.mark.parametrize("make", [np.zeros, torch.zeros, lambda s: Volume(np.zeros(s), np.eye(4))],
+                         ids=["array", "tensor", "Volume"])
+def test_an_empty_axis_is_named(make):
+    with pytest.raises(ShapeError, match=r"axis 1 is empty \(shape \(5, 0, 3\)\)"):
+        load_volume(make((5, 0, 3)))
+    with pytest.raises(ShapeError, match=r"axes 0, 2 are empty \(shape \(0, 4, 0\)\)"):
+        load_volume(make((0, 4, 0)))
+
+
+@pytest.mark.parametrize("shape", [(5, 0, 3), (5, 0, 3, 1)])
+def test_an_empty_axis_in_a_nifti_file_is_named(tmp_path, shape):
+    from segevol_fast.preprocess import preprocess
+
+    path = tmp_path / "empty_axis.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.eye(4)), path)  # nibabel reads it back as (0,)
+    with pytest.raises(ShapeError, match=r"empty_axis.nii.gz: axis 1 is empty \(shape \(5, 0, 3\)\)"):
+        load_volume(path)
+    with pytest.raises(ShapeError, match=r"axis 1 is empty \(shape \(5, 0, 3\)\)"):
+        preprocess(np.zeros((5, 0, 3), np.float32))
+
+
 # ---------------------------------------------------------------------------------- arrays
 def test_arrays_and_tensors():
     a = np.random.default_rng(1).normal(size=(5, 6, 7)).astype(np.float32)
