@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="1 positive / 0 negative per point (default all 1)")
     p.add_argument("--coords", choices=["voxel", "world"], default="voxel", help="units of --box / --points")
     p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several "
-                   "(the error for such a folder lists them)")
+                   "(the error for such a folder lists them; no-series-uid names a series without one)")
     p.add_argument("--modality", choices=["ct", "mri"], help="text template (default: from DICOM, else ct)")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="folder with the CLIP tokenizer files (default: next to the weights)")

@@ -333,6 +333,12 @@ def test_list_series_and_series_everywhere(two_series, model, one_thread):
         model.segment(two_series, box=BOX, series="9.9", progress=False)
 
 
+def test_series_without_uid_is_picked_by_name_or_empty_string(model):
+    for series in ("no-series-uid", ""):  # argument checks accept both; then the path is looked for
+        with pytest.raises(VolumeNotFoundError):
+            model.segment(MISSING, box=BOX, series=series, progress=False)
+
+
 def test_damaged_dicom_slices(data_dir, tmp_path):
     folder = tmp_path / "dicom"
     shutil.copytree(data_dir / "ct_abdomen_dicom", folder, copy_function=shutil.copyfile)

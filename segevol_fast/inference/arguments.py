@@ -140,7 +140,7 @@ def check_volume(volume) -> None:
 def check_series(series, volume) -> None:
     if series is None:
         return
-    if not isinstance(series, str) or not series.strip():
+    if not isinstance(series, str):  # "" is fine: it names a series whose files have no UID
         raise ArgumentTypeError(f"series must be a SeriesInstanceUID string, got {type(series).__name__} "
                                 f"{series!r:.60}")
     if not isinstance(volume, (str, os.PathLike)):

@@ -87,7 +87,7 @@ def segment(
             instructions, else float32; exact mode: the model's precision), or "fp32" / "bf16" /
             "fp16" for this call (see `inference.precision.resolve_precision`).
         series: SeriesInstanceUID to read when `volume` is a DICOM folder holding several series
-            (`segevol_fast.io.list_series(folder)` lists them).
+            (`segevol_fast.io.list_series(folder)` lists them; "no-series-uid" names one without).
         adapter: None (the model as set), "base", an adapter's name, or "auto" (the model's
             mixture of adapters, routed for this scan); see `inference.adapter_scope`. What ran
             is in `res.adapter`.

@@ -23,6 +23,9 @@ PathLike = Union[str, os.PathLike]
 INSTALL_HINT = "pip install 'segevol_fast[dicom]'  (pydicom, pylibjpeg, pylibjpeg-openjpeg)"
 _GEOM_TOL = 1e-4  # direction cosines / pixel spacing agree across slices to this
 _SPACING_RTOL = 0.01  # slice gaps may vary by 1 % (float rounding in IPP) but not more
+# The name of a series whose files have no SeriesInstanceUID, in listings, messages and series=.
+# A real UID is digits and dots, so no UID can take this name; series="" picks that series too.
+NO_UID_SERIES = "no-series-uid"
 
 
 def _pydicom():
@@ -88,25 +91,45 @@ def is_dicom_folder(path) -> bool:
     return p.is_dir() and any(f.is_file() and (f.suffix.lower() == ".dcm" or _has_dicm_magic(f)) for f in p.iterdir())
 
 
+def series_name(uid: str) -> str:
+    """A series' name in listings and messages, and what series= / --series take: its
+    SeriesInstanceUID, or NO_UID_SERIES when its files have none."""
+    return uid or NO_UID_SERIES
+
+
+def _series_key(series: str) -> str:
+    """series= -> the SeriesInstanceUID the folder's series are grouped by ("" for no UID)."""
+    return "" if series == NO_UID_SERIES else series
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
     """One DICOM series of a folder, as `list_series` reports it."""
 
-    uid: str  # SeriesInstanceUID: pass it as series= / --series
+    uid: str  # SeriesInstanceUID, "" when the files have none
     slices: int
     modality: str
     description: str
 
+    @property
+    def name(self) -> str:
+        """What to pass as series= / --series: the UID, or NO_UID_SERIES ("no-series-uid")."""
+        return series_name(self.uid)
+
     def __str__(self) -> str:
-        uid = self.uid or "<no SeriesInstanceUID>"
-        return f"{uid}  ({self.slices} slices, {self.modality or '?'}, {self.description!r})"
+        missing = "" if self.uid else ", no SeriesInstanceUID in its files"
+        return f"{self.name}  ({self.slices} slices, {self.modality or '?'}, {self.description!r}{missing})"
 
 
 def _group(folder: pathlib.Path) -> Dict[str, list]:
     groups: Dict[str, list] = {}
     for f, ds in _read_headers(folder):
-        groups.setdefault(str(getattr(ds, "SeriesInstanceUID", "")), []).append((f, ds))
+        groups.setdefault(_uid(ds), []).append((f, ds))
     return groups
+
+
+def _uid(ds) -> str:
+    return str(getattr(ds, "SeriesInstanceUID", "") or "")
 
 
 def _infos(groups: Dict[str, list]) -> List[SeriesInfo]:
@@ -117,7 +140,8 @@ def _infos(groups: Dict[str, list]) -> List[SeriesInfo]:
 
 def list_series(folder: PathLike) -> List[SeriesInfo]:
     """The image series in a DICOM folder (not its sub-folders): UID, slice count, modality,
-    description. Pick one with `load_volume(folder, series=uid)` or `--series UID`."""
+    description. Pick one with `load_volume(folder, series=info.name)` or `--series NAME` (the
+    UID, or "no-series-uid" for a series whose files have no SeriesInstanceUID)."""
     p = pathlib.Path(folder)
     if not p.is_dir():
         raise VolumeNotFoundError(f"no such DICOM folder: {p}")
@@ -156,7 +180,8 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     """Read one DICOM series into a `Volume` (array (X, Y, Z) = (columns, rows flipped, slices)).
 
     path:     a folder of slice files, or one .dcm file (its folder is read, its series chosen).
-    series:   SeriesInstanceUID to pick when the folder holds several (the error lists them).
+    series:   SeriesInstanceUID to pick when the folder holds several (the error lists them);
+              "no-series-uid" (NO_UID_SERIES) or "" picks the series whose files have none.
     modality: "ct" / "mri"; by default taken from the DICOM Modality tag (CT, MR), else None.
 
     RescaleSlope / RescaleIntercept are applied (integers stay integers when exact, e.g. int16 HU).
@@ -167,7 +192,7 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
         folder = p.parent
         if series is None:
             try:
-                series = getattr(_pydicom().dcmread(p, stop_before_pixels=True), "SeriesInstanceUID", None)
+                series = _uid(_pydicom().dcmread(p, stop_before_pixels=True))
             except PermissionError as exc:
                 raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}") from exc
             except Exception as exc:
@@ -189,9 +214,10 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
                 f"(segevol_fast.io.list_series(folder) lists them):\n" + _describe(groups)
             )
         series = next(iter(groups))
-    if series not in groups:
-        raise DicomSeriesError(f"series {series} is not in {folder}; pick one of the series it holds:\n"
-                               + _describe(groups))
+    if _series_key(series) not in groups:
+        raise DicomSeriesError(f"series {series or repr(series)} is not in {folder}; pick one of the series it "
+                               "holds:\n" + _describe(groups))
+    series = _series_key(series)  # the UID itself from here on ("" for none)
     items = groups[series]
     first = items[0][1]
     for f, ds in items:
@@ -216,13 +242,13 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
         gaps = np.diff(along)
         if gaps.min() <= 1e-3:
             raise DicomSeriesError(
-                f"{len(items)} slices of series {series} share positions (several acquisitions, echoes or "
-                "phases in one series?); split them before loading"
+                f"{len(items)} slices of series {series_name(series)} share positions (several acquisitions, "
+                "echoes or phases in one series?); split them before loading"
             )
         if np.abs(gaps - np.median(gaps)).max() > _SPACING_RTOL * np.median(gaps) + 1e-3:
             raise DicomSeriesError(
-                f"slices of series {series} are unevenly spaced (gaps {gaps.min():.4g}..{gaps.max():.4g} mm; "
-                "missing slices?); resample or convert it with dcm2niix first"
+                f"slices of series {series_name(series)} are unevenly spaced (gaps {gaps.min():.4g}.."
+                f"{gaps.max():.4g} mm; missing slices?); resample or convert it with dcm2niix first"
             )
         # the mean step between neighbours, as a vector: keeps any in-plane drift (gantry tilt)
         step = (ipp[-1] - ipp[0]) / (len(items) - 1)

@@ -131,7 +131,8 @@ def load_volume(src, modality: Optional[str] = None, affine=None, spacing: Optio
     spacing:  (3,) mm, used to build a diagonal affine when no affine is known.
     modality: "ct" / "mri" / None; a path's DICOM Modality tag fills it when None.
     series:   SeriesInstanceUID to read from a DICOM folder holding several series
-              (`segevol_fast.io.list_series(folder)` lists them); only with paths.
+              (`segevol_fast.io.list_series(folder)` lists them; "no-series-uid" names a series
+              whose files have no UID); only with paths.
 
     The array is never reoriented or resampled (reference §5.1). Errors: ShapeError for wrong
     dims, VolumeError for non-finite data or bad geometry, VolumeFileError for unknown paths.

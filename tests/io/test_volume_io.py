@@ -186,6 +186,50 @@ def test_dicom_gap_and_missing_decoder(data_dir, tmp_path, monkeypatch):
         load_volume(src)
 
 
+def _without_uid(src, dst, uid_for=lambda i: None, n=6):
+    """The first n slices of src copied to dst, slice i with SeriesInstanceUID uid_for(i) (None: no
+    such element at all)."""
+    dst.mkdir()
+    for i, f in enumerate(sorted(src.glob("*.dcm"))[:n]):
+        ds = pydicom.dcmread(f)
+        if "SeriesInstanceUID" in ds:
+            del ds.SeriesInstanceUID
+        if uid_for(i) is not None:
+            ds.SeriesInstanceUID = uid_for(i)
+        ds.save_as(dst / f.name)
+    return sorted(dst.glob("*.dcm"))
+
+
+def test_a_series_without_uid_has_a_name_to_pick_it_by(data_dir, tmp_path):
+    from segevol_fast.io import list_series
+    from segevol_fast.io.dicom import NO_UID_SERIES
+
+    files = _without_uid(_dicom_dir(data_dir), tmp_path / "mixed", uid_for=lambda i: "1.2.3.4" if i < 3 else None)
+    infos = list_series(tmp_path / "mixed")
+    assert [(i.name, i.uid, i.slices) for i in infos] == [("1.2.3.4", "1.2.3.4", 3), (NO_UID_SERIES, "", 3)]
+    assert NO_UID_SERIES == "no-series-uid" and str(infos[1]).startswith("no-series-uid  (3 slices")
+    with pytest.raises(DicomSeriesError) as info:
+        load_volume(tmp_path / "mixed")
+    assert "\n  no-series-uid  (3 slices, CT" in str(info.value) and "no SeriesInstanceUID" in str(info.value)
+    by_name = load_volume(tmp_path / "mixed", series="no-series-uid")
+    by_empty = load_volume(tmp_path / "mixed", series="")
+    by_file = load_volume(files[4])  # a file of that series picks it, not "several series"
+    assert by_name.shape == (512, 512, 3) and by_name.series == ""
+    np.testing.assert_array_equal(by_name.array, by_empty.array)
+    np.testing.assert_array_equal(by_name.array, by_file.array)
+    assert load_volume(tmp_path / "mixed", series="1.2.3.4").series == "1.2.3.4"
+    _without_uid(_dicom_dir(data_dir), tmp_path / "uids", uid_for=lambda i: "1.2.3.4")
+    with pytest.raises(DicomSeriesError, match="series no-series-uid is not in"):
+        load_volume(tmp_path / "uids", series="no-series-uid")
+
+
+def test_a_uidless_series_is_named_in_its_own_errors(data_dir, tmp_path):
+    files = _without_uid(_dicom_dir(data_dir), tmp_path / "gap")
+    files[2].unlink()
+    with pytest.raises(DicomSeriesError, match="slices of series no-series-uid are unevenly spaced"):
+        load_volume(tmp_path / "gap")
+
+
 @pytest.mark.parametrize("make", [np.zeros, torch.zeros, lambda s: Volume(np.zeros(s), np.eye(4))],
                          ids=["array", "tensor", "Volume"])
 def test_an_empty_axis_is_named(make):
