@@ -339,6 +339,14 @@ def test_series_without_uid_is_picked_by_name_or_empty_string(model):
             model.segment(MISSING, box=BOX, series=series, progress=False)
 
 
+def test_a_folder_of_nifti_files_given_to_segment_points_to_cohorts(data_dir, model, tmp_path):
+    shutil.copy(data_dir / CT, tmp_path / "scan.nii.gz")
+    for run in (lambda: model.segment(tmp_path, box=BOX, progress=False), lambda: model.session(tmp_path)):
+        with pytest.raises(VolumeFileError, match="holds 1 NIfTI file, not one DICOM series.*take one scan.*"
+                                                  "segevol-fast segment.*segment_cohort"):
+            run()
+
+
 def test_damaged_dicom_slices(data_dir, tmp_path):
     folder = tmp_path / "dicom"
     shutil.copytree(data_dir / "ct_abdomen_dicom", folder, copy_function=shutil.copyfile)

@@ -152,6 +152,22 @@ def _describe(series: Dict[str, list]) -> str:
     return "\n".join(f"  {info}" for info in _infos(series))
 
 
+def _no_series_message(folder: pathlib.Path) -> str:
+    """Why a folder without DICOM image files cannot be read; a folder of scans is a cohort."""
+    from .nifti import is_nifti_path
+
+    nifti = sum(1 for c in folder.iterdir() if c.is_file() and is_nifti_path(c))
+    series = sum(1 for c in folder.iterdir() if is_dicom_folder(c))
+    if not nifti and not series:
+        return f"{folder} holds no DICOM image files (sub-folders are not searched)"
+    held = " and ".join(f"{n} {what}{'s' if n > 1 else ''}"
+                        for n, what in ((nifti, "NIfTI file"), (series, "DICOM series folder")) if n)
+    return (f"{folder} holds {held}, not one DICOM series: segment() and load_volume() take one scan (a NIfTI "
+            f"file or one series folder). To segment every scan in it, run `segevol-fast segment {folder} --out DIR` "
+            "or, in Python, segevol_fast.inference.cohort.segment_cohort(model, "
+            f"cohort_items({str(folder)!r}, text=...), out_dir)")
+
+
 def _check_decoder(ds, path: pathlib.Path) -> None:
     """Fail before decoding anything when the transfer syntax has no installed decoder."""
     from pydicom.pixels import get_decoder
@@ -205,7 +221,7 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
 
     groups = _group(folder)
     if not groups:
-        raise VolumeFileError(f"{folder} holds no DICOM image files (sub-folders are not searched)")
+        raise VolumeFileError(_no_series_message(folder))
     if series is None:
         if len(groups) > 1:
             raise DicomSeriesError(

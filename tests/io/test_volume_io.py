@@ -230,6 +230,23 @@ def test_a_uidless_series_is_named_in_its_own_errors(data_dir, tmp_path):
         load_volume(tmp_path / "gap")
 
 
+def test_a_folder_of_nifti_files_points_to_cohorts(data_dir, tmp_path):
+    shutil.copy(data_dir / "ct_abdomen_sm.nii.gz", tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4)), tmp_path / "b.nii")
+    with pytest.raises(VolumeFileError) as info:
+        load_volume(tmp_path)
+    msg = str(info.value)
+    assert "holds 2 NIfTI files" in msg and "take one scan" in msg and f"segevol-fast segment {tmp_path}" in msg
+    assert "segevol_fast.inference.cohort.segment_cohort" in msg and "cohort_items(" in msg
+    from segevol_fast.inference import cohort  # the names the message gives exist
+
+    assert callable(cohort.segment_cohort) and callable(cohort.cohort_items)
+    assert cohort.is_cohort_input(str(tmp_path))  # and the command line runs it as a cohort
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VolumeFileError, match="holds no DICOM image files"):
+        load_volume(tmp_path / "empty")
+
+
 @pytest.mark.parametrize("make", [np.zeros, torch.zeros, lambda s: Volume(np.zeros(s), np.eye(4))],
                          ids=["array", "tensor", "Volume"])
 def test_an_empty_axis_is_named(make):
