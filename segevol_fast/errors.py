@@ -142,3 +142,8 @@ class VocabularyWarning(UserWarning):
 
 class ModalityWarning(UserWarning):
     """The input looks like MRI (file name or header) but text prompts run with the CT template."""
+
+
+class SpacingWarning(UserWarning):
+    """A scan's voxel spacing is implausible for a medical image (e.g. metres or micrometres taken
+    for millimetres): volumes in mL and world-coordinate prompts will be wrong by that factor."""

@@ -7,6 +7,7 @@ The affine maps voxel indices to world millimetres in RAS+, the convention nibab
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -16,6 +17,7 @@ from ..errors import (  # noqa: F401  (re-exported: io.volume is where they were
     DicomSeriesError,
     MissingDependencyError,
     ShapeError,
+    SpacingWarning,
     VolumeError,
     VolumeFileError,
 )
@@ -53,6 +55,25 @@ def check_3d_shape(shape, what: str) -> None:
 def spacing_from_affine(affine: np.ndarray) -> Tuple[float, float, float]:
     """Voxel size in mm along i, j, k: the lengths of the affine's first three columns."""
     return tuple(float(v) for v in np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0))
+
+
+# Voxel sizes of medical scans, in mm: clinical CT and MR lie within 0.1..10 (thick legacy
+# slices and gapped MR up to ~20), preclinical micro-CT goes down to a few tens of micrometres.
+# Outside 0.01..50 the unit is almost surely wrong (metres: 0.001; micrometres: 1000; centimetres
+# on a CT-sized grid give too large a body); volumes in mL would be off by powers of ten.
+PLAUSIBLE_SPACING_MM = (0.01, 50.0)
+
+
+def warn_if_implausible_spacing(spacing, source: Optional[str]) -> None:
+    """A SpacingWarning when a voxel size lies outside PLAUSIBLE_SPACING_MM (mm)."""
+    lo, hi = PLAUSIBLE_SPACING_MM
+    if all(lo <= s <= hi for s in spacing):
+        return
+    sp = ", ".join(f"{s:.4g}" for s in spacing)
+    warnings.warn(
+        f"voxel spacing ({sp}) mm of {source or 'the volume'} is implausible for a medical scan (expected "
+        f"{lo:g}..{hi:g} mm per voxel): volumes in mL and world-coordinate prompts will be wrong; check the "
+        "file's header or the spacing= / affine= given", SpacingWarning, stacklevel=4)
 
 
 def apply_rescale(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
@@ -119,6 +140,7 @@ class Volume:
                 raise VolumeError(f"spacing must be 3 positive finite numbers, got {self.spacing}")
             self.spacing = sp
         self.modality = normalize_modality(self.modality)
+        warn_if_implausible_spacing(self.spacing, self.source)
 
     @property
     def shape(self) -> Tuple[int, int, int]:

@@ -338,3 +338,36 @@ def test_metatensor_affine():
     assert v.shape == (3, 4, 5) and v.spacing == (2.0, 2.0, 4.0) and v.source == "MetaTensor"
     np.testing.assert_array_equal(v.affine, aff.numpy())
     np.testing.assert_array_equal(v.array, np.arange(60, dtype=np.float32).reshape(3, 4, 5))
+
+
+# ----------------------------------------------------------------------------------- spacing
+@pytest.mark.parametrize("spacing", [(3000.0, 1.0, 1.0), (0.001, 0.001, 0.001), (1.0, 1.0, 60.0)])
+def test_implausible_spacing_warns_once_naming_it_and_the_file(tmp_path, spacing):
+    import warnings
+
+    from segevol_fast.errors import SpacingWarning
+
+    path = save_nifti(tmp_path / "odd.nii.gz", np.zeros((4, 4, 4), np.int16), np.diag([*spacing, 1.0]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        vol = load_volume(path)
+        load_volume(vol)  # the Volume as is: no second warning
+    spacing_warnings = [w for w in caught if issubclass(w.category, SpacingWarning)]
+    assert len(spacing_warnings) == 1, [str(w.message) for w in caught]
+    msg = str(spacing_warnings[0].message)
+    assert f"{spacing[0]:.4g}" in msg and str(path) in msg and "mL" in msg
+    with pytest.warns(SpacingWarning, match="of array is implausible"):
+        load_volume(np.zeros((4, 4, 4)), spacing=spacing)
+
+
+def test_plausible_spacings_do_not_warn(data_dir):
+    import warnings
+
+    from segevol_fast.errors import SpacingWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpacingWarning)
+        for spacing in [(0.01, 0.01, 0.01), (0.5, 0.5, 5.0), (1.0, 1.0, 50.0)]:
+            load_volume(np.zeros((4, 4, 4)), spacing=spacing)
+        load_volume(np.zeros((4, 4, 4)))  # no geometry: 1 mm
+        load_volume(data_dir / "ct_abdomen_sm.nii.gz")
