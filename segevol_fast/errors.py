@@ -147,3 +147,8 @@ class ModalityWarning(UserWarning):
 class SpacingWarning(UserWarning):
     """A scan's voxel spacing is implausible for a medical image (e.g. metres or micrometres taken
     for millimetres): volumes in mL and world-coordinate prompts will be wrong by that factor."""
+
+
+class OutputWarning(UserWarning):
+    """A save wrote the result but left out one of its outputs (e.g. the DICOM-SEG, when the source
+    series is gone); the message says which and why, and summary.json records it."""

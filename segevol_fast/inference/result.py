@@ -24,12 +24,13 @@ import json
 import os
 import pathlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import MissingDependencyError, ResultError
+from ..errors import MissingDependencyError, OutputWarning, ResultError, VolumeFileError
 from ..io.nifti import is_nifti_path, save_nifti
 from ..io.output import (LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder,
                          write_file_atomic)
@@ -137,6 +138,8 @@ class SegmentationResult:
                    over the crop, so the counts of the two modes can differ.
     notes:         human-readable caveats, e.g. "random weights: masks are meaningless".
     source:        the input: its path, "array" for an in-memory array, or None when unknown.
+    series:        the SeriesInstanceUID the masks were computed on when the input was a DICOM
+                   folder (`Volume.series`); the DICOM-SEG output references exactly its slices.
     prompts:       the prompts as given (`describe_prompts`), or None when unknown.
     weights_source: where the model's weights came from (a path), None when not loaded.
     random_weights: True when the model was not loaded from a checkpoint (masks are meaningless),
@@ -162,6 +165,7 @@ class SegmentationResult:
     plan: Optional[dict] = None
     zoom_in_windows: Optional[dict[str, int]] = None
     source: Optional[str] = None
+    series: Optional[str] = None
     prompts: Optional[dict] = None
     weights_source: Optional[str] = None
     random_weights: Optional[bool] = None
@@ -237,6 +241,7 @@ class SegmentationResult:
             "writer": WRITER,
             "package_version": self.package_version,
             "source": self.source,
+            "series": self.series,
             "prompts": self.prompts,
             "weights_source": self.weights_source,
             "random_weights": self.random_weights,
@@ -279,8 +284,11 @@ class SegmentationResult:
         * Anything else is a directory, replaced as a whole: `<safe_label>.nii.gz` per mask (uint8
           0/1), `label_map.nii.gz` (all masks, ids in prompt order; legend and overlaps in
           summary.json "label_map"), `<safe_label>_prob.nii.gz` (float32) with probabilities,
-          `preview.png` with `preview=True`, `segmentation.dcm` (DICOM-SEG) when the input was a
-          DICOM series, and `summary.json` ("files": label -> mask file; "probability_files").
+          `preview.png` with `preview=True`, `segmentation.dcm` (DICOM-SEG referencing the series
+          the masks were computed on) when the input was a DICOM series, and `summary.json`
+          ("files": label -> mask file; "probability_files"). When the SEG cannot be written (the
+          source folder gone, say) everything else is, with an OutputWarning, and summary.json's
+          "dicom_seg_not_written" says why.
           An existing non-empty folder that segevol_fast did not write is refused (OutputError).
 
         volume: background of the preview (default: the scan kept in `self.volume`).
@@ -311,28 +319,42 @@ class SegmentationResult:
         # that load one label volume
         lm = self.label_map()
         save_nifti(folder / "label_map.nii.gz", lm, self.affine, description=descrip)
-        dicom_seg = self._save_dicom_seg(folder)  # first: a note it adds belongs in the summary
+        dicom_seg, dicom_seg_missing = self._save_dicom_seg(folder)
         summary = self.summary()
         summary["files"] = files
         summary["probability_files"] = prob_files or None
         summary["preview"] = "preview.png" if preview else None
         summary["label_map"] = {"file": "label_map.nii.gz", **self.label_map_report(lm)}
         summary["dicom_seg"] = dicom_seg
+        if dicom_seg_missing:
+            summary["dicom_seg_not_written"] = dicom_seg_missing
+            summary["notes"].append(dicom_seg_missing)
         write_bytes_atomic(folder / "summary.json", _json_bytes(summary))
 
-    def _save_dicom_seg(self, folder: pathlib.Path) -> Optional[str]:
-        """segmentation.dcm (DICOM-SEG referencing the source series) when the input was a DICOM
-        series folder that is still there; None otherwise."""
+    def _save_dicom_seg(self, folder: pathlib.Path) -> tuple[Optional[str], Optional[str]]:
+        """(file name, None) when segmentation.dcm was written (a DICOM-SEG referencing the slices
+        of exactly the series the masks were computed on); (None, None) for a non-DICOM input;
+        (None, why) when a DICOM input's SEG could not be written: highdicom missing, the source
+        folder moved or deleted, the series no longer in it or no longer on the masks' grid.
+
+        That last case warns (OutputWarning) and the save goes on. Raising instead would throw
+        away the masks with the whole save (a save is all or nothing), and they stand on their own
+        as NIfTI files; rereading the source is unavoidable, since a SEG copies every source slice's
+        patient, study and instance identifiers and positions, which the result does not keep. The
+        warning names the folder and summary.json records why ("dicom_seg_not_written" and a note);
+        warnings.simplefilter("error", OutputWarning) makes it an error."""
         from ..io.dicom_seg import is_dicom_source, write_dicom_seg
 
-        if not self.masks or not is_dicom_source(self.source):
-            return None
+        if not self.masks or (self.series is None and not is_dicom_source(self.source)):
+            return None, None
         try:
-            write_dicom_seg(folder / "segmentation.dcm", self.masks, self.source, software_version=self.package_version)
-        except MissingDependencyError as exc:  # the NIfTI outputs still stand; say why there is no SEG
-            self.notes.append(f"no DICOM-SEG written: {exc}")
-            return None
-        return "segmentation.dcm"
+            write_dicom_seg(folder / "segmentation.dcm", self.masks, self.source, series=self.series,
+                            software_version=self.package_version)
+        except (MissingDependencyError, VolumeFileError, ResultError) as exc:
+            why = f"segmentation.dcm (DICOM-SEG) was not written: {exc}"
+            warnings.warn(why, OutputWarning, stacklevel=4)  # at the caller of save()
+            return None, why
+        return "segmentation.dcm", None
 
     def _save_label_map(self, p: pathlib.Path, preview: bool, volume, lock_timeout: float) -> None:
         gz = p.name.lower().endswith(".nii.gz")

@@ -157,7 +157,7 @@ def segment(
     return SegmentationResult(masks=masks, probabilities=probs, affine=vol.affine, spacing=vol.spacing,
                               modality=modality, timings=timings, peak_memory_bytes=pm.peak, mode=mode,
                               notes=notes, precision=run_precision, adapter=adapter_used, **run_info,
-                              source=str(vol.source) if vol.source is not None else "array",
+                              source=str(vol.source) if vol.source is not None else "array", series=vol.series,
                               prompts=describe_prompts(text, box, points, point_labels, coords),
                               weights_source=None if weights_source is None else str(weights_source),
                               random_weights=weights_source is None, volume=vol.array)

@@ -308,4 +308,5 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     if modality is None:
         modality = {"CT": "ct", "MR": "mri"}.get(str(getattr(first, "Modality", "")).upper())
     # (Z, Y, X) C-order transposed = (X, Y, Z) F-order: the same memory layout nibabel returns
-    return Volume(array=stack.transpose(2, 1, 0), affine=affine, modality=modality, source=str(folder))
+    return Volume(array=stack.transpose(2, 1, 0), affine=affine, modality=modality, source=str(folder),
+                  series=series)

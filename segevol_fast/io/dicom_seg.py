@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import MissingDependencyError, ResultError
+from ..errors import DicomSeriesError, MissingDependencyError, ResultError, VolumeNotFoundError
 
 ORGANS = {"liver", "spleen", "pancreas", "stomach", "gallbladder", "left kidney", "right kidney", "kidney",
           "esophagus", "duodenum", "bladder", "urinary bladder", "prostate", "heart", "brain", "aorta"}
@@ -43,14 +43,30 @@ def is_dicom_source(source) -> bool:
 
 
 def sorted_source_images(folder: str | os.PathLike, series: str | None = None) -> list:
-    """The series' slices (pydicom datasets, pixels included) in the order load_dicom stacks them."""
+    """The slices (pydicom datasets, pixels included) of one series of `folder`, in the order
+    load_dicom stacks them: `series` (its SeriesInstanceUID), or the folder's only series.
+
+    A folder that is gone, a series it no longer holds, or several series and no `series` raise
+    (VolumeNotFoundError, DicomSeriesError): a SEG referencing any other series' slices would put
+    the masks on the wrong images."""
     import pydicom
 
-    from .dicom import _group
+    from .dicom import _describe, _group
 
-    groups = _group(pathlib.Path(folder))
-    uid = series if series is not None else next(iter(groups))
-    items = groups[uid]
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise VolumeNotFoundError(f"the source DICOM folder {folder} is gone (moved or deleted since the scan "
+                                  "was read)")
+    groups = _group(folder)
+    if series is None:
+        if len(groups) != 1:
+            raise DicomSeriesError(f"{folder} holds {len(groups)} series and the masks do not say which one they "
+                                   "were computed on (series=):\n" + _describe(groups))
+        series = next(iter(groups))
+    if series not in groups:
+        raise DicomSeriesError(f"series {series}, the one the masks were computed on, is no longer in {folder}"
+                               + (":\n" + _describe(groups) if groups else " (it holds no DICOM images)"))
+    items = groups[series]
     iop = np.asarray([float(v) for v in items[0][1].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
     along = [np.dot([float(v) for v in ds.ImagePositionPatient], normal) for _, ds in items]
@@ -93,7 +109,9 @@ def frames(mask: np.ndarray) -> np.ndarray:
 
 def write_dicom_seg(path: str | os.PathLike, masks: dict, source_folder: str | os.PathLike, *,
                     series: str | None = None, software_version: str = "") -> pathlib.Path:
-    """Write masks {label: bool (X, Y, Z)} as one DICOM-SEG file referencing the source series."""
+    """Write masks {label: bool (X, Y, Z)} as one DICOM-SEG file referencing the source series:
+    `series` (the SeriesInstanceUID the masks were computed on, `Volume.series`), or the folder's
+    only series (see `sorted_source_images`)."""
     hd = _highdicom()
     from pydicom.sr.codedict import codes
 
@@ -105,7 +123,8 @@ def write_dicom_seg(path: str | os.PathLike, masks: dict, source_folder: str | o
     stack = np.stack([frames(np.asarray(masks[k], dtype=bool)) for k in labels], axis=-1)  # (Z, rows, cols, S)
     if stack.shape[:3] != (len(sources), rows, cols):
         raise ResultError(f"masks of shape {np.asarray(masks[labels[0]]).shape} do not lie on the grid of "
-                          f"{source_folder} ({len(sources)} slices of {rows}x{cols})")
+                          f"series {sources[0].SeriesInstanceUID} in {source_folder} ({len(sources)} slices of "
+                          f"{rows}x{cols}); has the folder changed since the scan was read?")
     algorithm = hd.AlgorithmIdentificationSequence(name="segevol_fast", family=codes.cid7162.ArtificialIntelligence,
                                                    version=software_version or "unknown")
     descriptions = [

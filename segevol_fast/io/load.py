@@ -144,7 +144,7 @@ def load_volume(src, modality: Optional[str] = None, affine=None, spacing: Optio
         if affine is None and spacing is None and (modality is None or modality == src.modality):
             return src
         aff = src.affine if affine is None and spacing is None else _affine_from(affine, spacing)
-        return Volume(src.array, aff, modality=modality or src.modality, source=src.source)
+        return Volume(src.array, aff, modality=modality or src.modality, source=src.source, series=src.series)
     if isinstance(src, (str, os.PathLike)):
         if affine is not None or spacing is not None:
             raise VolumeError("affine / spacing are taken from the file; pass them only with arrays")

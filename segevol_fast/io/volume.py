@@ -112,6 +112,8 @@ class Volume:
     spacing:  voxel size in mm along (X, Y, Z); derived from the affine when left None.
     modality: "ct", "mri" or None (unknown).
     source:   where it came from (a path, "array", ...) for messages; None if unknown.
+    series:   the SeriesInstanceUID read when `source` is a DICOM folder (a folder may hold several;
+              DICOM-SEG output references exactly this one); None for other inputs.
     """
 
     array: np.ndarray
@@ -119,6 +121,7 @@ class Volume:
     spacing: Optional[Tuple[float, float, float]] = None
     modality: Optional[str] = None
     source: Optional[str] = None
+    series: Optional[str] = None
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
