@@ -4,7 +4,7 @@ through `segevol_fast.ops`, in place, weights untouched.
 Recognised modules (by class name and defining package, so neither MONAI nor peft is imported):
 
   * MONAI `SABlock` (einsum and `use_flash_attention`/SDPA variants) -> `ops.flash_attention`
-  * MONAI `PatchEmbeddingBlock`, proj_type "perceptron", 3-D -> `ops.patch_embed`
+  * MONAI `PatchEmbeddingBlock`, "perceptron" projection, 3-D -> `ops.patch_embed`
   * peft `lora.Linear` (one plain LoRA adapter) -> `ops.lora_linear`
   * our own `segevol_fast` models: already on the ops; only `backend=` is applied
 
@@ -13,6 +13,10 @@ conditions a swap relies on (no dropout active, adapter not merged, ...) are che
 report and again on every call: a module whose state changed since (train(), merge_adapter(),
 an attention mask argument, ...) runs its original forward for that call, so results never
 silently differ from the original module beyond the numerics of the ops.
+
+MONAI modules are read by attribute presence, with defaults that match the releases lacking an
+attribute, from 0.9.0 (what the official SegVol code pins) to the current 1.x: a module whose
+attributes do not describe a layout the swap can run is left alone, with the reason.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -82,7 +87,82 @@ def _dropout_active(p: float, training: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------- MONAI SABlock
-def _sablock_why_not(m: nn.Module, at_call: bool = False) -> Optional[str]:
+# A swap runs the block's attention from its own attributes, which MONAI has renamed over its
+# releases; each is read by presence, with the default that matches the releases lacking it
+# (0.9.0 is what the official SegVol code pins):
+#   head size      `head_dim` up to 1.3.0, `dim_head` from 1.3.1
+#   q, k, v        one `qkv` Linear; from 1.4 `use_combined_linear=False` means to_q / to_k / to_v
+#   out_proj       always applied before 1.4; from 1.4 only when `include_fc`
+#   attn dropout   `drop_weights` (nn.Dropout: training only) on the einsum path; `dropout_rate`
+#                  passed to SDPA, live in eval too, when `use_flash_attention` (from 1.4)
+# The head split and merge are checked on the blocks' own einops patterns, so a layout no release
+# has is left alone instead of being read wrongly.
+_HEAD_SPLIT = {True: "b h (qkv l d) -> qkv b l h d", False: "b h (l d) -> b l h d"}  # by use_combined_linear
+_HEAD_MERGE = ("b h l d -> b l (h d)", "b l h d -> b h (l d)")  # up to 1.3 / from 1.4: one permutation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Heads:
+    """How one SABlock's forward splits, scales and merges its heads."""
+
+    num: int
+    dim: int
+    scale: float
+    combined: bool  # one qkv Linear rather than to_q / to_k / to_v
+    out_proj: bool
+
+
+def _einops_pattern(module: Any) -> tuple[str, dict]:
+    """(pattern with single spaces, axis lengths) of an einops Rearrange; ("", {}) for anything else."""
+    pattern = " ".join(str(getattr(module, "pattern", "")).split())
+    return pattern, dict(getattr(module, "axes_lengths", None) or {})
+
+
+def _width(module: Any, attr: str) -> Optional[int]:
+    """in_features / out_features of a Linear or of a wrapper that reports them (peft's lora.Linear)."""
+    value = getattr(module, attr, None)
+    return value if isinstance(value, int) else None
+
+
+def _sablock_heads(m: nn.Module) -> "_Heads | str":
+    """The block's head layout, or why the swap cannot read it."""
+    num = getattr(m, "num_heads", None)
+    dim = getattr(m, "dim_head", getattr(m, "head_dim", None))
+    scale = getattr(m, "scale", None)
+    if not isinstance(num, int) or not isinstance(dim, int) or num < 1 or dim < 1:
+        return f"no integer num_heads and dim_head / head_dim (found {num!r}, {dim!r})"
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        return f"no numeric softmax scale (found {scale!r})"
+    heads = _Heads(num, dim, float(scale), bool(getattr(m, "use_combined_linear", True)),
+                   bool(getattr(m, "include_fc", True)))
+    return _sablock_layout_why_not(m, heads) or heads
+
+
+def _sablock_layout_why_not(m: nn.Module, heads: _Heads) -> Optional[str]:
+    inner = heads.num * heads.dim
+    pattern, lengths = _einops_pattern(getattr(m, "input_rearrange", None))
+    if pattern != _HEAD_SPLIT[heads.combined] or lengths.get("l") != heads.num:
+        return f"input_rearrange {pattern!r} {lengths} is not MONAI's head split into {heads.num} heads"
+    if _einops_pattern(getattr(m, "out_rearrange", None))[0] not in _HEAD_MERGE:
+        return "out_rearrange is not MONAI's head merge"
+    projections = {"qkv": 3 * inner} if heads.combined else {"to_q": inner, "to_k": inner, "to_v": inner}
+    for name, width in projections.items():
+        if _width(getattr(m, name, None), "out_features") != width:
+            return f"{name} does not output {width} features ({heads.num} heads x {heads.dim})"
+    if heads.out_proj and _width(getattr(m, "out_proj", None), "in_features") != inner:
+        return f"out_proj does not take {inner} features"
+    if not isinstance(getattr(m, "drop_output", None), nn.Module):
+        return "no drop_output module"
+    return None
+
+
+def _sablock_why_not(m: nn.Module) -> Optional[str]:
+    heads = _sablock_heads(m)
+    return heads if isinstance(heads, str) else _sablock_state_why_not(m, at_call=False)
+
+
+def _sablock_state_why_not(m: nn.Module, at_call: bool) -> Optional[str]:
+    """What in the block's settings the op cannot express; dropout counts only `at_call`."""
     if getattr(m, "causal", False):
         return "causal attention (the op has no causal mask)"
     if getattr(m, "rel_positional_embedding", None) is not None:
@@ -91,26 +171,42 @@ def _sablock_why_not(m: nn.Module, at_call: bool = False) -> Optional[str]:
         return "save_attn=True needs the attention matrix, which the op never forms"
     if getattr(m, "attention_dtype", None) is not None:
         return "attention_dtype casts q and k only; not reproduced"
-    # MONAI's SDPA path passes dropout_p even in eval mode, so any rate > 0 is always live there;
+    return _sablock_dropout_why_not(m, at_call)
+
+
+def _sablock_dropout_why_not(m: nn.Module, at_call: bool) -> Optional[str]:
+    # MONAI's SDPA path passes dropout_rate even in eval mode, so any rate > 0 is always live there;
     # the einsum path drops only in training, a state that can change after optimize: per call.
-    p = float(getattr(m, "dropout_rate", 0.0))
-    if p > 0 and ((at_call and m.training) or getattr(m, "use_flash_attention", False)):
-        return f"attention dropout {p} is active (the op has no dropout)"
+    if getattr(m, "use_flash_attention", False):
+        p = float(getattr(m, "dropout_rate", 0.0))
+        return f"attention dropout {p} is active (the op has no dropout)" if p > 0 else None
+    drop = getattr(m, "drop_weights", None)
+    p = float(getattr(drop, "p", 0.0))
+    if at_call and _dropout_active(p, bool(getattr(drop, "training", False))):
+        return f"attention dropout {p} is active (training mode; the op has no dropout)"
     return None
 
 
-def _sablock_forward(m: nn.Module, original: Callable, x: torch.Tensor, attn_mask=None) -> torch.Tensor:
-    if attn_mask is not None or _sablock_why_not(m, at_call=True) is not None:
-        return original(x, attn_mask)
+def _no_mask(args: tuple, kwargs: dict) -> bool:
+    """No argument besides x, or only the `attn_mask=None` that MONAI >= 1.5's TransformerBlock
+    passes to every block (earlier releases' forwards take x alone)."""
+    extra = (*args, *kwargs.values())
+    return len(extra) <= 1 and set(kwargs) <= {"attn_mask"} and all(a is None for a in extra)
+
+
+def _sablock_forward(m: nn.Module, original: Callable, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    heads = _sablock_heads(m)
+    if (not _no_mask(args, kwargs) or isinstance(heads, str) or x.dim() != 3
+            or _sablock_state_why_not(m, at_call=True) is not None):
+        return original(x, *args, **kwargs)  # a mask, or a state the op cannot express: MONAI's own
     b, n = x.shape[0], x.shape[1]
-    heads, dh = m.num_heads, m.dim_head
-    if m.use_combined_linear:  # MONAI: "b h (qkv l d) -> qkv b l h d"
-        q, k, v = m.qkv(x).view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
+    if heads.combined:  # MONAI: "b h (qkv l d) -> qkv b l h d"
+        q, k, v = m.qkv(x).view(b, n, 3, heads.num, heads.dim).permute(2, 0, 3, 1, 4).unbind(0)
     else:  # "b h (l d) -> b l h d"
-        q, k, v = (proj(x).view(b, n, heads, dh).transpose(1, 2) for proj in (m.to_q, m.to_k, m.to_v))
-    out = ops.flash_attention(q, k, v, scale=m.scale)
-    out = out.transpose(1, 2).reshape(b, n, heads * dh)  # "b l h d -> b h (l d)"
-    if m.include_fc:
+        q, k, v = (p(x).view(b, n, heads.num, heads.dim).transpose(1, 2) for p in (m.to_q, m.to_k, m.to_v))
+    out = ops.flash_attention(q, k, v, scale=heads.scale)
+    out = out.transpose(1, 2).reshape(b, n, heads.num * heads.dim)  # "b l h d -> b h (l d)"
+    if heads.out_proj:
         out = m.out_proj(out)
     return m.drop_output(out)
 
@@ -119,32 +215,62 @@ def _sablock_forward(m: nn.Module, original: Callable, x: torch.Tensor, attn_mas
 _MONAI_3D_PATTERN = "b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)"  # patchify's order
 
 
+def _projection(m: nn.Module) -> Optional[str]:
+    """The block's projection type: `proj_type` from MONAI 1.3, `pos_embed` before (same values)."""
+    for name in ("proj_type", "pos_embed"):
+        value = getattr(m, name, None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
 def _patch_size(m: nn.Module) -> Optional[list[int]]:
     seq = getattr(m, "patch_embeddings", None)
     if not isinstance(seq, nn.Sequential) or len(seq) != 2 or not isinstance(seq[1], nn.Linear):
         return None
-    rearrange = seq[0]
-    if " ".join(str(getattr(rearrange, "pattern", "")).split()) != _MONAI_3D_PATTERN:
+    pattern, lengths = _einops_pattern(seq[0])
+    if pattern != _MONAI_3D_PATTERN or not all(isinstance(lengths.get(k), int) for k in ("p1", "p2", "p3")):
         return None
-    lengths = getattr(rearrange, "axes_lengths", None) or {}
-    return [int(dict(lengths)[k]) for k in ("p1", "p2", "p3")]
+    return [lengths[k] for k in ("p1", "p2", "p3")]
 
 
 def _patch_why_not(m: nn.Module) -> Optional[str]:
-    if getattr(m, "proj_type", None) != "perceptron":
-        return f"proj_type {getattr(m, 'proj_type', None)!r} (only 'perceptron' maps onto ops.patch_embed)"
-    if _patch_size(m) is None:
+    projection = _projection(m)
+    if projection != "perceptron":
+        return (f"projection {projection!r} (proj_type / pos_embed; only 'perceptron' maps onto "
+                "ops.patch_embed)")
+    patch = _patch_size(m)
+    if patch is None:
         return "not MONAI's 3-D perceptron layout (Rearrange + Linear)"
+    linear, pos = m.patch_embeddings[1], getattr(m, "position_embeddings", None)
+    if not isinstance(pos, torch.Tensor) or pos.dim() != 3 or pos.shape[0] != 1 or pos.shape[2] != linear.out_features:
+        return f"position_embeddings is not a (1, tokens, {linear.out_features}) tensor"
+    if linear.in_features % (patch[0] * patch[1] * patch[2]):
+        return f"Linear input {linear.in_features} is not channels x patch {patch}"
+    if not isinstance(getattr(m, "dropout", None), nn.Module):
+        return "no dropout module"
     return None
+
+
+def _patch_call_fits(m: nn.Module, x: torch.Tensor, patch: list[int]) -> bool:
+    """Whether this input is one the op computes as MONAI would; otherwise MONAI runs (and raises
+    its own error for a volume that is not whole patches or does not match the position table)."""
+    linear, pos = m.patch_embeddings[1], m.position_embeddings
+    if x.dim() != 5 or not (x.dtype == linear.weight.dtype == pos.dtype) or x.device != linear.weight.device:
+        return False
+    grid = [size // p for size, p in zip(x.shape[2:], patch)]
+    whole = all(size % p == 0 for size, p in zip(x.shape[2:], patch))
+    return whole and grid[0] * grid[1] * grid[2] == pos.shape[1] and x.shape[1] * math.prod(patch) == linear.in_features
 
 
 def _patch_forward(m: nn.Module, original: Callable, x: torch.Tensor) -> torch.Tensor:
     if _patch_why_not(m) is not None:
         return original(x)
-    linear = m.patch_embeddings[1]
-    if x.dim() != 5 or x.dtype != linear.weight.dtype:  # let MONAI raise / cast as it does
+    patch = _patch_size(m)
+    if not _patch_call_fits(m, x, patch):
         return original(x)
-    tokens = ops.patch_embed(x, linear.weight, linear.bias, m.position_embeddings, _patch_size(m))
+    linear = m.patch_embeddings[1]
+    tokens = ops.patch_embed(x, linear.weight, linear.bias, m.position_embeddings, patch)
     return m.dropout(tokens)  # MONAI: dropout(tokens + pos); the op already added pos
 
 

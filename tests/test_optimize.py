@@ -220,3 +220,108 @@ def test_monai_and_peft_not_imported_by_segevol_fast():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert segevol_fast.optimize is optimize
+
+
+def _einsum_attention(q, k, v, scale):
+    return torch.einsum("bhxy,bhyd->bhxd", (torch.einsum("bhxd,bhyd->bhxy", q, k) * scale).softmax(-1), v)
+
+
+class _FutureSABlock(torch.nn.Module):
+    """A `monai` SABlock whose attributes no MONAI release has (head size under another name):
+    the swap cannot read its layout, so it must keep its own forward."""
+
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.num_heads, self.head_size = heads, hidden // heads
+        self.qkv, self.out_proj = torch.nn.Linear(hidden, 3 * hidden), torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
+        return self.out_proj(_einsum_attention(q, k, v, self.head_size**-0.5).transpose(1, 2).reshape(b, n, -1))
+
+
+_FutureSABlock.__module__, _FutureSABlock.__name__ = "monai.networks.blocks.selfattention", "SABlock"
+
+
+def test_blocks_whose_attributes_do_not_fit_are_left_alone_and_run(monkeypatch):
+    from einops.layers.torch import Rearrange
+    from monai.networks.blocks.selfattention import SABlock
+
+    x = torch.randn(2, 7, 16)
+    future = _FutureSABlock(16, 4).eval()
+    # A real block whose q/k/v split interleaves per head: a layout no MONAI release has, which
+    # the swap would misread as q | k | v.
+    interleaved = SABlock(16, 4).eval()
+    interleaved.input_rearrange = Rearrange("b h (l qkv d) -> qkv b l h d", qkv=3, l=4)
+    model = torch.nn.ModuleDict({"future": future, "interleaved": interleaved})
+    with torch.no_grad():
+        want = {name: m(x) for name, m in model.items()}
+    report = optimize(model)
+    assert report.replaced == []
+    reasons = {s.path: s.reason for s in report.left_alone}
+    assert set(reasons) == {"future", "interleaved"}
+    assert "dim_head / head_dim" in reasons["future"] and "input_rearrange" in reasons["interleaved"]
+    calls = backends_used(monkeypatch)
+    with torch.no_grad():
+        for name, m in model.items():
+            assert torch.equal(m(x), want[name]), name
+    assert calls == []
+
+
+@pytest.mark.parametrize("variant", [dict(use_combined_linear=False), dict(include_fc=False, use_flash_attention=True),
+                                     dict(dim_head=8, qkv_bias=True)], ids=["separate-qkv", "no-fc-sdpa", "dim_head"])
+def test_sablock_variants_match_original(variant, monkeypatch):
+    from monai.networks.blocks.selfattention import SABlock
+
+    block = SABlock(16, 4, **variant).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 9, 16)
+    exact_model = copy.deepcopy(block).double()
+    with torch.no_grad():
+        before, exact = block(x), exact_model(x.double())
+        assert len(optimize(block).replaced) == 1
+        calls = backends_used(monkeypatch)
+        after = block(x, attn_mask=None)  # what MONAI's TransformerBlock passes to every block
+    assert [op for op, _ in calls] == ["flash_attention"]
+    assert_matches_reference(after, before, exact, f"SABlock {variant}")
+
+
+def test_einsum_dropout_read_from_drop_weights(monkeypatch):
+    """Releases before MONAI 1.4 have no `dropout_rate`: the rate lives in `drop_weights` alone."""
+    from monai.networks.blocks.selfattention import SABlock
+
+    block = SABlock(16, 4, dropout_rate=0.3).train()
+    del block.dropout_rate  # the einsum forward never reads it
+    original = copy.deepcopy(block)
+    assert len(optimize(block).replaced) == 1  # training is a passing state: swapped, checked per call
+    x = torch.randn(2, 9, 16)
+    calls = backends_used(monkeypatch)
+    torch.manual_seed(3)
+    out = block(x)
+    torch.manual_seed(3)
+    assert torch.equal(out, original(x)) and calls == []  # same dropout draws: the original ran
+    with torch.no_grad():
+        block.eval()(x)
+    assert [op for op, _ in calls] == ["flash_attention"]
+
+
+def test_patch_embedding_input_the_op_would_misread_runs_monai(monkeypatch):
+    """A volume that is not whole patches: MONAI raises; the op alone would drop the remainder."""
+    from monai.networks.blocks.patchembedding import PatchEmbeddingBlock
+
+    block = PatchEmbeddingBlock(1, (8, 32, 32), (4, 16, 16), 32, 4, proj_type="perceptron").eval()
+    original = copy.deepcopy(block)
+    assert len(optimize(block).replaced) == 1
+    calls = backends_used(monkeypatch)
+    x = torch.rand(1, 1, 9, 32, 32)
+    with pytest.raises(Exception) as want:
+        original(x)
+    with pytest.raises(want.type):
+        block(x)
+    assert calls == []
+    with torch.no_grad():
+        block(torch.rand(1, 1, 8, 32, 32))
+    assert [op for op, _ in calls] == ["patch_embed"]
