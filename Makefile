@@ -7,9 +7,10 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.extension-built
+MONAI09 := $(VENV)/monai-0.9.0
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test build bench bench-resources bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
+.PHONY: all demo test build bench bench-optimize bench-resources bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
 
 all: test
 
@@ -18,11 +19,20 @@ $(PY):
 
 # torch first and alone, pinned: on these machines `pip install torch==2.13.0` takes the CPU
 # wheel from the local disk. The constraints file keeps later installs from replacing it.
-$(DEPS): $(PY) requirements/dev.txt requirements/constraints.txt
+# MONAI 0.9.0 comes along (order-only, so an existing venv gets it without reinstalling the rest).
+$(DEPS): $(PY) requirements/dev.txt requirements/constraints.txt | $(MONAI09)/monai/__init__.py
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
 	$(PIP) install -r requirements/dev.txt
 	touch $@
+
+# MONAI 0.9.0 is the release the official SegVol code pins, so it is what optimize() meets in its
+# users' models; it cannot share the venv with the current MONAI (requirements/dev.txt), so it is
+# installed beside it, alone (--no-deps: torch, numpy and einops are the venv's), and
+# tests/test_optimize_monai09.py and bench/optimize_official.py put it first on PYTHONPATH in a
+# child process.
+$(MONAI09)/monai/__init__.py: | $(PY)
+	$(PIP) install --upgrade --no-deps --target $(MONAI09) monai==0.9.0
 
 # --no-build-isolation: build against the torch above instead of downloading another one.
 $(BUILT): $(DEPS) $(NATIVE_SOURCES)
@@ -43,6 +53,11 @@ bench: build
 # Wall time / peak memory / windows for S, M, L scans, 1 and 15 organs, fast vs exact (hours on a CPU).
 bench-resources: build
 	$(PY) bench/resource_table.py
+
+# The official encoder (one 32x256x256 window) as is and after optimize(), on MONAI 0.9.0 and the
+# current MONAI, plus its decoder's attention layer on the op (10-15 minutes on 2 cores).
+bench-optimize: build
+	$(PY) bench/optimize_official.py
 
 bench-session: build
 	$(PY) bench/session_bench.py
