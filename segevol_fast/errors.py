@@ -53,6 +53,16 @@ class CheckpointError(SegVolFastError, RuntimeError):
     """A checkpoint cannot be loaded: wrong format, or missing / unexpected / mis-shaped keys."""
 
 
+class DamagedWeightsError(CheckpointError):
+    """A weights or adapter file is corrupt: cut short, or its tensors no longer match the checksum
+    written with them (the message names the file)."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A weights or adapter file holds NaN or infinite values (the message names the file and the
+    tensor); the model would give NaN logits, hence empty masks."""
+
+
 class WeightsNotFoundError(SegVolFastError, FileNotFoundError):
     """No SegVol weights were found; the message lists where it looked and how to get them."""
 

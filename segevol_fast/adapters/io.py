@@ -5,6 +5,12 @@ version, the adapter kind and config, the layers it attaches to, and a SHA-256 o
 weights (`base_weights_hash`). Loading refuses a file whose hash differs from the model it is
 loaded into (`AdapterMismatchError`): an adapter on other base weights gives wrong masks with no
 error otherwise. `check_base=False` overrides that, for a deliberate transfer.
+
+The metadata also holds a SHA-256 of the adapter's own tensors (`tensors_sha256`): a file whose
+bytes changed after saving is refused as damaged (`DamagedWeightsError`), even when the changed
+values are still plausible numbers. Files written before that key existed load without it. NaN or
+infinite values are refused on saving and on loading (`NonFiniteWeightsError`), since they make
+every mask empty.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..errors import AdapterError, AdapterMismatchError, CheckpointError
+from ..errors import AdapterError, AdapterMismatchError, CheckpointError, DamagedWeightsError
+from ..model.checkpoint import check_finite
 
 FORMAT = "segevol_fast.adapter"
 VERSION = 1
@@ -47,12 +54,37 @@ def base_weights_hash(model: nn.Module) -> str:
     if merged:
         raise AdapterError(f"{len(merged)} layer(s) hold a merged adapter (e.g. {merged[0]}): unmerge before hashing "
                            "or saving the base")
+    return tensors_sha256(base_state_dict(model))
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes, in key order."""
     h = hashlib.sha256()
-    for key, t in sorted(base_state_dict(model).items()):
+    for key, t in sorted(tensors.items()):
         t = t.detach().to("cpu").contiguous()
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}\n".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _checked_for_saving(path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The integrity metadata of an adapter about to be written; refuses non-finite tensors, which
+    no load would accept."""
+    check_finite(tensors, f"adapter for {os.fspath(path)}",
+                 advice="The training diverged (try a lower learning rate or an earlier adapter); nothing was written.")
+    return {"tensors_sha256": tensors_sha256(tensors)}
+
+
+def _verify(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """DamagedWeightsError when the tensors differ from the checksum saved with them;
+    NonFiniteWeightsError for NaN / inf (also in files saved before the checksum existed)."""
+    want = header.get("tensors_sha256")
+    if want is not None and tensors_sha256(tensors) != want:
+        raise DamagedWeightsError(
+            f"{path} is corrupt: its tensors no longer match the SHA-256 saved with them (the file changed "
+            "after it was written: a damaged disk, copy or download). Copy it again from its source, or "
+            "save the adapter again.")
+    check_finite(tensors, path)
 
 
 def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -62,13 +94,15 @@ def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
     from ..io.output import write_file_atomic
 
-    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True)}
+    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True),
+              **_checked_for_saving(path, tensors)}
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_file_atomic(os.path.abspath(os.fspath(path)), lambda tmp: save_file(cpu, tmp, metadata=header))
 
 
 def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors, meta) of an adapter file; CheckpointError for anything else."""
+    """(tensors, meta) of an adapter file, its checksum and values checked (`_verify`);
+    CheckpointError for anything else."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -84,6 +118,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         raise CheckpointError(f"{path} is a safetensors file but not a segevol_fast adapter (format {header.get('format')!r})")
     if int(header.get("version", "0")) > VERSION:
         raise CheckpointError(f"{path} was written by a newer segevol_fast (adapter format {header['version']}); upgrade")
+    _verify(path, tensors, header)
     return tensors, json.loads(header["meta"])
 
 

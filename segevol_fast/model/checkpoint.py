@@ -7,20 +7,23 @@ Formats read (reference §7):
     * a ViT-only `vit_pretrain.ckpt`: {'state_dict': {'model.encoder.*': ...}} for encoder init;
     * a bare state dict file (.safetensors / .bin / .pt / .pth) in any of those key styles.
 Pickle files go through `torch.load(weights_only=True)` (and `mmap=True` where the file allows);
-safetensors files are memory-mapped by the safetensors library.
+safetensors files are memory-mapped by the safetensors library. A pickle that the weights-only
+reader refuses (custom objects, calls such as os.system) is reported as such, never with torch's
+advice to load it unsafely. Loaded tensors must be finite (`check_finite`).
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DamagedWeightsError, NonFiniteWeightsError
 
 # transformers >= 4.31 made this buffer non-persistent; the official files still carry it.
 POSITION_IDS_KEY = "text_encoder.clip_text_model.text_model.embeddings.position_ids"
@@ -65,6 +68,26 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _refused_objects(path: pathlib.Path, exc: BaseException) -> CheckpointError | None:
+    """The error for a pickle that torch's weights-only reader refused (None for other failures).
+
+    Such a file holds objects a weights file has no use for: a custom class, or a call such as
+    os.system that the unsafe reader would run. torch's own message advises exactly that unsafe
+    reader, so it is not relayed; ours says what was refused and where safe weights come from.
+    """
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return None
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    what = f" (it asks for {found.group(1)})" if found else ""
+    return CheckpointError(
+        f"{path} holds Python objects or code besides tensors{what}, which a weights file must not "
+        "contain; it was not loaded and nothing in it was run (torch's weights-only reader refused it). "
+        "Get the weights as a safetensors file (model.safetensors) or a plain state dict (tensors only, "
+        "as torch.save(model.state_dict(), path) writes) from a source you trust, e.g. the official "
+        "BAAI/SegVol files.")
+
+
 def _safetensors_header_ok(head: bytes) -> bool:
     # safetensors: 8-byte little-endian header length, then a JSON object
     return len(head) > 8 and head[8:9] == b"{"
@@ -101,11 +124,14 @@ def read_tensor_file(path: str | os.PathLike) -> Mapping:
     except RuntimeError as exc:
         if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped; retry plainly
             if head[:2] == b"PK" or "EOF" in str(exc):  # a zip torch cannot read, or a pickle cut short
-                raise CheckpointError(f"{path} is damaged (truncated download?): {_first_line(exc)}") from exc
+                raise DamagedWeightsError(f"{path} is damaged (truncated download?): {_first_line(exc)}") from exc
             raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
     except EOFError as exc:
-        raise CheckpointError(f"{path} is damaged: it ends early (truncated download?)") from exc
+        raise DamagedWeightsError(f"{path} is damaged: it ends early (truncated download?)") from exc
     except Exception as exc:
+        refused = _refused_objects(path, exc)
+        if refused is not None:
+            raise refused from None  # torch's message and traceback advise the unsafe reader
         raise CheckpointError(
             f"cannot read {path} as a weights-only torch file ({type(exc).__name__}: {exc}). "
             "segevol_fast never unpickles arbitrary objects; convert the file to safetensors."
@@ -113,8 +139,11 @@ def read_tensor_file(path: str | os.PathLike) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        refused = _refused_objects(path, exc)
+        if refused is not None:
+            raise refused from None  # torch's message and traceback advise the unsafe reader
         if isinstance(exc, EOFError) or "EOF" in str(exc):
-            raise CheckpointError(f"{path} is damaged: it ends early (truncated download?)") from exc
+            raise DamagedWeightsError(f"{path} is damaged: it ends early (truncated download?)") from exc
         raise CheckpointError(f"cannot read {path} as a weights-only torch file: {exc}") from exc
 
 
@@ -166,10 +195,40 @@ def find_weights_file(directory: str | os.PathLike) -> pathlib.Path:
 
 
 def load_weights(path: str | os.PathLike) -> LoadedWeights:
-    """Read a weights file or a checkpoint directory into SegVol-relative keys."""
+    """Read a weights file or a checkpoint directory into SegVol-relative keys; every floating-point
+    tensor must be finite (NonFiniteWeightsError otherwise)."""
     p = pathlib.Path(path)
     file = find_weights_file(p) if p.is_dir() else p
-    return normalize(read_tensor_file(file), str(file))
+    weights = normalize(read_tensor_file(file), str(file))
+    check_finite(weights.state_dict, weights.source)
+    return weights
+
+
+_DAMAGED_ADVICE = "The file is damaged or was saved from a diverged training: use an intact copy."
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], source: str, advice: str = _DAMAGED_ADVICE) -> None:
+    """Refuse (NonFiniteWeightsError) floating-point tensors holding NaN or inf, naming them.
+
+    One NaN weight turns every logit it reaches into NaN, and a NaN logit is an empty mask that
+    looks like a result; one isfinite pass per tensor costs far less than the first forward.
+    """
+    bad = [k for k, t in tensors.items() if not all_finite(t)]
+    if not bad:
+        return
+    first = tensors[bad[0]]
+    raise NonFiniteWeightsError(
+        f"{source}: tensor {bad[0]} holds {int(torch.isnan(first).sum())} NaN and {int(torch.isinf(first).sum())} "
+        f"infinite values ({len(bad)} such tensor(s): {_describe(bad, 5)}). {advice}")
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True unless a floating-point `t` holds NaN or inf. A finite sum proves it in one vectorised
+    pass (any NaN or inf makes the sum non-finite); only a non-finite sum, which huge finite values
+    can also give, is settled element by element."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _describe(keys: list[str], limit: int = 40) -> str:

@@ -107,9 +107,10 @@ def test_vit_pretrain_ckpt_initialises_only_the_encoder(tmp_path, tiny):
 
 @pytest.mark.slow
 def test_full_size_official_checkpoint_loads_strictly(tmp_path):
-    # Every tensor of the 475-entry inventory at its official shape (uninitialised values: only
-    # the layout is under test), written as the HF pytorch_model.bin.
-    sd = {f"model.{k}": torch.empty(s, dtype=torch.int64 if k == POSITION_IDS else torch.float32)
+    # Every tensor of the 475-entry inventory at its official shape (zeros: only the layout is
+    # under test, and uninitialised memory may hold NaN, which loading refuses), written as the HF
+    # pytorch_model.bin.
+    sd = {f"model.{k}": torch.zeros(s, dtype=torch.int64 if k == POSITION_IDS else torch.float32)
           for k, s in official_inventory().items()}
     torch.save(sd, tmp_path / "pytorch_model.bin")
     del sd
