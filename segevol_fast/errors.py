@@ -132,6 +132,16 @@ class DeviceOutOfMemoryError(SegVolFastError, MemoryError):
     host-side stitching."""
 
 
+# ---------------------------------------------------------------------- inference
+class NonFiniteOutputError(SegVolFastError, FloatingPointError):
+    """The model gave NaN or infinite logits for some prompts (non-finite weights or adapter, a
+    float16 overflow...): refused rather than returned as empty masks. Attribute: prompts (labels)."""
+
+    def __init__(self, message: str, prompts: list[str]):
+        super().__init__(message)
+        self.prompts = prompts
+
+
 # ---------------------------------------------------------------------- outputs
 class ResultError(SegVolFastError, ValueError):
     """A result is inconsistent (masks of different shapes, bad affine) or a label is unknown."""

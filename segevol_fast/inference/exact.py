@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ..adapters.context import prompt_context
 from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
+from .finite import check_finite_logits, finite_rows
 from .progress import display_for, steps
 from .prompts import Prompt, PromptError
 from .sliding_window import pad_volume, pad_widths, sliding_window_average, window_starts
@@ -269,6 +270,9 @@ def run_exact(
 
     Returns:
         one float32 logits tensor (D', H', W') per prompt, crop frame, CPU; mask = sigmoid > 0.5.
+
+    Raises:
+        NonFiniteOutputError: a prompt's logits hold NaN / inf (`finite.py`); later prompts do not run.
     """
     _check(prep, prompts, zoom_in)
     size = tuple(model.config.spatial_size)
@@ -281,6 +285,8 @@ def run_exact(
             display.stage(f"prompt {i + 1}/{len(prompts)} {prompt.label!r}: zoom-out", key="zoom-out")
             logits, n_windows = _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality,
                                             zoom_in, seed, display)
+            # before the next prompt's minutes: NaN weights make every prompt's logits NaN
+            check_finite_logits(model, finite_rows(logits[None]), [prompt.label], "zoom-out-zoom-in")
             results.append(logits)
             if windows is not None:
                 windows.append(n_windows)

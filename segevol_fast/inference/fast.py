@@ -53,6 +53,7 @@ from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
 from .exact import box_to_zoom_out, points_to_zoom_out
+from .finite import check_finite_logits, finite_rows
 from .oom import HostStitchNeeded, OutOfMemoryError, Retries
 from .progress import stage, steps
 from .prompts import Prompt, PromptError
@@ -384,6 +385,7 @@ def run_fast(
 
     Raises:
         DeviceOutOfMemoryError: the device ran out of memory even at batch 1 with host stitching.
+        NonFiniteOutputError: some prompts' zoom-out or zoom-in logits hold NaN / inf (`finite.py`).
     """
     device = next(model.parameters()).device
     crop_shape = prep.crop.shape
@@ -415,6 +417,7 @@ def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress,
     stage(progress, "zoom-out")
     texts = _text_embeddings(model, prompts, modality)
     logits = _zoom_out(model, prep.crop, prompts, texts, size, retry, zoom_out_embedding)  # (N, *size) fp32
+    check_finite_logits(model, finite_rows(logits), [p.label for p in prompts], "zoom-out")
     # sigmoid > 0.5 picks the ROI and the window boxes (official); the mask is logits > 0
     coarse = _Coarse(torch.sigmoid(logits) > 0.5, logits > 0, logits if return_logits else None)
     del logits
@@ -531,6 +534,7 @@ class _ZoomIn:
         stitches = {k: _Stitch(self.rois[k], [self._origin(w) for w in need[k]], self.size, self.grid,
                                *self.coarse.output(k, self.cmap, dtype), dtype, self.plan.stitch_device)
                     for k in group}
+        finite = {k: True for k in group}  # becomes a device flag per prompt, read once below
         for batch, embs in self._embeddings(order):
             for w in batch:
                 origin = self._origin(w)
@@ -538,8 +542,10 @@ class _ZoomIn:
                                       len(need[k]) == 1) for k in users[w]]
                 for it, logits in _decode(self.model, embs[w], items, self.texts, self.retry, self.tasks):
                     stitches[it.k].add(logits, origin)
+                    finite[it.k] = finite_rows(logits[None])[0] & finite[it.k]
                 if bar is not None:
                     bar.update(1)
+        check_finite_logits(self.model, [finite[k] for k in group], [self.prompts[k].label for k in group], "zoom-in")
         for k in group:
             outputs[k] = stitches.pop(k).result(len(need[k]))
 

@@ -95,6 +95,10 @@ def segment(
     Returns:
         SegmentationResult with masks (bool, input grid (X, Y, Z)), volumes in mL, timings, the
         measured peak memory, and `save` / `preview`.
+
+    Raises:
+        NonFiniteOutputError: the model gave NaN / inf logits for some prompts (named in the message
+            and in `.prompts`), never turned into empty masks; no result is returned.
     """
     check_segment_arguments(  # types and values, before anything is loaded or moved
         model, volume, text, box, points, point_labels, coords=coords, modality=modality, mode=mode, zoom_in=zoom_in,
