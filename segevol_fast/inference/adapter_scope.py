@@ -6,6 +6,9 @@
     adapter="auto"    the model's one mixture, routed for this scan (by modality tag or by its
                       learned router on the zoom-out image)
 
+The command line and cohort manifests may also name an adapter file: `adapter_for` attaches it
+once (inactive) and gives the name to pass as `adapter=`.
+
 A mixture routes per scan: one choice (an expert, the identity, or soft gates) for all of the
 scan's windows and decodes, a one-row `Route` that every adapted layer broadcasts. The call also
 declares the scan's modality (`adapters.prompt_context`) for adapters that read it. Whatever the
@@ -15,11 +18,13 @@ model's active adapter was, it is restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, Optional
 
 from torch import Tensor
 
 from .. import adapters
+from ..adapters import context_prior
 from ..errors import AdapterError
 
 
@@ -65,3 +70,46 @@ def adapter_scope(model, adapter: Optional[str], modality: str, zoom_image: Call
         r = adapters.route_for(model, mixture, images=images, modalities=[modality])
         stack.enter_context(adapters.route(r))
         yield f"{mixture}: {describe(r)}"
+
+
+def adapter_for(model, spec: Optional[str], attached: dict[str, str]) -> Optional[str]:
+    """The `segment(adapter=...)` value for `spec`: None, "base", "auto" or the name of an attached
+    adapter as they are; the path of an adapter file (`adapters.save_adapter`) is attached to
+    `model` once, inactive, and its name returned. `attached` maps the files attached so far
+    (real path -> name) and grows; `adapters.remove_adapter` them when done.
+
+    Raises AdapterError for a spec that is neither, AdapterMismatchError for a file trained on
+    other base weights, CheckpointError for a file that is no adapter."""
+    if spec is None or spec in ("base", "auto") or spec in adapters.adapter_names(model):
+        return spec
+    if not os.path.isfile(spec):
+        raise AdapterError(f"no adapter named {spec!r} (the model has {adapters.adapter_names(model) or 'none'}) "
+                           f"and no adapter file at {spec}")
+    key = os.path.realpath(spec)
+    if key not in attached:
+        attached[key] = _attach_file(model, spec)
+    return attached[key]
+
+
+def file_note(name: str, path: str) -> str:
+    """The note (summary.json "notes") of a result whose adapter came from a file."""
+    return f"adapter {name!r} loaded from {path}"
+
+
+def _attach_file(model, path: str) -> str:
+    from ..adapters.io import read_adapter_file
+
+    _, meta = read_adapter_file(path)
+    kind, name = meta.get("kind"), meta.get("name") or "adapter"
+    if kind == context_prior.KIND:  # they cannot be selected per call, so one row's would apply to every scan
+        raise AdapterError(f"{path} holds context priors, which apply to every scan while attached: attach them "
+                           "with segevol_fast.adapters.load_adapter(model, path) before segmenting instead")
+    taken = adapters.adapter_names(model)
+    if name in taken and kind == "mixture":
+        raise AdapterError(f"{path} holds the mixture {name!r}, and the model already has an adapter of that "
+                           "name: a mixture loads under its saved name")
+    unique, n = name, 1
+    while unique in taken:  # two files saved under the same name (e.g. "default") both load
+        n += 1
+        unique = f"{name}_{n}"
+    return adapters.load_adapter(model, path, name=unique, activate=False)

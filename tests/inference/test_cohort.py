@@ -4,6 +4,7 @@ and skipped; every result equals a single segment() call."""
 from __future__ import annotations
 
 import json
+import pathlib
 import shutil
 
 import numpy as np
@@ -112,3 +113,157 @@ def test_torchrun_sharded_cohort_equals_one_process(scans, tmp_path, data_dir):
             a = np.asarray(nib.load(tmp_path / "one" / scan / f"{label}.nii.gz").dataobj)
             b = np.asarray(nib.load(tmp_path / "two" / scan / f"{label}.nii.gz").dataobj)
             np.testing.assert_array_equal(a, b)
+
+
+# ---------------------------------------------------------------------- manifests with bad rows
+BOX = "30 20 5 80 70 20"
+
+
+def save_test_lora(model, path, name: str = "liver_lora"):
+    """Save a LoRA adapter of `model` with nonzero A and B (so it changes the output) and detach it."""
+    import torch
+
+    from segevol_fast import adapters
+
+    adapters.add_lora(model, name, adapters.LoraConfig(rank=2), freeze_base=False, activate=False)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model, name):
+            p.normal_(0.0, 0.5)
+    adapters.save_adapter(model, name, path)
+    adapters.remove_adapter(model, name)
+    return path
+
+
+def _write_ct(folder, data_dir, name="ct.nii.gz"):
+    folder.mkdir(exist_ok=True)
+    shutil.copy(data_dir / "ct_abdomen_sm.nii.gz", folder / name)
+
+
+def test_invalid_manifest_rows_are_recorded_and_the_others_run(tiny_model, tmp_path, data_dir):
+    _write_ct(tmp_path, data_dir)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("input,name,box,points\n"
+                        f"ct.nii.gz,good,{BOX},\n"
+                        "ct.nii.gz,five,1 2 3 4 5,\n"          # a 5-number box
+                        "ct.nii.gz,two,,4 4\n"                 # a 2-number point
+                        "ct.nii.gz,word,1 2 x 4 5 6,\n"        # not a number
+                        ",noinput,,\n")
+    items = cohort_items(str(manifest))
+    errors = {i.name: str(i.error) for i in items}
+    assert items[0].error is None
+    assert f"{manifest}, row 2 (line 3), column box: box must be (6,)" in errors["five"] and "(5,)" in errors["five"]
+    assert f"{manifest}, row 3 (line 4), column points: points must be (P, 3)" in errors["two"]
+    assert f"{manifest}, row 4 (line 5), column box: 'x' is not a number" in errors["word"]
+    assert f"{manifest}, row 5 (line 6), column input: empty" in errors["noinput"]
+    assert all(isinstance(i.error, ValueError) for i in items[1:])
+    out = tmp_path / "out"
+    rows = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    assert [(r["name"], r["status"]) for r in rows] == [("good", "ok"), ("five", "error"), ("two", "error"),
+                                                      ("word", "error"), ("noinput", "error")]
+    summary = {r["name"]: r for r in iter_rows(out / SUMMARY)}
+    assert summary["five"]["error"].startswith("PromptError: ") and "row 2 (line 3), column box" in summary["five"]["error"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good"]
+
+
+def test_manifest_json_and_file_problems(tmp_path, data_dir):
+    from segevol_fast.errors import InvalidArgumentError
+
+    _write_ct(tmp_path, data_dir)
+    jsonl = tmp_path / "m.jsonl"
+    jsonl.write_text(json.dumps({"input": "ct.nii.gz", "box": [30, 20, 5, 80, 70, 20]}) + "\n\n"
+                     '{"input": "ct.nii.gz", "box": [1, 2\n'
+                     + json.dumps({"input": "ct.nii.gz", "points": [1, 2, 3], "point_labels": [1, 1]}) + "\n"
+                     + json.dumps({"input": "ct.nii.gz", "text": 5}) + "\n"
+                     + json.dumps(["ct.nii.gz"]) + "\n")
+    items = cohort_items(str(jsonl))
+    assert items[0].error is None and items[0].name == "ct"
+    assert f"{jsonl}, row 2 (line 3): not valid JSON" in str(items[1].error) and items[1].name == "row_2"
+    assert "row 3 (line 4), column point_labels: point_labels must give one label per point" in str(items[2].error)
+    assert "row 4 (line 5), column text: text must be a name or a list of names" in str(items[3].error)
+    assert isinstance(items[3].error, TypeError)
+    assert "row 5 (line 6): each line must be one JSON object" in str(items[4].error)
+    # the command's prompts fill empty columns, and the message says the value was the command's
+    csv_ = tmp_path / "m.csv"
+    csv_.write_text("\ufeffinput,text\nct.nii.gz,liver;spleen;kidney\nct.nii.gz,\n")  # a spreadsheet's BOM
+    rows = cohort_items(str(csv_), box=np.array([[30, 20, 5, 80, 70, 20], [31, 21, 6, 81, 71, 21]], float))
+    assert "row 1 (line 2), column box (empty in the row: the command's value): 2 boxes for 3 text" in str(rows[0].error)
+    assert rows[1].error is None
+    # a field with unquoted commas: more fields than the header
+    csv_.write_text("input,box\nct.nii.gz,30,20,5,80,70,20\n")
+    assert "5 more field(s) than the header's 2 columns" in str(cohort_items(str(csv_), text="liver")[0].error)
+    for text, phrase in [("name,text\nct.nii.gz,liver\n", "no 'input' column"), ("input,text\n", "has no rows")]:
+        csv_.write_text(text)
+        with pytest.raises(InvalidArgumentError, match=phrase):
+            cohort_items(str(csv_))
+
+
+def test_a_scan_that_fails_in_any_way_is_recorded_and_ctrl_c_still_writes_the_summary(tiny_model, tmp_path,
+                                                                                      data_dir, monkeypatch):
+    import importlib
+
+    scans = tmp_path / "scans"
+    for name in ("a.nii.gz", "b.nii.gz", "c.nii.gz"):
+        _write_ct(scans, data_dir, name)
+    module = importlib.import_module("segevol_fast.inference.segment")
+    real, raise_for = module.segment, {}
+
+    def flaky(model, volume, *args, **kwargs):
+        exc = raise_for.get(pathlib.Path(volume.source).name)
+        if exc is not None:
+            raise exc
+        return real(model, volume, *args, **kwargs)
+
+    monkeypatch.setattr(module, "segment", flaky)
+    items = cohort_items(str(scans), box=[30, 20, 5, 80, 70, 20])
+    out = tmp_path / "out"
+    raise_for["a.nii.gz"] = RuntimeError("an unexpected bug")  # not one of ours: still recorded
+    rows = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    assert [r["status"] for r in rows] == ["error", "ok", "ok"]
+    assert rows[0]["error"] == "RuntimeError: an unexpected bug"
+    raise_for["a.nii.gz"] = KeyboardInterrupt()
+    shutil.rmtree(out)
+    with pytest.raises(KeyboardInterrupt):
+        segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    assert [r["status"] for r in iter_rows(out / SUMMARY)] == ["not run (interrupted)"] * 3
+
+
+def test_a_rerun_keeps_the_numbers_of_skipped_scans(tiny_model, tmp_path, data_dir):
+    scans = tmp_path / "scans"
+    _write_ct(scans, data_dir)
+    items = cohort_items(str(scans), text="liver", box=[30, 20, 5, 80, 70, 20])
+    out = tmp_path / "out"
+    (first,) = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    keep = ("peak_memory_bytes", "seconds", "ml[liver]", "windows")
+    again = next(iter_rows(out / SUMMARY))
+    (rerun,) = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    assert rerun["status"] == "done before (skipped)"
+    assert {k: rerun[k] for k in keep} == {k: again[k] for k in keep} and again["ml[liver]"] == str(first["ml[liver]"])
+    (out / SUMMARY).unlink()  # no previous summary: the scan's summary.json has the numbers
+    (rerun,) = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
+    assert rerun["ml[liver]"] == first["ml[liver]"] and rerun["peak_memory_bytes"] == first["peak_memory_bytes"]
+
+
+def test_a_manifest_row_with_an_adapter_file(tiny_model, tmp_path, data_dir):
+    import nibabel as nib
+
+    from segevol_fast import adapters
+
+    _write_ct(tmp_path, data_dir)
+    (tmp_path / "adapters").mkdir()
+    save_test_lora(tiny_model, tmp_path / "adapters" / "lora.safetensors")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("input,name,adapter\nct.nii.gz,with,adapters/lora.safetensors\nct.nii.gz,without,\n"
+                        "ct.nii.gz,missing,adapters/nope.safetensors\nct.nii.gz,unknown,no_such_adapter\n")
+    items = cohort_items(str(manifest), box=[30, 20, 5, 80, 70, 20])
+    assert f"row 3 (line 4), column adapter: no adapter file at {tmp_path / 'adapters' / 'nope.safetensors'}" \
+        in str(items[2].error)
+    out = tmp_path / "out"
+    rows = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False, return_probabilities=True)
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "error"]
+    assert rows[0]["adapter"] == "liver_lora" and rows[1]["adapter"] == "as set on the model"
+    assert "row 4 (line 5), column adapter: no adapter named 'no_such_adapter'" in rows[3]["error"]
+    notes = json.loads((out / "with" / "summary.json").read_text())["notes"]
+    assert any("liver_lora" in n and "lora.safetensors" in n for n in notes)
+    prob = {n: np.asarray(nib.load(out / n / "box_0_prob.nii.gz").dataobj) for n in ("with", "without")}
+    assert not np.array_equal(prob["with"], prob["without"])
+    assert adapters.adapter_names(tiny_model) == []  # the file's adapter was detached after the run
