@@ -14,12 +14,14 @@ no tokenizer for text prompts, CUDA asked for but absent); 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
 import re
 import sys
-from typing import Optional
+import warnings
+from typing import Iterator, Optional
 
 from .errors import SegVolFastError, UsageError
 
@@ -101,6 +103,34 @@ def _build_model(weights: Optional[pathlib.Path], config_name: str, tokenizer, d
     return SegVol(config, tokenizer=tokenizer).to(device).eval()
 
 
+def _model_files(args: argparse.Namespace, *, text: bool) -> tuple[Optional[pathlib.Path], Optional[pathlib.Path]]:
+    """(weights, tokenizer folder) of the run, found and checked before any scan is read, for one
+    scan and cohorts alike: the weights exist (None with --random-weights), a --tokenizer folder
+    holds tokenizer files, and text prompts (`text`) have a tokenizer. UsageError otherwise."""
+    from .weights import find_tokenizer, find_weights
+
+    tok = pathlib.Path(args.tokenizer).expanduser() if args.tokenizer else None
+    if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
+        raise UsageError(f"--tokenizer {args.tokenizer}: no tokenizer.json (or vocab.json + merges.txt) there")
+    weights = None if args.random_weights else find_weights(args.weights, download=args.download)
+    tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
+    if text and tok_dir is None:
+        raise UsageError("text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
+                         "put them next to the weights or pass --tokenizer DIR")
+    return weights, tok_dir
+
+
+def _adapter_file(args: argparse.Namespace) -> Optional[str]:
+    """--adapter FILE as an absolute path, checked to exist before anything is read."""
+    if args.adapter is None:
+        return None
+    path = pathlib.Path(args.adapter).expanduser()
+    if not path.is_file():
+        raise UsageError(f"--adapter {args.adapter}: no such file; give an adapter file written by "
+                         "segevol_fast.adapters.save_adapter (.safetensors)")
+    return str(path.resolve())
+
+
 def _display(args: argparse.Namespace):
     """The run's one progress display (drawn unless --quiet; timed either way)."""
     from .inference.progress import Progress
@@ -174,26 +204,23 @@ def _prompt_arguments(args: argparse.Namespace) -> dict:
 
 
 def _cmd_segment(args: argparse.Namespace) -> int:
+    from .inference.adapter_scope import adapter_for, file_note
+    from .inference.cohort import MANIFEST_SUFFIXES, is_cohort_input
     from .io import load_volume
-    from .weights import find_tokenizer, find_weights
 
-    from .inference.cohort import is_cohort_input
-
-    if is_cohort_input(args.input):  # a folder of scans, a glob or a manifest (whose rows may carry prompts)
-        has = args.text or args.box or args.points
+    has = args.text or args.box or args.points
+    manifest = pathlib.Path(args.input).suffix.lower() in MANIFEST_SUFFIXES
+    if is_cohort_input(args.input) and (has or manifest):  # a manifest's rows may carry their own prompts
         return _cmd_cohort(args, _prompt_arguments(args) if has else {})
-    if not (args.text or args.box or args.points):
+    if not has:
         raise UsageError("give at least one prompt: --text NAME..., --box i0 j0 k0 i1 j1 k1, or --points i j k")
     if args.point_labels and not args.points:
         raise UsageError("--point-labels given without --points")
     prompts = _prompt_arguments(args)  # checked here: a bad prompt fails before the scan and model load
     out = _output_path(pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / _input_stem(args.input))
     device = _resolve_device(args.device)
-    tok = pathlib.Path(args.tokenizer).expanduser() if args.tokenizer else None
-    if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
-        raise UsageError(f"--tokenizer {args.tokenizer}: no tokenizer.json (or vocab.json + merges.txt) there")
-    weights = None if args.random_weights else find_weights(args.weights, download=args.download)
-    tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
+    adapter_file = _adapter_file(args)
+    weights, tok_dir = _model_files(args, text=bool(args.text))
     display = _display(args)  # one progress display for the run; its timings include loading and saving
     display.stage("load scan")
     volume = load_volume(args.input, modality=args.modality, series=args.series)
@@ -201,14 +228,14 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         _loud_random_notice(args.config)
     display.stage("load model")
     model = _build_model(weights, args.config, tok_dir, device)
-    if args.text and model.tokenizer is None:
-        raise UsageError("text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
-                         "put them next to the weights or pass --tokenizer DIR")
+    adapter = adapter_for(model, adapter_file, {})
     result = _segment_fn()(
         model, volume, **prompts, coords=args.coords, modality=args.modality, mode=args.mode,
         zoom_in=not args.no_zoom_in,
         max_memory=args.max_memory, device=device, progress=display,
-        return_probabilities=args.probabilities, precision=args.precision)
+        return_probabilities=args.probabilities, precision=args.precision, adapter=adapter)
+    if adapter_file is not None:
+        result.notes.append(file_note(adapter, adapter_file))
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
     display.stage("save")
@@ -222,17 +249,19 @@ def _cmd_cohort(args: argparse.Namespace, prompts: dict) -> int:
     """`segevol-fast segment FOLDER|GLOB|MANIFEST`: every scan into <out>/<name>/, resumable, with
     <out>/cohort_summary.csv; exit 1 when some scan failed (all the others are still done)."""
     from .inference.cohort import SUMMARY, cohort_items, segment_cohort
-    from .weights import find_tokenizer, find_weights
-
     from .train import distributed
 
-    items = cohort_items(args.input, **prompts, modality=args.modality)
+    items = cohort_items(args.input, **prompts, modality=args.modality, adapter=_adapter_file(args))
     out = pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / "cohort"
     device = _resolve_device(args.device)
+    weights, tok_dir = _model_files(args, text=any(it.text for it in items if it.error is None))
     env = distributed.init_from_env(device=device)  # torchrun: shard the cohort over the ranks
     device = str(env.device)
-    weights = None if args.random_weights else find_weights(args.weights, download=args.download)
-    tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
+    if env.rank == 0:  # said before the first scan, for whoever watches the start of a long run
+        for item in items:
+            if item.error is not None:
+                print(f"segevol-fast {args.command}: warning: {item.error} (recorded as failed; the other scans run)",
+                      file=sys.stderr)
     if weights is None:
         _loud_random_notice(args.config)
     model = _build_model(weights, args.config, tok_dir, device)
@@ -384,9 +413,20 @@ def _version() -> str:
     return __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse takes "-1GB" (after --max-memory) or "-1e3" (in --box) for an unknown option, since
+    only plain negative numbers count as values, and answers "expected one argument". Here any
+    "-" followed by a digit or "." is a value (no option of ours looks like that), so our own
+    checks answer it ("memory size must be a positive..."). Subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="segevol-fast", description="Fast SegVol 3-D medical segmentation.",
-                                     epilog="exit codes: 0 ok, 1 input/run failed, 2 usage or setup error")
+    parser = _Parser(prog="segevol-fast", description="Fast SegVol 3-D medical segmentation.",
+                     epilog="exit codes: 0 ok, 1 input/run failed, 2 usage or setup error")
     parser.add_argument("--version", action="version", version=f"segevol-fast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -415,6 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", help="output folder, or a .nii.gz path for one label map "
                    "(default ./segevol_out/<input name>)")
     p.add_argument("--max-memory", type=parse_size, metavar="SIZE", help="peak memory budget, e.g. 2GB or 1.5GiB")
+    p.add_argument("--adapter", metavar="FILE", help="an adapter file written by segevol_fast.adapters.save_adapter "
+                   "(LoRA, bottleneck or mixture; .safetensors) to run with; in a cohort, a manifest row's adapter "
+                   "column (a file, relative to the manifest's folder) replaces it for that scan")
     p.add_argument("--preview", action="store_true", help="also write a PNG slice montage")
     p.add_argument("--probabilities", action="store_true", help="also write per-mask probability maps (float32)")
     _add_common(p)
@@ -453,13 +496,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """While a command runs, print each warning as `segevol-fast <command>: warning: <message>`
+    (above any progress line), not Python's "file:line: Category: message" plus a source line;
+    code that imports segevol_fast keeps the standard form."""
+    saved = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from tqdm import tqdm
+
+        text = " ".join(str(message).split())  # one line, whatever the message holds
+        tqdm.write(f"segevol-fast {command}: warning: {text}", file=file or sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .inference.progress import closing_displays
     from .weights import WeightsNotFoundError
 
     try:
-        with closing_displays():  # a failed run ends its progress line before the error below
+        with _one_line_warnings(args.command), closing_displays():  # a failed run ends its progress line first
             return args.func(args)
     except (UsageError, WeightsNotFoundError) as exc:
         print(f"segevol-fast {args.command}: error: {exc}", file=sys.stderr)

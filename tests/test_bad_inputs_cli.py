@@ -207,3 +207,17 @@ def test_damaged_weights_copy(tmp_path, capsys, files):
     rc, _, err = _run(["segment", str(tmp_path / "in.nii.gz"), "--box", "1", "1", "1", "8", "8", "5", "--weights",
                        str(tmp_path / "w"), "--device", "cpu", "-q", "--out", str(out)], capsys)
     assert rc == 1 and "damaged" in err and "model.safetensors" in err and not out.exists()
+
+
+@pytest.mark.parametrize("value", ["-1GB", "-0.5GiB", "-1"])
+def test_negative_memory_limit_reaches_our_check(value, capsys, tmp_path):
+    """argparse alone takes "-1GB" for an option ("expected one argument")."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["segment", "x.nii.gz", "--max-memory", value, "--out", str(tmp_path / "out")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"segevol-fast segment: error: argument --max-memory: memory size must be a positive, finite number of " \
+           f"bytes, got '{value}'" in err, err
+    assert "expected one argument" not in err and not (tmp_path / "out").exists()
+    args = cli.build_parser().parse_args(["segment", "x.nii.gz", "--box", "-1e3", "0", "0", "5", "5", "5"])
+    assert args.box == [[-1000.0, 0, 0, 5, 5, 5]]  # a value, for the prompt checks to judge

@@ -200,3 +200,65 @@ def test_demo_on_the_shared_ct_uses_text(tmp_path, fake_segment, no_weights, dat
 def test_demo_explicit_bad_weights_is_an_error(tmp_path, fake_segment, no_weights, capsys):
     assert cli.main(["demo", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- adapters, cohorts, warnings
+def test_adapter_file_is_applied(ct, tmp_path, no_weights, capsys):
+    from tests.inference.test_cohort import save_test_lora
+
+    lora = save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
+    base = ["segment", str(ct), "--box", "1", "2", "1", "20", "17", "8", "--random-weights", "--config", "tiny",
+            "--no-zoom-in", "--device", "cpu", "-q", "--probabilities"]
+    assert cli.main([*base, "--out", str(tmp_path / "with"), "--adapter", str(lora)]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "without")]) == 0
+    summary = json.loads((tmp_path / "with" / "summary.json").read_text())
+    assert summary["adapter"] == "liver_lora" and f"adapter 'liver_lora' loaded from {lora}" in summary["notes"]
+    prob = {n: np.asarray(nib.load(tmp_path / n / "box_0_prob.nii.gz").dataobj) for n in ("with", "without")}
+    assert not np.array_equal(prob["with"], prob["without"])
+    capsys.readouterr()
+    assert cli.main([*base, "--out", str(tmp_path / "x"), "--adapter", str(tmp_path / "nope.safetensors")]) == 2
+    assert "--adapter" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_cohort_manifest_row_with_an_adapter_file(ct, tmp_path, no_weights):
+    from tests.inference.test_cohort import save_test_lora
+
+    from segevol_fast.inference.cohort import SUMMARY, iter_rows
+
+    save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"input,name,adapter\n{ct.name},with,lora.safetensors\n{ct.name},without,\n")
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(manifest), "--box", "1", "2", "1", "20", "17", "8", "--random-weights",
+                     "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q", "--out", str(out)]) == 0
+    assert [r["adapter"] for r in iter_rows(out / SUMMARY)] == ["liver_lora", "as set on the model"]
+
+
+def test_cohort_checks_the_tokenizer_before_the_first_scan(ct, tmp_path, fake_segment, no_weights, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"input,text,box\n{ct.name},,1 2 1 8 9 5\n{ct.name},liver,\n")
+    out = tmp_path / "out"
+    argv = ["segment", str(manifest), "--random-weights", "--config", "tiny", "-q", "--out", str(out)]
+    assert cli.main(argv) == 2  # no tokenizer anywhere, and a row has text
+    assert "text prompts need the CLIP tokenizer" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main([*argv, "--tokenizer", str(tmp_path / "empty")]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
+    assert fake_segment == [] and not out.exists()
+
+
+def test_warnings_print_as_one_line(ct, tmp_path, data_dir, no_weights, capsys):
+    import warnings
+
+    before = warnings.showwarning
+    assert cli.main(["segment", str(ct), "--text", "liverr", "--random-weights", "--config", "tiny", "--tokenizer",
+                     str(data_dir / "clip_tokenizer"), "--no-zoom-in", "--device", "cpu", "-q",
+                     "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    shown = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert [line for line in shown if "liverr" in line] == [
+        line for line in shown if line.startswith("segevol-fast segment: warning: text prompt(s) 'liverr'")]
+    assert len(shown) == 2 and all(line.startswith("segevol-fast segment: warning: ") for line in shown), err
+    assert any("masks are meaningless" in line for line in shown)  # the other: segment()'s random-weights one
+    assert "warnings.warn" not in err and "VocabularyWarning" not in err and ".py:" not in err
+    assert warnings.showwarning is before  # the one-line form is the command line's only

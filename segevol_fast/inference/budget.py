@@ -99,7 +99,8 @@ _UNITS = {"": 1, "b": 1}
 for _i, _p in enumerate("kmgt", start=1):
     _UNITS[_p] = _UNITS[_p + "b"] = 1000**_i
     _UNITS[_p + "ib"] = 1024**_i
-_SPEC = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+# a sign is read, so that "-1GB" is answered as a negative size rather than as unreadable
+_SPEC = re.compile(r"^\s*([+-]?[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
 def parse_memory(spec: Union[int, float, str]) -> int:
