@@ -214,7 +214,7 @@ def test_a_series_without_uid_has_a_name_to_pick_it_by(data_dir, tmp_path):
     by_name = load_volume(tmp_path / "mixed", series="no-series-uid")
     by_empty = load_volume(tmp_path / "mixed", series="")
     by_file = load_volume(files[4])  # a file of that series picks it, not "several series"
-    assert by_name.shape == (512, 512, 3)
+    assert by_name.shape == (512, 512, 3) and by_name.series == ""  # the real (empty) UID, for DICOM-SEG
     np.testing.assert_array_equal(by_name.array, by_empty.array)
     np.testing.assert_array_equal(by_name.array, by_file.array)
     assert not np.array_equal(load_volume(tmp_path / "mixed", series="1.2.3.4").array, by_name.array)
