@@ -448,14 +448,14 @@ class SegmentationResult:
 
 # ---------------------------------------------------------------------- saving helpers
 def _save_probabilities_4d(path: pathlib.Path, probs: list, affine: np.ndarray, description: str) -> None:
-    """One (X, Y, Z, N) float32 NIfTI; written straight to `path` (the caller stages it)."""
+    """One (X, Y, Z, N) float32 NIfTI at `path` (in the caller's staging folder)."""
     import nibabel as nib
 
     arr = np.stack([np.asarray(p, dtype=np.float32) for p in probs], axis=-1)
     img = nib.Nifti1Image(arr, affine)
     img.header.set_xyzt_units("mm")
     img.header["descrip"] = description.encode("ascii", "replace")[:80]
-    nib.save(img, str(path))
+    write_file_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.name.endswith(".gz") else ".nii")
 
 
 def _stale_files(old_sidecar: pathlib.Path, keep: set) -> list[str]:

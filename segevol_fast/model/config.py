@@ -141,11 +141,15 @@ class SegVolConfig:
         return cls(**kwargs, extra=extra)
 
     def save(self, directory: str | os.PathLike) -> None:
-        path = os.path.join(os.fspath(directory), "config.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-        os.replace(tmp, path)
+        from ..io.output import write_file_atomic
+
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                f.write(text)
+
+        write_file_atomic(os.path.join(os.fspath(directory), "config.json"), write)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "SegVolConfig":

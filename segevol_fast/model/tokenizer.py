@@ -86,11 +86,10 @@ class ClipTokenizer:
                 raise ValueError(f"{path}: {token} has id {got}, CLIP expects {expected}")
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write this tokenizer as one `tokenizer.json` (atomically: temporary name, then rename)."""
-        path = pathlib.Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        self._tok.save(str(tmp))
-        os.replace(tmp, path)
+        """Write this tokenizer as one `tokenizer.json` (atomically: `io.output.write_file_atomic`)."""
+        from ..io.output import write_file_atomic
+
+        write_file_atomic(path, self._tok.save)
 
     def __call__(self, texts: str | Sequence[str], device: torch.device | str | None = None) -> Tokens:
         """Tokenise texts (already templated) into one padded batch; see `Tokens` for shapes.

@@ -46,6 +46,7 @@ from torch.utils.data import Sampler
 
 from .. import adapters
 from ..errors import CheckpointError, InvalidArgumentError, OutputError
+from ..io.output import write_file_atomic
 from . import distributed as dist_utils
 from .datasets import sample_seed
 from .loader import ModalityBalancedSampler, make_loader
@@ -590,17 +591,13 @@ class Trainer:
         state = self.state_dict()
         path = pathlib.Path(path)
         if dist_utils.is_main():
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
+            def write(tmp: str) -> None:
                 with open(tmp, "wb") as f:
                     torch.save(state, f)
                     f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except OSError as exc:
-                tmp.unlink(missing_ok=True)
-                raise OutputError(f"cannot write the checkpoint {path}: {exc}") from exc
+                    os.fsync(f.fileno())  # a checkpoint must survive the crash it exists for
+
+            write_file_atomic(path, write)
         dist_utils.barrier()
         return path if dist_utils.is_main() else None
 

@@ -279,12 +279,14 @@ def test_every_output_file_gets_a_normal_files_mode(tmp_path, umask_007, tiny_mo
     r = _three_overlapping(probabilities=True)
     r.save(tmp_path / "folder", preview=True)
     r.save(tmp_path / "lm" / "seg.nii.gz", preview=True)
+    tiny_model.save_pretrained(tmp_path / "pretrained")
     adapters.add_lora(tiny_model, "mr", LoraConfig(rank=2))
     adapters.save_adapter(tiny_model, "mr", tmp_path / "adapters" / "mr.safetensors")
     save_safetensors({"w": torch.zeros(3)}, tmp_path / "weights.safetensors")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
     assert {"a.nii.gz", "a_prob.nii.gz", "label_map.nii.gz", "summary.json", "preview.png", "seg.nii.gz",
-            "seg.json", "seg_prob.nii.gz", "seg.png", "mr.safetensors", "weights.safetensors"} <= names
+            "seg.json", "seg_prob.nii.gz", "seg.png", "mr.safetensors", "weights.safetensors", "model.safetensors",
+            "config.json", "tokenizer.json"} <= names
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(umask_007)}, modes
