@@ -1,15 +1,17 @@
-// Native CPU patch_embed.
-//
-// float32: oneDNN convolution + one fused transpose/epilogue pass (patch_embed_cpu_conv below).
-// Other dtypes: two passes instead of MONAI's four (permute-copy, GEMM, bias, +pos):
+// Native CPU patch_embed: two passes instead of MONAI's four (permute-copy, GEMM, bias, +pos):
 //   1. gather: one parallel pass writes the (B*N, K) patch matrix straight from the strided
 //      volume, applying the optional x*scale+shift on the fly (so a normalised copy of the
 //      volume never exists);
 //   2. one BLAS GEMM accumulates patches @ weight^T into tokens pre-filled with bias + pos
 //      (beta = 1), so bias and position embedding cost no extra pass over the output.
 // The GEMM is ATen's (MKL/oneDNN/OpenBLAS): a hand-written one would not beat it.
+//
+// Why not oneDNN's strided Conv3d, which reads the volume in place: its accuracy depends on the
+// instruction set it picks. With AVX-512 its float32 error on a SegVol window (K = 1024 terms a
+// dot product) was ~4x that of the BLAS GEMM; with AVX2 kernels (ONEDNN_MAX_CPU_ISA=AVX2, or an
+// AVX2-only CPU) ~7-10x, outside the 2x-of-PyTorch rule every kernel here is held to, and it was
+// also slower there. The GEMM's error equals the plain-PyTorch reference's on every x86-64 CPU.
 #include <ATen/ATen.h>
-#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,38 +72,6 @@ void gather_patches(const scalar_t* x, scalar_t* out, const PatchEmbedShape& s,
 
 }  // namespace
 
-// float32 fast path. oneDNN's strided convolution beats the BLAS sgemm on the (B*N, K) x (K, E)
-// product at SegVol sizes on x86 (measured: ~19 ms vs ~27 ms for one 32x256x256 window on 2
-// cores) and reads the volume in place, so no patch matrix is written at all. The input affine
-// folds in by linearity, conv(x*s + t) = s*conv(x) + t*rowsum(W): with s == 1 the per-channel
-// constant bias + t*rowsum(W) rides in the convolution's own bias, and one TensorIterator pass
-// adds the position embedding while transposing (B, E, N) -> (B, N, E).
-at::Tensor patch_embed_cpu_conv(const at::Tensor& x, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias,
-                                const std::optional<at::Tensor>& pos_embed, const PatchEmbedShape& s,
-                                double scale, double shift) {
-  // Linear rows are (p1, p2, p3, c); Conv3d wants (E, C, pd, ph, pw). With C == 1 the two
-  // layouts are the same bytes, so this is a view, not a copy.
-  const at::Tensor conv_w = s.C == 1 ? weight.reshape({s.E, 1, s.pd, s.ph, s.pw})
-                                     : weight.reshape({s.E, s.pd, s.ph, s.pw, s.C}).permute({0, 4, 1, 2, 3}).contiguous();
-  // Per-channel constant: bias[e] + shift * rowsum(W)[e] (E values).
-  std::optional<at::Tensor> chan = bias;
-  if (shift != 0.0) chan = (bias ? *bias : at::zeros({s.E}, x.options())) + weight.sum(1) * shift;
-  const bool unit_scale = scale == 1.0;
-  const at::Tensor cropped =
-      x.narrow(2, 0, s.gd * s.pd).narrow(3, 0, s.gh * s.ph).narrow(4, 0, s.gw * s.pw);
-  const at::Tensor y = at::conv3d(cropped, conv_w, unit_scale ? chan : std::nullopt, {s.pd, s.ph, s.pw})
-                           .view({s.B, s.E, s.N})
-                           .transpose(1, 2);  // (B, N, E) view
-  // out = scale * y + (pos + chan when not already inside y), in one pass.
-  at::Tensor add;
-  if (pos_embed) add = pos_embed->reshape({1, s.N, s.E});
-  if (!unit_scale && chan) add = add.defined() ? add + *chan : chan->reshape({1, 1, s.E});
-  if (!add.defined()) return unit_scale ? y.contiguous() : (y * scale).contiguous();
-  at::Tensor out = at::empty({s.B, s.N, s.E}, x.options());
-  return at::add_out(out, add.expand({s.B, s.N, s.E}), y, scale);
-}
-
 at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& pos_embed,
@@ -110,11 +80,6 @@ at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight,
   // The ATen calls below must run in x's dtype even when the caller is inside torch.autocast:
   // the op itself defines its precision (fp32 accumulation), autocast must not recast its GEMM.
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  if (x.scalar_type() == at::kFloat && at::globalContext().userEnabledMkldnn()) {
-    return patch_embed_cpu_conv(x, weight, bias, pos_embed, s, scale, shift);
-  }
-  // Other dtypes: CPU convolutions in float16/bfloat16/float64 are far slower than the GEMM
-  // (seconds vs tens of milliseconds), so gather the patch matrix and use one BLAS GEMM.
   at::Tensor patches = at::empty({s.B * s.N, s.K}, x.options());
   const int64_t strides[5] = {x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_embed_cpu", [&] {
