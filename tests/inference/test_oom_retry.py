@@ -47,7 +47,14 @@ def _plan(**kw) -> Plan:
 
 @pytest.fixture(scope="module")
 def clean(model, prep):
-    return run_fast(model, prep, PROMPTS, plan=_plan(), return_logits=True)
+    # computed at the thread count the tests run at (one_thread is function-scoped, so it is not
+    # in force yet while a module fixture is built): GEMMs may round differently per thread count
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_fast(model, prep, PROMPTS, plan=_plan(), return_logits=True)
+    finally:
+        torch.set_num_threads(n)
 
 
 def _fail_calls(monkeypatch, obj, name, fail_at):
