@@ -1,15 +1,25 @@
-"""Results that do not depend on the number of CPU threads.
+"""What makes results repeatable on a CPU, and how far that goes.
 
-Same input, same masks and probabilities, bit for bit, across runs and across torch thread counts.
-Two things in a CPU torch build break that, and both are handled here:
+The guarantee, on every x86-64 CPU (AVX2 or AVX-512, Intel or AMD):
+
+* Same input, same torch thread count: masks and probabilities bit-identical, run after run, in
+  one process or in fresh ones, and whatever the window or decode batch the memory planner picks.
+* Another thread count: probabilities within 1e-5 of each other (measured: ~6e-8), and a mask
+  voxel can change only where its probability is that close to the 0.5 threshold (none has in
+  the tests). Not bits: see the GEMMs below.
+
+Two things in a CPU torch build change results with the thread count:
 
 * MKL's float32 GEMM picks its blocking from the thread count, so a Linear's sums are added in a
-  different order with 1 and 2 threads (seen on the CLIP text tower: last-bit differences that
-  reach the probabilities). MKL's strict Conditional Numerical Reproducibility mode makes ?gemm
-  bitwise independent of the thread count, at no measurable cost here. MKL reads `MKL_CBWR` once,
-  at its first call, so `configure_mkl()` runs when segevol_fast is imported; a process that ran an
-  MKL GEMM before that import keeps its earlier mode (import segevol_fast first, or export
-  MKL_CBWR=AUTO,STRICT yourself). A value the user set is never overridden.
+  different order with 1 and 2 threads. MKL's strict Conditional Numerical Reproducibility mode
+  (`MKL_CBWR=AUTO,STRICT`) removes that on the CPUs where MKL honours it (it made the whole
+  pipeline bit-identical across 1, 2 and 4 threads on Intel AVX-512 machines, at no measurable
+  cost), so `configure_mkl()` asks for it when segevol_fast is imported (MKL reads `MKL_CBWR`
+  once, at its first call; a value the user set is never overridden). It is not honoured
+  everywhere: on AMD EPYC CPUs, with or without AVX-512, small GEMMs such as the mask decoder's
+  (14 x 32 by 32 x 16) still give other last bits at 2 threads than at 1. Only
+  `MKL_CBWR=COMPATIBLE` removes that, and it makes the encoder's GEMMs about 1.6x slower, so it is
+  the user's choice (export it), not the default.
 * torch's elementwise kernels split a tensor into one chunk per thread and run SIMD code over
   each chunk with a scalar tail; SIMD `exp` and the scalar one differ in the last bit, so
   `torch.sigmoid` of a crop-sized tensor changes where the chunk edges move. `sigmoid()` below
@@ -17,8 +27,9 @@ Two things in a CPU torch build break that, and both are handled here:
   takes the same path whatever the thread count (and the values equal a 1-thread torch.sigmoid).
   The masks never needed this: sigmoid > 0.5 has the same threshold on both paths (tested).
 
-The model's own elementwise ops run on sizes fixed by the architecture (tokens × width, window
-shapes), whose per-thread chunks are whole SIMD blocks for 1, 2 and 4 threads.
+tests/test_determinism.py checks all of this; `make test` runs the suite a second time with the
+AVX2 code paths forced (ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS, ONEDNN_MAX_CPU_ISA), so an
+assumption that holds on one instruction set only fails in CI.
 """
 
 from __future__ import annotations
