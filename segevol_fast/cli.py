@@ -23,7 +23,7 @@ import sys
 import warnings
 from typing import Iterator, Optional
 
-from .errors import SegVolFastError, UsageError
+from .errors import SegVolFastError, UsageError, WeightsNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +37,8 @@ def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000, '1.5GiB' -> 1610612736, '512MB', '1000' (bytes) -> int bytes.
 
     The same reading as segment(max_memory=...) (`budget.parse_memory`), reported as argparse's error."""
-    from .inference.budget import MemorySpecError, parse_memory
+    from .errors import MemorySpecError
+    from .inference.budget import parse_memory
 
     try:
         return parse_memory(text)
@@ -323,7 +324,7 @@ def _dice(a, b) -> float:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .weights import WeightsNotFoundError, find_tokenizer, find_weights
+    from .weights import find_tokenizer, find_weights
 
     out = _output_path(pathlib.Path(args.out))
     device = _resolve_device(args.device)
@@ -520,7 +521,6 @@ def _one_line_warnings(command: str) -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .inference.progress import closing_displays
-    from .weights import WeightsNotFoundError
 
     try:
         with _one_line_warnings(args.command), closing_displays():  # a failed run ends its progress line first

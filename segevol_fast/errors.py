@@ -3,8 +3,8 @@
 Each class subclasses `SegVolFastError` (catch everything of ours with one clause) *and* the builtin
 a Python user would expect (`ValueError` for bad values, `TypeError` for wrong types,
 `FileNotFoundError` for missing files, `MemoryError` for budgets...), so existing `except` clauses
-keep working. Messages say what was wrong and what to do. Modules re-export the classes they raise
-(e.g. `segevol_fast.inference.prompts.PromptError`), but they are defined only here.
+keep working. Messages say what was wrong and what to do. Every module, and every caller, imports
+them from here.
 """
 
 from __future__ import annotations
@@ -167,6 +167,10 @@ class ModalityWarning(UserWarning):
 class SpacingWarning(UserWarning):
     """A scan's voxel spacing is implausible for a medical image (e.g. metres or micrometres taken
     for millimetres): volumes in mL and world-coordinate prompts will be wrong by that factor."""
+
+
+class ZoomInWarning(UserWarning):
+    """The zoom-in pass was skipped for a prompt (no foreground in the coarse prediction)."""
 
 
 class OutputWarning(UserWarning):

@@ -420,12 +420,3 @@ def test_every_error_class_is_also_a_builtin():
     assert issubclass(errors.VolumeNotFoundError, FileNotFoundError)
     assert issubclass(errors.UnreadableFileError, PermissionError)
     assert issubclass(errors.DamagedFileError, errors.VolumeFileError)
-
-
-def test_old_import_paths_still_work():
-    from segevol_fast import errors
-    from segevol_fast.inference.prompts import PromptError as P
-    from segevol_fast.io import DicomSeriesError as D
-    from segevol_fast.io.volume import VolumeFileError as V
-
-    assert (P, D, V) == (errors.PromptError, errors.DicomSeriesError, errors.VolumeFileError)

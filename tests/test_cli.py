@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segevol_fast import cli
-from segevol_fast.inference.prompts import PromptError
+from segevol_fast.errors import PromptError
 from segevol_fast.inference.result import SegmentationResult
 from segevol_fast.io import save_nifti
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segevol_fast.errors import ShapeError
+from segevol_fast.errors import PreprocessError, ShapeError
 from segevol_fast.io import load_volume
 from segevol_fast.preprocess import (
-    PreprocessError,
     foreground_stats,
     paste_back,
     preprocess,

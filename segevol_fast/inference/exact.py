@@ -49,19 +49,16 @@ import torch
 from torch import Tensor
 
 from ..adapters.context import prompt_context
+from ..errors import PromptError, ZoomInWarning
 from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
 from .finite import check_finite_logits, finite_rows
 from .progress import display_for, steps
-from .prompts import Prompt, PromptError
+from .prompts import Prompt
 from .sliding_window import pad_volume, pad_widths, sliding_window_average, window_starts
 
 Triple = tuple[int, int, int]
 NUM_POSITIVE_EXTRA = 4  # select_points defaults in the official zoom-in (1 + 4 positives, 0 negatives)
 POSITIVE_THRESHOLD = 0.9  # select_points: a map value > 0.9 is a positive candidate
-
-
-class ZoomInWarning(UserWarning):
-    """The zoom-in pass was skipped for a prompt (no foreground in the coarse prediction)."""
 
 
 # ------------------------------------------------------------------------------ official helpers

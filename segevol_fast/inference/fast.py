@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..crop import CropReader
-from ..errors import ShapeError
+from ..errors import PromptError, ShapeError
 from ..adapters.context import prompt_context
 from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
@@ -56,7 +56,7 @@ from .exact import box_to_zoom_out, points_to_zoom_out
 from .finite import check_finite_logits, finite_rows
 from .oom import HostStitchNeeded, OutOfMemoryError, Retries
 from .progress import stage, steps
-from .prompts import Prompt, PromptError
+from .prompts import Prompt
 from .sliding_window import axis_starts, pad_widths, padded_size, scan_interval
 
 Triple = tuple[int, int, int]

@@ -527,8 +527,6 @@ def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, b
     try:
         from PIL import Image, ImageDraw
     except ImportError as exc:
-        from ..io.volume import MissingDependencyError
-
         raise MissingDependencyError("preview images need Pillow: pip install pillow") from exc
     shape = next(iter(masks.values())).shape
     ks = _pick_slices(masks, shape[2], n_slices)

@@ -4,13 +4,7 @@ from .dicom import SeriesInfo, list_series, load_dicom
 from .load import load_volume
 from .nifti import load_nifti, save_nifti
 from .output import check_output_path
-from .volume import (
-    DicomSeriesError,
-    MissingDependencyError,
-    Volume,
-    VolumeError,
-    VolumeFileError,
-)
+from .volume import Volume
 
 __all__ = [
     "Volume",
@@ -21,8 +15,4 @@ __all__ = [
     "load_dicom",
     "list_series",
     "SeriesInfo",
-    "VolumeError",
-    "VolumeFileError",
-    "DicomSeriesError",
-    "MissingDependencyError",
 ]

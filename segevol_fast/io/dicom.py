@@ -16,8 +16,16 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
-from .volume import DicomSeriesError, MissingDependencyError, Volume, VolumeFileError, apply_rescale
+from ..errors import (
+    DamagedFileError,
+    DicomSeriesError,
+    MissingDependencyError,
+    ShapeError,
+    UnreadableFileError,
+    VolumeFileError,
+    VolumeNotFoundError,
+)
+from .volume import Volume, apply_rescale
 
 PathLike = Union[str, os.PathLike]
 INSTALL_HINT = "pip install 'segevol_fast[dicom]'  (pydicom, pylibjpeg, pylibjpeg-openjpeg)"

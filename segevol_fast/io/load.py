@@ -9,10 +9,18 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..errors import ArgumentTypeError, InvalidArgumentError, ShapeError, UnreadableFileError, VolumeNotFoundError
+from ..errors import (
+    ArgumentTypeError,
+    InvalidArgumentError,
+    ShapeError,
+    UnreadableFileError,
+    VolumeError,
+    VolumeFileError,
+    VolumeNotFoundError,
+)
 from .dicom import load_dicom
 from .nifti import is_nifti_path, load_nifti
-from .volume import Volume, VolumeError, VolumeFileError, check_3d_shape, normalize_modality
+from .volume import Volume, check_3d_shape, normalize_modality
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 

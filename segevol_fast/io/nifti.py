@@ -13,9 +13,9 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeNotFoundError
+from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeError, VolumeFileError, VolumeNotFoundError
 from .output import write_file_atomic
-from .volume import Volume, VolumeError, VolumeFileError, apply_rescale, check_3d_shape
+from .volume import Volume, apply_rescale, check_3d_shape
 
 PathLike = Union[str, os.PathLike]
 NIFTI_SUFFIXES = (".nii", ".nii.gz")

@@ -1,4 +1,4 @@
-"""`Volume`: a 3-D scan on its own voxel grid, plus the io errors.
+"""`Volume`: a 3-D scan on its own voxel grid.
 
 The array is the file's voxel array (X, Y, Z) = (i, j, k) exactly as stored, never reoriented:
 SegVol was trained on unreoriented arrays (reference §5.1, §11.1), so masks come back on this grid.
@@ -13,14 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..errors import (  # noqa: F401  (re-exported: io.volume is where they were first defined)
-    DicomSeriesError,
-    MissingDependencyError,
-    ShapeError,
-    SpacingWarning,
-    VolumeError,
-    VolumeFileError,
-)
+from ..errors import ShapeError, SpacingWarning, VolumeError
 
 MODALITIES = ("ct", "mri")
 MODALITY_ALIASES = {"ct": "ct", "mri": "mri", "mr": "mri"}

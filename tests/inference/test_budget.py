@@ -10,10 +10,8 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig
-from segevol_fast.errors import SegVolFastError
+from segevol_fast.errors import BudgetError, MemorySpecError, SegVolFastError
 from segevol_fast.inference.budget import (
-    BudgetError,
-    MemorySpecError,
     Plan,
     estimate,
     format_bytes,

@@ -10,14 +10,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from segevol_fast.errors import OutputError, SegVolFastError
+from segevol_fast.errors import OutputError, ResultError, SegVolFastError
 from segevol_fast.inference import result as result_mod
 from segevol_fast.inference.result import (
     LEGEND_ROW_PX,
     MAX_COLS,
     PAD_PX,
     TILE_PX,
-    ResultError,
     SegmentationResult,
     safe_label,
     write_bytes_atomic,

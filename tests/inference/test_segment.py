@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig, Volume
-from segevol_fast.inference import BudgetError, PromptError, segment
+from segevol_fast.errors import BudgetError, PromptError
+from segevol_fast.inference import segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from segevol_fast.errors import SegVolFastError, ShapeError
-from segevol_fast.io import (
+from segevol_fast.errors import (
     DicomSeriesError,
     MissingDependencyError,
-    Volume,
+    SegVolFastError,
+    ShapeError,
     VolumeError,
     VolumeFileError,
+)
+from segevol_fast.io import (
+    Volume,
     load_dicom,
     load_volume,
     save_nifti,
