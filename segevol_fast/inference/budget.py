@@ -88,6 +88,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..errors import BudgetError, MemorySpecError
+from ..geometry.sliding_window import global_grid, padded_size
 from .memory import current_rss
 
 MAX_WINDOW_BATCH = 8
@@ -233,8 +234,6 @@ def band_voxels(shape: Sequence[int], window: Sequence[int]) -> int:
 
 
 def _num_windows(crop_shape: Sequence[int], window: Sequence[int]) -> int:
-    from .fast import global_grid  # fast imports this module at load time
-
     return math.prod(len(s) for s in global_grid(crop_shape, window))
 
 
@@ -338,8 +337,6 @@ def estimate_exact(
     Same arguments and return value as `estimate`; the crop is assumed materialised already
     (the baseline holds it), as `segment()` does before planning.
     """
-    from .sliding_window import padded_size
-
     cfg = model.config
     dev = torch.device(device) if device is not None else _model_device(model)
     on_cpu = dev.type == "cpu"

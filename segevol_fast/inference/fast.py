@@ -50,14 +50,14 @@ from ..crop import CropReader
 from ..errors import PromptError, ShapeError
 from ..adapters.context import prompt_context
 from ..model.seams import adapter_state
+from ..geometry.prompt_frames import box_to_zoom_out, points_to_zoom_out
+from ..geometry.sliding_window import global_grid
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
-from .exact import box_to_zoom_out, points_to_zoom_out
 from .finite import check_finite_logits, finite_rows
 from .oom import HostStitchNeeded, OutOfMemoryError, Retries
 from .progress import stage, steps
 from .prompts import Prompt
-from .sliding_window import axis_starts, pad_widths, padded_size, scan_interval
 
 Triple = tuple[int, int, int]
 Window = tuple[int, int, int]  # index of a window in the global grid (i_d, i_h, i_w)
@@ -81,16 +81,7 @@ class FastOutput:
     windows: int = 0
 
 
-# ------------------------------------------------------------------------------ the global grid
-def global_grid(crop_shape: Sequence[int], window: Sequence[int]) -> list[list[int]]:
-    """Per axis, the window starts in the crop frame (negative on an axis shorter than the
-    window: the zero padding MONAI puts before it). MONAI 0.9 arithmetic, overlap 0.5."""
-    pads = pad_widths(crop_shape, window)
-    steps = scan_interval(crop_shape, window, 0.5)
-    sizes = padded_size(crop_shape, window)
-    return [[s - p[0] for s in axis_starts(n, int(r), st)] for n, r, st, p in zip(sizes, window, steps, pads)]
-
-
+# ------------------------------------------------------------------------------ windows on the global grid
 def windows_for_roi(grid: Sequence[Sequence[int]], window: Sequence[int], lo: Triple, hi: Triple) -> list[Window]:
     """Grid windows meeting the inclusive box [lo, hi], in raster order (D slowest)."""
     per_axis = [[i for i, s in enumerate(starts) if s <= b and s + r - 1 >= a]

@@ -26,12 +26,13 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError, PromptError
+from ..geometry.sliding_window import global_grid
 from ..io import Volume, load_volume
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
 from .arguments import check_session_arguments
 from .budget import _model_device, parse_memory, plan_fast, same_device
-from .fast import WindowCache, global_grid
+from .fast import WindowCache
 from .precision import inference_state, resolve_precision
 from .prompts import _as_points
 from .result import SegmentationResult

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, ShapeError
-from ..inference.exact import generate_box
+from ..geometry.prompt_frames import generate_box
 
 POSITIVE_THRESHOLD = 0.9  # official select_points: value > 0.9 is a positive candidate
 NEGATIVE_THRESHOLD = 0.1  # ... and value < 0.1 a negative one (area-resized masks are fractional)

@@ -18,15 +18,10 @@ import torch.nn.functional as F
 from bench.official_rerun import load_real_ct, official_rerun, real_ct_prompts
 from segevol_fast import SegVol, SegVolConfig
 from segevol_fast.errors import PromptError, ZoomInWarning
-from segevol_fast.inference.exact import (
-    box_to_zoom_out,
-    generate_box,
-    points_to_zoom_out,
-    roi_from_logits,
-    run_exact,
-)
+from segevol_fast.geometry.prompt_frames import box_to_zoom_out, generate_box, points_to_zoom_out
+from segevol_fast.geometry.sliding_window import pad_widths, sliding_window_average, window_starts
+from segevol_fast.inference.exact import roi_from_logits, run_exact
 from segevol_fast.inference.prompts import Prompt
-from segevol_fast.inference.sliding_window import pad_widths, sliding_window_average, window_starts
 from segevol_fast.preprocess import preprocess, resize_logits_back, zoom_out_resize
 
 ROI = (8, 32, 32)  # SegVolConfig.tiny().spatial_size

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig
+from segevol_fast.geometry.prompt_frames import box_to_zoom_out, points_to_zoom_out
+from segevol_fast.geometry.sliding_window import global_grid, pad_widths, window_starts
 from segevol_fast.inference.budget import Plan
-from segevol_fast.inference.exact import box_to_zoom_out, points_to_zoom_out, roi_from_logits, run_exact
-from segevol_fast.inference.fast import _CropMap, global_grid, run_fast, windows_for_roi
+from segevol_fast.inference.exact import roi_from_logits, run_exact
+from segevol_fast.inference.fast import _CropMap, run_fast, windows_for_roi
 from segevol_fast.inference.prompts import Prompt
-from segevol_fast.inference.sliding_window import pad_widths, window_starts
 from segevol_fast.preprocess import Preprocessed, preprocess, resize_logits_back, zoom_out_resize
 
 SIZE = (8, 32, 32)  # SegVolConfig.tiny().spatial_size

@@ -20,8 +20,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from segevol_fast.inference.fast import _Stitch, global_grid, windows_for_roi
-from segevol_fast.inference.sliding_window import (
+from segevol_fast.geometry.sliding_window import (
+    global_grid,
     pad_widths,
     padded_size,
     scan_interval,
@@ -29,6 +29,7 @@ from segevol_fast.inference.sliding_window import (
     window_slices,
     window_starts,
 )
+from segevol_fast.inference.fast import _Stitch, windows_for_roi
 
 
 @st.composite

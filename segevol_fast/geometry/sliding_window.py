@@ -10,7 +10,8 @@ For one axis of size n and window r, with overlap 0.5:
 
 The 3-D grid is the 'ij' meshgrid of the per-axis starts: D varies slowest, W fastest. Window
 outputs are blended with a constant importance map, i.e. a plain average per voxel (logits in
-SegVol). Every start and slice here is in the *padded* frame.
+SegVol). Every start and slice here is in the *padded* frame, except `global_grid`'s: the same
+starts in the crop frame, the one grid on which fast mode and the memory planner place windows.
 """
 
 from __future__ import annotations
@@ -153,3 +154,12 @@ def sliding_window_average(
     acc = acc / count
     crop = tuple(slice(b, b + n) for (b, _), n in zip(widths, spatial))
     return acc[(slice(None), slice(None)) + crop].contiguous()
+
+
+def global_grid(crop_shape: Sequence[int], window: Sequence[int]) -> list[list[int]]:
+    """Per axis, the window starts in the crop frame (negative on an axis shorter than the
+    window: the zero padding MONAI puts before it). MONAI 0.9 arithmetic, overlap 0.5."""
+    pads = pad_widths(crop_shape, window)
+    steps = scan_interval(crop_shape, window, 0.5)
+    sizes = padded_size(crop_shape, window)
+    return [[s - p[0] for s in axis_starts(n, int(r), st)] for n, r, st, p in zip(sizes, window, steps, pads)]
