@@ -138,12 +138,12 @@ def segment_cohort(model, items: Sequence[CohortItem], out_dir: str | os.PathLik
     scan), and segment_kwargs are checked as segment() checks them (raised). Adapter files are
     attached for the run and removed afterwards.
 
-    Under torchrun (a process group of N > 1, `train.distributed.init_from_env`), rank r takes
+    Under torchrun (a process group of N > 1, `distributed.init_from_env`), rank r takes
     items r, r + N, ... and keeps its own `cohort_summary.rank<r>.csv` while running; at the end
     the rows are gathered and rank 0 writes the one merged summary, which every rank returns.
     """
     from .. import adapters
-    from ..train import distributed
+    from .. import distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     out = pathlib.Path(out_dir)

@@ -45,9 +45,9 @@ from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from .. import adapters
+from .. import distributed as dist_utils
 from ..errors import CheckpointError, InvalidArgumentError, OutputError
 from ..io.output import write_file_atomic
-from . import distributed as dist_utils
 from .datasets import sample_seed
 from .loader import ModalityBalancedSampler, make_loader
 from .loss import bce_dice_loss

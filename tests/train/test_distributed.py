@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segevol_fast.errors import InvalidArgumentError
-from segevol_fast.train import distributed
+from segevol_fast import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -1,11 +1,14 @@
-"""Multi-process training through PyTorch's own engine (torchrun + DistributedDataParallel).
+"""Multi-process runs through PyTorch's own engine (torchrun; DistributedDataParallel in training).
 
     torchrun --nproc-per-node 2 [--nnodes M ...] -m segevol_fast finetune ...
+    torchrun --nproc-per-node 2 -m segevol_fast segment cohort.csv ...
+
+Shared by training and cohort inference, so it sits below both.
 
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `init_from_env` reads
 them and joins the process group (NCCL on CUDA, gloo on CPU). Without them (a plain `python`
 run) it is a single process and joins nothing. The helpers below are no-ops in a single process,
-so the trainer calls them unconditionally.
+so their callers call them unconditionally.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..errors import InvalidArgumentError
+from .errors import InvalidArgumentError
 
 
 class DistEnv(NamedTuple):
