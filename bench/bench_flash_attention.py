@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from segevol_fast import ops
-from segevol_fast.kernels.reference_attention import flash_attention_sdpa
+from segevol_fast.ops.flash_attention.reference import flash_attention_sdpa
 
 SHAPE = (1, 12, 2048, 64)  # (B, H, S, D): 2048 tokens of one 32x256x256 window, 12 heads of 64
 KV_LENS = {"full": None, "kv2000": 2000}

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 from segevol_fast import ops
 from segevol_fast.errors import ArgumentTypeError, ShapeError
-from segevol_fast.kernels.reference_attention import flash_attention_reference_with_lse
+from segevol_fast.ops.flash_attention.reference import flash_attention_reference_with_lse
 from segevol_fast.model.attention import attention
 from segevol_fast.ops import _backend, _op
 from tests.numerics import assert_matches_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-fa_module = importlib.import_module("segevol_fast.ops.flash_attention")  # ops.flash_attention is the function
+fa_module = importlib.import_module("segevol_fast.ops.flash_attention.op")
 
 
 def _qkv(B, H, Sq, Sk, D, dtype=torch.float64):
@@ -139,7 +139,7 @@ def test_cpu_backward_reuses_the_forward_statistics(kv_len):
 
 def test_triton_backward_reuses_the_forward_statistics(monkeypatch):
     _available("triton")
-    kernels = importlib.import_module("segevol_fast.kernels.triton.flash_attention")
+    kernels = importlib.import_module("segevol_fast.ops.flash_attention.triton_kernel")
     q, k, v = (t.float().requires_grad_() for t in _qkv(1, 2, 9, 17, 16))
     with ops.use_backend("triton"):
         out = ops.flash_attention(q, k, v, None, torch.tensor([12]))

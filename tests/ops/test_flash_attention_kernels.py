@@ -1,6 +1,6 @@
 """Flash-attention kernels (Triton, under the interpreter on CPU), the CPU backend (ATen's fused
 flash kernels, forward and backward) and the SDPA path against the float64 reference
-(`segevol_fast.kernels.reference_attention`), forward and backward."""
+(`segevol_fast.ops.flash_attention.reference`), forward and backward."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from segevol_fast.errors import ArgumentTypeError, ShapeError
-from segevol_fast.kernels.reference_attention import (
+from segevol_fast.ops.flash_attention.reference import (
     flash_attention_cpu,
     flash_attention_cpu_backward,
     flash_attention_reference,
@@ -44,7 +44,7 @@ def _ids(case):
 
 def _fa():
     pytest.importorskip("triton")
-    from segevol_fast.kernels.triton import flash_attention
+    from segevol_fast.ops.flash_attention import triton_kernel as flash_attention
 
     return flash_attention
 

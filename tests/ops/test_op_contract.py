@@ -99,7 +99,7 @@ def _lora_linear_args(case, device):
 SPECS = [
     OpSpec(
         name="patch_embed",
-        module="segevol_fast.ops.patch_embed",
+        module="segevol_fast.ops.patch_embed.op",
         # (B, C, D, H, W), patch, E: a remainder on every axis, batch 3, C > 1, E not a block size
         # and one volume that is exactly one patch (no remainder, N = 1)
         cases=[((3, 1, 9, 35, 33), (4, 16, 16), 48), ((2, 2, 8, 20, 18), (2, 4, 3), 20), ((1, 1, 4, 16, 16), (4, 16, 16), 16)],
@@ -109,7 +109,7 @@ SPECS = [
     ),
     OpSpec(
         name="flash_attention",
-        module="segevol_fast.ops.flash_attention",
+        module="segevol_fast.ops.flash_attention.op",
         # ((B, H, Sq, Sk, D), scale, kv_len per row): tails of every 16-block, Sq < Sk and Sq > Sk,
         # one query, a row with no valid key (0) and one longer than Sk (clamped)
         cases=[((2, 3, 19, 37, 24), 0.3, [37, 5]), ((1, 2, 33, 17, 64), None, None),
@@ -123,7 +123,7 @@ SPECS = [
 SPECS.append(
     OpSpec(
         name="lora_linear",
-        module="segevol_fast.ops.lora_linear",
+        module="segevol_fast.ops.lora_linear.op",
         # ((leading dims), K, N, r, out_slice): odd K/N/rows, ranks 2/5/16 (rank 1 in test_lora_linear:
         # a (n, 1) B cannot be made non-contiguous), a middle slice
         # (the v third of a qkv-like output) and the whole output; W is frozen (not a grad arg)
@@ -153,7 +153,7 @@ def _routed_lora_linear_args(case, device):
 SPECS.append(
     OpSpec(
         name="routed_lora_linear",
-        module="segevol_fast.ops.routed_lora_linear",
+        module="segevol_fast.ops.routed_lora_linear.op",
         # (segment lengths, K, N, r, E, "soft" or adapter per segment): soft mixtures (the first
         # case and tiny_case, so gates are a grad arg everywhere) and hard routing with a base-only
         # (-1) and an empty segment; odd K/N/rows

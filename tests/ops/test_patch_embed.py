@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from segevol_fast import ops
 from segevol_fast.errors import BackendUnavailableError, ShapeError
 from segevol_fast.ops import _backend
-from segevol_fast.ops.patch_embed import patchify, unpatchify
+from segevol_fast.ops.patch_embed.op import patchify, unpatchify
 from tests.numerics import assert_matches_reference
 
 def _device_for(backend: str) -> str:

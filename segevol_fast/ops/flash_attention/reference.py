@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._python_dispatch as _python_dispatch
 
-from ..errors import ArgumentTypeError, ShapeError
+from ...errors import ArgumentTypeError, ShapeError
 
 _FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ...errors import ShapeError
-from ._launch import TiledKernel, gemm_configs, matmul_precision
+from .._triton import TiledKernel, gemm_configs, matmul_precision
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InvalidArgumentError, ShapeError
-from ._op import define_op
+from ...errors import InvalidArgumentError, ShapeError
+from .._op import define_op
 
 OP_NAME = "lora_linear"
 
@@ -155,7 +155,7 @@ def _native_cpu(x, weight, bias, lora_a, lora_b, scale, out_slice):
 
 # ---------------------------------------------------------------------------- other backends
 def _triton_impl(x, weight, bias, lora_a, lora_b, scale, out_slice):
-    from ..kernels.triton.lora_linear import lora_linear_triton
+    from .triton_kernel import lora_linear_triton
 
     return lora_linear_triton(x, weight, bias, lora_a, lora_b, scale, out_slice)
 

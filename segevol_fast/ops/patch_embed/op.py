@@ -11,7 +11,7 @@ Linear weight reshaped to (E, pd, ph, pw, C) and permuted to (E, C, pd, ph, pw).
 Conv3d, voxels past the last whole patch along an axis do not contribute.
 
 Implementations: `patch_embed_ref` (PyTorch), native C++ (CPU), CUDA, Triton (csrc/patch_embed/,
-kernels/triton/patch_embed.py); dispatch, custom op and eager bypass come from `_op.define_op`.
+triton_kernel.py next to this file); dispatch, custom op and eager bypass come from `_op.define_op`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ShapeError
-from ._op import define_op
+from ...errors import ShapeError
+from .._op import define_op
 
 OP_NAME = "patch_embed"
 DEFAULT_PATCH = (4, 16, 16)
@@ -118,7 +118,7 @@ def _native_impl(x, weight, bias, pos_embed, patch_size, scale, shift):
 
 
 def _triton_impl(x, weight, bias, pos_embed, patch_size, scale, shift):
-    from ..kernels.triton.patch_embed import patch_embed_triton
+    from .triton_kernel import patch_embed_triton
 
     return patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale, shift)
 

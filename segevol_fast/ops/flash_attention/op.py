@@ -3,7 +3,7 @@
     out[b, h] = softmax(scale * q[b, h] @ k[b, h]^T, keys j >= kv_len[b] masked) @ v[b, h]
 
 Layout (B, H, S, D) like torch SDPA; the semantics (scale default, kv_len clamping, a row with no
-valid key giving zeros) are those of `kernels.reference_attention`, whose
+valid key giving zeros) are those of `reference.py` next to this file, whose
 `flash_attention_reference` is this op's `flash_attention_ref`.
 
 The registered op `torch.ops.segevol_fast.flash_attention` returns two tensors, (out, lse): lse is
@@ -25,7 +25,7 @@ import functools
 import torch
 from torch import Tensor
 
-from ..kernels.reference_attention import (
+from .reference import (
     check_attention_args,
     flash_attention_cpu,
     flash_attention_cpu_backward,
@@ -33,8 +33,8 @@ from ..kernels.reference_attention import (
     flash_attention_reference_with_lse,
     lse_like,
 )
-from . import _backend
-from ._op import define_op, device_guard
+from .. import _backend
+from .._op import define_op, device_guard
 
 OP_NAME = "flash_attention"
 SCHEMA = "(Tensor q, Tensor k, Tensor v, float? scale, Tensor? kv_len) -> (Tensor, Tensor)"
@@ -67,7 +67,7 @@ def _layout(backend):
 
 # ---------------------------------------------------------------------------- backends
 def _triton_impl(q, k, v, scale, kv_len):
-    from ..kernels.triton.flash_attention import flash_attention_triton
+    from .triton_kernel import flash_attention_triton
 
     return flash_attention_triton(q, k, v, scale, kv_len, out=_out_like(q))
 
@@ -89,7 +89,7 @@ def _setup_context(ctx, inputs, output):
 
 def _triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                      scale: float | None, kv_len: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    from ..kernels.triton.flash_attention import flash_attention_triton_backward
+    from .triton_kernel import flash_attention_triton_backward
 
     with device_guard(q.device):
         return flash_attention_triton_backward(grad_out, q, k, v, out, lse, scale, kv_len)

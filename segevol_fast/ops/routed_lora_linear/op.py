@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InvalidArgumentError, ShapeError
-from ._op import define_op
-from .lora_linear import lora_linear_ref
+from ...errors import InvalidArgumentError, ShapeError
+from .._op import define_op
+from ..lora_linear.op import lora_linear_ref
 
 OP_NAME = "routed_lora_linear"
 
@@ -165,7 +165,7 @@ def _native_cpu(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates, s
 
 
 def _triton_impl(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates, scale):
-    from ..kernels.triton.lora_linear import lora_linear_triton
+    from ..lora_linear.triton_kernel import lora_linear_triton
 
     _, w = _row_weights(x, lora_a.shape[0], segments, adapter_idx, gates)
     a_flat, b_flat = _flat(lora_a, lora_b)

@@ -19,7 +19,7 @@ Masks: query tails (Sq not a multiple of BLOCK_M), key tails and keys >= kv_len[
 kv_len 0 gets output 0, lse -inf and zero gradients. Inputs may have any strides; head dims up to
 128 (32/64/128 are the targets; others are padded to a power of two >= 16 and masked).
 
-Tested: fp32 and fp16 against the float64 reference (`kernels.reference_attention`) under
+Tested: fp32 and fp16 against the float64 reference (`reference.py` next to this file) under
 TRITON_INTERPRET=1 on CPU at tiny sizes with 16 x 16 blocks (tails, Sq != Sk, kv_len, strides,
 forward and backward). NOT tested: these kernels have never run on a GPU, nor in bf16 (the
 interpreter computes bf16 wrongly), nor with the GPU default block sizes.
@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ...errors import ShapeError
-from ..reference_attention import check_attention_args, kv_lengths
-from ._launch import interpreted, matmul_precision
+from .reference import check_attention_args, kv_lengths
+from .._triton import interpreted, matmul_precision
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
