@@ -1,4 +1,4 @@
-"""MONAI's ViT built as SegVol builds it (reference §1), holding the same weights as our encoder.
+"""MONAI's ViT built as SegVol builds it (docs/official-pipeline.md §1), holding the same weights as our encoder.
 
 The official image encoder is this MONAI class, so it is both the correctness reference
 (tests/model/test_image_encoder.py) and the speed baseline (bench/cpu_encoder.py). MONAI is a

@@ -1,5 +1,5 @@
 """An independent, deliberately literal re-run of SegVol's official zoom-out-zoom-in inference, used
-to check `segevol_fast.inference.exact.run_exact` (reference §5.2–5.4, §11.8–11.10).
+to check `segevol_fast.inference.exact.run_exact` (docs/official-pipeline.md §5.2–5.4, §11.8–11.10).
 
 It follows the official GitHub demo (`inference_demo.py::zoom_in_zoom_out` and the custom
 `sliding_window_inference` of `utils/monai_inferers_utils.py`) statement by statement, with its own

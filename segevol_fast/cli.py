@@ -477,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("vocabulary", help="list the structure names SegVol is known to have been trained on",
-                       description="Structure names known from SegVol's training data (a known subset, from the "
-                                   "SegVol reference notes). Text prompts outside it run, with a VocabularyWarning.")
+                       description="Structure names known from SegVol's training data (a known subset; see "
+                                   "docs/official-pipeline.md §8). Text prompts outside it run, with a VocabularyWarning.")
     p.add_argument("--plain", action="store_true", help="one name a line, sorted, nothing else")
     p.set_defaults(func=_cmd_vocabulary)
 

@@ -1,4 +1,4 @@
-"""SegVol's official preprocessing (reference §5.1), its inverse, and the zoom-out resizes (§5.3).
+"""SegVol's official preprocessing (docs/official-pipeline.md §5.1), its inverse, and the zoom-out resizes (§5.3).
 
     x (X, Y, Z)  --foreground = x > mean(x)
                  --clip whole volume to the foreground's 0.05th / 99.95th percentiles
@@ -444,5 +444,5 @@ def zoom_out_resize(x: Tensor, size: Sequence[int] = ZOOM_OUT_SIZE) -> Tensor:
 
 
 def resize_logits_back(logits: Tensor, shape: Sequence[int]) -> Tensor:
-    """Zoom-out logits (.., 32, 256, 256) -> (.., *shape) with legacy torch 'nearest' (reference §5.3)."""
+    """Zoom-out logits (.., 32, 256, 256) -> (.., *shape) with legacy torch 'nearest' (docs/official-pipeline.md §5.3)."""
     return _interp(logits, shape, "nearest")

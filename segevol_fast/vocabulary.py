@@ -4,7 +4,7 @@ SegVol's text prompts are CLIP embeddings of "A computerized tomography of a {na
 model only learned the names its training datasets used, spelled as they spelled them (text
 prompting is sensitive to wording: "gallbladder" and "gall bladder" are different prompts).
 
-Source: /work/shared/reference/segvol-reference.md §8 ("Categories"). SegVol ships no master list;
+Source: docs/official-pipeline.md §8 ("Categories"). SegVol ships no master list;
 the names below are every name that section lists or quotes (the AbdomenCT-12organ defaults of
 `train_data_process.py`, `config/config_demo.json`, and the per-dataset examples of M3D-Seg's
 `dataset_info.py`), normalised to lower case. This is the KNOWN SUBSET, not the full list of 222
@@ -86,7 +86,7 @@ def check_names(names: Optional[Iterable[str]], stacklevel: int = 2) -> list[str
 def format_vocabulary() -> str:
     """The list, grouped by source, for `segevol-fast vocabulary`."""
     lines = [f"{len(NAMES)} structure names known from SegVol's training data (a known subset of its 222; "
-             "source: SegVol reference notes §8). Other names may work, with a warning.", ""]
+             "source: docs/official-pipeline.md §8). Other names may work, with a warning.", ""]
     lines += [f"{src}:\n  " + ", ".join(names) for src, names in SOURCES.items()]
     lines += ["", "all, sorted:", "  " + "\n  ".join(sorted(NAMES))]
     return "\n".join(lines)

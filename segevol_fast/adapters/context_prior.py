@@ -1,4 +1,4 @@
-"""Context priors: learned tokens per modality and per task that steer SegVol (issue 10 §2.4).
+"""Context priors: learned tokens per modality and per task that steer SegVol.
 
 Two variants, both attached at two seams (`model.seams`):
 
@@ -9,14 +9,14 @@ Two variants, both attached at two seams (`model.seams`):
     added, times `posterior_scale` (0.1), to the decoder's M mask tokens (hs[:, 1:1+M]) before the
     hypernetwork reads mask token 0.
 
-"additive" (SegEVOLution's single fusion, reference/extensions-and-peers.md §A.1): one token per
+"additive" (SegEVOLution's single fusion, docs/adapters.md, "SegEVOLution"): one token per
 modality and per task, zero-initialised. Image side: one block, image tokens attend over
 [image tokens; modality tokens] (one `ops.flash_attention` call, 2048 + K keys, `kv_len` masks
 the padded prior slots), then an FFN, and a ZERO-INITIALISED output projection gates the block's
 contribution. Decoder side: task token <- image tokens, then SegEVOLution's posterior MLP
 (hidden -> 48 -> ReLU -> M*hidden, last layer zero-initialised).
 
-"hermes" (Hermes' prior fusion, §B): several tokens per modality (10), two-way attention:
+"hermes" (Hermes' prior fusion, docs/adapters.md, "Hermes"): several tokens per modality (10), two-way attention:
 modality priors <- image tokens (+ FFN), then image tokens <- modality priors (+ FFN); the image
 branch's output projection and FFN output are zero-initialised. Decoder side: task token <- image
 tokens (+ FFN), then LayerNorm and a two-layer MLP give the posterior (last layer zero-initialised).

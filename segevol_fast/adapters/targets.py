@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import AdapterError
 
-# SegEVOLution's LoRA targets (reference/extensions-and-peers.md §A.1): the ViT's fused qkv and
+# SegEVOLution's LoRA targets (docs/adapters.md, "SegEVOLution"): the ViT's fused qkv and
 # MLP, and the q/v projections of three of the mask decoder's attentions.
 SEGEVOLUTION_TARGETS: tuple[str, ...] = (
     "image_encoder.blocks.*.attn.qkv",

@@ -1,5 +1,5 @@
 """Sliding-window arithmetic of the official zoom-in (MONAI 0.9.0 `sliding_window_inference` as
-SegVol's `utils/monai_inferers_utils.py` uses it; reference §5.4).
+SegVol's `utils/monai_inferers_utils.py` uses it; docs/official-pipeline.md §5.4).
 
 For one axis of size n and window r, with overlap 0.5:
 

@@ -1,5 +1,5 @@
 """`mode="exact"`: the official zoom-out-zoom-in pipeline, step by step, quirks included
-(reference §5.2–5.4 and §11.8–11.10; GitHub `inference_demo.py` + `utils/monai_inferers_utils.py`).
+(docs/official-pipeline.md §5.2–5.4 and §11.8–11.10; GitHub `inference_demo.py` + `utils/monai_inferers_utils.py`).
 
 Per prompt, with S = config.spatial_size and the crop (D', H', W') = prep.image's shape:
 

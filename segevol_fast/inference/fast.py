@@ -1,6 +1,6 @@
 """`mode="fast"`: zoom-out-zoom-in with shared encodings, batched windows and compact stitching.
 
-Same kind of result as the official pipeline (reference §5.3–5.4), computed differently:
+Same kind of result as the official pipeline (docs/official-pipeline.md §5.3–5.4), computed differently:
 
 * Zoom-out: ONE `encode_image` of the resized crop for all prompts, and one batched decode per
   prompt signature (which of text / box / points it carries). Boxes and points go to the zoom-out

@@ -1,6 +1,6 @@
 """User prompts -> prompts in the model's frame.
 
-Frames (reference §5.1, §11.1):
+Frames (docs/official-pipeline.md §5.1, §11.1):
     input voxel   (i, j, k) indices of the stored array (X, Y, Z), as the user sees the file
     world         millimetres, RAS, through the volume's affine (`coords="world"`)
     crop          (d, h, w) = (k, j, i) − crop start: the preprocessed foreground crop, model axes

@@ -142,7 +142,7 @@ def load_volume(src, modality: Optional[str] = None, affine=None, spacing: Optio
               (`segevol_fast.io.list_series(folder)` lists them; "no-series-uid" names a series
               whose files have no UID); only with paths.
 
-    The array is never reoriented or resampled (reference §5.1). Errors: ShapeError for wrong
+    The array is never reoriented or resampled (docs/official-pipeline.md §5.1). Errors: ShapeError for wrong
     dims, VolumeError for non-finite data or bad geometry, VolumeFileError for unknown paths.
     """
     modality = normalize_modality(modality)

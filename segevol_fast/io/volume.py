@@ -1,7 +1,7 @@
 """`Volume`: a 3-D scan on its own voxel grid.
 
 The array is the file's voxel array (X, Y, Z) = (i, j, k) exactly as stored, never reoriented:
-SegVol was trained on unreoriented arrays (reference §5.1, §11.1), so masks come back on this grid.
+SegVol was trained on unreoriented arrays (docs/official-pipeline.md §5.1, §11.1), so masks come back on this grid.
 The affine maps voxel indices to world millimetres in RAS+, the convention nibabel uses.
 """
 

@@ -1,6 +1,6 @@
 """Reading and writing SegVol weights without executing pickled code.
 
-Formats read (reference §7):
+Formats read (docs/official-pipeline.md §7):
     * an HF-style directory: config.json + model.safetensors or pytorch_model.bin (keys `model.*`)
       + tokenizer files; also our own `save_pretrained` output (safetensors, no prefix);
     * the original `SegVol_v1.pth`: {'model': {'module.*': ...}, 'optimizer', 'epoch', ...};

@@ -1,6 +1,6 @@
 """SegVol architecture configuration.
 
-`SegVolConfig()` is the official architecture (shared reference §1–4): a MONAI-style ViT-B image
+`SegVolConfig()` is the official architecture (docs/official-pipeline.md §1–4): a MONAI-style ViT-B image
 encoder over 32×256×256 volumes with 4×16×16 patches, the default CLIP text tower, a SAM-style 3-D
 prompt encoder and a two-way-transformer mask decoder. `SegVolConfig.tiny()` keeps every structural
 quirk at toy widths so the whole model runs forward and backward on a CPU in seconds.

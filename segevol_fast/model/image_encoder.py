@@ -1,4 +1,4 @@
-"""SegVol's image encoder: the MONAI 0.9 `ViT` as SegVol builds it (reference §1).
+"""SegVol's image encoder: the MONAI 0.9 `ViT` as SegVol builds it (docs/official-pipeline.md §1).
 
 Perceptron patch embedding with a learned position embedding, `num_layers` pre-norm transformer
 blocks (qkv without bias, exact-erf GELU MLP), a final LayerNorm, no class token, no dropout.

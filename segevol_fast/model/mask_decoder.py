@@ -1,4 +1,4 @@
-"""SegVol's mask decoder (reference §3): two-way transformer, 3-D upscaling, hypernetwork masks.
+"""SegVol's mask decoder (docs/official-pipeline.md §3): two-way transformer, 3-D upscaling, hypernetwork masks.
 
 Tokens [iou_token, 4 mask tokens, sparse prompts] attend with the image tokens; the image side is
 upscaled ×4 (two ConvTranspose3d, with a LayerNorm over the FULL (hidden/4, 2gd, 2gh, 2gw) shape

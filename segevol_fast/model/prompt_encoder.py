@@ -1,8 +1,8 @@
-"""SegVol's prompt encoder: SAM's prompt encoder made 3-D (reference §2).
+"""SegVol's prompt encoder: SAM's prompt encoder made 3-D (docs/official-pipeline.md §2).
 
 Points, box corners and the text embedding become sparse tokens (B, T, hidden); the dense prompt
 is always the learned "no mask" vector broadcast over the token grid. Two coordinate quirks that
-are baked into the official weights are reproduced on purpose (reference §11.4):
+are baked into the official weights are reproduced on purpose (docs/official-pipeline.md §11.4):
 
 * point / box coordinates are divided by (spatial[1], spatial[0], spatial[2]) — (256, 32, 256)
   officially — i.e. dims 0 and 1 swap their divisors (SAM's (x/W, y/H) carried into 3-D);

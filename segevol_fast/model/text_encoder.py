@@ -1,4 +1,4 @@
-"""SegVol's text encoder (reference §4): the default CLIP text transformer plus `dim_align`.
+"""SegVol's text encoder (docs/official-pipeline.md §4): the default CLIP text transformer plus `dim_align`.
 
 A from-scratch CLIP text tower whose parameter names equal transformers' `CLIPTextModel`, so the
 keys under `clip_text_model.text_model.*` load straight from the official checkpoint (less the

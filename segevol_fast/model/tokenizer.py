@@ -1,4 +1,4 @@
-"""CLIP tokenizer and SegVol's prompt templates (reference §4), without `transformers`.
+"""CLIP tokenizer and SegVol's prompt templates (docs/official-pipeline.md §4), without `transformers`.
 
 Loads the fast-tokenizer file `tokenizer.json` with the `tokenizers` library, or, when a folder
 has only `vocab.json` + `merges.txt`, builds the same byte-level BPE pipeline from them: NFC,

@@ -1,4 +1,4 @@
-"""SAM's TwoWayTransformer over 3-D image tokens, as SegVol's mask decoder uses it (reference §3).
+"""SAM's TwoWayTransformer over 3-D image tokens, as SegVol's mask decoder uses it (docs/official-pipeline.md §3).
 
 Prompt tokens and image tokens attend to each other: per layer self-attention on the tokens,
 token→image cross-attention, an MLP (ReLU) on the tokens, then image→token cross-attention; all

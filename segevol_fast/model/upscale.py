@@ -1,6 +1,6 @@
 """The mask decoder's upscaling + mask projection without materialising NCDHW feature maps.
 
-Officially (reference §3): features = GELU(ConvT2(GELU(LN(ConvT1(src))))), (B, C/8, 4gd, 4gh, 4gw),
+Officially (docs/official-pipeline.md §3): features = GELU(ConvT2(GELU(LN(ConvT1(src))))), (B, C/8, 4gd, 4gh, 4gw),
 then logits = Σ_c w[b, c] · features[b, c]. Both ConvTranspose3d have kernel = stride = 2, so each
 is a per-voxel matmul (no overlap) followed by a 2×2×2 "pixel shuffle". Doing the matmuls in token
 order and shuffling only the final 1-channel logits (instead of C/8 = 96 channels) removes the big

@@ -1,1 +1,1 @@
-"""Fine-tuning SegVol: datasets, the official loss and prompt mix, metrics, the trainer (issue 10)."""
+"""Fine-tuning SegVol: datasets, the official loss and prompt mix, metrics, the trainer."""

@@ -1,6 +1,6 @@
 """Geometric and intensity augmentation of one training sample, driven by an explicit generator.
 
-The official SegVol recipe (reference §6 "Train augmentation") is MONAI's
+The official SegVol recipe (docs/official-pipeline.md §6 "Train augmentation") is MONAI's
 SpatialPad -> OneOf(Resized(area), RandCropByPosNegLabeld(pos 2, neg 1)) -> RandFlipd per axis ->
 RandScaleIntensityd / RandShiftIntensityd -> Resized(area). These functions are the torch analogues,
 each taking a `torch.Generator` so that a sample depends only on the generator's seed (never on the

@@ -399,5 +399,5 @@ def _prepare_m3d(case: Case) -> PreparedCase:
 
 
 def prepare_case(case: Case, unknown_labels: str = "error") -> PreparedCase:
-    """Load and preprocess one case (official pipeline, reference §5.1 / §6)."""
+    """Load and preprocess one case (official pipeline, docs/official-pipeline.md §5.1 / §6)."""
     return _prepare_m3d(case) if case.kind == "m3d" else _prepare_volume(case, unknown_labels)

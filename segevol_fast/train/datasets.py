@@ -3,7 +3,7 @@ per (seed, epoch, index).
 
 Every sample is a dict
     image:    (1, D, H, W) float32, (D, H, W) = spatial_size, model axes = the stored (X, Y, Z)
-              reversed (reference §5.1). In [0, 1], except that the official intensity augmentation
+              reversed (docs/official-pipeline.md §5.1). In [0, 1], except that the official intensity augmentation
               (p 0.1 each, not clipped) may move it by up to ~0.1.
     labels:   (C, D, H, W) float32 binary masks, one per category present in the case's
               preprocessed crop (C differs between cases), in increasing label-id order.
@@ -45,7 +45,7 @@ class SegmentationDataset(Dataset):
     epoch e depends only on (seed, e, i). An index may also be an (epoch, i) pair, which is how
     `make_loader` hands the epoch to persistent workers.
 
-    Train samples (official recipe, reference §6): zero-pad to >= spatial_size, then one of
+    Train samples (official recipe, docs/official-pipeline.md §6): zero-pad to >= spatial_size, then one of
     {resize the whole crop ('area'; labels 'area' then >= 0.5), a spatial_size crop centred on a
     foreground voxel with probability pos_fraction (2/3 = pos 2 : neg 1) or else on a background
     voxel with intensity > 0} (crop_mode "mixed" picks 1:1; "resize" / "crop" force one), then a

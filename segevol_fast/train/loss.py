@@ -1,4 +1,4 @@
-"""The official per-decoder-call training loss: BCEWithLogits (mean) + binary Dice (reference §6).
+"""The official per-decoder-call training loss: BCEWithLogits (mean) + binary Dice (docs/official-pipeline.md §6).
 
 Official (`utils/loss.py` `BCELoss` + `BinaryDiceLoss`, smooth 1):
 

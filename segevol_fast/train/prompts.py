@@ -1,5 +1,5 @@
 """Training prompts drawn from a ground-truth mask: box, points and the official six-way mix
-(reference §5.2, §6; GitHub `build_prompt_label`, `select_points`; HF `generate_box(bbox_shift)`).
+(docs/official-pipeline.md §5.2, §6; GitHub `build_prompt_label`, `select_points`; HF `generate_box(bbox_shift)`).
 
 Every random draw comes from the `torch.Generator` passed in (never the global RNG), so the same
 generator state gives the same prompts. Sampling runs on the CPU (a mask elsewhere is copied
@@ -49,7 +49,7 @@ class PromptMix:
     points: bool
 
 
-# official supervised_forward order (reference §6)
+# official supervised_forward order (docs/official-pipeline.md §6)
 PROMPT_MIXES: tuple[PromptMix, ...] = (
     PromptMix("points+text", text=True, box=False, points=True),
     PromptMix("box+text", text=True, box=True, points=False),

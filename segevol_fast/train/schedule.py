@@ -1,6 +1,6 @@
 """Learning-rate schedule of the trainer: linear warm-up, then cosine decay, per optimizer step.
 
-Official SegVol steps LinearWarmupCosineAnnealingLR once per *epoch* (reference §6); fine-tuning
+Official SegVol steps LinearWarmupCosineAnnealingLR once per *epoch* (docs/official-pipeline.md §6); fine-tuning
 runs are counted in optimizer steps here, so the same shape is applied per step:
 
     f(s) = (s + 1) / W                                   for s < W  (W = warmup_steps)

@@ -6,7 +6,7 @@ checkpointing and clipping, metrics, evaluation, checkpoints with bit-exact resu
     trainer.resume("runs/mri_lora/checkpoint_0001000.pt")        # optional
     trainer.fit()
 
-One optimizer step (reference §6, batched): the step's global batch of `batch_size` images is
+One optimizer step (docs/official-pipeline.md §6, batched): the step's global batch of `batch_size` images is
 encoded at once; for each image, each chosen category (non-empty in the crop) draws one box and
 one point set from its mask, and the decoder runs every prompt mix (official six: points+text,
 box+text, text, box, points, box+points) for all chosen categories of the image in one call.
