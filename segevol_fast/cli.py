@@ -95,7 +95,8 @@ def _build_model(weights: Optional[pathlib.Path], config_name: str, tokenizer, d
     """weights None -> a randomly initialised model of the named architecture ('official'/'tiny')."""
     import torch
 
-    from .model import SegVol, SegVolConfig
+    from .model import SegVolConfig
+    from .segvol import SegVol
 
     if weights is not None:
         return SegVol.from_pretrained(weights, tokenizer=tokenizer, device=device)

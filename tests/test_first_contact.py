@@ -14,13 +14,12 @@ import warnings
 import pytest
 import torch
 
-from segevol_fast import cli
+from segevol_fast import SegVol, SegVolConfig, cli
 from segevol_fast.errors import ModalityWarning, VocabularyWarning, WeightsNotFoundError
 from segevol_fast.inference.progress import Progress, closing_displays
 from segevol_fast.inference.segment import segment
 from segevol_fast.io import load_volume
 from segevol_fast.modality_hint import mr_name_token
-from segevol_fast.model import SegVol, SegVolConfig
 
 
 @pytest.fixture

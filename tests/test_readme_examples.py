@@ -109,7 +109,7 @@ def workdir(tmp_path, monkeypatch, data_dir):
 # the python examples' driver: from_pretrained gives the tiny random model, then the example runs
 _DRIVER = """
 import sys, torch
-from segevol_fast.model import SegVol, SegVolConfig
+from segevol_fast import SegVol, SegVolConfig
 
 def tiny_from_pretrained(cls, path, *args, **kwargs):
     print("from_pretrained", path)

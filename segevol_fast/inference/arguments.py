@@ -17,10 +17,10 @@ import numpy as np
 
 from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io.volume import MODALITY_ALIASES
+from .precision import PRECISION_REQUESTS
 
 MODES = ("fast", "exact")
 COORDS = ("voxel", "world")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _is_bool(value) -> bool:
@@ -106,9 +106,9 @@ def check_device(device) -> None:
 
 
 def check_model(model) -> None:
-    from ..model.segvol import SegVol
+    from ..model.network import SegVolNetwork
 
-    if not isinstance(model, SegVol):
+    if not isinstance(model, SegVolNetwork):
         raise ArgumentTypeError(f"model must be a SegVol (SegVol.from_pretrained(...)), got {type(model).__name__}")
     if any(p.is_meta for p in model.parameters()):
         raise InvalidArgumentError("the model's weights are on the meta device (never loaded); build it with "
@@ -171,7 +171,7 @@ def check_segment_arguments(model, volume, text=None, box=None, points=None, poi
     check_volume(volume)
     _choice(mode, "mode", MODES)
     _choice(coords, "coords", COORDS)
-    _choice(precision, "precision", PRECISIONS, optional=True)
+    _choice(precision, "precision", PRECISION_REQUESTS, optional=True)
     check_modality(modality)
     _flag(zoom_in, "zoom_in")
     _flag(return_probabilities, "return_probabilities")
@@ -190,7 +190,7 @@ def check_session_arguments(model, volume, *, modality=None, max_memory=None, de
     """`model.session(...)`'s arguments: segment()'s checks except the prompts, which come later."""
     check_model(model)
     check_volume(volume)
-    _choice(precision, "precision", PRECISIONS, optional=True)
+    _choice(precision, "precision", PRECISION_REQUESTS, optional=True)
     check_modality(modality)
     check_max_memory(max_memory)
     check_device(device)

@@ -22,8 +22,10 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import InvalidArgumentError
-from .arguments import PRECISIONS
+from ..model.network import PRECISIONS
 
+# What a call may ask for: the network's own precisions, or "auto" (resolved below).
+PRECISION_REQUESTS = ("auto", *PRECISIONS)
 CPU_BF16_ENV = "SEGEVOL_FAST_CPU_BF16"
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 dot-product instructions
 
@@ -87,8 +89,8 @@ def resolve_precision(requested: Optional[str], model_precision: str, device: to
     "fp32" / "bf16" / "fp16" force one.
     """
     requested = "auto" if requested is None else requested
-    if requested not in PRECISIONS:
-        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {requested!r}")
+    if requested not in PRECISION_REQUESTS:
+        raise InvalidArgumentError(f"precision must be one of {PRECISION_REQUESTS}, got {requested!r}")
     if requested != "auto":
         return requested
     kind = torch.device(device).type

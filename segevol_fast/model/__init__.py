@@ -1,12 +1,12 @@
-"""SegVol model: image encoder, text encoder, prompt encoder, mask decoder, checkpoints."""
+"""SegVol's network: image encoder, text encoder, prompt encoder, mask decoder, checkpoints."""
 
 from .config import SegVolConfig
 from .image_encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .segvol import SegVol
+from .network import SegVolNetwork
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, prompt_text
 
-__all__ = ["SegVol", "SegVolConfig", "ImageEncoder", "TextEncoder", "PromptEncoder", "MaskDecoder",
+__all__ = ["SegVolNetwork", "SegVolConfig", "ImageEncoder", "TextEncoder", "PromptEncoder", "MaskDecoder",
            "ClipTokenizer", "prompt_text"]

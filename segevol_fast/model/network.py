@@ -1,4 +1,4 @@
-"""The assembled SegVol model: three calls make a forward pass.
+"""The assembled SegVol network: three calls make a forward pass.
 
     emb    = model.encode_image(x)                      # (B, hidden, gd, gh, gw)
     text   = model.encode_text(["liver", "spleen"])     # (N, hidden), cached per (name, modality)
@@ -7,6 +7,9 @@
 N prompts decode against one image embedding in one batched call. Weights load from the official
 checkpoints with `SegVol.from_pretrained` (see `checkpoint.py` for the formats) and save with
 `save_pretrained` (safetensors + config.json + tokenizer.json).
+
+This is the network alone; it knows nothing of whole-scan inference. The public `segevol_fast.SegVol`
+adds `segment()` and `session()` on top of it (`segevol_fast/segvol.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
 
+# The arithmetic the network can run in, by name; inference adds "auto" (`inference/precision.py`).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
@@ -50,8 +54,8 @@ def _integer_labels(points):
     return coords, labels.long()
 
 
-class SegVol(nn.Module):
-    """SegVol: image encoder, text encoder, prompt encoder and mask decoder.
+class SegVolNetwork(nn.Module):
+    """SegVol's network: image encoder, text encoder, prompt encoder and mask decoder.
 
     Args:
         config: architecture; `SegVolConfig()` (default) is the official one.
@@ -84,7 +88,7 @@ class SegVol(nn.Module):
             value = ClipTokenizer(value)
         self.text_encoder.tokenizer = value
 
-    def set_precision(self, precision: str) -> "SegVol":
+    def set_precision(self, precision: str) -> "SegVolNetwork":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
         self.precision = precision
@@ -169,20 +173,6 @@ class SegVol(nn.Module):
         txt = self.encode_text(text, modality) if text is not None else None
         return self.decode(emb, text_embedding=txt, boxes=boxes, points=points)
 
-    def session(self, volume, **kwargs):
-        """An interactive session on one scan (`segevol_fast.inference.session.Session`): the scan
-        is encoded once, then `sess.segment(...)` / `sess.refine(...)` answer from the cache."""
-        from ..inference.session import Session
-
-        return Session(self, volume, **kwargs)
-
-    def segment(self, volume, text=None, box=None, points=None, point_labels=None, **kwargs):
-        """Segment a whole scan with zoom-out-zoom-in: see `segevol_fast.inference.segment.segment`
-        for every argument. Returns a SegmentationResult with masks on the input's own grid."""
-        from ..inference.segment import segment
-
-        return segment(self, volume, text, box, points, point_labels, **kwargs)
-
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(
@@ -193,9 +183,10 @@ class SegVol(nn.Module):
         device: str | torch.device | None = None,
         precision: str = "fp32",
         download: bool = False,
-    ) -> "SegVol":
+    ) -> "SegVolNetwork":
         """Load weights from an HF-style folder, `SegVol_v1.pth`, a bare state-dict file, our own
-        `save_pretrained` folder, or (encoder only) `vit_pretrain.ckpt`.
+        `save_pretrained` folder, or (encoder only) `vit_pretrain.ckpt`, into an instance of `cls`
+        (`segevol_fast.SegVol.from_pretrained` gives the public `SegVol`).
 
         `path` may also be the Hugging Face name "BAAI/SegVol" (or "SegVol") when no local file or
         folder has that name: the weights are then looked up as the CLI does ($SEGEVOL_WEIGHTS,

@@ -120,16 +120,16 @@ def _cases(args, roots, images, labels, what: str) -> list:
 def _model(args, device):
     import torch
 
-    from ..model import SegVol, SegVolConfig
+    from ..model import SegVolConfig, SegVolNetwork
 
     if args.random_weights:
         if args.config == "small" and not hasattr(SegVolConfig, "small"):
             raise UsageError("--config small is not available in this version; use tiny or official")
         config = SegVolConfig() if args.config == "official" else getattr(SegVolConfig, args.config)()
         torch.manual_seed(args.model_seed)
-        model = SegVol(config, tokenizer=args.tokenizer)
+        model = SegVolNetwork(config, tokenizer=args.tokenizer)
     elif args.weights:
-        model = SegVol.from_pretrained(args.weights, tokenizer=args.tokenizer)
+        model = SegVolNetwork.from_pretrained(args.weights, tokenizer=args.tokenizer)
     else:
         raise UsageError("give --weights PATH (the base model) or --random-weights")
     return model.to(device)
