@@ -12,9 +12,8 @@ Public API:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .determinism import configure_mkl  # noqa: E402
+from .determinism import configure_mkl
+from .version import __version__
 
 configure_mkl()  # before anything here can call MKL: thread-count-independent GEMMs (determinism.py)
 

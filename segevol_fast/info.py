@@ -12,6 +12,7 @@ import torch
 
 from . import _native
 from .ops import _backend
+from .version import __version__
 
 
 def _triton_version() -> str | None:
@@ -34,8 +35,6 @@ def _cpu_auto_precision() -> str:
 
 def info() -> dict[str, Any]:
     """Versions, build flags, devices and the backend each op picks on each device type."""
-    from . import __version__
-
     mod = _native.native()
     build = dict(mod.build_info()) if mod is not None else None
     devices = ["cpu"]

@@ -36,6 +36,7 @@ from ..io.output import (LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_na
                          write_file_atomic)
 from ..io.volume import spacing_from_affine
 from ..totalseg_names import totalseg_legend
+from ..version import __version__
 
 PathLike = Union[str, os.PathLike]
 
@@ -93,8 +94,6 @@ def _json_bytes(obj) -> bytes:
 
 
 def _package_version() -> str:
-    from .. import __version__  # lazy: the package imports this module while it initialises
-
     return __version__
 
 
