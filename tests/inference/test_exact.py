@@ -1,5 +1,5 @@
 """mode="exact": MONAI window arithmetic, and run_exact against the independent literal re-run
-(bench/official_rerun.py) on a tiny random model, quirks included (reference §5.3–5.4, §11.8–11.10).
+(bench/official_rerun.py) on a tiny random model, quirks included (docs/official-pipeline.md §5.3–5.4, §11.8–11.10).
 
 Random tiny weights give tiny logits (|x| < 0.1), so most tests add a fixed "blob" to every decode
 output: a ball of positive logits centred in the decoded frame. That makes the zoom-in take a

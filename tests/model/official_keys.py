@@ -1,5 +1,5 @@
-"""The official SegVol checkpoint inventory, written out from shared/reference/segvol-reference.md
-(§1–4, §7), independently of our modules: (key without the `model.` prefix, shape) pairs.
+"""The official SegVol checkpoint inventory, written out from the official checkpoint's
+layout (docs/official-pipeline.md §1–4, §7), independently of our modules: (key without the `model.` prefix, shape) pairs.
 
 `official_inventory()` gives the 475 tensors of the HF `pytorch_model.bin` (position_ids included);
 tests compare our state_dict against it and build synthetic checkpoints in each official format.

@@ -39,7 +39,7 @@ def test_matches_monai_tiny():
 def test_matches_monai_official_config():
     cfg = SegVolConfig()
     ref, ours = paired(cfg)
-    assert sum(p.numel() for p in ours.parameters()) == 87_388_416  # reference §1
+    assert sum(p.numel() for p in ours.parameters()) == 87_388_416  # docs/official-pipeline.md §1
     x = torch.rand(1, 1, *cfg.spatial_size)
     with torch.no_grad():
         out = ours(x)

@@ -1,5 +1,5 @@
 """MaskDecoder / TwoWayTransformer against a plain loop re-implementation of the official algorithm
-(reference §3, quirks §11.6–11.8). The reference below is written from the reference notes, using
+(docs/official-pipeline.md §3, quirks §11.6–11.8). The reference below is written from the reference notes, using
 only the module's parameters: explicit softmax attention, per-prompt image copies, all four masks.
 """
 

@@ -1,4 +1,4 @@
-"""PromptEncoder against hand-written formulas (reference §2, quirks §11.4–11.5, §11.7).
+"""PromptEncoder against hand-written formulas (docs/official-pipeline.md §2, quirks §11.4–11.5, §11.7).
 
 Expected values are computed here from scratch (explicit loops over coordinates, a fresh Gaussian
 matrix copied into the module), never by calling the module's own helpers.

@@ -1,4 +1,4 @@
-"""bce_dice_loss against a hand-written numpy evaluation of the official formula (reference §6),
+"""bce_dice_loss against a hand-written numpy evaluation of the official formula (docs/official-pipeline.md §6),
 its gradient (gradcheck in float64), layouts, autocast and bad shapes."""
 
 from __future__ import annotations

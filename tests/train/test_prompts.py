@@ -1,4 +1,4 @@
-"""Training prompt sampling (reference §5.2, §6): boxes with jitter, the official point recipe,
+"""Training prompt sampling (docs/official-pipeline.md §5.2, §6): boxes with jitter, the official point recipe,
 the six mixes and their batching, determinism per generator, and no use of the global RNG."""
 
 from __future__ import annotations
