@@ -109,7 +109,7 @@ def _model_files(args: argparse.Namespace, *, text: bool) -> tuple[Optional[path
     """(weights, tokenizer folder) of the run, found and checked before any scan is read, for one
     scan and cohorts alike: the weights exist (None with --random-weights), a --tokenizer folder
     holds tokenizer files, and text prompts (`text`) have a tokenizer. UsageError otherwise."""
-    from .weights import find_tokenizer, find_weights
+    from .model.weights import find_tokenizer, find_weights
 
     tok = pathlib.Path(args.tokenizer).expanduser() if args.tokenizer else None
     if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
@@ -325,7 +325,7 @@ def _dice(a, b) -> float:
 def _cmd_demo(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .weights import find_tokenizer, find_weights
+    from .model.weights import find_tokenizer, find_weights
 
     out = _output_path(pathlib.Path(args.out))
     device = _resolve_device(args.device)

@@ -9,7 +9,7 @@ import types
 import pytest
 
 from segevol_fast.errors import SegVolFastError, WeightsNotFoundError
-from segevol_fast.weights import find_tokenizer, find_weights, hf_hub_dir
+from segevol_fast.model.weights import find_tokenizer, find_weights, hf_hub_dir
 
 
 @pytest.fixture

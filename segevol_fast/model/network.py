@@ -31,6 +31,7 @@ from .mask_decoder import MaskDecoder, upsample_logits
 from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
+from .weights import resolve_pretrained
 
 # The arithmetic the network can run in, by name; inference adds "auto" (`inference/precision.py`).
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -198,8 +199,6 @@ class SegVolNetwork(nn.Module):
         one CheckpointError lists every missing, unexpected and mis-shaped key. Nothing pickled is
         executed (safetensors, or torch.load(weights_only=True), memory-mapped when possible).
         """
-        from ..weights import resolve_pretrained  # lazy: weights.py imports model.checkpoint
-
         path = resolve_pretrained(path, download=download)
         if not path.exists():
             raise CheckpointError(f"{path} does not exist")

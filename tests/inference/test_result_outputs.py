@@ -188,7 +188,7 @@ def nothing_slow(monkeypatch):
     monkeypatch.setattr(cli, "_build_model", never)
     monkeypatch.setattr(cli, "_demo_input", never)
     monkeypatch.setattr("segevol_fast.io.load_volume", never)
-    monkeypatch.setattr("segevol_fast.weights.find_weights", never)
+    monkeypatch.setattr("segevol_fast.model.weights.find_weights", never)
 
 
 @pytest.mark.parametrize("command", ["segment", "demo"])

@@ -20,8 +20,8 @@ import os
 import pathlib
 from typing import Optional, Union
 
-from .errors import WeightsNotFoundError
-from .model.checkpoint import WEIGHT_FILES
+from ..errors import WeightsNotFoundError
+from .checkpoint import WEIGHT_FILES
 
 PathLike = Union[str, os.PathLike]
 HF_REPO = "BAAI/SegVol"
