@@ -22,6 +22,7 @@ import torch
 from .. import adapters as _adapters
 from ..errors import AdapterError, InvalidArgumentError
 from ..io import Volume, load_volume
+from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import _mixture_for
 from .arguments import check_adapter
@@ -86,7 +87,7 @@ def segment_batch(model, volumes: Sequence, adapters: Sequence[Optional[str]], t
         raise InvalidArgumentError(f"modality: one for all or one per scan, got {len(mods)} for {len(volumes)} scans")
     vols = [v if isinstance(v, Volume) else load_volume(v) for v in volumes]
     mods = [m or v.modality or "ct" for m, v in zip(mods, vols)]
-    device = next(model.parameters()).device
+    device = model_device(model)
     size = model.config.spatial_size
 
     results: list[SegmentationResult] = []

@@ -89,6 +89,7 @@ import torch
 
 from ..errors import BudgetError, MemorySpecError
 from ..geometry.sliding_window import global_grid, padded_size
+from ..model.network import model_device
 from .memory import current_rss
 
 MAX_WINDOW_BATCH = 8
@@ -193,10 +194,6 @@ def _encoder_side_bytes(model) -> int:
     return _weight_bytes(model) - (_weight_bytes(text) if text is not None else 0)
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def same_device(a: Union[str, torch.device], b: Union[str, torch.device]) -> bool:
     """Device equality that treats "cuda" and "cuda:<current>" (any unindexed form) as equal."""
     a, b = torch.device(a), torch.device(b)
@@ -205,7 +202,7 @@ def same_device(a: Union[str, torch.device], b: Union[str, torch.device]) -> boo
 
 def _baseline(device: torch.device, model) -> int:
     """Memory already held that the call's peak sits on top of (bytes, weights excluded)."""
-    weights = _weight_bytes(model) if same_device(_model_device(model), device) else 0
+    weights = _weight_bytes(model) if same_device(model_device(model), device) else 0
     if device.type == "cuda":
         return max(0, torch.cuda.memory_allocated(device) - weights)
     return max(0, current_rss() - weights)
@@ -288,7 +285,7 @@ def estimate(
         (total bytes, breakdown item -> bytes). Items that do not apply are 0.
     """
     cfg = model.config
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     stitch = torch.device(stitch_device) if stitch_device is not None else dev
     on_cpu = dev.type == "cpu"
     C, S = cfg.hidden_size, cfg.num_patches
@@ -338,7 +335,7 @@ def estimate_exact(
     (the baseline holds it), as `segment()` does before planning.
     """
     cfg = model.config
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     on_cpu = dev.type == "cpu"
     V, Vc, N = math.prod(cfg.spatial_size), math.prod(crop_shape), max(1, int(n_prompts))
     Vp = math.prod(padded_size(crop_shape, cfg.spatial_size))
@@ -376,7 +373,7 @@ def plan_exact(
 ) -> Plan:
     """The (only) `Plan` of `mode="exact"`: window batch 1, one prompt at a time, float32 sums on
     the host, no cache; with its estimate. Raises `BudgetError` when max_memory is below it."""
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     total, items = estimate_exact(model, crop_shape, n_prompts, zoom_in=zoom_in, device=dev,
                                   return_logits=return_logits, baseline_bytes=baseline_bytes,
                                   output_voxels=output_voxels)
@@ -427,7 +424,7 @@ def plan_fast(
         BudgetError: max_memory is below what the smallest plan needs; the message names that
             minimum and the biggest items.
     """
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     explicit = max_memory is not None

@@ -52,6 +52,7 @@ from ..adapters.context import prompt_context
 from ..errors import PromptError, ZoomInWarning
 from ..geometry.prompt_frames import box_to_zoom_out, generate_box, points_to_zoom_out
 from ..geometry.sliding_window import pad_volume, pad_widths, sliding_window_average, window_starts
+from ..model.network import model_device
 from ..preprocess import Preprocessed, index_map, resize_logits_back, zoom_out_resize
 from .finite import check_finite_logits, finite_rows
 from .progress import display_for, steps
@@ -172,14 +173,10 @@ def _cube(box: Tensor, size: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the pipeline
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _forward(model, image: Tensor, text: Optional[Tensor], box: Optional[Tensor],
              points: Optional[tuple[Tensor, Tensor]]) -> Tensor:
     """One official model call: image (1, 1, *S) -> logits (1, 1, *S) float32 on the CPU."""
-    dev = _device(model)
+    dev = model_device(model)
     emb = model.encode_image(image.to(dev))
     pts = None if points is None else (points[0].to(dev), points[1].to(dev))
     out = model.decode(emb, text_embedding=text, boxes=None if box is None else box.to(dev), points=pts)

@@ -49,6 +49,7 @@ from torch import Tensor
 from ..crop import CropReader
 from ..errors import PromptError, ShapeError
 from ..adapters.context import prompt_context
+from ..model.network import model_device
 from ..model.seams import adapter_state
 from ..geometry.prompt_frames import box_to_zoom_out, points_to_zoom_out
 from ..geometry.sliding_window import global_grid
@@ -378,7 +379,7 @@ def run_fast(
         DeviceOutOfMemoryError: the device ran out of memory even at batch 1 with host stitching.
         NonFiniteOutputError: some prompts' zoom-out or zoom-in logits hold NaN / inf (`finite.py`).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     crop_shape = prep.crop.shape
     if plan is None:
         plan = plan_fast(model, crop_shape, len(prompts), None, device, return_logits=return_logits)

@@ -22,11 +22,12 @@ import torch
 from ..determinism import sigmoid
 from ..io import Volume, load_volume
 from ..modality_hint import warn_if_mri
+from ..model.network import model_device
 from ..preprocess import paste_back, preprocess, zoom_out_crop
 from ..vocabulary import check_names
 from .adapter_scope import adapter_scope
 from .arguments import check_segment_arguments
-from .budget import _model_device, same_device
+from .budget import same_device
 from .memory import PeakMemory
 from .precision import inference_state, resolve_precision
 from .progress import display_for
@@ -104,9 +105,9 @@ def segment(
         model, volume, text, box, points, point_labels, coords=coords, modality=modality, mode=mode, zoom_in=zoom_in,
         max_memory=max_memory, device=device, progress=progress, return_probabilities=return_probabilities,
         seed=seed, precision=precision, series=series, adapter=adapter)
-    if device is not None and not same_device(_model_device(model), device):
+    if device is not None and not same_device(model_device(model), device):
         model.to(device)
-    dev = _model_device(model)
+    dev = model_device(model)
     run_precision = resolve_precision(precision, model.precision, dev, mode)
     timings: dict[str, float] = {}
 

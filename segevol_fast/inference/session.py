@@ -28,10 +28,11 @@ import torch
 from ..errors import InvalidArgumentError, PromptError
 from ..geometry.sliding_window import global_grid
 from ..io import Volume, load_volume
+from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
 from .arguments import check_session_arguments
-from .budget import _model_device, parse_memory, plan_fast, same_device
+from .budget import parse_memory, plan_fast, same_device
 from .fast import WindowCache
 from .precision import inference_state, resolve_precision
 from .prompts import _as_points
@@ -51,13 +52,13 @@ class Session:
                  precision: Optional[str] = "auto", cache_windows: Optional[int] = None):
         check_session_arguments(model, volume, modality=modality, max_memory=max_memory, device=device,
                                 series=series, precision=precision, adapter=adapter)
-        if device is not None and not same_device(_model_device(model), device):
+        if device is not None and not same_device(model_device(model), device):
             model.to(device)
         self.model, self.adapter, self.max_memory, self.precision = model, adapter, max_memory, precision
         self.volume = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
         self.modality = modality or self.volume.modality or "ct"
         self._prep = preprocess(self.volume.array, lazy=True)
-        dev = _model_device(model)
+        dev = model_device(model)
         size = model.config.spatial_size
         n_windows = int(np.prod([len(a) for a in global_grid(self._prep.crop.shape, size)]))
         if cache_windows is None:

@@ -4,9 +4,9 @@ from .config import SegVolConfig
 from .image_encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder
-from .network import SegVolNetwork
+from .network import SegVolNetwork, model_device
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, prompt_text
 
 __all__ = ["SegVolNetwork", "SegVolConfig", "ImageEncoder", "TextEncoder", "PromptEncoder", "MaskDecoder",
-           "ClipTokenizer", "prompt_text"]
+           "ClipTokenizer", "prompt_text", "model_device"]

@@ -38,6 +38,11 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device holding a model's weights (its first parameter's): where its inputs must go."""
+    return next(model.parameters()).device
+
+
 def _integer_labels(points):
     """(coords, labels) with float labels 1. / 0. / -1., as the official `forward_decoder` passes
     them, turned into the integer labels the prompt encoder takes; a float label that is none of

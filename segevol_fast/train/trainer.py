@@ -48,6 +48,7 @@ from .. import adapters
 from .. import distributed as dist_utils
 from ..errors import CheckpointError, InvalidArgumentError, OutputError
 from ..io.output import write_file_atomic
+from ..model.network import model_device
 from .datasets import sample_seed
 from .loader import ModalityBalancedSampler, make_loader
 from .loss import bce_dice_loss
@@ -317,7 +318,7 @@ class Trainer:
             raise InvalidArgumentError(f"batch_size {config.batch_size} (global) must be a multiple of the "
                                        f"world size {self.world_size}")
         self.local_batch = config.batch_size // self.world_size
-        self.device = next(model.parameters()).device
+        self.device = model_device(model)
         if getattr(model, "tokenizer", True) is None and any(_mix_uses_text(m) for m in config.mixes):
             raise InvalidArgumentError("text prompt mixes need the model's CLIP tokenizer (model.tokenizer = DIR), "
                                        "or train without them (TrainConfig.mixes=('box', 'points', 'box+points'))")
