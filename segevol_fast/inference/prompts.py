@@ -150,7 +150,7 @@ def _as_boxes(box, n: Optional[int]) -> list[Optional[np.ndarray]]:
     return list(arr)
 
 
-def _as_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+def checked_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(P, 3) float64 points and (P,) int64 labels (1 / 0), checked; (None, None) without points.
     Whether the points can stand alone (a positive one) is `_check_target`'s question."""
     if points is None:
@@ -198,7 +198,7 @@ def check_prompt_arguments(text=None, box=None, points=None, point_labels=None) 
     so a bad prompt fails before the scan is read. `build_prompts` repeats the same checks."""
     names = _text_names(text)
     _as_boxes(box, len(names) or None)
-    _, labels = _as_points(points, point_labels)
+    _, labels = checked_points(points, point_labels)
     _check_target(names, box, labels)
 
 
@@ -239,7 +239,7 @@ def build_prompts(
     names = _text_names(text)
     n = len(names) or None
     boxes = _as_boxes(box, n)
-    pts, labels = _as_points(points, point_labels)
+    pts, labels = checked_points(points, point_labels)
     _check_target(names, box, labels)
     if pts is not None:
         pts = _check_inside(_to_input_voxels(pts, coords, affine), shape, "point", coords, affine, pts)

@@ -35,7 +35,7 @@ from .arguments import check_session_arguments
 from .budget import parse_memory, plan_fast, same_device
 from .fast import WindowCache
 from .precision import inference_state, resolve_precision
-from .prompts import _as_points
+from .prompts import checked_points
 from .result import SegmentationResult
 from .segment import segment
 
@@ -107,9 +107,9 @@ class Session:
         if points is None:
             raise PromptError(f"refine({name!r}, ...) adds points: give points=[[i, j, k], ...] (and point_labels, "
                               "1 positive / 0 negative); to re-run a prompt unchanged, call segment()")
-        new_pts, new_lbl = _as_points(points, point_labels)
+        new_pts, new_lbl = checked_points(points, point_labels)
         prev = self.history[name]
-        old_pts, old_lbl = _as_points(prev["points"], prev["point_labels"])
+        old_pts, old_lbl = checked_points(prev["points"], prev["point_labels"])
         if old_pts is not None:
             new_pts, new_lbl = np.concatenate([old_pts, new_pts]), np.concatenate([old_lbl, new_lbl])
         res = self._run(prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"], zoom_in=prev["zoom_in"],

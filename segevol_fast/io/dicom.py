@@ -129,7 +129,8 @@ class SeriesInfo:
         return f"{self.name}  ({self.slices} slices, {self.modality or '?'}, {self.description!r}{missing})"
 
 
-def _group(folder: pathlib.Path) -> Dict[str, list]:
+def group_series(folder: pathlib.Path) -> Dict[str, list]:
+    """The folder's DICOM image files by SeriesInstanceUID ("" when a file has none): {uid: [(file, header)]}."""
     groups: Dict[str, list] = {}
     for f, ds in _read_headers(folder):
         groups.setdefault(_uid(ds), []).append((f, ds))
@@ -153,10 +154,11 @@ def list_series(folder: PathLike) -> List[SeriesInfo]:
     p = pathlib.Path(folder)
     if not p.is_dir():
         raise VolumeNotFoundError(f"no such DICOM folder: {p}")
-    return _infos(_group(p))
+    return _infos(group_series(p))
 
 
-def _describe(series: Dict[str, list]) -> str:
+def describe_series(series: Dict[str, list]) -> str:
+    """`group_series`' groups as indented lines (name, slices, modality, description), for messages."""
     return "\n".join(f"  {info}" for info in _infos(series))
 
 
@@ -227,7 +229,7 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     else:
         raise VolumeNotFoundError(f"no such DICOM file or folder: {p}")
 
-    groups = _group(folder)
+    groups = group_series(folder)
     if not groups:
         raise VolumeFileError(_no_series_message(folder))
     if series is None:
@@ -235,12 +237,12 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
             raise DicomSeriesError(
                 f"{folder} holds {len(groups)} series; pick one with load_volume(folder, series=UID), "
                 "segment(..., series=UID) or `segevol-fast segment FOLDER --series UID` "
-                f"(segevol_fast.io.list_series(folder) lists them):\n" + _describe(groups)
+                f"(segevol_fast.io.list_series(folder) lists them):\n" + describe_series(groups)
             )
         series = next(iter(groups))
     if _series_key(series) not in groups:
         raise DicomSeriesError(f"series {series or repr(series)} is not in {folder}; pick one of the series it "
-                               "holds:\n" + _describe(groups))
+                               "holds:\n" + describe_series(groups))
     series = _series_key(series)  # the UID itself from here on ("" for none)
     items = groups[series]
     first = items[0][1]

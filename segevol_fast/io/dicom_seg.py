@@ -51,21 +51,21 @@ def sorted_source_images(folder: str | os.PathLike, series: str | None = None) -
     the masks on the wrong images."""
     import pydicom
 
-    from .dicom import _describe, _group
+    from .dicom import describe_series, group_series
 
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise VolumeNotFoundError(f"the source DICOM folder {folder} is gone (moved or deleted since the scan "
                                   "was read)")
-    groups = _group(folder)
+    groups = group_series(folder)
     if series is None:
         if len(groups) != 1:
             raise DicomSeriesError(f"{folder} holds {len(groups)} series and the masks do not say which one they "
-                                   "were computed on (series=):\n" + _describe(groups))
+                                   "were computed on (series=):\n" + describe_series(groups))
         series = next(iter(groups))
     if series not in groups:
         raise DicomSeriesError(f"series {series}, the one the masks were computed on, is no longer in {folder}"
-                               + (":\n" + _describe(groups) if groups else " (it holds no DICOM images)"))
+                               + (":\n" + describe_series(groups) if groups else " (it holds no DICOM images)"))
     items = groups[series]
     iop = np.asarray([float(v) for v in items[0][1].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
