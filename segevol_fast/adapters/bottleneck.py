@@ -24,9 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import AdapterError
-from .lora import AdapterModule
+from .entry import AdapterEntry
+from .manage import add
+from .registry import AdapterKind, AdapterModule, register
 from .routing import Route, current_route
 
+KIND = "bottleneck"
 PLACES = ("after_attn", "beside_mlp")
 
 
@@ -123,8 +126,24 @@ def _slot(block: nn.Module, place: str) -> BottleneckSlot:
     return current
 
 
-def attach_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> list[str]:
-    """Add adapter `name` at config.places of the chosen encoder blocks; returns the module paths."""
+# ---------------------------------------------------------------------------- the kind
+def add_bottleneck(model: nn.Module, name: str = "default", config: Optional[BottleneckConfig] = None, *,
+                   freeze_base: bool = True, activate: bool = True) -> list[str]:
+    """Attach a bottleneck adapter (Medical SAM Adapter style) called `name` beside the attention
+    and/or MLP of the chosen encoder blocks; returns the module paths."""
+    entry = add(model, KIND, name, config or BottleneckConfig(), freeze_base=freeze_base, activate=activate)
+    return list(entry.layers)
+
+
+def bottleneck_slots(model: nn.Module):
+    """(path, slot) of every bottleneck slot of `model`, in module order."""
+    for path, m in model.named_modules():
+        if isinstance(m, BottleneckSlot):
+            yield path, m
+
+
+def _attach(model: nn.Module, name: str, config: BottleneckConfig) -> AdapterEntry:
+    """Add adapter `name` at config.places of the chosen encoder blocks."""
     blocks = model.image_encoder.blocks
     indices = range(len(blocks)) if config.blocks is None else config.blocks
     hidden = model.config.hidden_size
@@ -140,23 +159,29 @@ def attach_bottleneck(model: nn.Module, name: str, config: BottleneckConfig) -> 
             slot.experts[name] = Bottleneck(hidden, config.dim, 1.0 if place == "after_attn" else config.scale).to(
                 device=ref.device, dtype=ref.dtype)
             paths.append(f"image_encoder.blocks.{i}.{place}.experts.{name}")
-    return paths
+    return AdapterEntry(name, KIND, config, paths)
 
 
-def bottleneck_slots(model: nn.Module):
-    for path, m in model.named_modules():
-        if isinstance(m, BottleneckSlot):
-            yield path, m
-
-
-def detach_bottleneck(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` everywhere; a slot left empty is taken off its seam."""
+def _detach(model: nn.Module, entry: AdapterEntry) -> None:
+    """Remove the adapter everywhere; a slot left empty is taken off its seam."""
     for block in model.image_encoder.blocks:
         for place in PLACES:
             slot = getattr(block, place)
-            if isinstance(slot, BottleneckSlot) and name in slot.experts:
-                del slot.experts[name]
-                if slot.active == name:
+            if isinstance(slot, BottleneckSlot) and entry.name in slot.experts:
+                del slot.experts[entry.name]
+                if slot.active == entry.name:
                     slot.active = None
                 if not len(slot.experts):
                     setattr(block, place, None)
+
+
+def _modules(model: nn.Module, entry: AdapterEntry) -> list[tuple[str, nn.Module]]:
+    return [(path, slot.experts[entry.name]) for path, slot in bottleneck_slots(model) if entry.name in slot.experts]
+
+
+def _holders(model: nn.Module):
+    return ((path, slot.experts, slot) for path, slot in bottleneck_slots(model))
+
+
+register(AdapterKind(name=KIND, label="bottleneck adapter", config_type=BottleneckConfig, attach=_attach,
+                     detach=_detach, modules=_modules, holders=_holders))

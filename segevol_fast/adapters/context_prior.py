@@ -65,7 +65,10 @@ from ..errors import AdapterError, ShapeError, VolumeError
 from ..io.volume import normalize_modality
 from ..model.two_way_transformer import Attention
 from .context import current_context
-from .lora import AdapterModule
+from .entry import AdapterEntry, entries
+from .io import load_adapter, save_adapter
+from .manage import add, remove_adapter
+from .registry import AdapterKind, AdapterModule, register
 
 VARIANTS = ("additive", "hermes")
 KIND = "context_prior"
@@ -391,9 +394,19 @@ class ContextPriors(nn.Module):
         return self.image_side.aux_loss
 
 
+@dataclass(eq=False)
+class ContextPriorEntry(AdapterEntry):
+    """Context priors on a model: `layers` are the two seams, `priors` the handle on both halves."""
+
+    priors: ContextPriors | None = None
+
+
+SEAMS = ["image_encoder.after_encoder", "mask_decoder.after_transformer"]
+
+
 def get_context_priors(model: nn.Module) -> ContextPriors | None:
     """The priors attached to `model`, or None."""
-    return model.__dict__.get("context_priors")
+    return next((e.priors for e in entries(model) if e.kind == KIND), None)
 
 
 def add_context_priors(model: nn.Module, name: str = "default", config: ContextPriorConfig | None = None, *,
@@ -406,28 +419,7 @@ def add_context_priors(model: nn.Module, name: str = "default", config: ContextP
     """
     if config is None:
         raise AdapterError("add_context_priors needs a ContextPriorConfig naming the tasks (structure names)")
-    encoder, decoder = model.image_encoder, model.mask_decoder
-    taken = [(s, m) for s, m in (("image_encoder.after_encoder", encoder.after_encoder),
-                                 ("mask_decoder.after_transformer", decoder.after_transformer)) if m is not None]
-    if taken:
-        seam, holder = taken[0]
-        raise AdapterError(f"cannot attach context priors: seam {seam} is already taken by "
-                           f"{type(holder).__name__}; remove that first")
-    ref = encoder.norm.weight
-    hidden = ref.shape[0]
-    image_side = ModalityFusion(hidden, config).to(device=ref.device, dtype=ref.dtype)
-    decoder_side = TaskPosterior(hidden, decoder.num_mask_tokens, config).to(device=ref.device, dtype=ref.dtype)
-    handle = ContextPriors(name, config, image_side, decoder_side)
-    encoder.after_encoder, decoder.after_transformer = image_side, decoder_side
-    model.__dict__["context_priors"] = handle
-    model.__dict__.setdefault("adapter_configs", {})[name] = {
-        "kind": KIND, "config": config.to_dict(), "layers": ["image_encoder.after_encoder", "mask_decoder.after_transformer"]}
-    if freeze_base:
-        from . import base_parameters
-
-        for p in base_parameters(model):
-            p.requires_grad_(False)
-    return handle
+    return add(model, KIND, name, config, freeze_base=freeze_base, activate=False).priors
 
 
 def remove_context_priors(model: nn.Module) -> None:
@@ -435,18 +427,12 @@ def remove_context_priors(model: nn.Module) -> None:
     handle = get_context_priors(model)
     if handle is None:
         raise AdapterError("this model has no context priors attached")
-    model.image_encoder.after_encoder = None
-    model.mask_decoder.after_transformer = None
-    del model.__dict__["context_priors"]
-    model.__dict__.get("adapter_configs", {}).pop(handle.name, None)
+    remove_adapter(model, handle.name)
 
 
-# ---------------------------------------------------------------------------- files
 def save_context_priors(model: nn.Module, path: str | os.PathLike) -> str:
     """Write the attached priors alone (`adapters.save_adapter`: safetensors + metadata with kind
     "context_prior", the config and the base weights' SHA-256). Returns the path."""
-    from . import save_adapter
-
     handle = get_context_priors(model)
     if handle is None:
         raise AdapterError("this model has no context priors to save")
@@ -458,14 +444,36 @@ def load_context_priors(model: nn.Module, path: str | os.PathLike, *, check_base
 
     AdapterMismatchError when they were trained on other base weights (unless check_base=False);
     CheckpointError for a damaged or foreign file, another adapter kind or mismatched tensors."""
-    from . import load_adapter
-
     load_adapter(model, path, check_base=check_base, kind=KIND)
     return get_context_priors(model)
 
 
-def attach(model: nn.Module, name: str, config: ContextPriorConfig, *, freeze_base: bool = True,
-           activate: bool = True) -> list[str]:
-    """`add_context_priors` in the signature the generic adapter API uses; returns the seams."""
-    add_context_priors(model, name, config, freeze_base=freeze_base)
-    return ["image_encoder.after_encoder", "mask_decoder.after_transformer"]
+# ---------------------------------------------------------------------------- the kind
+def _attach(model: nn.Module, name: str, config: ContextPriorConfig) -> ContextPriorEntry:
+    encoder, decoder = model.image_encoder, model.mask_decoder
+    taken = [(s, m) for s, m in zip(SEAMS, (encoder.after_encoder, decoder.after_transformer)) if m is not None]
+    if taken:
+        seam, holder = taken[0]
+        raise AdapterError(f"cannot attach context priors: seam {seam} is already taken by "
+                           f"{type(holder).__name__}; remove that first")
+    ref = encoder.norm.weight
+    hidden = ref.shape[0]
+    image_side = ModalityFusion(hidden, config).to(device=ref.device, dtype=ref.dtype)
+    decoder_side = TaskPosterior(hidden, decoder.num_mask_tokens, config).to(device=ref.device, dtype=ref.dtype)
+    encoder.after_encoder, decoder.after_transformer = image_side, decoder_side
+    return ContextPriorEntry(name, KIND, config, list(SEAMS), ContextPriors(name, config, image_side, decoder_side))
+
+
+def _detach(model: nn.Module, entry: ContextPriorEntry) -> None:
+    model.image_encoder.after_encoder = None
+    model.mask_decoder.after_transformer = None
+
+
+def _modules(model: nn.Module, entry: ContextPriorEntry) -> list[tuple[str, nn.Module]]:
+    return list(zip(SEAMS, (entry.priors.image_side, entry.priors.decoder_side)))
+
+
+register(AdapterKind(
+    name=KIND, label="context priors", config_type=ContextPriorConfig, attach=_attach, detach=_detach,
+    modules=_modules, not_selectable="{name!r} are context priors: they apply while attached (remove_adapter to drop them)",
+    aux_loss=lambda model, entry: entry.priors.aux_loss))

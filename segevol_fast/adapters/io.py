@@ -15,6 +15,7 @@ every mask empty.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -25,15 +26,74 @@ from torch import nn
 
 from ..errors import AdapterError, AdapterMismatchError, CheckpointError, DamagedWeightsError
 from ..model.checkpoint import check_finite
+from . import registry
+from .manage import adapter_modules, add, entry_of, remove_adapter, set_active
+from .registry import AdapterModule
 
 FORMAT = "segevol_fast.adapter"
 VERSION = 1
 
 
+def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> str:
+    """Write adapter `name` alone to `path` (safetensors + metadata naming the base weights'
+    SHA-256). Returns the path."""
+    entry = entry_of(model, name)
+    tensors = {f"{holder}.{k}": t for holder, m in adapter_modules(model, name) for k, t in m.state_dict().items()}
+    meta = {"name": name, "kind": entry.kind, "config": entry.config.to_dict(), "layers": list(entry.layers),
+            "base_weights_sha256": base_weights_hash(model),
+            "base_weights_source": None if getattr(model, "weights_source", None) is None else str(model.weights_source),
+            "model_config": _config_dict(model)}
+    save_adapter_file(path, tensors, meta)
+    return os.fspath(path)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] = None, *,
+                 check_base: bool = True, activate: bool = True, kind: Optional[str] = None) -> str:
+    """Attach the adapter saved in `path` (as `name`, default its saved name); returns the name.
+
+    kind: refuse (CheckpointError) a file holding another kind of adapter ("lora", "mixture", ...).
+    Raises AdapterMismatchError when it was trained on other base weights (unless
+    check_base=False), CheckpointError for a damaged or foreign file or mismatched tensors."""
+    tensors, meta = read_adapter_file(path)
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, not a {kind!r} one")
+    check_base_weights(model, meta, path, check_base)
+    spec = registry.find(meta.get("kind"))
+    if spec is None:
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} adapter, which this version cannot load")
+    name = name or meta["name"]
+    if spec.keeps_saved_name and name != meta["name"]:
+        raise CheckpointError(f"{path}: a {spec.label} loads under its saved name {meta['name']!r}")
+    layers = add(model, spec.name, name, spec.config_type.from_dict(meta["config"]), freeze_base=False,
+                 activate=False).layers
+    try:
+        if len(layers) != len(meta["layers"]):
+            raise CheckpointError(f"{path} adapts {len(meta['layers'])} places, but its config matches {len(layers)} here")
+        for holder, m in adapter_modules(model, name):
+            own = {k: tensors.pop(f"{holder}.{k}", None) for k in m.state_dict()}
+            missing = [k for k, v in own.items() if v is None]
+            if missing:
+                raise CheckpointError(f"{path} lacks {holder}.{missing[0]}")
+            m.load_state_dict(own, strict=True)
+        if tensors:
+            raise CheckpointError(f"{path} has tensors for no adapted place here, e.g. {next(iter(tensors))}")
+    except (CheckpointError, RuntimeError) as exc:
+        remove_adapter(model, name)
+        raise CheckpointError(str(exc)) from exc
+    if activate and spec.selectable:  # mixtures route, priors always apply
+        set_active(model, name)
+    return name
+
+
+def _config_dict(model: nn.Module) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg):
+        return None
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
 def adapter_parameter_names(model: nn.Module) -> set[str]:
     """state_dict keys that belong to adapters (anything under an `AdapterModule`)."""
-    from .lora import AdapterModule
-
     names = set()
     for path, m in model.named_modules():
         if isinstance(m, AdapterModule):
@@ -122,7 +182,7 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     return tensors, json.loads(header["meta"])
 
 
-def check_base(model: nn.Module, meta: dict, path, check: bool, base_hash: Optional[str] = None) -> None:
+def check_base_weights(model: nn.Module, meta: dict, path, check: bool, base_hash: Optional[str] = None) -> None:
     """Refuse an adapter trained on other base weights (AdapterMismatchError)."""
     if not check:
         return

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,13 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..errors import AdapterError
+from .entry import AdapterEntry
+from .manage import add
+from .registry import AdapterKind, AdapterModule, register
 from .routing import Route, current_route
-from .targets import SEGEVOLUTION_TARGETS
+from .targets import SEGEVOLUTION_TARGETS, match_linears, output_slices
 
-
-class AdapterModule(nn.Module):
-    """Marks modules that hold adapter parameters: they are trained, saved and hashed apart from
-    the base model (`io.base_state_dict`)."""
+KIND = "lora"
 
 
 @dataclass(frozen=True)
@@ -209,3 +209,69 @@ class LoraLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={list(self.lora)}, active={self.active}, merged={self.merged}"
+
+
+# ---------------------------------------------------------------------------- the kind
+def add_lora(model: nn.Module, name: str = "default", config: Optional[LoraConfig] = None, *,
+             freeze_base: bool = True, activate: bool = True) -> list[str]:
+    """Attach a LoRA adapter called `name` to every layer `config.targets` matches.
+
+    Returns the adapted layers' names. With freeze_base (default) every non-adapter parameter is
+    set requires_grad=False, so an optimiser over `adapter_parameters(model)` trains adapters only;
+    with activate (default) the new adapter is the active one. At step 0 the model's outputs
+    equal the base model's bit for bit (B starts at zero).
+    """
+    entry = add(model, KIND, name, config or LoraConfig(), freeze_base=freeze_base, activate=activate)
+    return list(entry.layers)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
+    """(path, layer) of every LoRA layer of `model`, in module order."""
+    for path, m in model.named_modules():
+        if isinstance(m, LoraLinear):
+            yield path, m
+
+
+def _attach(model: nn.Module, name: str, config: LoraConfig) -> AdapterEntry:
+    matched = match_linears(model, config.targets)
+    for path, layer, parts in matched:
+        slices = output_slices(layer, parts, path)
+        if not isinstance(layer, LoraLinear):
+            layer = _replace(model, path, LoraLinear(layer))
+        layer.add_adapter(name, config, slices)
+    return AdapterEntry(name, KIND, config, [p for p, _, _ in matched])
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    return new
+
+
+def _detach(model: nn.Module, entry: AdapterEntry) -> None:
+    for _, layer in lora_layers(model):
+        if entry.name in layer.lora:
+            layer.remove_adapter(entry.name)
+
+
+def _modules(model: nn.Module, entry: AdapterEntry) -> list[tuple[str, nn.Module]]:
+    return [(path, layer.lora[entry.name]) for path, layer in lora_layers(model) if entry.name in layer.lora]
+
+
+def _holders(model: nn.Module):
+    return ((path, layer.lora, layer) for path, layer in lora_layers(model))
+
+
+def _merge(model: nn.Module, name: str) -> None:
+    for _, layer in lora_layers(model):
+        if name in layer.lora:
+            layer.merge(name)
+
+
+def _unmerge(model: nn.Module) -> None:
+    for _, layer in lora_layers(model):
+        layer.unmerge()
+
+
+register(AdapterKind(name=KIND, label="LoRA adapter", config_type=LoraConfig, attach=_attach, detach=_detach,
+                     modules=_modules, holders=_holders, merge=_merge, unmerge=_unmerge))

@@ -31,9 +31,13 @@ from torch import Tensor, nn
 from ..errors import AdapterError
 from .bottleneck import BottleneckConfig
 from .context import current_context
-from .lora import AdapterModule, LoraConfig
+from .entry import AdapterEntry, get_entry
+from .lora import LoraConfig
+from .manage import adapter_modules, add, check_new_name, remove_adapter
+from .registry import AdapterKind, AdapterModule, register
 from .routing import Route
 
+KIND = "mixture"
 ROUTINGS = ("tag", "top1", "soft")
 IDENTITY = "identity"
 
@@ -78,6 +82,20 @@ class MixtureConfig:
                    lora=None if d.get("lora") is None else LoraConfig.from_dict(d["lora"]),
                    bottleneck=None if d.get("bottleneck") is None else BottleneckConfig.from_dict(d["bottleneck"]),
                    balance_weight=d.get("balance_weight", 0.01))
+
+    def expert_config(self) -> LoraConfig | BottleneckConfig:
+        """The config of each expert adapter (of kind `self.kind`)."""
+        if self.kind == "lora":
+            return self.lora or LoraConfig()
+        return self.bottleneck or BottleneckConfig()
+
+
+@dataclass(eq=False)
+class MixtureEntry(AdapterEntry):
+    """A mixture on a model: `layers` are its expert adapters' names; `router` the module path of
+    its learned router (None with tag routing)."""
+
+    router: Optional[str] = None
 
 
 def expert_names(name: str, config: MixtureConfig) -> tuple[str, ...]:
@@ -125,10 +143,7 @@ def route_for(model: nn.Module, name: str, images: Optional[Tensor] = None,
               modalities: Optional[Sequence[str]] = None) -> Route:
     """The Route of mixture `name` for a batch of images (B, 1, D, H, W) (learned routing) or of
     modalities (tag routing; default: the current `prompt_context`)."""
-    entry = getattr(model, "adapter_configs", {}).get(name)
-    if entry is None or entry["kind"] != "mixture":
-        raise AdapterError(f"no mixture named {name!r} on this model")
-    config = MixtureConfig.from_dict(entry["config"])
+    config = _entry(model, name).config
     names = expert_names(name, config)
     if config.routing == "tag":
         if modalities is None:
@@ -161,11 +176,66 @@ def route_for(model: nn.Module, name: str, images: Optional[Tensor] = None,
     return Route(names, gates=gates)
 
 
+def routes_on_images(model: nn.Module, name: str) -> bool:
+    """Whether mixture `name` routes by the images (a learned router) rather than by their
+    modality tags: `route_for` then needs `images=`."""
+    return _entry(model, name).config.routing != "tag"
+
+
+def _entry(model: nn.Module, name: str) -> MixtureEntry:
+    entry = get_entry(model, name)
+    if entry is None or entry.kind != KIND:
+        raise AdapterError(f"no mixture named {name!r} on this model")
+    return entry
+
+
+# ---------------------------------------------------------------------------- the kind
+def add_mixture(model: nn.Module, name: str, config: MixtureConfig, *, freeze_base: bool = True) -> list[str]:
+    """Attach a mixture of adapters: one adapter "<name>/<expert>" per expert, of config.kind,
+    and a learned router for top-1 / soft routing. Use it per batch with
+    `with route(route_for(model, name, images)): ...`. Returns the expert adapters' names."""
+    return list(add(model, KIND, name, config, freeze_base=freeze_base, activate=False).layers)
+
+
+def _attach(model: nn.Module, name: str, config: MixtureConfig) -> MixtureEntry:
+    experts = expert_names(name, config)
+    for e in experts:
+        check_new_name(model, e)
+    added = []
+    try:
+        for e in experts:
+            add(model, config.kind, e, config.expert_config(), freeze_base=False, activate=False)
+            added.append(e)
+        router = _attach_router(model, name, config)
+    except Exception:
+        for e in added:
+            remove_adapter(model, e)
+        raise
+    return MixtureEntry(name, KIND, config, list(experts), router)
+
+
+def _detach(model: nn.Module, entry: MixtureEntry) -> None:
+    for e in entry.layers:
+        remove_adapter(model, e)
+    routers = getattr(model, "mixture_routers", None)
+    if routers is not None and _key(entry.name) in routers:
+        del routers[_key(entry.name)]
+
+
+def _modules(model: nn.Module, entry: MixtureEntry) -> list[tuple[str, nn.Module]]:
+    pieces = [(f"{e}@{path}", m) for e in entry.layers for path, m in adapter_modules(model, e)]
+    return pieces + ([(entry.router, model.get_submodule(entry.router))] if entry.router else [])
+
+
+def _aux_loss(model: nn.Module, entry: MixtureEntry) -> Optional[Tensor]:
+    return None if entry.router is None else model.get_submodule(entry.router).aux_loss
+
+
 def _key(name: str) -> str:
     return name.replace(".", "_").replace("/", "_")
 
 
-def attach_router(model: nn.Module, name: str, config: MixtureConfig) -> Optional[str]:
+def _attach_router(model: nn.Module, name: str, config: MixtureConfig) -> Optional[str]:
     """Add the learned router of mixture `name` (None for tag routing); returns its path."""
     if config.routing == "tag":
         return None
@@ -177,7 +247,7 @@ def attach_router(model: nn.Module, name: str, config: MixtureConfig) -> Optiona
     return f"mixture_routers.{_key(name)}"
 
 
-def detach_router(model: nn.Module, name: str) -> None:
-    routers = getattr(model, "mixture_routers", None)
-    if routers is not None and _key(name) in routers:
-        del routers[_key(name)]
+register(AdapterKind(
+    name=KIND, label="mixture", config_type=MixtureConfig, attach=_attach, detach=_detach, modules=_modules,
+    not_selectable="{name!r} is a mixture: run it with `with route(route_for(model, {name!r}, images)):`",
+    route=route_for, aux_loss=_aux_loss, keeps_saved_name=True))

@@ -24,22 +24,35 @@ from typing import Callable, Iterator, Optional
 from torch import Tensor
 
 from .. import adapters
-from ..adapters import context_prior
+from ..adapters import registry
+from ..adapters.io import read_adapter_file
+from ..adapters.manage import routed_adapters
+from ..adapters.mixture import routes_on_images
 from ..errors import AdapterError
 
 
-def _mixture_for(model, adapter: str) -> Optional[str]:
-    configs = getattr(model, "adapter_configs", {})
+def mixture_for(model, adapter: str) -> Optional[str]:
+    """The mixture that `segment(adapter=...)` routes through: the model's one mixture for
+    "auto", `adapter` itself when it names a mixture, None for any other adapter. AdapterError
+    for an unknown name, or "auto" on a model without exactly one mixture."""
+    mixtures = routed_adapters(model)
     if adapter == "auto":
-        mixtures = [n for n, e in configs.items() if e["kind"] == "mixture"]
         if len(mixtures) != 1:
             raise AdapterError(f"adapter='auto' routes with the model's mixture of adapters; it has "
                                f"{len(mixtures)} ({mixtures or 'none'}): name the adapter instead")
         return mixtures[0]
-    if adapter not in configs:
-        raise AdapterError(f"no adapter named {adapter!r}; this model has {list(configs) or 'none'} "
+    names = adapters.adapter_names(model)
+    if adapter not in names:
+        raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} "
                            "(or use 'base' / 'auto')")
-    return adapter if configs[adapter]["kind"] == "mixture" else None
+    return adapter if adapter in mixtures else None
+
+
+def scan_route(model, mixture: str, modality: str, zoom_image: Callable[[], Tensor]) -> adapters.Route:
+    """The one-row route of `mixture` for one scan: by its modality tag, or by the mixture's
+    learned router on the scan's zoom-out image (zoom_image() (1, 1, *spatial), called only then)."""
+    images = zoom_image() if routes_on_images(model, mixture) else None
+    return adapters.route_for(model, mixture, images=images, modalities=[modality])
 
 
 def describe(route: adapters.Route) -> str:
@@ -57,7 +70,7 @@ def adapter_scope(model, adapter: Optional[str], modality: str, zoom_image: Call
         if adapter is None:
             yield "as set on the model"
             return
-        mixture = None if adapter == "base" else _mixture_for(model, adapter)
+        mixture = None if adapter == "base" else mixture_for(model, adapter)
         saved = adapters.active_state(model)
         stack.callback(adapters.restore_active, model, saved)
         if mixture is None:
@@ -65,9 +78,7 @@ def adapter_scope(model, adapter: Optional[str], modality: str, zoom_image: Call
             yield adapter
             return
         adapters.set_active(model, None)
-        routing = model.adapter_configs[mixture]["config"]["routing"]
-        images = None if routing == "tag" else zoom_image()
-        r = adapters.route_for(model, mixture, images=images, modalities=[modality])
+        r = scan_route(model, mixture, modality, zoom_image)
         stack.enter_context(adapters.route(r))
         yield f"{mixture}: {describe(r)}"
 
@@ -97,17 +108,15 @@ def file_note(name: str, path: str) -> str:
 
 
 def _attach_file(model, path: str) -> str:
-    from ..adapters.io import read_adapter_file
-
     _, meta = read_adapter_file(path)
-    kind, name = meta.get("kind"), meta.get("name") or "adapter"
-    if kind == context_prior.KIND:  # they cannot be selected per call, so one row's would apply to every scan
-        raise AdapterError(f"{path} holds context priors, which apply to every scan while attached: attach them "
+    kind, name = registry.find(meta.get("kind")), meta.get("name") or "adapter"
+    if kind is not None and kind.always_on:  # not chosen per call, so one row's would apply to every scan
+        raise AdapterError(f"{path} holds {kind.label}, which apply to every scan while attached: attach them "
                            "with segevol_fast.adapters.load_adapter(model, path) before segmenting instead")
     taken = adapters.adapter_names(model)
-    if name in taken and kind == "mixture":
-        raise AdapterError(f"{path} holds the mixture {name!r}, and the model already has an adapter of that "
-                           "name: a mixture loads under its saved name")
+    if name in taken and kind is not None and kind.keeps_saved_name:
+        raise AdapterError(f"{path} holds the {kind.label} {name!r}, and the model already has an adapter of that "
+                           f"name: a {kind.label} loads under its saved name")
     unique, n = name, 1
     while unique in taken:  # two files saved under the same name (e.g. "default") both load
         n += 1

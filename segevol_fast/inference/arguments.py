@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..adapters.manage import adapter_names
 from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io.volume import MODALITY_ALIASES
 from .precision import PRECISION_REQUESTS
@@ -204,6 +205,6 @@ def check_adapter(model, adapter) -> None:
         return
     if not isinstance(adapter, str):
         raise ArgumentTypeError(f"adapter must be None or a name (str), got {type(adapter).__name__}")
-    names = list(getattr(model, "adapter_configs", {}))
+    names = adapter_names(model)
     if adapter not in ("base", "auto") and adapter not in names:
         raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} (or use 'base' / 'auto')")

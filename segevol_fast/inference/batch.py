@@ -24,7 +24,7 @@ from ..errors import AdapterError, InvalidArgumentError
 from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
-from .adapter_scope import _mixture_for
+from .adapter_scope import mixture_for, scan_route
 from .arguments import check_adapter
 from .result import SegmentationResult
 from .segment import segment
@@ -36,11 +36,10 @@ def _choice(model, adapter: Optional[str], modality: str, image: torch.Tensor):
         return _adapters.active_adapter(model), None
     if adapter == "base":
         return None, None
-    mixture = _mixture_for(model, adapter)
+    mixture = mixture_for(model, adapter)
     if mixture is None:
         return adapter, None
-    routing = model.adapter_configs[mixture]["config"]["routing"]
-    r = _adapters.route_for(model, mixture, images=None if routing == "tag" else image, modalities=[modality])
+    r = scan_route(model, mixture, modality, lambda: image)
     if r.index is not None:
         i = int(r.index[0])
         return (None if i < 0 else r.names[i]), None

@@ -8,6 +8,7 @@ import torch
 
 from segevol_fast import SegVol, SegVolConfig, adapters
 from segevol_fast.adapters import LoraConfig, MixtureConfig
+from segevol_fast.adapters.lora import lora_layers
 from segevol_fast.errors import AdapterError
 from segevol_fast.inference import segment
 
@@ -44,11 +45,11 @@ def test_named_adapter_base_and_restore(model, ct):
     mr_res, mr = _probs(model, ct, adapter="mr")
     assert mr_res.adapter == "mr" and mr_res.summary()["adapter"] == "mr"
     assert not torch.equal(mr, base)
-    assert all(layer.active is None for _, layer in adapters._lora_layers(model))  # restored
+    assert all(layer.active is None for _, layer in lora_layers(model))  # restored
     adapters.set_active(model, "mr")
     again_res, again = _probs(model, ct, adapter="base")
     assert again_res.adapter == "base" and torch.equal(again, base)
-    assert all(layer.active == "mr" for _, layer in adapters._lora_layers(model))
+    assert all(layer.active == "mr" for _, layer in lora_layers(model))
     _, as_set = _probs(model, ct)  # adapter=None: the model as set ("mr" active)
     assert torch.equal(as_set, mr)
 

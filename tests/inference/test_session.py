@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig, adapters
+from segevol_fast.adapters.lora import lora_layers
 from segevol_fast.errors import ArgumentTypeError, PromptError
 from segevol_fast.inference import segment
 
@@ -83,7 +84,7 @@ def test_session_with_an_adapter_equals_segment_with_it(model, ct):
     adapters.set_active(m, None)
     sess = m.session(ct, adapter="x")
     _same(sess.segment(text="liver"), segment(m, ct, text="liver", adapter="x", progress=False))
-    assert all(layer.active is None for _, layer in adapters._lora_layers(m))
+    assert all(layer.active is None for _, layer in lora_layers(m))
 
 
 def test_cache_capacity_leaves_room_for_the_kept_zoom_out_embedding(model, ct, monkeypatch):
