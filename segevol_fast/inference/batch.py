@@ -25,9 +25,10 @@ from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import mixture_for, scan_route
-from .arguments import check_adapter
+from .arguments import check_adapter, check_segment_arguments
 from .result import SegmentationResult
-from .segment import segment
+from .scan import PreparedScan
+from .segment import run_segment
 
 
 def _choice(model, adapter: Optional[str], modality: str, image: torch.Tensor):
@@ -92,7 +93,8 @@ def segment_batch(model, volumes: Sequence, adapters: Sequence[Optional[str]], t
     results: list[SegmentationResult] = []
     for start in range(0, len(vols), batch_size):
         part = range(start, min(start + batch_size, len(vols)))
-        images = torch.cat([zoom_out_crop(preprocess(vols[i].array, lazy=True).crop, size) for i in part]).to(device)
+        preps = {i: preprocess(vols[i].array, lazy=True) for i in part}
+        images = torch.cat([zoom_out_crop(preps[i].crop, size) for i in part]).to(device)
         choices = [_choice(model, adapters[i], mods[i], images[j : j + 1]) for j, i in enumerate(part)]
         r = _route(choices)
         saved = _adapters.active_state(model)
@@ -108,6 +110,9 @@ def segment_batch(model, volumes: Sequence, adapters: Sequence[Optional[str]], t
             _adapters.restore_active(model, saved)
         del images
         for j, i in enumerate(part):
-            results.append(segment(model, vols[i], text, box, points, point_labels, modality=mods[i],
-                                   adapter=adapters[i], _zoom_out_embedding=embs[j : j + 1], **kwargs))
+            # segment() on the scan as prepared here: its zoom-out embedding comes from the routed pass
+            scan = PreparedScan(vols[i], preps[i], zoom_out_embedding=embs[j : j + 1])
+            options = dict(modality=mods[i], adapter=adapters[i], **kwargs)
+            check_segment_arguments(model, vols[i], text, box, points, point_labels, **options)
+            results.append(run_segment(model, scan, text, box, points, point_labels, **options))
     return results

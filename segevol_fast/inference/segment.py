@@ -33,6 +33,7 @@ from .precision import inference_state, resolve_precision
 from .progress import display_for
 from .prompts import build_prompts
 from .result import SegmentationResult, describe_prompts
+from .scan import PreparedScan
 
 
 
@@ -56,9 +57,6 @@ def segment(
     precision: Optional[str] = "auto",
     series: Optional[str] = None,
     adapter: Optional[str] = None,
-    _zoom_out_embedding: Optional[torch.Tensor] = None,
-    _prepared=None,
-    _window_cache=None,
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -101,10 +99,37 @@ def segment(
         NonFiniteOutputError: the model gave NaN / inf logits for some prompts (named in the message
             and in `.prompts`), never turned into empty masks; no result is returned.
     """
-    check_segment_arguments(  # types and values, before anything is loaded or moved
-        model, volume, text, box, points, point_labels, coords=coords, modality=modality, mode=mode, zoom_in=zoom_in,
-        max_memory=max_memory, device=device, progress=progress, return_probabilities=return_probabilities,
-        seed=seed, precision=precision, series=series, adapter=adapter)
+    options = dict(coords=coords, modality=modality, mode=mode, zoom_in=zoom_in, max_memory=max_memory, device=device,
+                   progress=progress, return_probabilities=return_probabilities, seed=seed, precision=precision,
+                   series=series, adapter=adapter)
+    check_segment_arguments(model, volume, text, box, points, point_labels, **options)  # before anything is read
+    return run_segment(model, volume, text, box, points, point_labels, **options)
+
+
+def run_segment(
+    model,
+    volume,
+    text: Union[str, Sequence[str], None] = None,
+    box=None,
+    points=None,
+    point_labels=None,
+    *,
+    coords: str = "voxel",
+    modality: Optional[str] = None,
+    mode: str = "fast",
+    zoom_in: bool = True,
+    max_memory: Union[int, str, None] = None,
+    device: Union[str, torch.device, None] = None,
+    progress: bool = True,
+    return_probabilities: bool = False,
+    seed: int = 0,
+    precision: Optional[str] = "auto",
+    series: Optional[str] = None,
+    adapter: Optional[str] = None,
+) -> SegmentationResult:
+    """`segment()` once its arguments are checked (`check_segment_arguments`). `volume` may also be
+    a `PreparedScan`, as a session keeps it: its preprocessing, zoom-out embedding and window cache
+    are used instead of being recomputed."""
     if device is not None and not same_device(model_device(model), device):
         model.to(device)
     dev = model_device(model)
@@ -114,6 +139,9 @@ def segment(
     # `progress` becomes the call's one display (a Progress) and is handed down to _run as such
     with PeakMemory(dev) as pm, display_for(progress) as progress:  # the whole call, reading the scan included
         t = time.perf_counter()
+        scan = volume if isinstance(volume, PreparedScan) else None
+        if scan is not None:
+            volume = scan.volume
         if not isinstance(volume, Volume):  # a Volume was loaded by the caller (the CLI times that itself)
             progress.stage("load scan")
         vol = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
@@ -125,7 +153,9 @@ def segment(
         progress.stage("preprocess")
         # fast mode reads the crop window by window from the scan: no float32 copy of it is made;
         # an interactive session (`session.py`) hands in the preprocessing it keeps
-        prep = _prepared if _prepared is not None else preprocess(vol.array, lazy=(mode == "fast"))
+        if scan is None:
+            scan = PreparedScan(vol, preprocess(vol.array, lazy=(mode == "fast")))
+        prep = scan.prep
         prompts = build_prompts(text, box, points, point_labels, shape=vol.shape, start=prep.start,
                                 coords=coords, affine=vol.affine)
         check_names([p.text for p in prompts if p.text is not None])  # a warning, never an error
@@ -137,7 +167,7 @@ def segment(
                 adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
             crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
                                                     dev, progress, return_probabilities, seed, math.prod(vol.shape),
-                                                    _zoom_out_embedding, _window_cache)
+                                                    scan.zoom_out_embedding, scan.window_cache)
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()

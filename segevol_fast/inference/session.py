@@ -9,8 +9,9 @@ preprocessing (the crop is read lazily, no float32 copy), the zoom-out embedding
 embeddings (the model's cache) and the zoom-in window embeddings in a `WindowCache` that lives as
 long as the session, least recently used evicted first. Its capacity comes from the memory budget:
 what `max_memory` leaves after the plan of one call (cache excluded) and the kept zoom-out
-embedding, divided by one embedding's bytes, never more than the scan has windows. Every call is a full `segment()` (same planner, same
-stitching, same result type) handed the kept state, so its result equals a fresh `segment()` with
+embedding, divided by one embedding's bytes, never more than the scan has windows. All of it is
+one `PreparedScan` (`scan.py`). Every call is a full `segment()` (same checks, planner, stitching
+and result type) on that prepared scan, so its result equals a fresh `segment()` with
 the same prompts (tested bit for bit on the CPU), and only windows never seen are encoded.
 
 `refine(name, points, point_labels)` re-runs a previous prompt (text, box and points as given)
@@ -31,20 +32,22 @@ from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
-from .arguments import check_session_arguments
+from .arguments import check_segment_arguments, check_session_arguments
 from .budget import parse_memory, plan_fast, same_device
 from .fast import WindowCache
 from .precision import inference_state, resolve_precision
 from .prompts import checked_points
 from .result import SegmentationResult
-from .segment import segment
+from .scan import PreparedScan
+from .segment import run_segment
 
 
 class Session:
     """One scan, many prompts; see the module docstring. Build it with `model.session(volume, ...)`.
 
     Attributes: volume (the loaded `Volume`), modality, cache (the `WindowCache`: `len`, `hits`,
-    `misses`, `capacity`), history ({mask name: the prompt arguments it was made with}).
+    `misses`, `capacity`), history ({mask name: the prompt arguments it was made with}), scan (the
+    `PreparedScan` every call reuses: the volume, its preprocessing, zoom-out embedding and cache).
     """
 
     def __init__(self, model, volume, *, modality: Optional[str] = None, adapter: Optional[str] = None,
@@ -57,29 +60,29 @@ class Session:
         self.model, self.adapter, self.max_memory, self.precision = model, adapter, max_memory, precision
         self.volume = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
         self.modality = modality or self.volume.modality or "ct"
-        self._prep = preprocess(self.volume.array, lazy=True)
+        self.scan = PreparedScan(self.volume, preprocess(self.volume.array, lazy=True))
         dev = model_device(model)
         size = model.config.spatial_size
-        n_windows = int(np.prod([len(a) for a in global_grid(self._prep.crop.shape, size)]))
+        n_windows = int(np.prod([len(a) for a in global_grid(self.scan.prep.crop.shape, size)]))
         if cache_windows is None:
             cache_windows = self._capacity(n_windows, dev)
         elif not isinstance(cache_windows, int) or cache_windows < 0:
             raise InvalidArgumentError(f"cache_windows must be a non-negative int, got {cache_windows!r}")
-        self.cache = WindowCache(min(cache_windows, n_windows))
+        self.cache = self.scan.window_cache = WindowCache(min(cache_windows, n_windows))
         self.history: dict[str, dict] = {}
         # the zoom-out embedding, under the session's adapter and precision, as segment() makes it
         run_precision = resolve_precision(precision, model.precision, dev, "fast")
-        image = zoom_out_crop(self._prep.crop, size).to(dev)
+        image = zoom_out_crop(self.scan.prep.crop, size).to(dev)
         with inference_state(model, run_precision), torch.inference_mode(), \
                 adapter_scope(model, adapter, self.modality, lambda: image):
-            self._zoom_out = model.encode_image(image)
+            self.scan.zoom_out_embedding = model.encode_image(image)
 
     def _capacity(self, n_windows: int, dev) -> int:
         """Windows the budget leaves room for after one call's plan and the session's own zoom-out
         embedding, which outlives the calls (all of them without a budget)."""
         if self.max_memory is None:
             return n_windows
-        plan = plan_fast(self.model, self._prep.crop.shape, 1, self.max_memory, dev)
+        plan = plan_fast(self.model, self.scan.prep.crop.shape, 1, self.max_memory, dev)
         cfg = self.model.config
         per_window = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4  # a zoom-out embedding is one too
         spare = parse_memory(self.max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
@@ -119,12 +122,13 @@ class Session:
         return res
 
     def _run(self, text, box, points, point_labels, **kwargs) -> SegmentationResult:
-        """One fast-mode `segment()` handed the session's scan, zoom-out embedding and window cache;
+        """One fast-mode `segment()` on the session's prepared scan (`segment.run_segment`);
         quiet unless progress=True (a session answers many small calls)."""
         kwargs.setdefault("progress", False)
-        return segment(self.model, self.volume, text, box, points, point_labels, modality=self.modality,
-                       mode="fast", max_memory=self.max_memory, precision=self.precision, adapter=self.adapter,
-                       _prepared=self._prep, _zoom_out_embedding=self._zoom_out, _window_cache=self.cache, **kwargs)
+        options = dict(modality=self.modality, mode="fast", max_memory=self.max_memory, precision=self.precision,
+                       adapter=self.adapter, **kwargs)
+        check_segment_arguments(self.model, self.volume, text, box, points, point_labels, **options)
+        return run_segment(self.model, self.scan, text, box, points, point_labels, **options)
 
 
 def _renamed(res: SegmentationResult, name: str) -> SegmentationResult:
