@@ -95,9 +95,11 @@ bench-memory: build
 # The main job: segment several organs in the shared real CT (or a generated phantom when
 # ../shared/data is absent) with the official weights when found, else full-size random weights
 # (loudly flagged: masks are then meaningless); prints time and peak memory, writes masks + preview.
+# The installed command knows no data folder: SEGEVOL_DATA names the repository's shared one here.
+SEGEVOL_DATA ?= $(CURDIR)/../shared/data
 demo: build
 	$(PY) -m segevol_fast info
-	$(PY) -m segevol_fast demo --full --out segevol_out/demo
+	SEGEVOL_DATA=$(SEGEVOL_DATA) $(PY) -m segevol_fast demo --full --out segevol_out/demo
 
 # On a CUDA machine (device python with CUDA torch), in one call: build, `gpu` tests, every op
 # timed, session latency, the resource table; logs and JSON under $OUT (bench/gpu_session.sh).

@@ -26,7 +26,7 @@ from typing import Iterator, Optional
 from .errors import SegVolFastError, UsageError, WeightsNotFoundError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-REPO = pathlib.Path(__file__).resolve().parents[1]
+DATA_ENV = "SEGEVOL_DATA"  # the folder of sample data (the demo CT, labels.json, clip_tokenizer/)
 DEMO_FILE = "ct_abdomen_sm.nii.gz"
 # prompt text -> TotalSegmentator class name in labels.json "ct" (and in the phantom)
 DEMO_ORGANS = {"liver": "liver", "spleen": "spleen", "left kidney": "kidney_left", "right kidney": "kidney_right"}
@@ -115,10 +115,11 @@ def _model_files(args: argparse.Namespace, *, text: bool) -> tuple[Optional[path
     if tok is not None and find_tokenizer(tok) != (tok.parent if tok.is_file() else tok):
         raise UsageError(f"--tokenizer {args.tokenizer}: no tokenizer.json (or vocab.json + merges.txt) there")
     weights = None if args.random_weights else find_weights(args.weights, download=args.download)
-    tok_dir = find_tokenizer(args.tokenizer, weights, _data_dir() / "clip_tokenizer")
+    tok_dir = find_tokenizer(args.tokenizer, weights, _sample_tokenizer())
     if text and tok_dir is None:
         raise UsageError("text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
-                         "put them next to the weights or pass --tokenizer DIR")
+                         f"put them next to the weights, pass --tokenizer DIR, or set {DATA_ENV} to a folder holding "
+                         "clip_tokenizer/")
     return weights, tok_dir
 
 
@@ -280,8 +281,16 @@ def _cmd_cohort(args: argparse.Namespace, prompts: dict) -> int:
 
 
 # ---------------------------------------------------------------------- demo
-def _data_dir() -> pathlib.Path:
-    return pathlib.Path(os.environ.get("SEGEVOL_DATA") or REPO.parent / "shared" / "data")
+def _data_dir() -> Optional[pathlib.Path]:
+    """$SEGEVOL_DATA, or None: an installed package knows no data folder of its own."""
+    folder = os.environ.get(DATA_ENV)
+    return pathlib.Path(folder).expanduser() if folder else None
+
+
+def _sample_tokenizer() -> Optional[pathlib.Path]:
+    """The sample data's clip_tokenizer/ folder (None without $SEGEVOL_DATA)."""
+    data = _data_dir()
+    return None if data is None else data / "clip_tokenizer"
 
 
 def _demo_input():
@@ -291,8 +300,8 @@ def _demo_input():
     from .io import load_volume
 
     data = _data_dir()
-    ct = data / DEMO_FILE
-    if ct.is_file() and (data / "labels.json").is_file():
+    ct = None if data is None else data / DEMO_FILE
+    if ct is not None and ct.is_file() and (data / "labels.json").is_file():
         import nibabel as nib
 
         labels = np.asarray(nib.load(str(data / DEMO_FILE.replace(".nii.gz", "_labels.nii.gz"))).dataobj)
@@ -301,7 +310,9 @@ def _demo_input():
     from .phantom import make_phantom
 
     volume, labels, names = make_phantom()
-    return volume, labels, {n: i for i, n in names.items()}, f"synthetic phantom (no {ct})"
+    why = (f"no {ct}" if ct is not None else
+           f"set {DATA_ENV} to a folder holding {DEMO_FILE}, its _labels file and labels.json for the real CT")
+    return volume, labels, {n: i for i, n in names.items()}, f"synthetic phantom ({why})"
 
 
 def _boxes_from_labels(labels, ids: dict, organs: list[str]):
@@ -348,7 +359,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     else:
         display.print(f"weights: {weights}")
     display.stage("load model")
-    model = _build_model(weights, config_name, find_tokenizer(weights, _data_dir() / "clip_tokenizer"), device)
+    model = _build_model(weights, config_name, find_tokenizer(weights, _sample_tokenizer()), device)
     use_text = model.tokenizer is not None
     if not use_text:
         display.print("no CLIP tokenizer found: prompting with the ground-truth boxes instead of text", file=sys.stderr)
@@ -466,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("demo", help="segment liver, spleen and kidneys in a sample CT",
-                       description=f"Segments {', '.join(DEMO_ORGANS)} in $SEGEVOL_DATA/{DEMO_FILE} (default "
-                                   "../shared/data next to the repository) or, when absent, a synthetic phantom. "
+                       description=f"Segments {', '.join(DEMO_ORGANS)} in ${DATA_ENV}/{DEMO_FILE} (`make demo` sets "
+                                   f"{DATA_ENV}=../shared/data) or, when absent, a synthetic phantom. "
                                    "Uses the official weights when found, else a random model (tiny unless --full).")
     p.add_argument("--out", default="segevol_out/demo", metavar="DIR", help="output folder (default segevol_out/demo)")
     p.add_argument("--full", action="store_true", help="with random weights, use the official architecture "
