@@ -13,9 +13,10 @@ from bench import gpu_suite
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("op", list(gpu_suite.RUNS))
+@pytest.mark.parametrize("op", list(gpu_suite.SPECS))
 def test_suite_runs_and_checks_every_provider_on_cpu(op):
-    rows = gpu_suite.RUNS[op](None, device="cpu", small=True, timed=False, dtypes=(torch.float32, torch.float16))
+    rows = gpu_suite.run_op(gpu_suite.SPECS[op], None, device="cpu", small=True, timed=False,
+                            dtypes=(torch.float32, torch.float16))
     assert rows and all(r["op"] == op for r in rows)
     failed = [(r["provider"], r["dtype"], r.get("passes"), r.get("error", r.get("max_err"))) for r in rows if not r["ok"]]
     assert not failed

@@ -2,8 +2,9 @@
 
 Every op `<op>` has a plain-PyTorch twin `<op>_ref` that defines what correct means, dispatches
 between native C++/CUDA, Triton and the reference (see `_backend`), and is registered as
-`torch.ops.segevol_fast.<op>` with a fake kernel so torch.compile can trace it. Every op is built
-on the one scaffold in `_op` (`define_op`), whose docstring lists the steps to add an op.
+`torch.ops.segevol_fast.<op>` with a fake kernel so torch.compile can trace it. Each op is one
+folder, ops/<op>/ (function, reference, autograd, Triton kernel, spec), built on the one scaffold in
+`_op` (`define_op`); its import line below registers it. Adding an op: ops/README.md.
 """
 
 from ._backend import available_backends, forced_backend, registered_ops, select, use_backend

@@ -53,6 +53,11 @@ def registered_ops() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def implemented_backends(op: str) -> list[str]:
+    """The backends `op` has an implementation of, whether or not they can run here."""
+    return [b for b in BACKENDS if b in _REGISTRY.get(op, {})]
+
+
 # ---------------------------------------------------------------------------- availability probes
 @functools.lru_cache(maxsize=None)
 def triton_import_error() -> str | None:

@@ -11,13 +11,14 @@ eager inference, see `plain_eager_call`) or through the registered custom op
   * under a CUDA device guard for CUDA tensors: Triton launches on the *current* device, so a
     tensor on cuda:1 must make cuda:1 current (the native CUDA kernels guard themselves as well).
 
-Adding an op `foo` (each step is a few lines; `patch_embed.py` is the worked example):
+Adding an op `foo` (the folder layout and the checklist are in ops/README.md; each step below is
+a few lines of ops/foo/op.py, and `patch_embed/op.py` is the worked example):
 
   1. `foo_ref(...)`: plain PyTorch, readable, the definition of correct. Its positional
      arguments are the op's schema arguments, in order.
   2. Backend functions with those same positional arguments (only the ones that exist):
      `_native(*args)` calls `torch.ops.segevol_fast_C.foo(*args)`; `_triton(*args)` imports its
-     kernel module lazily (Triton is optional) and launches it. Arguments arrive validated.
+     kernel module (ops/foo/triton_kernel.py) lazily (Triton is optional) and launches it. Arguments arrive validated.
      Where PyTorch itself already ships the best compiled CPU kernel (attention: ATen's fused
      SDPA), pass a Python function calling it as `native_cpu=` instead of writing C++: it is the
      op's "native" backend on CPU tensors (no _C kernel, no step 6); CUDA tensors then go to
@@ -41,13 +42,16 @@ Adding an op `foo` (each step is a few lines; `patch_embed.py` is the worked exa
 
      and the public `foo(...)`: validate the arguments with typed errors
      (`segevol_fast.errors.ShapeError`), normalise them to the schema's types (list[int] for
-     int[], float for float) and `return _FOO(*args)`. Export both from `ops/__init__.py`.
+     int[], float for float) and `return _FOO(*args)`. Export both from ops/foo/__init__.py and
+     import them in ops/__init__.py (that import line is the op's registration).
   6. Native kernels: one line `X(foo, "(Tensor x, ...) -> Tensor")` in csrc/op_list.h (the same
      schema string) and a folder csrc/foo/ with cpu/*.cpp and cuda/*.cu + cuda/*_cuda.cpp, each
      ending in `TORCH_LIBRARY_IMPL(segevol_fast_C, CPU|CUDA, m) { m.impl("foo", ...); }`.
-  7. Tests: one `OpSpec` entry in tests/ops/test_op_contract.py (every backend x dtype x odd
-     shapes x non-contiguous inputs against the float64 reference, opcheck, gradcheck,
-     torch.compile, the eager bypass); op-specific cases in tests/ops/test_foo.py.
+  7. ops/foo/spec.py: `SPEC = OpSpec(...)` (see `_spec`): odd-shaped cases and an argument
+     maker, from which tests/ops/test_op_contract.py runs every backend x dtype x odd shapes x
+     non-contiguous inputs against the float64 reference, opcheck, gradcheck, torch.compile and
+     the eager bypass; and the benchmark workloads (baselines, FLOP/byte model) that
+     bench/bench_ops.py and bench/gpu_suite.py time. Op-specific cases go in tests/ops/test_foo.py.
 """
 
 from __future__ import annotations

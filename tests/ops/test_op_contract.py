@@ -5,168 +5,32 @@ op's reference in float64 (tests/numerics.py rule), torch.library.opcheck (schem
 autograd registration), gradcheck of the autograd formula, torch.compile(fullgraph=True) tracing,
 the autocast policy, and the eager bypass that never imports torch._dynamo.
 
-Adding an op: append an `OpSpec` to SPECS. Op-specific checks (equivalences, error messages,
-regressions) stay in tests/ops/test_<op>.py.
+Adding an op: its folder's spec.py (segevol_fast/ops/<op>/spec.py) is picked up here by itself.
+Op-specific checks (equivalences, error messages, regressions) stay in tests/ops/test_<op>.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
-from typing import Callable
 
 import pytest
 import torch
 
 from segevol_fast import _native, ops
 from segevol_fast.ops import _backend, _op
+from segevol_fast.ops._spec import OpSpec, all_specs, cast_floats
 from tests.numerics import assert_matches_reference
 
 # The Triton interpreter computes bf16 silently wrong: never test bf16 there.
-_ALL_DTYPES = {
+DTYPES = {
     "ref": [torch.float32, torch.float16, torch.bfloat16],
     "native": [torch.float64, torch.float32, torch.float16, torch.bfloat16],
     "triton": [torch.float32, torch.float16],
 }
 
-
-@dataclass(frozen=True)
-class OpSpec:
-    """What the contract needs to know about one op.
-
-    make_args(case, device) returns the op's schema-ordered positional arguments with every
-    floating tensor in float64; the tests cast them. The public entry point, the reference and
-    `torch.ops.segevol_fast.<name>` all accept these arguments positionally.
-    """
-
-    name: str
-    module: str                      # where the public op lives (its `_OP` is the scaffold's Op)
-    cases: list                      # odd shapes: not multiples of any block size
-    make_args: Callable[[object, str], tuple]
-    grad_args: tuple[int, ...]       # positions of differentiable tensor arguments
-    tiny_case: object                # small enough for gradcheck in float64
-    backends: tuple[str, ...] = ("ref", "native", "triton")
-    dtypes: dict = field(default_factory=lambda: _ALL_DTYPES)
-    native_in_C: bool = True         # False: "native" is PyTorch's own CPU kernel (define_op native_cpu=)
-
-    @property
-    def op(self) -> Callable:
-        return getattr(ops, self.name)
-
-    @property
-    def ref(self) -> Callable:
-        return getattr(ops, f"{self.name}_ref")
-
-    @property
-    def op_def(self) -> _op.Op:
-        return importlib.import_module(self.module)._OP
-
-
-# ---------------------------------------------------------------------------- op specs
-def _patch_embed_args(case, device):
-    shape, patch, E = case
-    B, C, D, H, W = shape
-    N = (D // patch[0]) * (H // patch[1]) * (W // patch[2])
-    K = patch[0] * patch[1] * patch[2] * C
-    f64 = dict(device=device, dtype=torch.float64)
-    x = torch.randn(shape, **f64)
-    w = torch.randn(E, K, **f64) / K**0.5
-    return (x, w, torch.randn(E, **f64), torch.randn(1, N, E, **f64), list(patch), 0.37, -1.25)
-
-
-def _flash_attention_args(case, device):
-    (B, H, Sq, Sk, D), scale, kv = case
-    f64 = dict(device=device, dtype=torch.float64)
-    q, k, v = (torch.randn(B, H, S, D, **f64) for S in (Sq, Sk, Sk))
-    kv_len = None if kv is None else torch.tensor(kv, device=device)
-    return (q, k, v, scale, kv_len)
-
-
-def _lora_linear_args(case, device):
-    lead, K, N, r, out_slice = case
-    f64 = dict(device=device, dtype=torch.float64)
-    n = N if out_slice is None else out_slice[1] - out_slice[0]
-    x = torch.randn(*lead, K, **f64)
-    w = torch.randn(N, K, **f64) / K**0.5
-    a = torch.randn(r, K, **f64) / K**0.5
-    b = torch.randn(n, r, **f64) / r**0.5
-    return (x, w, torch.randn(N, **f64), a, b, 0.7, list(out_slice or (0, N)))
-
-
-SPECS = [
-    OpSpec(
-        name="patch_embed",
-        module="segevol_fast.ops.patch_embed.op",
-        # (B, C, D, H, W), patch, E: a remainder on every axis, batch 3, C > 1, E not a block size
-        # and one volume that is exactly one patch (no remainder, N = 1)
-        cases=[((3, 1, 9, 35, 33), (4, 16, 16), 48), ((2, 2, 8, 20, 18), (2, 4, 3), 20), ((1, 1, 4, 16, 16), (4, 16, 16), 16)],
-        make_args=_patch_embed_args,
-        grad_args=(0, 1, 2, 3),
-        tiny_case=((2, 2, 5, 6, 7), (2, 3, 2), 6),
-    ),
-    OpSpec(
-        name="flash_attention",
-        module="segevol_fast.ops.flash_attention.op",
-        # ((B, H, Sq, Sk, D), scale, kv_len per row): tails of every 16-block, Sq < Sk and Sq > Sk,
-        # one query, a row with no valid key (0) and one longer than Sk (clamped)
-        cases=[((2, 3, 19, 37, 24), 0.3, [37, 5]), ((1, 2, 33, 17, 64), None, None),
-               ((2, 1, 1, 40, 32), None, [0, 50])],
-        make_args=_flash_attention_args,
-        grad_args=(0, 1, 2),
-        tiny_case=((2, 1, 3, 5, 4), None, [5, 2]),
-        native_in_C=False,
-    ),
-]
-SPECS.append(
-    OpSpec(
-        name="lora_linear",
-        module="segevol_fast.ops.lora_linear.op",
-        # ((leading dims), K, N, r, out_slice): odd K/N/rows, ranks 2/5/16 (rank 1 in test_lora_linear:
-        # a (n, 1) B cannot be made non-contiguous), a middle slice
-        # (the v third of a qkv-like output) and the whole output; W is frozen (not a grad arg)
-        cases=[((2, 19), 37, 45, 5, (30, 45)), ((33,), 20, 18, 2, None), ((3, 2, 7), 24, 51, 16, (17, 34))],
-        make_args=_lora_linear_args,
-        grad_args=(0, 2, 3, 4),
-        tiny_case=((2, 3), 5, 7, 2, (2, 6)),
-        native_in_C=False,
-    )
-)
-def _routed_lora_linear_args(case, device):
-    lengths, K, N, r, E, routing = case
-    f64 = dict(device=device, dtype=torch.float64)
-    M = sum(lengths)
-    segments = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=device)
-    x = torch.randn(M, K, **f64)
-    w = torch.randn(N, K, **f64) / K**0.5
-    a = torch.randn(E, r, K, **f64) / K**0.5
-    b = torch.randn(E, N, r, **f64) / r**0.5
-    if routing == "soft":
-        idx, gates = None, torch.softmax(torch.randn(len(lengths), E, **f64), -1)
-    else:
-        idx, gates = torch.tensor(routing, device=device), None
-    return (x, w, torch.randn(N, **f64), a, b, segments, idx, gates, 0.7)
-
-
-SPECS.append(
-    OpSpec(
-        name="routed_lora_linear",
-        module="segevol_fast.ops.routed_lora_linear.op",
-        # (segment lengths, K, N, r, E, "soft" or adapter per segment): soft mixtures (the first
-        # case and tiny_case, so gates are a grad arg everywhere) and hard routing with a base-only
-        # (-1) and an empty segment; odd K/N/rows
-        cases=[((7, 0, 12), 37, 45, 5, 3, "soft"), ((5, 9, 0, 4), 20, 18, 2, 3, [2, -1, 0, 2]),
-               ((33,), 24, 51, 16, 2, [1])],
-        make_args=_routed_lora_linear_args,
-        grad_args=(0, 2, 3, 4, 7),
-        tiny_case=((2, 0, 3), 5, 7, 2, 3, "soft"),
-        native_in_C=False,
-    )
-)
-
-SPEC_BY_NAME = {s.name: s for s in SPECS}
+SPECS = all_specs()  # one per registered op: segevol_fast/ops/<op>/spec.py
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -179,10 +43,6 @@ def _require(spec: OpSpec, backend: str, device: str) -> None:
     reason = _backend._REGISTRY[spec.name][backend].why_not(device)
     if reason is not None:
         pytest.skip(f"{spec.name}: {backend} unavailable on {device}: {reason}")
-
-
-def _cast(args, dtype):
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
 
 
 def _non_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -219,7 +79,7 @@ def _backend_dtype_params():
         for backend in spec.backends:
             if backend == "ref":
                 continue  # the ref backend *is* the same-dtype reference: that check could not fail
-            for dtype in spec.dtypes[backend]:
+            for dtype in DTYPES[backend]:
                 yield pytest.param(spec, backend, dtype, id=f"{spec.name}-{backend}-{str(dtype)[6:]}")
 
 
@@ -242,9 +102,9 @@ def test_backend_matches_float64_reference(spec, backend, dtype, case_index, lay
     device = _device_for(backend)
     _require(spec, backend, device)
     exact_args = spec.make_args(spec.cases[case_index], device)
-    cast = _cast(exact_args, dtype)
+    cast = cast_floats(exact_args, dtype)
     with ops.use_backend(backend):
-        out = spec.op(*_layout(cast, layout))
+        out = spec.fn(*_layout(cast, layout))
     same_dtype = spec.ref(*cast)
     exact = spec.ref(*exact_args)
     assert_matches_reference(out, same_dtype, exact, f"{spec.name} {backend} {dtype} {layout}")
@@ -255,8 +115,8 @@ def test_backend_matches_float64_reference(spec, backend, dtype, case_index, lay
 def test_registered_as_custom_op_and_native_op(spec):
     assert hasattr(torch.ops.segevol_fast, spec.name)
     assert spec.name in ops.registered_ops()
-    assert spec.op_def.custom_op is not None
-    if "native" in spec.backends and spec.native_in_C and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") == "1":
+    assert spec.op.custom_op is not None
+    if "native" in spec.backends and spec.native_in_csrc and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") == "1":
         # the native op comes from csrc/op_list.h: a listed op is both compiled and reported
         assert spec.name in _native.native_ops()
         assert hasattr(torch.ops.segevol_fast_C, spec.name)
@@ -265,8 +125,8 @@ def test_registered_as_custom_op_and_native_op(spec):
 @pytest.mark.parametrize("spec,backend", _spec_backend_params())
 def test_opcheck(spec, backend):
     _require(spec, backend, "cpu")
-    dtype = torch.float64 if torch.float64 in spec.dtypes[backend] else torch.float32
-    args = _with_grad(spec, _cast(spec.make_args(spec.tiny_case, "cpu"), dtype))
+    dtype = torch.float64 if torch.float64 in DTYPES[backend] else torch.float32
+    args = _with_grad(spec, cast_floats(spec.make_args(spec.tiny_case, "cpu"), dtype))
     with ops.use_backend(backend):
         torch.library.opcheck(getattr(torch.ops.segevol_fast, spec.name).default, args)
 
@@ -284,7 +144,7 @@ def test_gradcheck(spec, backend):
         full = list(args)
         for i, t in zip(slots, grad_inputs):
             full[i] = t
-        return spec.op(*full)
+        return spec.fn(*full)
 
     with ops.use_backend(backend):
         assert torch.autograd.gradcheck(call, inputs)
@@ -292,10 +152,10 @@ def test_gradcheck(spec, backend):
 
 @pytest.mark.parametrize("spec", _SPEC_IDS)
 def test_torch_compile_traces_forward_and_backward(spec):
-    args = _with_grad(spec, _cast(spec.make_args(spec.cases[0], "cpu"), torch.float32))
+    args = _with_grad(spec, cast_floats(spec.make_args(spec.cases[0], "cpu"), torch.float32))
 
     def f(*a):
-        return torch.relu(spec.op(*a)).sum()
+        return torch.relu(spec.fn(*a)).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     got = compiled(*args)
@@ -312,11 +172,11 @@ def test_torch_compile_traces_forward_and_backward(spec):
 def test_autocast_does_not_change_the_op_precision(spec, backend):
     # The op owns its precision: inside torch.autocast it still computes in its inputs' dtype.
     _require(spec, backend, "cpu")
-    args = _cast(spec.make_args(spec.cases[0], "cpu"), torch.float32)
+    args = cast_floats(spec.make_args(spec.cases[0], "cpu"), torch.float32)
     with ops.use_backend(backend):
-        plain = spec.op(*args)
+        plain = spec.fn(*args)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            auto = spec.op(*args)
+            auto = spec.fn(*args)
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto, plain, rtol=1e-6, atol=1e-6)
 
@@ -327,15 +187,15 @@ def test_eager_inference_never_imports_dynamo(spec):
     # inference process that never compiles must not pay that (it is a tenth of a 2 GB budget)
     code = (
         "import sys, torch\n"
-        "from tests.ops.test_op_contract import SPEC_BY_NAME\n"
-        f"spec = SPEC_BY_NAME[{spec.name!r}]\n"
+        "from segevol_fast.ops._spec import spec\n"
+        f"spec = spec({spec.name!r})\n"
         "fp = lambda a: isinstance(a, torch.Tensor) and a.is_floating_point()\n"
         "args = tuple(a.float() if fp(a) else a for a in spec.make_args(spec.cases[0], 'cpu'))\n"
         "with torch.inference_mode():\n"
-        "    spec.op(*args)\n"
+        "    spec.fn(*args)\n"
         "with torch.no_grad():\n"
-        "    spec.op(*(torch.nn.Parameter(a) if fp(a) else a for a in args))\n"
-        "spec.op(*args)\n"
+        "    spec.fn(*(torch.nn.Parameter(a) if fp(a) else a for a in args))\n"
+        "spec.fn(*args)\n"
         "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -345,21 +205,21 @@ def test_eager_inference_never_imports_dynamo(spec):
 
 @pytest.mark.parametrize("spec", _SPEC_IDS)
 def test_eager_bypass_equals_the_custom_op_and_autograd_goes_through_it(spec, monkeypatch):
-    args = _cast(spec.make_args(spec.cases[0], "cpu"), torch.float32)
+    args = cast_floats(spec.make_args(spec.cases[0], "cpu"), torch.float32)
     # The scaffold's Op returns what the custom op returns (one tensor or a tuple: flash_attention
     # gives (out, lse)); the public function may return a part of it.
-    direct = _as_tuple(spec.op_def(*args))
+    direct = _as_tuple(spec.op(*args))
     via_op = _as_tuple(getattr(torch.ops.segevol_fast, spec.name)(*args))
     assert len(direct) == len(via_op) and all(torch.equal(a, b) for a, b in zip(direct, via_op))
-    assert torch.equal(spec.op(*args), direct[0])
+    assert torch.equal(spec.fn(*args), direct[0])
 
     calls = []
-    real = spec.op_def.custom_op
-    monkeypatch.setattr(spec.op_def, "custom_op", lambda *a: calls.append(a) or real(*a))
-    spec.op(*_with_grad(spec, args))  # autograd to record: through the op
+    real = spec.op.custom_op
+    monkeypatch.setattr(spec.op, "custom_op", lambda *a: calls.append(a) or real(*a))
+    spec.fn(*_with_grad(spec, args))  # autograd to record: through the op
     assert len(calls) == 1
     with torch.no_grad():
-        spec.op(*_with_grad(spec, args))  # nothing to record: direct
+        spec.fn(*_with_grad(spec, args))  # nothing to record: direct
     assert len(calls) == 1
 
 
@@ -378,8 +238,8 @@ def test_runs_on_a_non_current_cuda_device(spec, backend):
         pytest.skip("needs two CUDA devices")
     _require(spec, backend, "cuda")
     exact_args = spec.make_args(spec.cases[0], "cuda:1")
-    cast = _cast(exact_args, torch.float32)
+    cast = cast_floats(exact_args, torch.float32)
     with torch.cuda.device(0), ops.use_backend(backend):
-        out = spec.op(*cast)
+        out = spec.fn(*cast)
     assert out.device == torch.device("cuda", 1)
     assert_matches_reference(out, spec.ref(*cast), spec.ref(*exact_args), f"{spec.name} {backend} cuda:1")

@@ -25,6 +25,8 @@ import functools
 import torch
 from torch import Tensor
 
+from .. import _backend
+from .._op import define_op, device_guard
 from .reference import (
     check_attention_args,
     flash_attention_cpu,
@@ -33,8 +35,6 @@ from .reference import (
     flash_attention_reference_with_lse,
     lse_like,
 )
-from .. import _backend
-from .._op import define_op, device_guard
 
 OP_NAME = "flash_attention"
 SCHEMA = "(Tensor q, Tensor k, Tensor v, float? scale, Tensor? kv_len) -> (Tensor, Tensor)"

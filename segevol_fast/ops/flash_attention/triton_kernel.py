@@ -34,8 +34,8 @@ import triton
 import triton.language as tl
 
 from ...errors import ShapeError
-from .reference import check_attention_args, kv_lengths
 from .._triton import interpreted, matmul_precision
+from .reference import check_attention_args, kv_lengths
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
