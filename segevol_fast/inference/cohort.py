@@ -46,7 +46,7 @@ from typing import Iterable, Optional, Sequence
 from ..errors import ArgumentTypeError, SegVolFastError, VolumeNotFoundError
 from ..io import load_volume
 from ..io.dicom import is_dicom_folder
-from ..io.nifti import is_nifti_path
+from ..io.paths import is_nifti_path
 from .manifest import (PROMPT_COLUMNS, CohortItem, check_item, column_of, item_prompts, read_manifest, stem,
                        unique_names)
 from .result import write_bytes_atomic

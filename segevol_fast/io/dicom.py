@@ -164,7 +164,7 @@ def describe_series(series: Dict[str, list]) -> str:
 
 def _no_series_message(folder: pathlib.Path) -> str:
     """Why a folder without DICOM image files cannot be read; a folder of scans is a cohort."""
-    from .nifti import is_nifti_path
+    from .paths import is_nifti_path
 
     nifti = sum(1 for c in folder.iterdir() if c.is_file() and is_nifti_path(c))
     series = sum(1 for c in folder.iterdir() if is_dicom_folder(c))

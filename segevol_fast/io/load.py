@@ -19,7 +19,8 @@ from ..errors import (
     VolumeNotFoundError,
 )
 from .dicom import load_dicom
-from .nifti import is_nifti_path, load_nifti
+from .nifti import load_nifti
+from .paths import is_nifti_path
 from .volume import Volume, check_3d_shape, normalize_modality
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")

@@ -15,15 +15,10 @@ import numpy as np
 
 from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeError, VolumeFileError, VolumeNotFoundError
 from .output import write_file_atomic
+from .paths import is_nifti_path
 from .volume import Volume, apply_rescale, check_3d_shape
 
 PathLike = Union[str, os.PathLike]
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti_path(path: PathLike) -> bool:
-    """True when the name ends in .nii or .nii.gz (case-insensitive)."""
-    return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
 def _first_line(exc: BaseException) -> str:

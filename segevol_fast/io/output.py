@@ -58,6 +58,7 @@ import uuid
 from typing import Callable, Iterator, Optional, Union
 
 from ..errors import OutputError, OutputLockedError
+from .paths import is_nifti_path
 
 try:
     import fcntl
@@ -166,8 +167,6 @@ def check_output_path(path: PathLike) -> pathlib.Path:
     is empty or a segevol_fast result.
     Nothing is left behind: folders that do not exist yet are not created.
     """
-    from .nifti import is_nifti_path
-
     p = _normalise(path)
     if is_nifti_path(p):
         if p.is_dir():
