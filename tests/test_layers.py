@@ -1,0 +1,190 @@
+"""The package's import structure: layers import only downward, nothing imports in a circle, and no
+module reaches into another's private names. Every import statement counts, the ones inside
+functions (lazy imports) included: a lazy import still ties the two modules together.
+
+Layers, bottom to top (a module may import its own layer and the layers below it):
+
+    base        errors, determinism, version
+    data        io, preprocess, crop, geometry, distributed, phantom, vocabulary, ...
+    ops         ops (kernels and their dispatch), the compiled extension
+    model       the network; knows nothing of adapters or inference
+    adapters    the adapter kinds, attached at the network's seams
+    use         inference | train: siblings, neither imports the other
+    api         segevol_fast (the package), SegVol (network + segment/session), info, optimize
+    cli         the command line
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import sys
+
+import pytest
+
+PACKAGE = "segevol_fast"
+ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
+
+# bottom to top; a module belongs to the layer of its longest listed prefix
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("base", ("errors", "determinism", "version")),
+    ("data", ("io", "preprocess", "crop", "geometry", "distributed", "phantom", "vocabulary", "totalseg_names",
+              "modality_hint")),
+    ("ops", ("ops", "_native", "_C")),
+    ("model", ("model",)),
+    ("adapters", ("adapters",)),
+    ("use", ("inference", "train")),
+    ("api", ("", "segvol", "info", "optimize")),
+    ("cli", ("cli", "__main__")),
+]
+SIBLINGS = [("inference", "train")]  # same layer, independent of each other
+
+# Private names still imported across modules; each is a debt to pay back, not a pattern to follow.
+PRIVATE_DEBTS = {
+    ("segevol_fast.info", "segevol_fast.ops._backend"),
+    ("segevol_fast.ops.flash_attention.spec", "segevol_fast.ops.flash_attention.op._OP"),
+    ("segevol_fast.ops.lora_linear.spec", "segevol_fast.ops.lora_linear.op._OP"),
+    ("segevol_fast.ops.patch_embed.spec", "segevol_fast.ops.patch_embed.op._OP"),
+    ("segevol_fast.ops.routed_lora_linear.spec", "segevol_fast.ops.routed_lora_linear.op._OP"),
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _is_module(name: str) -> bool:
+    return name in MODULES or name == f"{PACKAGE}._C"
+
+
+def _imports(name: str, path: pathlib.Path) -> list[tuple[str, str, int]]:
+    """(imported module, imported name or "" for a module, line) for every import of this package."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(a.name, "", node.lineno) for a in node.names if a.name.split(".")[0] == PACKAGE]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            if source.split(".")[0] != PACKAGE:
+                continue
+            for a in node.names:
+                sub = f"{source}.{a.name}"
+                found.append((sub, "", node.lineno) if _is_module(sub) else (source, a.name, node.lineno))
+    return found
+
+
+GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
+
+
+def _layer(module: str) -> tuple[int, str]:
+    rest = module[len(PACKAGE) + 1:] if module != PACKAGE else ""
+    best = None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if rest == prefix or (prefix and rest.startswith(prefix + ".")):
+                if best is None or len(prefix) > len(best[2]):
+                    best = (index, prefix, prefix)
+    if best is None:
+        raise AssertionError(f"{module} belongs to no layer: add it to LAYERS in {__file__}")
+    return best[0], best[1]
+
+
+def test_every_module_has_a_layer():
+    for module in MODULES:
+        _layer(module)
+
+
+def test_layers_import_only_downward():
+    bad = []
+    for module, imports in GRAPH.items():
+        own, own_top = _layer(module)
+        for target, _, line in imports:
+            layer, top = _layer(target)
+            if layer > own:
+                bad.append(f"{module}:{line} imports {target} ({LAYERS[layer][0]} is above {LAYERS[own][0]})")
+            for a, b in SIBLINGS:
+                if {own_top, top} == {a, b}:
+                    bad.append(f"{module}:{line} imports {target} ({a} and {b} are independent siblings)")
+    assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+def _cycles() -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), each a circle of imports."""
+    edges = {m: sorted({t for t, _, _ in imports if t in MODULES and t != m}) for m, imports in GRAPH.items()}
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10 * len(edges)))
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    cycles = _cycles()
+    assert not cycles, "modules importing each other (lazy imports included):\n" + "\n".join(
+        " <-> ".join(c) for c in cycles)
+
+
+def _private(part: str) -> bool:
+    return part.startswith("_") and not part.startswith("__")
+
+
+def test_no_private_names_across_modules():
+    """A private module (`ops._backend`) is imported only inside its own package; a private name
+    (`budget._model_device`) only inside its own module."""
+    bad = []
+    for module, imports in GRAPH.items():
+        for target, name, line in imports:
+            if name and _private(name):
+                what = f"{target}.{name}"
+            else:
+                parts = target.split(".")
+                private = [i for i, p in enumerate(parts) if _private(p)]
+                if not private:
+                    continue
+                owner = ".".join(parts[: private[-1]])  # the package the private module belongs to
+                if module == owner or module.startswith(owner + "."):
+                    continue
+                what = target
+            if (module, what) not in PRIVATE_DEBTS:
+                bad.append(f"{module}:{line} imports {what}")
+    assert not bad, "private names used outside their module:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("debt", sorted(PRIVATE_DEBTS))
+def test_private_debts_are_still_owed(debt):
+    """A paid-back debt leaves the list (so the list never hides a new one)."""
+    module, what = debt
+    targets = {f"{t}.{n}" if n else t for t, n, _ in GRAPH[module]}
+    assert what in targets, f"{module} no longer imports {what}: remove it from PRIVATE_DEBTS"
