@@ -34,10 +34,9 @@ import warnings
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.environment import environment, write_results  # noqa: E402
-
 import torch  # noqa: E402
 
+from bench.environment import environment, write_results  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, adapters  # noqa: E402
 from segevol_fast.train.cases import cases_from_files, discover_cases  # noqa: E402
 from segevol_fast.train.datasets import SegmentationDataset  # noqa: E402

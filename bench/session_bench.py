@@ -21,10 +21,9 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.environment import device_slug, environment, write_results  # noqa: E402
-
 import torch  # noqa: E402
 
+from bench.environment import device_slug, environment, write_results  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, load_volume  # noqa: E402
 from segevol_fast.inference import segment  # noqa: E402
 

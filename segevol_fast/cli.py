@@ -251,8 +251,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_cohort(args: argparse.Namespace, prompts: dict) -> int:
     """`segevol-fast segment FOLDER|GLOB|MANIFEST`: every scan into <out>/<name>/, resumable, with
     <out>/cohort_summary.csv; exit 1 when some scan failed (all the others are still done)."""
-    from .inference.cohort import SUMMARY, cohort_items, segment_cohort
     from . import distributed
+    from .inference.cohort import SUMMARY, cohort_items, segment_cohort
 
     items = cohort_items(args.input, **prompts, modality=args.modality, adapter=_adapter_file(args))
     out = pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / "cohort"

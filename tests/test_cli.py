@@ -221,9 +221,8 @@ def test_adapter_file_is_applied(ct, tmp_path, no_weights, capsys):
 
 
 def test_cohort_manifest_row_with_an_adapter_file(ct, tmp_path, no_weights):
-    from tests.inference.test_cohort import save_test_lora
-
     from segevol_fast.inference.cohort import SUMMARY, iter_rows
+    from tests.inference.test_cohort import save_test_lora
 
     save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
     manifest = tmp_path / "m.csv"

@@ -15,9 +15,9 @@ pytest.importorskip("monai")
 pytest.importorskip("einops")
 
 import segevol_fast  # noqa: E402
+from bench.monai_vit import monai_vit  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, optimize  # noqa: E402
 from segevol_fast.ops import _backend  # noqa: E402
-from bench.monai_vit import monai_vit  # noqa: E402
 from tests.numerics import assert_matches_reference  # noqa: E402
 
 

@@ -47,8 +47,7 @@ from ..errors import ArgumentTypeError, SegVolFastError, VolumeNotFoundError
 from ..io import load_volume
 from ..io.dicom import is_dicom_folder
 from ..io.paths import is_nifti_path
-from .manifest import (PROMPT_COLUMNS, CohortItem, check_item, column_of, item_prompts, read_manifest, stem,
-                       unique_names)
+from .manifest import PROMPT_COLUMNS, CohortItem, check_item, column_of, item_prompts, read_manifest, stem, unique_names
 from .result import write_bytes_atomic
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
@@ -142,8 +141,7 @@ def segment_cohort(model, items: Sequence[CohortItem], out_dir: str | os.PathLik
     items r, r + N, ... and keeps its own `cohort_summary.rank<r>.csv` while running; at the end
     the rows are gathered and rank 0 writes the one merged summary, which every rank returns.
     """
-    from .. import adapters
-    from .. import distributed
+    from .. import adapters, distributed
 
     rank, world = distributed.rank(), distributed.world_size()
     out = pathlib.Path(out_dir)

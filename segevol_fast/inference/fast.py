@@ -46,13 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..adapters.context import prompt_context
 from ..crop import CropReader
 from ..errors import PromptError, ShapeError
-from ..adapters.context import prompt_context
-from ..model.network import model_device
-from ..model.seams import adapter_state
 from ..geometry.prompt_frames import box_to_zoom_out, points_to_zoom_out
 from ..geometry.sliding_window import global_grid
+from ..model.network import model_device
+from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, index_map, zoom_out_crop
 from .budget import Plan, band_voxels, plan_fast, same_device
 from .finite import check_finite_logits, finite_rows

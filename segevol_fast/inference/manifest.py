@@ -27,8 +27,14 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import (AdapterError, ArgumentTypeError, InvalidArgumentError, PromptError, SegVolFastError,
-                      VolumeNotFoundError)
+from ..errors import (
+    AdapterError,
+    ArgumentTypeError,
+    InvalidArgumentError,
+    PromptError,
+    SegVolFastError,
+    VolumeNotFoundError,
+)
 from .result import safe_label
 
 PROMPT_COLUMNS = ("text", "box", "points", "point_labels")

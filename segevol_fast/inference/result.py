@@ -32,8 +32,15 @@ import numpy as np
 
 from ..errors import MissingDependencyError, OutputWarning, ResultError, VolumeFileError
 from ..io.nifti import save_nifti
-from ..io.output import (LOCK_TIMEOUT_S, WRITER, check_output_path, label_map_names, replace_files, replace_folder,
-                         write_file_atomic)
+from ..io.output import (
+    LOCK_TIMEOUT_S,
+    WRITER,
+    check_output_path,
+    label_map_names,
+    replace_files,
+    replace_folder,
+    write_file_atomic,
+)
 from ..io.paths import is_nifti_path
 from ..io.volume import spacing_from_affine
 from ..totalseg_names import totalseg_legend

@@ -36,7 +36,6 @@ from .result import SegmentationResult, describe_prompts
 from .scan import PreparedScan
 
 
-
 def segment(
     model,
     volume,

@@ -13,7 +13,14 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import DamagedFileError, ShapeError, UnreadableFileError, VolumeError, VolumeFileError, VolumeNotFoundError
+from ..errors import (
+    DamagedFileError,
+    ShapeError,
+    UnreadableFileError,
+    VolumeError,
+    VolumeFileError,
+    VolumeNotFoundError,
+)
 from .output import write_file_atomic
 from .paths import is_nifti_path
 from .volume import Volume, apply_rescale, check_3d_shape

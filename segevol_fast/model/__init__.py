@@ -3,8 +3,8 @@
 from .config import SegVolConfig
 from .image_encoder import ImageEncoder
 from .mask_decoder import MaskDecoder
-from .prompt_encoder import PromptEncoder
 from .network import SegVolNetwork, model_device
+from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, prompt_text
 

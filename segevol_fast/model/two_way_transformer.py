@@ -14,8 +14,8 @@ update).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from .attention import attention
 from .layers import LayerNorm32

@@ -156,8 +156,7 @@ def _train_config(args):
 def run_finetune(args: argparse.Namespace) -> int:
     """Run `segevol-fast finetune`; returns the exit code (0). Errors are segevol_fast errors
     (UsageError for bad arguments), reported by the caller."""
-    from .. import adapters
-    from .. import distributed
+    from .. import adapters, distributed
     from .datasets import SegmentationDataset
     from .trainer import Trainer
 

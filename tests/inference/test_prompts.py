@@ -8,8 +8,7 @@ import torch
 
 from segevol_fast.errors import PromptError
 from segevol_fast.inference import segment
-from segevol_fast.inference.prompts import (build_prompts, check_prompt_arguments, crop_to_input,
-                                            input_to_crop)
+from segevol_fast.inference.prompts import build_prompts, check_prompt_arguments, crop_to_input, input_to_crop
 
 SHAPE, START = (100, 90, 40), (2, 3, 4)  # input (X, Y, Z); crop start in (D, H, W) = (Z, Y, X)
 

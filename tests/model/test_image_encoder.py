@@ -16,6 +16,7 @@ from segevol_fast.model.config import SegVolConfig  # noqa: E402
 from segevol_fast.model.image_encoder import ImageEncoder  # noqa: E402
 from tests.numerics import assert_matches_reference  # noqa: E402
 
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from segevol_fast import ops
 from segevol_fast.errors import ArgumentTypeError, ShapeError
-from segevol_fast.ops.flash_attention.reference import flash_attention_reference_with_lse
 from segevol_fast.model.attention import attention
 from segevol_fast.ops import _backend, _op
+from segevol_fast.ops.flash_attention.reference import flash_attention_reference_with_lse
 from tests.numerics import assert_matches_reference
 
 pytestmark = pytest.mark.usefixtures("one_thread")

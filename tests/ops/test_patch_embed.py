@@ -15,6 +15,7 @@ from segevol_fast.ops import _backend
 from segevol_fast.ops.patch_embed.op import patchify, unpatchify
 from tests.numerics import assert_matches_reference
 
+
 def _device_for(backend: str) -> str:
     return "cuda" if torch.cuda.is_available() and backend == "triton" else "cpu"
 

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from segevol_fast.errors import InvalidArgumentError
 from segevol_fast import distributed
+from segevol_fast.errors import InvalidArgumentError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
