@@ -2,7 +2,8 @@
 
     python bench/adaptation_study.py                      # small config, shared data, ~15 min on 2 cores
     python bench/adaptation_study.py --base-only          # (re)train and save only the CT base
-    python bench/adaptation_study.py --config official --weights SegVol_v1.pth --ct-root CT_DATASET --mr-root MR_DATASET --device cuda
+    python bench/adaptation_study.py --config official --weights SegVol_v1.pth \
+        --ct-root CT_DATASET --mr-root MR_DATASET --device cuda
 
 1. Base: `SegVolConfig.small()` from random weights (seed), every parameter trained on the shared
    CT volumes (ct_abdomen_sm and the DICOM series) with the official loss and prompt mix; saved to
@@ -185,7 +186,8 @@ def main() -> int:
     for name in args.methods:
         results[name] = run_method(name, args, (folder, base), train_sets, evals, out, task_names(ct_cases + mr_cases))
         print(name, json.dumps(results[name]), flush=True)
-    report = environment(args=vars(args), config=args.config, organs=list(task_names(ct_cases + mr_cases)), base=before, methods=results,
+    report = environment(args=vars(args), config=args.config, organs=list(task_names(ct_cases + mr_cases)),
+                         base=before, methods=results,
                          total_seconds=time.perf_counter() - t0)
     (out / "study.json").write_text(json.dumps(report, indent=2))
     if args.results:

@@ -96,7 +96,8 @@ def main() -> int:
         rows.append(row)
         ok = LOW <= row["estimate_over_measured"] <= HIGH
         print(f"{name:20s} measured {row['measured_bytes'] / 1e6:7.1f} MB  "
-              f"estimate {row['estimate_bytes'] / 1e6:7.1f} MB  ratio {row['estimate_over_measured']:.3f} {'ok' if ok else 'OUT OF [1.0, 1.25]'}", flush=True)
+              f"estimate {row['estimate_bytes'] / 1e6:7.1f} MB  ratio {row['estimate_over_measured']:.3f} "
+              f"{'ok' if ok else 'OUT OF [1.0, 1.25]'}", flush=True)
         if not ok:
             failed.append(name)
     out = environment(bounds=[LOW, HIGH], cases=rows,

@@ -23,5 +23,5 @@ def run_child(script: str, args: list[str], cwd, timeout: Optional[float] = None
     """Run `python script *args` and return the dict its `report` printed; {"error": stderr tail}
     when it printed none (a crash). Raises subprocess.TimeoutExpired after `timeout` seconds."""
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith(MARK)), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith(MARK)), None)
     return json.loads(line[len(MARK):]) if line else {"error": proc.stderr[-3000:]}

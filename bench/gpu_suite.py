@@ -143,7 +143,8 @@ def main() -> int:
     path = out_dir / f"{device_slug('cuda')}-{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     for r in rows:
-        t = f"{r['median_ms']:.3f} ms  {r['tflops']:.1f} TFLOP/s  {r['gb_s']:.0f} GB/s" if "median_ms" in r else r.get("error", "FAILED CHECK")
+        t = (f"{r['median_ms']:.3f} ms  {r['tflops']:.1f} TFLOP/s  {r['gb_s']:.0f} GB/s" if "median_ms" in r
+             else r.get("error", "FAILED CHECK"))
         print(f"{r['op']:18s} {r['provider']:32s} {str(r['shape']):26s} {r['dtype']:15s} {r.get('passes', ''):16s} {t}")
     print(f"wrote {path}")
     return 0 if all(r.get("ok") for r in rows) else 1

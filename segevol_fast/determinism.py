@@ -18,8 +18,8 @@ Two things in a CPU torch build change results with the thread count:
   once, at its first call; a value the user set is never overridden). It is not honoured
   everywhere: on AMD EPYC CPUs, with or without AVX-512, small GEMMs such as the mask decoder's
   (14 x 32 by 32 x 16) still give other last bits at 2 threads than at 1. Only
-  `MKL_CBWR=COMPATIBLE` removes that, and it makes the encoder's GEMMs about 3x slower (65 vs 200 ms for one qkv projection here), so it is
-  the user's choice (export it), not the default.
+  `MKL_CBWR=COMPATIBLE` removes that, and it makes the encoder's GEMMs about 3x slower (65 vs 200 ms
+  for one qkv projection here), so it is the user's choice (export it), not the default.
 * torch's elementwise kernels split a tensor into one chunk per thread and run SIMD code over
   each chunk with a scalar tail; SIMD `exp` and the scalar one differ in the last bit, so
   `torch.sigmoid` of a crop-sized tensor changes where the chunk edges move. `sigmoid()` below

@@ -152,7 +152,7 @@ def _run_child() -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MONAI09), str(REPO), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith(MARK)), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith(MARK)), None)
     assert proc.returncode == 0 and line, f"child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(line[len(MARK):])
 

@@ -52,7 +52,9 @@ from .targets import SEGEVOLUTION_TARGETS
 
 __all__ = [
     "LoraConfig", "LoraLinear", "LoraWeights", "AdapterModule", "Route", "route", "no_route", "current_route",
-    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig", "route_for", "active_state", "restore_active", "active_adapter", "ContextPriorConfig", "ContextPriors",
-    "add_context_priors", "get_context_priors", "batch_route", "aux_loss", "adapter_modules", "set_active", "merge", "unmerge", "remove_adapter", "adapter_names",
-    "adapter_parameters", "base_parameters", "save_adapter", "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
+    "SEGEVOLUTION_TARGETS", "add_lora", "add_bottleneck", "BottleneckConfig", "add_mixture", "MixtureConfig",
+    "route_for", "active_state", "restore_active", "active_adapter", "ContextPriorConfig", "ContextPriors",
+    "add_context_priors", "get_context_priors", "batch_route", "aux_loss", "adapter_modules", "set_active", "merge",
+    "unmerge", "remove_adapter", "adapter_names", "adapter_parameters", "base_parameters", "save_adapter",
+    "prompt_context", "current_context", "PromptContext", "load_adapter", "base_state_dict", "base_weights_hash",
 ]

@@ -102,7 +102,9 @@ class ContextPriorConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise AdapterError(f"unknown context-prior variant {self.variant!r}; use one of {VARIANTS}")
-        set_ = lambda k, v: object.__setattr__(self, k, v)
+        def set_(k, v):  # a frozen dataclass normalises its own fields
+            object.__setattr__(self, k, v)
+
         set_("modalities", _modality_names(self.modalities))
         set_("tasks", _task_names(self.tasks))
         if self.tokens_per_modality is None:

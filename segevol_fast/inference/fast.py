@@ -304,10 +304,10 @@ class _Stitch:
 
     def add(self, logits: Tensor, origin: Triple) -> None:
         """Add one window's logits (*window) where the window meets the ROI; finish full rows."""
-        a = [max(l, o) for l, o in zip(self.lo, origin)]
+        a = [max(lo, o) for lo, o in zip(self.lo, origin)]
         b = [min(h + 1, o + r) for h, o, r in zip(self.hi, origin, self.size)]
         src_hw = tuple(slice(x - o, y - o) for x, y, o in zip(a[1:], b[1:], origin[1:]))
-        dst_hw = tuple(slice(x - l, y - l) for x, y, l in zip(a[1:], b[1:], self.lo[1:]))
+        dst_hw = tuple(slice(x - lo, y - lo) for x, y, lo in zip(a[1:], b[1:], self.lo[1:]))
         for d in range(a[0], b[0]):
             row = self.rows.get(d)
             if row is None:

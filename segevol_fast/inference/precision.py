@@ -35,7 +35,7 @@ def _cpuinfo_flags() -> set[str]:
         text = pathlib.Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
-    line = next((l for l in text.splitlines() if l.startswith("flags")), "")
+    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
     return set(line.partition(":")[2].split())
 
 

@@ -6,8 +6,9 @@ Case sources (each gives `Case` records; `discover_cases` picks by layout):
   "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}]. nnU-Net v2: "channel_names" {"0": "CT"},
   "labels" {"background": 0, "liver": 1}, "file_ending", images imagesTr/<case>_0000<ending>.
   Multi-channel cases use channel 0 only (MSD: the last axis of a 4-D NIfTI; nnU-Net: _0000), and
-  its modality decides "ct" / "mri" (any channel name but "CT" - T2, ADC, FLAIR... - counts as MRI). nnU-Net region labels (a list of ids) are skipped with a warning;
-  its "ignore" label marks unannotated voxels and is not a category.
+  its modality decides "ct" / "mri" (any channel name but "CT" - T2, ADC, FLAIR... - counts as MRI).
+  nnU-Net region labels (a list of ids) are skipped with a warning; its "ignore" label marks
+  unannotated voxels and is not a category.
 * M3D-Seg (GoodBaiBai88/M3D-Seg on Hugging Face, SegVol's own training format, written by SegVol's
   data_process/train_data_process.py): <root>/<code>/<code>.json with "labels" {"0": "background",
   "1": name, ...}, "modality" {"0": "CT"} and the split lists "train" / "test" of {"image", "label"};

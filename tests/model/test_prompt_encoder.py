@@ -129,8 +129,10 @@ def test_box_corners_use_point_embeddings_2_and_3():
     box = torch.tensor([[1.0, 2.0, 3.0, 6.0, 20.0, 30.0]])
     sparse, _ = enc(boxes=box)
     assert sparse.shape == (1, 2, enc.hidden_size)
-    torch.testing.assert_close(sparse[0, 0], point_pe(box[0, :3], G, (h, d, w)) + emb(enc.point_embeddings[2]), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(sparse[0, 1], point_pe(box[0, 3:], G, (h, d, w)) + emb(enc.point_embeddings[3]), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[0, 0], point_pe(box[0, :3], G, (h, d, w)) + emb(enc.point_embeddings[2]),
+                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse[0, 1], point_pe(box[0, 3:], G, (h, d, w)) + emb(enc.point_embeddings[3]),
+                               atol=2e-5, rtol=1e-5)
     sparse3, _ = enc(boxes=box[:, None, :])  # the official (B, 1, 6) form
     torch.testing.assert_close(sparse3, sparse)
 

@@ -55,7 +55,9 @@ def test_gradients_of_each_backend_match_float64_reference(backend, dtype):
     g = torch.randn(3, 2, 21, 24, dtype=torch.float64)
     with ops.use_backend(backend):
         out, grads = _grads(lambda q, k, v: ops.flash_attention(q, k, v, 0.2, kv_len), cast, g, _strided)
-    ref = lambda q, k, v: ops.flash_attention_ref(q, k, v, 0.2, kv_len)
+    def ref(q, k, v):
+        return ops.flash_attention_ref(q, k, v, 0.2, kv_len)
+
     same, same_grads = _grads(ref, cast, g)
     want, want_grads = _grads(ref, exact, g)
     assert_matches_reference(out, same, want, f"{backend} {dtype} out")

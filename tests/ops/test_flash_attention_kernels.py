@@ -94,8 +94,12 @@ def test_triton_other_block_sizes_and_custom_scale(block_m, block_n):
     exact_in, cast = _inputs(2, 1, 45, 37, 24, torch.float32)  # odd head dim: padded to 32 and masked
     g = torch.randn(2, 1, 45, 24, device=DEVICE, dtype=torch.float64)
     kv_len = torch.tensor([37, 20], device=DEVICE)
-    run = lambda q, k, v: fa.FlashAttentionTriton.apply(q, k, v, 0.9, kv_len, block_m, block_n)
-    ref = lambda q, k, v: flash_attention_reference(q, k, v, scale=0.9, kv_len=kv_len)
+    def run(q, k, v):
+        return fa.FlashAttentionTriton.apply(q, k, v, 0.9, kv_len, block_m, block_n)
+
+    def ref(q, k, v):
+        return flash_attention_reference(q, k, v, scale=0.9, kv_len=kv_len)
+
     out, grads = _grads(run, cast, g)
     same, same_grads = _grads(ref, cast, g)
     exact, exact_grads = _grads(ref, exact_in, g)
@@ -236,7 +240,9 @@ def test_cpu_backend_forward_and_backward_match_float64_reference(dtype, kv_len)
     cast = [t.to(dtype) for t in exact_in]
     g = torch.randn(2, 3, 17, 64, dtype=torch.float64)
     out, lse, grads = _cpu_grads(cast, g, None, kv)
-    ref = lambda q, k, v: flash_attention_reference(q, k, v, scale=None, kv_len=kv)
+    def ref(q, k, v):
+        return flash_attention_reference(q, k, v, scale=None, kv_len=kv)
+
     same, same_grads = _grads(ref, cast, g)
     exact, exact_grads = _grads(ref, exact_in, g)
     assert_matches_reference(out, same, exact, f"cpu out {dtype}")

@@ -135,7 +135,7 @@ def _plain_stitch(shape, window, lo, hi, origins, outs):
     acc = torch.zeros(shape, dtype=torch.float32)
     cnt = torch.zeros(shape, dtype=torch.float32)
     for o, out in zip(origins, outs):
-        a = [max(l, x) for l, x in zip(lo, o)]
+        a = [max(low, x) for low, x in zip(lo, o)]
         b = [min(h + 1, x + r) for h, x, r in zip(hi, o, window)]
         dst = tuple(slice(x, y) for x, y in zip(a, b))
         src = tuple(slice(x - oo, y - oo) for x, y, oo in zip(a, b, o))

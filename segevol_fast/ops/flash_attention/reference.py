@@ -143,9 +143,10 @@ def flash_attention_cpu(q, k, v, scale: float | None = None, kv_len=None):
     """The CPU backend: (out, lse) from ATen's fused flash-attention kernel, kv_len as a key mask.
 
     The kernel is blocked online softmax (no Sq x Sk matrix), vectorised and OpenMP-parallel over
-    batch x heads x query blocks, fp64/fp32/bf16/fp16 (fp32 accumulation, fp64 for fp64). With a contiguous head dim and no mask it is
-    exactly the kernel `F.scaled_dot_product_attention` runs on CPU, so `out` is SDPA's bit for bit
-    (the model relies on it); with a mask it gets the additive form SDPA converts a boolean one to.
+    batch x heads x query blocks, fp64/fp32/bf16/fp16 (fp32 accumulation, fp64 for fp64). With a
+    contiguous head dim and no mask it is exactly the kernel `F.scaled_dot_product_attention` runs
+    on CPU, so `out` is SDPA's bit for bit (the model relies on it); with a mask it gets the
+    additive form SDPA converts a boolean one to.
     """
     check_attention_args(q, k, v, kv_len)
     if _degenerate(q, k):

@@ -106,7 +106,8 @@ def _check(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates) -> Non
     if (adapter_idx is None) == (gates is None):
         raise InvalidArgumentError("give exactly one of adapter_idx (hard routing) and gates (soft routing)")
     if adapter_idx is not None and (tuple(adapter_idx.shape) != (S,) or adapter_idx.is_floating_point()):
-        raise ShapeError(f"adapter_idx must be ({S},) integer (one per segment), got {adapter_idx.dtype} {tuple(adapter_idx.shape)}")
+        raise ShapeError(f"adapter_idx must be ({S},) integer (one per segment), "
+                         f"got {adapter_idx.dtype} {tuple(adapter_idx.shape)}")
     if gates is not None and tuple(gates.shape) != (S, E):
         raise ShapeError(f"gates must be (S, E) = ({S}, {E}), got {tuple(gates.shape)}")
     floats = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "gates": gates}
