@@ -1,6 +1,6 @@
 // patch_embed: volume (B,C,D,H,W) -> tokens (B,N,E) = Linear(patchify(x*scale+shift)) + bias + pos.
 // Shared shape logic of the CPU (cpu/) and CUDA (cuda/) kernels, defined in patch_embed.cpp;
-// semantics in segevol_fast/ops/patch_embed.py; schema in csrc/op_list.h.
+// semantics in segevol_fast/ops/patch_embed/op.py; schema in csrc/op_list.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,7 +1,7 @@
 // CUDA kernels of patch_embed, behind a torch-free interface (raw pointers, sizes, strides and a
 // stream) so this header and its .cu compile with nvcc alone: tests/test_cuda_sources.py checks
 // them on any machine with nvcc, even where torch is a CPU build. The torch-facing wrapper is
-// patch_embed_cuda.cpp. Semantics: segevol_fast/ops/patch_embed.py.
+// patch_embed_cuda.cpp. Semantics: segevol_fast/ops/patch_embed/op.py.
 #pragma once
 
 #include <cuda_bf16.h>
