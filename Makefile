@@ -10,7 +10,7 @@ BUILT  := $(VENV)/.extension-built
 MONAI09 := $(VENV)/monai-0.9.0
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt pyproject.toml
 
-.PHONY: all demo test test-avx2 build bench bench-optimize bench-resources bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
+.PHONY: all demo lint test test-avx2 build bench bench-optimize bench-resources bench-session bench-adapters study bench-encoder bench-segment bench-memory bench-gpu cuda-check info clean
 
 all: test
 
@@ -44,6 +44,11 @@ build: $(BUILT)
 info: build
 	$(PY) -m segevol_fast info
 
+# ruff (rules and width: [tool.ruff] in pyproject.toml). The import contract (layers, no circles,
+# no private names across modules) is a test: tests/test_layers.py.
+lint: $(DEPS)
+	$(VENV)/bin/ruff check .
+
 # The suite runs twice: on this CPU's own code paths, then with the AVX2 paths forced in torch's
 # kernels, MKL's GEMMs and oneDNN, as on AVX2-only laptops and cloud VMs, where sums round
 # differently: a guarantee (bit identity, a tolerance) that holds on one instruction set only fails
@@ -52,7 +57,7 @@ info: build
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEGEVOL_FAST_EXPECT_ISA=avx2
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
             tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py
-test: build
+test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
 	$(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 
