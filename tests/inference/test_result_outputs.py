@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from segevol_fast import cli
-from segevol_fast.errors import OutputError
+from segevol_fast.errors import OutputError, ResultError
 from segevol_fast.inference import result as result_mod
 from segevol_fast.inference.result import (
     BANNER_PX,
@@ -155,7 +155,7 @@ def test_preview_banner_for_random_weights_and_scan_background(tmp_path):
     assert grey_levels(Image.open(real.preview(tmp_path / "b.png", volume=False))) == {0}
     np.testing.assert_array_equal(np.asarray(Image.open(real.preview(tmp_path / "e.png", volume=scan))),
                                   np.asarray(img_k))
-    with pytest.raises(result_mod.ResultError, match="shape"):
+    with pytest.raises(ResultError, match="shape"):
         _three_overlapping(volume=np.zeros((2, 2, 2)))
     assert "volume" not in real.summary() and "scan" not in repr(real).lower()
 
