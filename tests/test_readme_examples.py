@@ -235,4 +235,8 @@ def test_section_pointers_in_the_package_resolve():
             problems += [f"{py.relative_to(ROOT)}: §{n}" for n in numbers if n not in sections]
         problems += [f"{py.relative_to(ROOT)}: {d}" for d in re.findall(r"docs/[\w.-]+\.md", text)
                      if not (ROOT / d).is_file()]
+        if "§" in text and "docs/official-pipeline.md" not in text:
+            problems.append(f"{py.relative_to(ROOT)}: § without naming docs/official-pipeline.md")
+        problems += [f"{py.relative_to(ROOT)}: {m!r} (notes outside the repository)"
+                     for m in re.findall(r"shared/reference\S*|reference notes|reference §", text)]
     assert not problems, problems
