@@ -113,6 +113,7 @@ def all_specs() -> list[OpSpec]:
 
 
 def spec(name: str) -> OpSpec:
+    """The spec of op `name` (ops/<name>/spec.py's SPEC)."""
     return importlib.import_module(f"{__package__}.{name}.spec").SPEC
 
 
