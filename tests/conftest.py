@@ -1,5 +1,13 @@
 """Shared test setup.
 
+Shared material: the real volumes (`data_dir`) and the reference notes (`reference_notes`) live
+outside the repository, in `$SEGEVOL_DATA` (default ../shared/data next to the repository) and
+`$SEGEVOL_REFERENCE` (default ../shared/reference/segvol-reference.md). When either is missing or
+incomplete, every test that needs it FAILS with a message saying how to point at it: a green run
+must mean the inference, adapter and training tests ran, not that they were skipped. Someone
+running a subset without the data opts in to skipping them instead with
+SEGEVOL_ALLOW_MISSING_DATA=1.
+
 TRITON_INTERPRET=1 must be set before triton is first imported, so it is set here, at the top of
 the first file pytest loads, whenever no CUDA device is present: Triton kernels then run on CPU
 tensors through the interpreter (tiny shapes, fp32/fp16 only: bf16 is silently wrong there).
@@ -67,12 +75,39 @@ def pytest_runtest_makereport(item, call):
                 print(f"\n[segevol_fast] {item.nodeid} ran with torch seed {value}")
 
 
+# what the tests read from the data folder: a folder missing one of them is incomplete
+DATA_FILES = ("clip_tokenizer/tokenizer.json", "ct_abdomen_sm.nii.gz", "ct_abdomen_sm_labels.nii.gz",
+              "ct_abdomen_dicom", "ct_abdomen_dicom_labels.nii.gz", "labels.json", "mr_abdomen_sm.nii.gz",
+              "mr_abdomen_sm_labels.nii.gz", "mr_brain_mni152_t1.nii.gz")
+ALLOW_MISSING_DATA = "SEGEVOL_ALLOW_MISSING_DATA"
+
+
+def _shared_material_missing(message: str) -> None:
+    """Fail the test (module docstring); skip it only when the run opted in to that."""
+    if os.environ.get(ALLOW_MISSING_DATA) == "1":
+        pytest.skip(message)
+    pytest.fail(f"{message} (to skip the tests that need it instead, set {ALLOW_MISSING_DATA}=1)", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     """The shared real volumes: $SEGEVOL_DATA, default ../shared/data next to the repository."""
     path = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-    if not path.is_dir():
-        pytest.skip(f"shared data not found at {path}; set SEGEVOL_DATA to the folder with the test volumes")
+    missing = [name for name in DATA_FILES if not (path / name).exists()]
+    if missing:
+        what = "not found" if not path.is_dir() else f"incomplete (no {', '.join(missing)})"
+        _shared_material_missing(f"shared test data {what} at {path}; set SEGEVOL_DATA to the folder with "
+                                 "the test volumes")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_notes() -> pathlib.Path:
+    """The SegVol reference notes: $SEGEVOL_REFERENCE, default ../shared/reference/segvol-reference.md."""
+    default = REPO.parent / "shared" / "reference" / "segvol-reference.md"
+    path = pathlib.Path(os.environ.get("SEGEVOL_REFERENCE", default))
+    if not path.is_file():
+        _shared_material_missing(f"reference notes not found at {path}; set SEGEVOL_REFERENCE to segvol-reference.md")
     return path
 
 
@@ -85,6 +120,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def two_series(data_dir, tmp_path) -> pathlib.Path:
+    """A DICOM folder holding two series: the shared CT series with its even slices in series
+    1.2.826.0.1.3680043.8.498.1 ('even', 10 slices) and its odd ones in ...498.2 ('odd')."""
+    pydicom = pytest.importorskip("pydicom")
+    folder = tmp_path / "two_series"
+    folder.mkdir()
+    for n, f in enumerate(sorted((data_dir / "ct_abdomen_dicom").iterdir())):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2" if n % 2 else "1.2.826.0.1.3680043.8.498.1"
+        ds.SeriesDescription = "odd" if n % 2 else "even"
+        ds.save_as(folder / f.name)
+    return folder
 
 
 @pytest.fixture

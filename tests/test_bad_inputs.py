@@ -297,20 +297,6 @@ def test_intact_copy_still_loads(data_dir, tmp_path):
 
 
 # ---------------------------------------------------------------------- DICOM
-@pytest.fixture
-def two_series(data_dir, tmp_path) -> pathlib.Path:
-    """The shared series copied, with half its slices rewritten into a second series."""
-    pydicom = pytest.importorskip("pydicom")
-    folder = tmp_path / "two_series"
-    folder.mkdir()
-    for n, f in enumerate(sorted((data_dir / "ct_abdomen_dicom").iterdir())):
-        ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2" if n % 2 else "1.2.826.0.1.3680043.8.498.1"
-        ds.SeriesDescription = "odd" if n % 2 else "even"
-        ds.save_as(folder / f.name)
-    return folder
-
-
 def test_two_series_error_says_how_to_pick_and_list(two_series):
     with pytest.raises(DicomSeriesError) as info:
         load_volume(two_series)

@@ -8,26 +8,21 @@ random weights (`--random-weights --config tiny`). The API half is tests/test_ba
 from __future__ import annotations
 
 import gzip
-import pathlib
 import shutil
 
 import pytest
-import torch
 
 from segevol_fast import __version__, cli
 
 CT = "ct_abdomen_sm.nii.gz"
 FAST = ["--random-weights", "--config", "tiny", "-q", "--no-zoom-in", "--device", "cpu"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def one_thread(monkeypatch, data_dir):
+def cli_environment(monkeypatch, data_dir):
     monkeypatch.setenv("SEGEVOL_DATA", str(data_dir))  # the tokenizer for --text
     monkeypatch.delenv("SEGEVOL_WEIGHTS", raising=False)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
@@ -100,18 +95,6 @@ def test_bad_cli_input(files, tmp_path, capsys, key, extra, code, phrase):
     assert len(lines) == 1 and lines[0].startswith("segevol-fast segment: error: "), err
     assert phrase in err, err
     assert not out.exists()
-
-
-@pytest.fixture
-def two_series(data_dir, tmp_path) -> pathlib.Path:
-    pydicom = pytest.importorskip("pydicom")
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    for n, f in enumerate(sorted((data_dir / "ct_abdomen_dicom").iterdir())):
-        ds = pydicom.dcmread(f)
-        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.8.498.{n % 2 + 1}"
-        ds.save_as(folder / f.name)
-    return folder
 
 
 def test_two_series_folder_and_series_flag(two_series, tmp_path, capsys, monkeypatch):

@@ -51,8 +51,6 @@ def test_real_volumes(data_dir, name):
 
 
 def test_dicom_ct(data_dir):
-    if not (data_dir / "ct_abdomen_dicom").is_dir():
-        pytest.skip("the shared DICOM series is missing")
     vol = load_volume(data_dir / "ct_abdomen_dicom")  # F-ordered int16, like nibabel's arrays
     assert_same(preprocess(vol), preprocess_ref(vol))
 

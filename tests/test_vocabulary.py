@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pathlib
 import warnings
 
 import pytest
@@ -10,13 +9,9 @@ import pytest
 from segevol_fast import cli, vocabulary
 from segevol_fast.errors import VocabularyWarning
 
-REFERENCE = pathlib.Path("/work/shared/reference/segvol-reference.md")
 
-
-def test_every_name_is_quoted_in_the_reference_section_8():
-    if not REFERENCE.is_file():
-        pytest.skip(f"reference notes not found at {REFERENCE}")
-    text = REFERENCE.read_text()
+def test_every_name_is_quoted_in_the_reference_section_8(reference_notes):
+    text = reference_notes.read_text()
     section = text[text.index("## 8. Categories"):text.index("## 9.")].lower()
     missing = sorted(n for n in vocabulary.NAMES if n not in section)
     assert not missing, f"names not found in reference §8: {missing}"

@@ -25,29 +25,17 @@ from segevol_fast.inference.prompts import Prompt
 from segevol_fast.preprocess import preprocess, resize_logits_back, zoom_out_resize
 
 ROI = (8, 32, 32)  # SegVolConfig.tiny().spatial_size
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny model's ops are microseconds long: extra threads only add barrier spinning, which
-    turns into minutes when other processes share the cores. One thread, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _model(tokenizer=None) -> SegVol:
     return SegVol(SegVolConfig.tiny(), tokenizer=tokenizer).eval()
 
 
 @pytest.fixture
 def text_model(data_dir):
-    tok = data_dir / "clip_tokenizer"
-    if not (tok / "tokenizer.json").is_file():
-        pytest.skip(f"no CLIP tokenizer files in {tok}")
-    return _model(tok)
+    return _model(data_dir / "clip_tokenizer")
 
 
 def _with_blob(model: SegVol, radius: float, record: list | None = None) -> SegVol:

@@ -160,10 +160,9 @@ def test_preview_banner_for_random_weights_and_scan_background(tmp_path):
     assert "volume" not in real.summary() and "scan" not in repr(real).lower()
 
 
-def test_segment_records_provenance_and_keeps_the_scan(data_dir):
+def test_segment_records_provenance_and_keeps_the_scan(data_dir, one_thread):
     from segevol_fast import SegVol, SegVolConfig, Volume, segment
 
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").eval()
     arr = np.random.default_rng(0).normal(0, 200, (40, 36, 20)).astype(np.float32)

@@ -63,7 +63,7 @@ def _copy_series(data_dir, folder, n, prefix="", new_uid=None):
 
 
 @pytest.fixture(params=["same geometry", "other geometry"])
-def two_series(request, data_dir, tmp_path):
+def series_and_copy(request, data_dir, tmp_path):
     """A folder holding the shared series and a second series copied from it (new UIDs) whose files
     sort after the first's: with the same grid, or with fewer slices. Returns (folder, second
     series' UID, its SOPInstanceUIDs)."""
@@ -80,8 +80,8 @@ def _referenced(seg_path) -> set:
     return {sop for _study, _series, sop in seg.get_source_image_uids()}
 
 
-def test_dicom_seg_references_the_series_segmented(tiny_model, two_series, tmp_path):
-    folder, uid, wanted = two_series
+def test_dicom_seg_references_the_series_segmented(tiny_model, series_and_copy, tmp_path):
+    folder, uid, wanted = series_and_copy
     res = segment(tiny_model, folder, series=uid, box=[100, 100, 1, 300, 300, 3], zoom_in=False, progress=False)
     out = res.save(tmp_path / "out")
     referenced = _referenced(out / "segmentation.dcm")
@@ -93,10 +93,10 @@ def test_dicom_seg_references_the_series_segmented(tiny_model, two_series, tmp_p
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), frames(res.masks["box 0"]))
 
 
-def test_dicom_seg_refuses_to_guess_among_series(two_series):
+def test_dicom_seg_refuses_to_guess_among_series(series_and_copy):
     from segevol_fast.errors import DicomSeriesError
 
-    folder, uid, _ = two_series
+    folder, uid, _ = series_and_copy
     with pytest.raises(DicomSeriesError, match="holds 2 series"):
         sorted_source_images(folder)
     with pytest.raises(DicomSeriesError, match="9.9, the one the masks were computed on, is no longer in"):

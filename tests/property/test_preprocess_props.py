@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 from segevol_fast.errors import PreprocessError, SegVolFastError
 from segevol_fast.preprocess import foreground_stats, paste_back, preprocess, preprocess_ref
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DTYPES = ("int16", "uint8", "float32")
 KINDS = ("body", "levels", "extremes", "noise")
 LAYOUTS = ("C", "F", "reversed")

@@ -22,6 +22,8 @@ from segevol_fast.inference.prompts import build_prompts, crop_to_input, input_t
 from segevol_fast.io import Volume
 from segevol_fast.preprocess import preprocess
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 coords_f = st.floats(-500, 500, allow_nan=False, allow_infinity=False)
 
 

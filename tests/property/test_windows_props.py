@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -30,6 +31,8 @@ from segevol_fast.geometry.sliding_window import (
     window_starts,
 )
 from segevol_fast.inference.fast import _Stitch, windows_for_roi
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
