@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import time
 
 import nibabel as nib
 import numpy as np
@@ -198,9 +197,7 @@ def test_cli_unwritable_out_fails_first(tmp_path, nothing_slow, capsys, command,
     argv = [command, "--out", out, "--random-weights", "-q"]
     if command == "segment":
         argv[1:1] = [str(tmp_path / "scan.nii.gz"), "--box", "1", "1", "1", "3", "3", "3"]
-    t = time.monotonic()
-    assert cli.main(argv) == cli.EXIT_FAILED
-    assert time.monotonic() - t < 1.0
+    assert cli.main(argv) == cli.EXIT_FAILED  # before any slow step: `nothing_slow` fails the test otherwise
     err = capsys.readouterr().err
     assert "afile is a file" in err if where == "below a file" else "cannot write into /proc" in err
     assert os.listdir(tmp_path) == ["afile"]
