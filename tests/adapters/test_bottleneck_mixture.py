@@ -127,6 +127,7 @@ def test_learned_router_learns_and_balances(model, routing):
     params = adapters.adapter_parameters(model, "moa")
     router = model.mixture_routers["moa"]
     assert any(p is router.proj.weight for p in params)
+    w_init = router.proj.weight.detach().clone()
     opt = torch.optim.AdamW(params, lr=5e-2)
     losses = []
     for _ in range(8):
@@ -140,13 +141,15 @@ def test_learned_router_learns_and_balances(model, routing):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    w0 = router.proj.weight.detach().clone()
+    # the router itself trained: Adam moves a weight with any gradient by ~lr a step (0.05 here),
+    # while weight decay alone moves these (|w| < 0.2) by < 1e-3 in 8 steps; a router cut off from
+    # the loss (its logits detached, or its gates or balancing loss not reaching it) keeps its init
+    assert (router.proj.weight.detach() - w_init).abs().max() > 1e-2
     r = adapters.route_for(model, "moa", images=x)
     with adapters.route(r):
         F.mse_loss(model.encode_image(x), target).backward()  # no balancing loss: task gradient only
     if routing == "soft" or bool((r.gates.detach() != 0).any()):
         assert router.proj.weight.grad.abs().sum() > 0  # the task loss reaches the router through the gates
-    assert not torch.equal(w0, torch.zeros_like(w0))
     if routing == "top1":
         assert router.aux_loss is not None and router.aux_loss.item() > 0
 

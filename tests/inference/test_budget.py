@@ -151,8 +151,19 @@ def test_plan_validates_its_fields():
 
 
 def test_planning_the_real_tiny_model_measures_the_process(monkeypatch):
+    from segevol_fast.inference.memory import current_rss
+
     model = SegVol(SegVolConfig.tiny())
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))  # 6.8 MB
+    rss_before = current_rss()
     plan = plan_fast(model, (20, 70, 90), 2, "100GB")
-    assert plan.breakdown["baseline"] > 0 and plan.estimated_peak_bytes < 100e9  # RSS of this process
+    rss_after = current_rss()
+    # the baseline is this process's RSS less the weights (counted once, as their own item): a
+    # baseline left at 0, or one that counts the weights twice, is off by more than the 1 MB slack
+    slack = 1_000_000
+    baseline = plan.breakdown["baseline"]
+    assert min(rss_before, rss_after) - weights - slack <= baseline <= max(rss_before, rss_after) - weights + slack
+    assert plan.breakdown["weights"] == weights
+    assert plan.estimated_peak_bytes == sum(plan.breakdown.values())
     with pytest.raises(BudgetError):
         plan_fast(model, (20, 70, 90), 2, "1MB")

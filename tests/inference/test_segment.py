@@ -41,10 +41,26 @@ def test_paths_arrays_and_volumes_give_the_same_masks(model, ct, data_dir):
         np.testing.assert_array_equal(a.masks["box 0"], other.masks["box 0"])
 
 
-@pytest.mark.parametrize("mode", ["fast", "exact"])
-def test_both_modes_with_zoom_in_on_real_ct(model, ct, mode):
-    res = segment(model, ct, text="liver", box=[30, 20, 5, 80, 70, 20], mode=mode, progress=False)
-    assert res.mode == mode and res.masks["liver"].shape == ct.shape
+def test_both_modes_with_zoom_in_on_real_ct(model, ct):
+    """Fast and exact zoom-in agree with each other and both refine the zoom-out result.
+
+    Measured on this model (seed 0) and scan: the two modes' zoom-in masks differ in 0.18% of the
+    voxels and their probabilities by 1.3e-4 on average (their zoom-out results already differ in
+    0.13%), while each mode's zoom-in changes 25% of its zoom-out mask. A zoom-in that is skipped or
+    stitches its windows one voxel off in either mode moves the two modes 40x or more further
+    apart; one skipped in both modes leaves the zoom-out mask."""
+    kw = dict(text="liver", box=[30, 20, 5, 80, 70, 20], progress=False, return_probabilities=True)
+    res = {(mode, zoom): segment(model, ct, mode=mode, zoom_in=zoom, **kw)
+           for mode in ("fast", "exact") for zoom in (True, False)}
+    for (mode, zoom), r in res.items():
+        assert r.mode == mode and r.masks["liver"].shape == ct.shape
+        assert (r.zoom_in_windows["liver"] > 0) == zoom
+    fast, exact = res["fast", True], res["exact", True]
+    assert fast.zoom_in_windows == exact.zoom_in_windows  # the ROI is the whole crop here: the official grid
+    assert (fast.masks["liver"] != exact.masks["liver"]).mean() < 0.01
+    assert np.abs(fast.probabilities["liver"] - exact.probabilities["liver"]).mean() < 1e-3
+    for mode in ("fast", "exact"):
+        assert (res[mode, True].masks["liver"] != res[mode, False].masks["liver"]).mean() > 0.1
 
 
 def test_exact_mode_equals_run_exact_pasted_back(model, ct):
@@ -69,14 +85,6 @@ def test_budget_too_small_fails_before_running_and_names_the_minimum(model, ct, 
     monkeypatch.setattr(fast, "run_fast", must_not_run)
     with pytest.raises(BudgetError, match="needs at least"):
         segment(model, ct, text="liver", max_memory="10MB", progress=False)
-
-
-def test_measured_cpu_peak_stays_within_a_met_budget(model, ct):
-    from segevol_fast.inference.memory import current_rss
-
-    budget = current_rss() + 1_500_000_000
-    res = segment(model, ct, text=["liver", "spleen"], max_memory=budget, progress=False)
-    assert res.peak_memory_bytes <= budget
 
 
 def test_a_budget_at_the_planned_minimum_is_met(model, ct):

@@ -263,10 +263,30 @@ def test_evaluate_dice_matches_an_independent_computation(cases, ct_eval):
 
 
 # ------------------------------------------------------------------------------ precision, memory
-def test_amp_bf16_on_cpu_runs(cases, ct_eval):
-    cfg = TrainConfig(steps=2, batch_size=1, amp="bf16", categories_per_image=2)
-    rows = Trainer(_model(cases), cfg, ct_eval).fit(progress=False)
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+def test_amp_bf16_on_cpu_trains_like_fp32(cases, ct_eval):
+    """bf16 autocast runs the same steps as fp32 to bf16 accuracy, on fp32 weights.
+
+    Measured (tiny model, 2 steps): losses agree to 4e-5 relative, gradient norms to 3e-3, and the
+    parameter updates have a cosine similarity of 0.99; rows bit-equal to fp32 mean autocast was
+    not applied, a gradient scaled under AMP (a loss scaler left on) moves the norms, and weights
+    cast to bf16 show in their dtype."""
+    def run(amp: str):
+        model = _model(cases)
+        before = _params(model)
+        cfg = TrainConfig(steps=2, batch_size=1, amp=amp, categories_per_image=2, seed=3)
+        rows = Trainer(model, cfg, ct_eval).fit(progress=False)
+        after = _params(model)
+        step = torch.cat([(after[n] - before[n]).flatten() for n in before])
+        return rows, step, {p.dtype for p in after.values()}
+
+    (fp32, fp32_step, _), (bf16, bf16_step, dtypes) = run("off"), run("bf16")
+    assert dtypes == {torch.float32}  # autocast computes in bf16; the weights (and Adam) stay fp32
+    assert [r["loss"] for r in bf16] != [r["loss"] for r in fp32]  # bf16 arithmetic really ran
+    for a, b in zip(fp32, bf16):
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-3)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=3e-2)
+    assert bf16_step.norm() > 0
+    assert float(torch.nn.functional.cosine_similarity(fp32_step, bf16_step, dim=0)) > 0.9
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(cases, mixed_train):
