@@ -197,6 +197,17 @@ def test_demo_on_the_shared_ct_uses_text(tmp_path, fake_segment, no_weights, dat
     assert (out / "summary.json").is_file()
 
 
+def test_demo_without_segevol_data_runs_on_the_phantom_and_names_the_variable(tmp_path, fake_segment, no_weights,
+                                                                              monkeypatch, capsys):
+    """An installed command line has no data folder of its own: without $SEGEVOL_DATA it looks
+    nowhere else (not beside the package, where a source checkout keeps ../shared/data)."""
+    monkeypatch.delenv("SEGEVOL_DATA")
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--device", "cpu", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic phantom" in out and "set SEGEVOL_DATA to a folder holding ct_abdomen_sm.nii.gz" in out
+    assert fake_segment[0]["volume"].shape != (122, 101, 30)  # not the shared CT, though it exists
+
+
 def test_demo_explicit_bad_weights_is_an_error(tmp_path, fake_segment, no_weights, capsys):
     assert cli.main(["demo", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "d")]) == 2
     assert "does not exist" in capsys.readouterr().err
