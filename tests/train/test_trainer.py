@@ -112,10 +112,12 @@ def test_trainer_logs_the_scheduled_lr(cases, ct_eval):
 
 # ------------------------------------------------------------------------------ learning
 def test_loss_falls_on_the_real_ct(cases, ct_eval):
-    cfg = TrainConfig(steps=10, batch_size=1, lr=3e-3, seed=int(torch.randint(0, 10_000, ())))
+    # 20 steps: over random seeds the last-3 / first-3 mean ratio measured 0.75-0.90 (at 10 steps
+    # 0.89-0.98, so about one seed in 25 missed the 0.97 bound without any fault)
+    cfg = TrainConfig(steps=20, batch_size=1, lr=3e-3, seed=int(torch.randint(0, 10_000, ())))
     losses = [r["loss"] for r in Trainer(_model(cases, seed=int(torch.randint(0, 100, ()))), cfg, ct_eval)
               .fit(progress=False)]
-    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses
 
 
