@@ -301,7 +301,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="official architecture (random weights) instead of tiny")
-    ap.add_argument("--data", default=os.environ.get("SEGEVOL_DATA", "/work/shared/data"))
+    ap.add_argument("--data", default=os.environ.get("SEGEVOL_DATA", "../shared/data"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     data = pathlib.Path(args.data)
