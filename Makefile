@@ -44,10 +44,12 @@ build: $(BUILT)
 info: build
 	$(PY) -m segevol_fast info
 
-# ruff (rules and width: [tool.ruff] in pyproject.toml). The import contract (layers, no circles,
-# no private names across modules) is a test: tests/test_layers.py.
+# ruff lint and format check (rules and width: [tool.ruff] in pyproject.toml; `ruff format .`
+# fixes the layout). The import contract (layers, no circles, no private names across modules) is a
+# test: tests/test_layers.py.
 lint: $(DEPS)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The suite runs twice: on this CPU's own code paths, then with the AVX2 paths forced in torch's
 # kernels, MKL's GEMMs and oneDNN, as on AVX2-only laptops and cloud VMs, where sums round

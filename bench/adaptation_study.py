@@ -63,11 +63,18 @@ def task_names(cases) -> tuple[str, ...]:
 
 
 def shared_cases(data: pathlib.Path):
-    ct = cases_from_files([(data / "ct_abdomen_sm.nii.gz", data / "ct_abdomen_sm_labels.nii.gz"),
-                           (data / "ct_abdomen_dicom", data / "ct_abdomen_dicom_labels.nii.gz")],
-                          ORGANS, "ct", "shared-ct")
-    mr = cases_from_files([(data / "mr_abdomen_sm.nii.gz", data / "mr_abdomen_sm_labels.nii.gz")],
-                          ORGANS, "mri", "shared-mr")
+    ct = cases_from_files(
+        [
+            (data / "ct_abdomen_sm.nii.gz", data / "ct_abdomen_sm_labels.nii.gz"),
+            (data / "ct_abdomen_dicom", data / "ct_abdomen_dicom_labels.nii.gz"),
+        ],
+        ORGANS,
+        "ct",
+        "shared-ct",
+    )
+    mr = cases_from_files(
+        [(data / "mr_abdomen_sm.nii.gz", data / "mr_abdomen_sm_labels.nii.gz")], ORGANS, "mri", "shared-mr"
+    )
     return ct, mr
 
 
@@ -76,14 +83,27 @@ def _datasets(cases, size, seed, train=True):
 
 
 def _config(args, steps: int, lr: float, out: pathlib.Path) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, weight_decay=1e-5,
-                       warmup_steps=max(1, steps // 20), min_lr_ratio=0.1, grad_clip=1.0, seed=args.seed,
-                       box_jitter=args.train_jitter, eval_jitter=args.eval_jitter, out_dir=str(out), log_every=10)
+    return TrainConfig(
+        steps=steps,
+        batch_size=args.batch_size,
+        lr=lr,
+        weight_decay=1e-5,
+        warmup_steps=max(1, steps // 20),
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        seed=args.seed,
+        box_jitter=args.train_jitter,
+        eval_jitter=args.eval_jitter,
+        out_dir=str(out),
+        log_every=10,
+    )
 
 
 def evaluate(trainer: Trainer, datasets: dict) -> dict:
-    return {name: trainer.evaluate(ds, prompts=PROMPTS, jitter=trainer.config.eval_jitter)["mean"]
-            for name, ds in datasets.items()}
+    return {
+        name: trainer.evaluate(ds, prompts=PROMPTS, jitter=trainer.config.eval_jitter)["mean"]
+        for name, ds in datasets.items()
+    }
 
 
 def base_model(args, ct_cases, out: pathlib.Path) -> SegVol:
@@ -110,15 +130,41 @@ METHODS = {
     # name: (attach(model), train on "mr" or "ct+mr")
     "lora": (lambda m: adapters.add_lora(m, "mr", adapters.LoraConfig(rank=8, alpha=8, rslora=True)), "mr"),
     "bottleneck": (lambda m: adapters.add_bottleneck(m, "mr", adapters.BottleneckConfig(dim=16)), "mr"),
-    "mixture_tag": (lambda m: adapters.add_mixture(m, "moa", adapters.MixtureConfig(
-        experts=("mr",), routing="tag", tags={"ct": "identity", "mri": "mr"},
-        lora=adapters.LoraConfig(rank=8, alpha=8, rslora=True))), "mr"),
-    "mixture_top1": (lambda m: adapters.add_mixture(m, "moa", adapters.MixtureConfig(
-        experts=("a", "b"), routing="top1", lora=adapters.LoraConfig(rank=8, alpha=8, rslora=True))), "ct+mr"),
-    "priors_additive": (lambda m: adapters.add_context_priors(m, "priors", adapters.ContextPriorConfig(
-        variant="additive", tasks=m.study_tasks)), "ct+mr"),
-    "priors_hermes": (lambda m: adapters.add_context_priors(m, "priors", adapters.ContextPriorConfig(
-        variant="hermes", tasks=m.study_tasks)), "ct+mr"),
+    "mixture_tag": (
+        lambda m: adapters.add_mixture(
+            m,
+            "moa",
+            adapters.MixtureConfig(
+                experts=("mr",),
+                routing="tag",
+                tags={"ct": "identity", "mri": "mr"},
+                lora=adapters.LoraConfig(rank=8, alpha=8, rslora=True),
+            ),
+        ),
+        "mr",
+    ),
+    "mixture_top1": (
+        lambda m: adapters.add_mixture(
+            m,
+            "moa",
+            adapters.MixtureConfig(
+                experts=("a", "b"), routing="top1", lora=adapters.LoraConfig(rank=8, alpha=8, rslora=True)
+            ),
+        ),
+        "ct+mr",
+    ),
+    "priors_additive": (
+        lambda m: adapters.add_context_priors(
+            m, "priors", adapters.ContextPriorConfig(variant="additive", tasks=m.study_tasks)
+        ),
+        "ct+mr",
+    ),
+    "priors_hermes": (
+        lambda m: adapters.add_context_priors(
+            m, "priors", adapters.ContextPriorConfig(variant="hermes", tasks=m.study_tasks)
+        ),
+        "ct+mr",
+    ),
 }
 
 
@@ -133,8 +179,12 @@ def run_method(name: str, args, base_folder_or_model, train_sets: dict, evals, o
     trainer.fit(progress=not args.quiet)
     seconds = time.perf_counter() - t
     model.eval()
-    return {"trained_on": data, "trainable_parameters": sum(p.numel() for p in params), "train_seconds": seconds,
-            "dice": evaluate(trainer, evals)}
+    return {
+        "trained_on": data,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "train_seconds": seconds,
+        "dice": evaluate(trainer, evals),
+    }
 
 
 def _fresh_base(args, base):
@@ -163,7 +213,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--base-only", action="store_true")
     p.add_argument("--retrain-base", action="store_true")
-    p.add_argument("--results", default=str(REPO / "bench" / "results"), help="where the dated JSON goes ('' = nowhere)")
+    p.add_argument(
+        "--results", default=str(REPO / "bench" / "results"), help="where the dated JSON goes ('' = nowhere)"
+    )
     p.add_argument("-q", "--quiet", action="store_true")
     args = p.parse_args()
     # the label files hold many more TotalSegmentator ids than the five organs studied: dropped on purpose
@@ -177,7 +229,10 @@ def main() -> int:
         return 0
     size = base.config.spatial_size
     # built once: every method trains and is evaluated on the same prepared volumes
-    evals = {"ct": _datasets(ct_cases, size, args.seed, train=False), "mr": _datasets(mr_cases, size, args.seed, train=False)}
+    evals = {
+        "ct": _datasets(ct_cases, size, args.seed, train=False),
+        "mr": _datasets(mr_cases, size, args.seed, train=False),
+    }
     train_sets = {"mr": _datasets(mr_cases, size, args.seed), "ct+mr": _datasets(ct_cases + mr_cases, size, args.seed)}
     before = evaluate(Trainer(base, _config(args, 1, 1e-4, out / "eval_base"), evals["ct"]), evals)
     print("base", json.dumps(before), flush=True)
@@ -186,9 +241,14 @@ def main() -> int:
     for name in args.methods:
         results[name] = run_method(name, args, (folder, base), train_sets, evals, out, task_names(ct_cases + mr_cases))
         print(name, json.dumps(results[name]), flush=True)
-    report = environment(args=vars(args), config=args.config, organs=list(task_names(ct_cases + mr_cases)),
-                         base=before, methods=results,
-                         total_seconds=time.perf_counter() - t0)
+    report = environment(
+        args=vars(args),
+        config=args.config,
+        organs=list(task_names(ct_cases + mr_cases)),
+        base=before,
+        methods=results,
+        total_seconds=time.perf_counter() - t0,
+    )
     (out / "study.json").write_text(json.dumps(report, indent=2))
     if args.results:
         write_results(report, args.results, "cpu-adaptation-study")

@@ -32,7 +32,11 @@ from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-TARGETS = ("image_encoder.blocks.*.attn.qkv", "image_encoder.blocks.*.mlp.linear1", "image_encoder.blocks.*.mlp.linear2")
+TARGETS = (
+    "image_encoder.blocks.*.attn.qkv",
+    "image_encoder.blocks.*.mlp.linear1",
+    "image_encoder.blocks.*.mlp.linear2",
+)
 PEFT_TARGETS = r".*image_encoder\.blocks\.\d+\.(attn\.qkv|mlp\.linear1|mlp\.linear2)"
 METHODS = ("segevol_fast_lora", "peft_lora", "bottleneck", "mixture_top1", "priors_additive", "priors_hermes", "full")
 ORGANS = ["liver", "spleen", "left kidney", "right kidney"]
@@ -68,8 +72,11 @@ def _attach(model, method: str):
         adapters.add_bottleneck(model, "x", adapters.BottleneckConfig(dim=64))
     elif method == "mixture_top1":
         adapters.add_mixture(model, "x", adapters.MixtureConfig(experts=("a", "b"), routing="top1", lora=lora))
-        return adapters.adapter_parameters(model), lambda x: adapters.route_for(model, "x", images=x), \
-            lambda path: adapters.save_adapter(model, "x", path)
+        return (
+            adapters.adapter_parameters(model),
+            lambda x: adapters.route_for(model, "x", images=x),
+            lambda path: adapters.save_adapter(model, "x", path),
+        )
     elif method.startswith("priors"):
         variant = method.split("_")[1]
         adapters.add_context_priors(model, "x", adapters.ContextPriorConfig(variant=variant, tasks=tuple(ORGANS)))
@@ -99,8 +106,10 @@ def case_train(method: str, config: str, steps: int) -> dict:
 
     def step():
         r = route_fn(x) if route_fn else None
-        with adapters.prompt_context(modalities=["mri"], tasks=ORGANS), \
-                (adapters.route(r) if r is not None else contextlib.nullcontext()):
+        with (
+            adapters.prompt_context(modalities=["mri"], tasks=ORGANS),
+            adapters.route(r) if r is not None else contextlib.nullcontext(),
+        ):
             logits = model.decode(model.encode_image(x), text_embedding=text, boxes=boxes)
             loss = bce_dice_loss(logits, target)
         opt.zero_grad(set_to_none=True)
@@ -118,9 +127,14 @@ def case_train(method: str, config: str, steps: int) -> dict:
         with tempfile.TemporaryDirectory() as d:
             path = pathlib.Path(save(pathlib.Path(d) / "a.safetensors"))
             size = path.stat().st_size
-    return {"method": method, "step_seconds": times, "median_step_s": statistics.median(times),
-            "trainable_parameters": sum(p.numel() for p in params), "adapter_file_bytes": size,
-            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "method": method,
+        "step_seconds": times,
+        "median_step_s": statistics.median(times),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "adapter_file_bytes": size,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def case_serve(config: str, rounds: int) -> dict:
@@ -154,8 +168,15 @@ def case_serve(config: str, rounds: int) -> dict:
             segment(model, v, adapter=n, modality=m, **kw)
         separate.append(time.perf_counter() - t)
     b, s = statistics.median(batch[1:]), statistics.median(separate[1:])
-    return {"scans": [str(p.name) for p in scans], "adapters": names, "segment_batch_s": batch[1:],
-            "separate_calls_s": separate[1:], "median_batch_s": b, "median_separate_s": s, "separate_over_batch": s / b}
+    return {
+        "scans": [str(p.name) for p in scans],
+        "adapters": names,
+        "segment_batch_s": batch[1:],
+        "separate_calls_s": separate[1:],
+        "median_batch_s": b,
+        "median_separate_s": s,
+        "separate_over_batch": s / b,
+    }
 
 
 def main() -> int:
@@ -170,7 +191,9 @@ def main() -> int:
     args = p.parse_args()
     if args.child:
         kind, *rest = args.child
-        report(case_train(rest[0], args.config, args.steps) if kind == "train" else case_serve(args.config, args.rounds))
+        report(
+            case_train(rest[0], args.config, args.steps) if kind == "train" else case_serve(args.config, args.rounds)
+        )
         return 0
 
     out = environment(config=args.config, train={})

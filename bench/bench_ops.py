@@ -31,7 +31,7 @@ def _params():
 
 
 def _label(row: dict) -> str:
-    """"shape=[1,12,2048,2048,64],dtype=float32,passes=forward": the row as one test-id word."""
+    """ "shape=[1,12,2048,2048,64],dtype=float32,passes=forward": the row as one test-id word."""
     return ",".join(f"{k}={v}".replace(" ", "").replace("torch.", "") for k, v in row.items() if v is not None)
 
 

@@ -25,8 +25,16 @@ sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, chi
 from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
-CASES = [("encode", 1), ("encode", 2), ("encode", 4), ("encode", 6), ("encode", 8), ("decode", 1), ("decode", 4),
-         ("decode", 8)]
+CASES = [
+    ("encode", 1),
+    ("encode", 2),
+    ("encode", 4),
+    ("encode", 6),
+    ("encode", 8),
+    ("decode", 1),
+    ("decode", 4),
+    ("decode", 8),
+]
 
 
 def _child(kind: str, n: int) -> dict:
@@ -55,8 +63,13 @@ def _child(kind: str, n: int) -> dict:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     kw = dict(window_batch=n) if kind == "encode" else dict(decode_batch=n)
     _, items = estimate(model, cfg.spatial_size, 1, device="cpu", baseline_bytes=0, **kw)
-    return {"kind": kind, "n": n, "measured_bytes": peak - before, "model_bytes": items[kind + "r"],
-            "rss_before_bytes": before}
+    return {
+        "kind": kind,
+        "n": n,
+        "measured_bytes": peak - before,
+        "model_bytes": items[kind + "r"],
+        "rss_before_bytes": before,
+    }
 
 
 def main() -> int:
@@ -76,8 +89,11 @@ def main() -> int:
             return 1
         row["model_over_measured"] = row["model_bytes"] / max(1, row["measured_bytes"])
         rows.append(row)
-        print(f"{kind} x{n}: measured {row['measured_bytes'] / 1e6:7.1f} MB, cost model {row['model_bytes'] / 1e6:7.1f} MB "
-              f"({row['model_over_measured']:.2f}x)", flush=True)
+        print(
+            f"{kind} x{n}: measured {row['measured_bytes'] / 1e6:7.1f} MB, cost model {row['model_bytes'] / 1e6:7.1f} MB "
+            f"({row['model_over_measured']:.2f}x)",
+            flush=True,
+        )
     out = environment(config="SegVolConfig() official size, random weights, float32", cases=rows)
     write_results(out, args.out, "cpu-memory-terms")
     from segevol_fast.inference.budget import _FIXED_SLACK

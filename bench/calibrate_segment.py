@@ -30,8 +30,18 @@ from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
-          "inferior vena cava", "esophagus"]
+ORGANS = [
+    "liver",
+    "spleen",
+    "left kidney",
+    "right kidney",
+    "stomach",
+    "pancreas",
+    "gallbladder",
+    "aorta",
+    "inferior vena cava",
+    "esophagus",
+]
 CT = "ct_abdomen_sm.nii.gz"  # 122 x 101 x 30 int16: one zoom-in window per prompt at most
 BOXES = [[30, 20, 5, 80, 70, 25], [10, 10, 2, 60, 50, 20]]  # input voxels, inclusive
 LOW, HIGH = 1.0, 1.25
@@ -68,10 +78,19 @@ def _child(name: str) -> dict:
     res = model.segment(DATA / src, progress=False, **kw)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     measured = max(res.peak_memory_bytes, after if after > before else 0)
-    return {"case": name, "volume": src, "kwargs": kw, "estimate_bytes": res.plan["estimated_peak_bytes"],
-            "measured_bytes": measured, "sampled_peak_bytes": res.peak_memory_bytes, "ru_maxrss_bytes": after,
-            "ru_maxrss_before_call_bytes": before, "plan": res.plan, "zoom_in_windows": res.zoom_in_windows,
-            "seconds": res.timings["total"]}
+    return {
+        "case": name,
+        "volume": src,
+        "kwargs": kw,
+        "estimate_bytes": res.plan["estimated_peak_bytes"],
+        "measured_bytes": measured,
+        "sampled_peak_bytes": res.peak_memory_bytes,
+        "ru_maxrss_bytes": after,
+        "ru_maxrss_before_call_bytes": before,
+        "plan": res.plan,
+        "zoom_in_windows": res.zoom_in_windows,
+        "seconds": res.timings["total"],
+    }
 
 
 def main() -> int:
@@ -86,7 +105,7 @@ def main() -> int:
         return 0
 
     rows, failed = [], []
-    for name in (QUICK if args.quick else args.cases):
+    for name in QUICK if args.quick else args.cases:
         row = run_child(__file__, ["--child", name], cwd=REPO)
         if "error" in row:
             print(f"{name}: FAILED\n{row['error']}", file=sys.stderr)
@@ -95,13 +114,19 @@ def main() -> int:
         row["estimate_over_measured"] = row["estimate_bytes"] / row["measured_bytes"]
         rows.append(row)
         ok = LOW <= row["estimate_over_measured"] <= HIGH
-        print(f"{name:20s} measured {row['measured_bytes'] / 1e6:7.1f} MB  "
-              f"estimate {row['estimate_bytes'] / 1e6:7.1f} MB  ratio {row['estimate_over_measured']:.3f} "
-              f"{'ok' if ok else 'OUT OF [1.0, 1.25]'}", flush=True)
+        print(
+            f"{name:20s} measured {row['measured_bytes'] / 1e6:7.1f} MB  "
+            f"estimate {row['estimate_bytes'] / 1e6:7.1f} MB  ratio {row['estimate_over_measured']:.3f} "
+            f"{'ok' if ok else 'OUT OF [1.0, 1.25]'}",
+            flush=True,
+        )
         if not ok:
             failed.append(name)
-    out = environment(bounds=[LOW, HIGH], cases=rows,
-                      config="SegVolConfig() official size, random weights, float32, whole segment() calls")
+    out = environment(
+        bounds=[LOW, HIGH],
+        cases=rows,
+        config="SegVolConfig() official size, random weights, float32, whole segment() calls",
+    )
     write_results(out, args.out, "cpu-memory-calibration")
     if failed:
         print(f"outside [{LOW}, {HIGH}] or failed: {failed}", file=sys.stderr)

@@ -71,8 +71,11 @@ def encoder_speed(rounds: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     base = med["MONAI ViT fp32 (official encoder)"]
     return {
-        "window": list(cfg.spatial_size), "rounds": rounds,
-        "seconds": times, "median_s": med, "speedup_vs_monai": {k: base / v for k, v in med.items()},
+        "window": list(cfg.spatial_size),
+        "rounds": rounds,
+        "seconds": times,
+        "median_s": med,
+        "speedup_vs_monai": {k: base / v for k, v in med.items()},
         "max_rel_err_fp32_vs_monai": (out32 - ref).abs().max().item() / scale,
         "max_rel_err_bf16_vs_fp32": (out16 - out32).abs().max().item() / scale,
         "profile_fp32": _profile(ours, x),
@@ -93,8 +96,11 @@ def _profile(module, x) -> dict:
     groups = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
     for ev in prof.key_averages():
         name = ev.key
-        group = "gemm" if name in ("aten::addmm", "aten::mm", "aten::bmm") else (
-            "attention" if "scaled_dot_product" in name else "other")
+        group = (
+            "gemm"
+            if name in ("aten::addmm", "aten::mm", "aten::bmm")
+            else ("attention" if "scaled_dot_product" in name else "other")
+        )
         groups[group] += ev.self_cpu_time_total / 1e6
     return groups
 
@@ -134,21 +140,35 @@ def agreement(model, name: str) -> dict:
     file, names, modality = CASES[name]
     vol = load_volume(DATA / file)
     prep = preprocess(vol.array, lazy=True)
-    prompts = build_prompts(names, None, None, None, shape=vol.shape, start=prep.start, coords="voxel", affine=vol.affine)
+    prompts = build_prompts(
+        names, None, None, None, shape=vol.shape, start=prep.start, coords="voxel", affine=vol.affine
+    )
     fp32, t32 = _fast_logits(model, prep, prompts, modality, "fp32")
     bf16, t16 = _fast_logits(model, prep, prompts, modality, "bf16")
     per_prompt = {}
     for p, a, b in zip(prompts, fp32, bf16):
         diff = (a.logits.float() - b.logits.float()).abs()
         per_prompt[p.label] = {
-            "voxels": a.mask.numel(), "fg_voxels_fp32": int(a.mask.sum()), "fg_voxels_bf16": int(b.mask.sum()),
-            "mask_dice": _dice(a.mask, b.mask), "voxels_differing": int((a.mask != b.mask).sum()),
-            "logit_max_abs_diff": diff.max().item(), "logit_mean_abs_diff": diff.mean().item(),
+            "voxels": a.mask.numel(),
+            "fg_voxels_fp32": int(a.mask.sum()),
+            "fg_voxels_bf16": int(b.mask.sum()),
+            "mask_dice": _dice(a.mask, b.mask),
+            "voxels_differing": int((a.mask != b.mask).sum()),
+            "logit_max_abs_diff": diff.max().item(),
+            "logit_mean_abs_diff": diff.mean().item(),
             "logit_abs_max_fp32": a.logits.float().abs().max().item(),
-            "same_roi": a.roi == b.roi, "windows_fp32": a.windows, "windows_bf16": b.windows,
+            "same_roi": a.roi == b.roi,
+            "windows_fp32": a.windows,
+            "windows_bf16": b.windows,
         }
-    return {"input": file, "shape": list(vol.shape), "modality": modality, "seconds_fp32": t32, "seconds_bf16": t16,
-            "prompts": per_prompt}
+    return {
+        "input": file,
+        "shape": list(vol.shape),
+        "modality": modality,
+        "seconds_fp32": t32,
+        "seconds_bf16": t16,
+        "prompts": per_prompt,
+    }
 
 
 def main() -> int:
@@ -161,8 +181,11 @@ def main() -> int:
     from segevol_fast.inference.precision import cpu_bf16_native, resolve_precision
 
     native, why = cpu_bf16_native()
-    out = environment(cpu_bf16_native=native, why=why,
-                      auto_picks_fast_mode=resolve_precision("auto", "fp32", torch.device("cpu"), "fast"))
+    out = environment(
+        cpu_bf16_native=native,
+        why=why,
+        auto_picks_fast_mode=resolve_precision("auto", "fp32", torch.device("cpu"), "fast"),
+    )
     print(json.dumps(out), flush=True)
     out["encoder"] = encoder_speed(args.rounds)
     print(json.dumps(out["encoder"]["median_s"]), flush=True)

@@ -42,9 +42,15 @@ def environment(**fields) -> dict:
     """The run's header (UTC date, host, CPU, cores, torch version and threads) followed by `fields`."""
     import torch
 
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "cpu": cpu_model_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), **fields}
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        **fields,
+    }
 
 
 def write_results(out: dict, directory: Union[str, os.PathLike], prefix: str, suffix: str = "") -> pathlib.Path:

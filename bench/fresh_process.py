@@ -24,4 +24,4 @@ def run_child(script: str, args: list[str], cwd, timeout: Optional[float] = None
     when it printed none (a crash). Raises subprocess.TimeoutExpired after `timeout` seconds."""
     proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
     line = next((out for out in proc.stdout.splitlines() if out.startswith(MARK)), None)
-    return json.loads(line[len(MARK):]) if line else {"error": proc.stderr[-3000:]}
+    return json.loads(line[len(MARK) :]) if line else {"error": proc.stderr[-3000:]}

@@ -88,8 +88,10 @@ def measure(row: dict, provider: Provider, flops: float, nbytes: float, peak: di
 def ratios(rows: list[dict], baseline: str, speedup: bool = True) -> None:
     """Per case (op, shape, dtype, passes, kv_len): `speedup_vs_<baseline>` = baseline median / row
     median, or with speedup=False `time_vs_<baseline>` = row median / baseline median."""
+
     def case(r):
         return tuple(str(r.get(k)) for k in ("op", "shape", "dtype", "passes", "kv_len"))
+
     key = f"{'speedup' if speedup else 'time'}_vs_{baseline}"
     base = {case(r): r["median_ms"] for r in rows if r["provider"] == baseline and "median_ms" in r}
     for r in rows:
@@ -100,8 +102,9 @@ def ratios(rows: list[dict], baseline: str, speedup: bool = True) -> None:
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def run_op(spec: OpSpec, peak: dict | None, device: str = "cuda", small: bool = False, timed: bool = True,
-           dtypes=DTYPES) -> list[dict]:
+def run_op(
+    spec: OpSpec, peak: dict | None, device: str = "cuda", small: bool = False, timed: bool = True, dtypes=DTYPES
+) -> list[dict]:
     """Every workload of the op's spec (its "tiny" size when `small`) x every provider: checked,
     then timed; ratios against the spec's baseline."""
     rows = []
@@ -143,8 +146,11 @@ def main() -> int:
     path = out_dir / f"{device_slug('cuda')}-{dt.date.today().isoformat()}.json"
     path.write_text(json.dumps(result, indent=2, default=str))
     for r in rows:
-        t = (f"{r['median_ms']:.3f} ms  {r['tflops']:.1f} TFLOP/s  {r['gb_s']:.0f} GB/s" if "median_ms" in r
-             else r.get("error", "FAILED CHECK"))
+        t = (
+            f"{r['median_ms']:.3f} ms  {r['tflops']:.1f} TFLOP/s  {r['gb_s']:.0f} GB/s"
+            if "median_ms" in r
+            else r.get("error", "FAILED CHECK")
+        )
         print(f"{r['op']:18s} {r['provider']:32s} {str(r['shape']):26s} {r['dtype']:15s} {r.get('passes', ''):16s} {t}")
     print(f"wrote {path}")
     return 0 if all(r.get("ok") for r in rows) else 1

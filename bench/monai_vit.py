@@ -26,9 +26,15 @@ def monai_vit(cfg: SegVolConfig):
 
     params = inspect.signature(ViT).parameters
     kwargs = dict(
-        in_channels=cfg.in_channels, img_size=cfg.spatial_size, patch_size=cfg.patch_size,
-        hidden_size=cfg.hidden_size, mlp_dim=cfg.mlp_dim, num_layers=cfg.num_layers,
-        num_heads=cfg.num_heads, classification=False, dropout_rate=0.0,
+        in_channels=cfg.in_channels,
+        img_size=cfg.spatial_size,
+        patch_size=cfg.patch_size,
+        hidden_size=cfg.hidden_size,
+        mlp_dim=cfg.mlp_dim,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        classification=False,
+        dropout_rate=0.0,
     )
     # MONAI renamed pos_embed -> proj_type in 1.3; qkv_bias appeared in 1.1 (0.9 had no bias).
     kwargs["proj_type" if "proj_type" in params else "pos_embed"] = "perceptron"

@@ -184,8 +184,9 @@ def _user_cube(box, crop_shape) -> torch.Tensor:
     return label
 
 
-def official_rerun(model, prep, prompt: Prompt, modality: str = "ct", seed: int = 0, zoom_in: bool = True,
-                   trace: Optional[dict] = None) -> torch.Tensor:
+def official_rerun(
+    model, prep, prompt: Prompt, modality: str = "ct", seed: int = 0, zoom_in: bool = True, trace: Optional[dict] = None
+) -> torch.Tensor:
     """One prompt through the official pipeline -> float32 logits (D', H', W') in the crop frame.
 
     `trace`, when a dict, receives "roi" ((min, max) inclusive, or None) and "windows" (count).
@@ -199,21 +200,30 @@ def official_rerun(model, prep, prompt: Prompt, modality: str = "ct", seed: int 
     def segvol(img, boxes, points):
         pts = None if points is None else (points[0].to(dev), points[1].to(dev))
         with torch.no_grad():
-            out = model(img.to(dev), text=prompt.text, boxes=None if boxes is None else boxes.to(dev),
-                        points=pts, modality=modality)
+            out = model(
+                img.to(dev),
+                text=prompt.text,
+                boxes=None if boxes is None else boxes.to(dev),
+                points=pts,
+                modality=modality,
+            )
         return out.float().cpu()
 
     use_box, use_point = prompt.box is not None, prompt.points is not None
     box_single = points_single = None
     if use_point:
         point = _zoom_out_points(prompt.points, ori_shape, spatial_size)
-        point_label = (torch.ones(len(point), dtype=torch.long) if prompt.point_labels is None
-                       else torch.tensor(np.asarray(prompt.point_labels), dtype=torch.long))
+        point_label = (
+            torch.ones(len(point), dtype=torch.long)
+            if prompt.point_labels is None
+            else torch.tensor(np.asarray(prompt.point_labels), dtype=torch.long)
+        )
         points_single = (point.unsqueeze(0), point_label.unsqueeze(0))
         binary_points_resize = _build_binary_points(point, point_label, spatial_size)
     if use_box:
-        label_resize = F.interpolate(_user_cube(prompt.box, ori_shape)[None, None], size=spatial_size,
-                                     mode="nearest-exact")[0, 0]
+        label_resize = F.interpolate(
+            _user_cube(prompt.box, ori_shape)[None, None], size=spatial_size, mode="nearest-exact"
+        )[0, 0]
         box_single = _generate_box(label_resize).unsqueeze(0).float()
         binary_cube_resize = _build_binary_cube(box_single, spatial_size)
 
@@ -243,13 +253,18 @@ def official_rerun(model, prep, prompt: Prompt, modality: str = "ct", seed: int 
     if use_point:
         prompt_reflection = (binary_points[sl][None, None], global_preds[None, None])
     gen = torch.Generator().manual_seed(int(seed))
-    cropped, n_windows = _sliding_window(image_single_cropped, prompt_reflection, spatial_size,
-                                         segvol, 0.5, use_box, use_point, gen)
+    cropped, n_windows = _sliding_window(
+        image_single_cropped, prompt_reflection, spatial_size, segvol, 0.5, use_box, use_point, gen
+    )
     logits_global_single[sl] = cropped[0, 0]
     if trace is not None:
-        trace.update(roi=([int(v) for v in (min_d, min_h, min_w)],
-                          [min(int(v), n - 1) for v, n in zip((max_d, max_h, max_w), ori_shape)]),
-                     windows=n_windows)
+        trace.update(
+            roi=(
+                [int(v) for v in (min_d, min_h, min_w)],
+                [min(int(v), n - 1) for v, n in zip((max_d, max_h, max_w), ori_shape)],
+            ),
+            windows=n_windows,
+        )
     return logits_global_single
 
 
@@ -309,8 +324,10 @@ def main(argv=None) -> int:
     config = SegVolConfig() if args.full else SegVolConfig.tiny()
     model = SegVol(config, tokenizer=data / "clip_tokenizer").eval()
     prep, labels = load_real_ct(data)
-    print(f"CT crop {tuple(prep.crop_shape)}, window {config.spatial_size}, "
-          f"{'official' if args.full else 'tiny'} config, random weights (seed {args.seed})")
+    print(
+        f"CT crop {tuple(prep.crop_shape)}, window {config.spatial_size}, "
+        f"{'official' if args.full else 'tiny'} config, random weights (seed {args.seed})"
+    )
     all_same = True
     for prompt in real_ct_prompts(labels, args.seed):
         t0 = time.perf_counter()
@@ -322,9 +339,11 @@ def main(argv=None) -> int:
         same_mask = torch.equal(exact > 0, ref > 0)
         same_logits = torch.equal(exact, ref)
         all_same &= same_mask and same_logits
-        print(f"{prompt.label:26s} masks identical {same_mask!s:5s} logits identical {same_logits!s:5s} "
-              f"max|diff| {float((exact - ref).abs().max()):.3g}  fg {int((ref > 0).sum()):7d}  "
-              f"roi {trace['roi']} windows {trace['windows']}  exact {t1 - t0:.1f}s rerun {t2 - t1:.1f}s")
+        print(
+            f"{prompt.label:26s} masks identical {same_mask!s:5s} logits identical {same_logits!s:5s} "
+            f"max|diff| {float((exact - ref).abs().max()):.3g}  fg {int((ref > 0).sum()):7d}  "
+            f"roi {trace['roi']} windows {trace['windows']}  exact {t1 - t0:.1f}s rerun {t2 - t1:.1f}s"
+        )
     print("ALL IDENTICAL" if all_same else "MISMATCH")
     return 0 if all_same else 1
 

@@ -47,7 +47,7 @@ def _interleaved(providers: dict, rounds: int) -> tuple[dict, dict]:
     wall: dict[str, list[float]] = {k: [] for k in providers}
     cpu: dict[str, list[float]] = {k: [] for k in providers}
     for r in range(rounds):
-        for name, fn in (list(providers.items())[::-1] if r % 2 else providers.items()):
+        for name, fn in list(providers.items())[::-1] if r % 2 else providers.items():
             t, c = time.perf_counter(), time.process_time()
             fn()
             wall[name].append(time.perf_counter() - t)
@@ -79,12 +79,20 @@ def encoder(rounds: int) -> dict:
     med, med_cpu = _medians(times), _medians(cpu)
     diff = (outs["optimized"] - outs["original"]).abs().max().item()
     return {
-        "monai": monai.__version__, "window": list(cfg.spatial_size), "rounds": rounds,
+        "monai": monai.__version__,
+        "window": list(cfg.spatial_size),
+        "rounds": rounds,
         "threads": torch.get_num_threads(),
-        "replaced": len(report_.replaced), "left_alone": [f"{s.path}: {s.reason}" for s in report_.left_alone],
-        "seconds": times, "median_s": med, "speedup": med["original"] / med["optimized"],
-        "cpu_seconds": cpu, "median_cpu_s": med_cpu, "speedup_cpu": med_cpu["original"] / med_cpu["optimized"],
-        "max_abs_diff": diff, "max_abs_output": outs["original"].abs().max().item(),
+        "replaced": len(report_.replaced),
+        "left_alone": [f"{s.path}: {s.reason}" for s in report_.left_alone],
+        "seconds": times,
+        "median_s": med,
+        "speedup": med["original"] / med["optimized"],
+        "cpu_seconds": cpu,
+        "median_cpu_s": med_cpu,
+        "speedup_cpu": med_cpu["original"] / med_cpu["optimized"],
+        "max_abs_diff": diff,
+        "max_abs_output": outs["original"].abs().max().item(),
     }
 
 
@@ -97,7 +105,7 @@ def run_encoder_child(which: str, rounds: int, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--child", "--rounds", str(rounds), "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     line = next((out for out in proc.stdout.splitlines() if out.startswith(MARK)), None)
-    return json.loads(line[len(MARK):]) if line else {"error": proc.stderr[-3000:]}
+    return json.loads(line[len(MARK) :]) if line else {"error": proc.stderr[-3000:]}
 
 
 # ---------------------------------------------------------------------------- 2. decoder attention
@@ -109,7 +117,11 @@ class DecoderAttention(nn.Module):
         super().__init__()
         inner = width // downsample
         self.num_heads = heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(width, inner), nn.Linear(width, inner), nn.Linear(width, inner)
+        self.q_proj, self.k_proj, self.v_proj = (
+            nn.Linear(width, inner),
+            nn.Linear(width, inner),
+            nn.Linear(width, inner),
+        )
         self.out_proj = nn.Linear(inner, width)
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -126,16 +138,19 @@ class DecoderAttention(nn.Module):
         """What a swap onto ops.flash_attention would run."""
         from segevol_fast import ops
 
-        return self.merge(ops.flash_attention(self.heads(self.q_proj(q)), self.heads(self.k_proj(k)),
-                                              self.heads(self.v_proj(v))))
+        return self.merge(
+            ops.flash_attention(self.heads(self.q_proj(q)), self.heads(self.k_proj(k)), self.heads(self.v_proj(v)))
+        )
 
     def cores(self, q, k, v) -> dict:
         """The attention core alone, as is and on the op, on this layer's projected q, k, v."""
         from segevol_fast import ops
 
         q, k, v = self.heads(self.q_proj(q)), self.heads(self.k_proj(k)), self.heads(self.v_proj(v))
-        return {"original": lambda: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v,
-                "on_ops": lambda: ops.flash_attention(q, k, v)}
+        return {
+            "original": lambda: torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v,
+            "on_ops": lambda: ops.flash_attention(q, k, v),
+        }
 
 
 def decoder_attention(rounds: int, prompt_tokens: int = 8) -> dict:
@@ -156,8 +171,12 @@ def decoder_attention(rounds: int, prompt_tokens: int = 8) -> dict:
             diff = (providers["on_ops"]() - providers["original"]()).abs().max().item()
             med = _medians(_interleaved(providers, rounds)[0])
             core = _medians(_interleaved(m.cores(q, k, v), rounds)[0])
-            out["layers"][name] = {"median_s": med, "attention_core_median_s": core, "uses_per_pass": uses,
-                                   "max_abs_diff": diff}
+            out["layers"][name] = {
+                "median_s": med,
+                "attention_core_median_s": core,
+                "uses_per_pass": uses,
+                "max_abs_diff": diff,
+            }
             for p in total:
                 total[p] += uses * med[p]
     out["per_decoder_pass_s"] = total
@@ -182,12 +201,19 @@ def main() -> int:
 
     out = environment(dtype="float32", device="cpu")
     out["encoder"] = {}
-    for which in (["0.9.0", "current"] if args.monai == "both" else [args.monai]):
+    for which in ["0.9.0", "current"] if args.monai == "both" else [args.monai]:
         res = run_encoder_child(which, args.rounds, args.threads)
         out["encoder"][which] = res
-        print(which, json.dumps({k: res.get(k) for k in ("monai", "median_s", "speedup", "median_cpu_s", "speedup_cpu",
-                                                        "max_abs_diff", "error")}),
-              flush=True)
+        print(
+            which,
+            json.dumps(
+                {
+                    k: res.get(k)
+                    for k in ("monai", "median_s", "speedup", "median_cpu_s", "speedup_cpu", "max_abs_diff", "error")
+                }
+            ),
+            flush=True,
+        )
     out["decoder_attention"] = decoder_attention(args.decoder_rounds)
     print("decoder attention", json.dumps(out["decoder_attention"]["per_decoder_pass_s"]), flush=True)
     write_results(out, args.out, "cpu-optimize-official", args.suffix)

@@ -33,9 +33,23 @@ from bench.environment import device_slug, environment, write_results  # noqa: E
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
-          "inferior vena cava", "esophagus", "duodenum", "colon", "urinary bladder", "left adrenal gland",
-          "right adrenal gland"]
+ORGANS = [
+    "liver",
+    "spleen",
+    "left kidney",
+    "right kidney",
+    "stomach",
+    "pancreas",
+    "gallbladder",
+    "aorta",
+    "inferior vena cava",
+    "esophagus",
+    "duodenum",
+    "colon",
+    "urinary bladder",
+    "left adrenal gland",
+    "right adrenal gland",
+]
 SIZES = {"S": None, "M": (512, 512, 300), "L": (512, 512, 800)}
 
 
@@ -55,8 +69,11 @@ def _make(size: str) -> None:
 
     shape = SIZES[size]
     vol, _, _ = make_phantom(shape=shape, seed=0)
-    save_nifti(pathlib.Path(tempfile.gettempdir()) / "segevol_fast_phantom_{}x{}x{}.nii.gz".format(*shape),
-               vol.array, vol.affine)
+    save_nifti(
+        pathlib.Path(tempfile.gettempdir()) / "segevol_fast_phantom_{}x{}x{}.nii.gz".format(*shape),
+        vol.array,
+        vol.affine,
+    )
 
 
 def _case(size: str, organs: int, mode: str, device: str) -> dict:
@@ -71,10 +88,18 @@ def _case(size: str, organs: int, mode: str, device: str) -> dict:
     t = time.perf_counter()
     res = model.segment(scan, text=ORGANS[:organs], mode=mode, progress=False, device=device)
     wall = time.perf_counter() - t
-    return {"size": size, "scan": scan.name, "organs": organs, "mode": mode, "device": device, "wall_s": wall,
-            "peak_in_call_bytes": res.peak_memory_bytes,
-            "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "windows": res.zoom_in_windows, "timings": res.timings}
+    return {
+        "size": size,
+        "scan": scan.name,
+        "organs": organs,
+        "mode": mode,
+        "device": device,
+        "wall_s": wall,
+        "peak_in_call_bytes": res.peak_memory_bytes,
+        "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "windows": res.zoom_in_windows,
+        "timings": res.timings,
+    }
 
 
 def main() -> int:
@@ -103,11 +128,19 @@ def main() -> int:
             for mode in args.modes:
                 t = time.perf_counter()
                 try:
-                    row = run_child(__file__, ["--child", size, str(organs), mode, "--device", args.device], cwd=REPO,
-                                    timeout=args.timeout)
+                    row = run_child(
+                        __file__,
+                        ["--child", size, str(organs), mode, "--device", args.device],
+                        cwd=REPO,
+                        timeout=args.timeout,
+                    )
                 except subprocess.TimeoutExpired:
-                    row = {"size": size, "organs": organs, "mode": mode,
-                           "error": f"not finished within {args.timeout:.0f} s"}
+                    row = {
+                        "size": size,
+                        "organs": organs,
+                        "mode": mode,
+                        "error": f"not finished within {args.timeout:.0f} s",
+                    }
                 row["case_wall_s"] = time.perf_counter() - t
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "timings"})[:300], flush=True)

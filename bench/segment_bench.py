@@ -28,8 +28,18 @@ from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-CT_ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas", "gallbladder", "aorta",
-             "inferior vena cava", "esophagus"]
+CT_ORGANS = [
+    "liver",
+    "spleen",
+    "left kidney",
+    "right kidney",
+    "stomach",
+    "pancreas",
+    "gallbladder",
+    "aorta",
+    "inferior vena cava",
+    "esophagus",
+]
 
 
 def _model(seed: int = 0):
@@ -46,9 +56,16 @@ def _model(seed: int = 0):
 def _run_segment(model, volume, **kw) -> dict:
     t = time.perf_counter()
     res = model.segment(volume, progress=False, **kw)
-    return {"seconds": time.perf_counter() - t, "timings": res.timings, "peak_in_call_bytes": res.peak_memory_bytes,
-            "volumes_ml": res.volumes_ml(), "mode": res.mode, "precision": res.precision,
-            "zoom_in_windows": res.zoom_in_windows, "plan": res.plan}
+    return {
+        "seconds": time.perf_counter() - t,
+        "timings": res.timings,
+        "peak_in_call_bytes": res.peak_memory_bytes,
+        "volumes_ml": res.volumes_ml(),
+        "mode": res.mode,
+        "precision": res.precision,
+        "zoom_in_windows": res.zoom_in_windows,
+        "plan": res.plan,
+    }
 
 
 def case_volume(name: str) -> dict:
@@ -59,7 +76,10 @@ def case_volume(name: str) -> dict:
     elif name == "dicom":
         src, kw = DATA / "ct_abdomen_dicom", dict(text=CT_ORGANS[:4])
     elif name == "mri_brain":
-        src, kw = DATA / "mr_brain_mni152_t1.nii.gz", dict(text=["brain", "gray matter", "white matter"], modality="mri")
+        src, kw = (
+            DATA / "mr_brain_mni152_t1.nii.gz",
+            dict(text=["brain", "gray matter", "white matter"], modality="mri"),
+        )
     else:
         raise ValueError(name)
     return {"input": str(src), **_run_segment(model, src, **kw)}
@@ -88,8 +108,12 @@ def case_synthetic512() -> dict:
     model = _model()
     rss_before = current_rss()
     out = _run_segment(model, path, text=["liver"], max_memory="2GB")
-    return {"input": f"phantom {SYNTHETIC_SHAPE} int16 CT, read from {path.name}", "max_memory": "2GB",
-            "rss_before_call_bytes": rss_before, **out}
+    return {
+        "input": f"phantom {SYNTHETIC_SHAPE} int16 CT, read from {path.name}",
+        "max_memory": "2GB",
+        "rss_before_call_bytes": rss_before,
+        **out,
+    }
 
 
 def case_fast_vs_exact() -> dict:
@@ -100,12 +124,18 @@ def case_fast_vs_exact() -> dict:
     exact10 = [_run_segment(model, src, text=organ, mode="exact") for organ in CT_ORGANS]
     fast1 = _run_segment(model, src, text=CT_ORGANS[0])
     exact_seconds = sum(r["seconds"] for r in exact10)
-    return {"input": str(src), "organs": CT_ORGANS,
-            "fast_10_in_one_call_s": fast10["seconds"], "exact_10_calls_s": exact_seconds,
-            "ratio_10": exact_seconds / fast10["seconds"],
-            "fast_1_s": fast1["seconds"], "exact_1_s": exact10[0]["seconds"],
-            "ratio_1": exact10[0]["seconds"] / fast1["seconds"], "fast_precision": fast1["precision"],
-            "fast_1_windows": fast1["zoom_in_windows"]}
+    return {
+        "input": str(src),
+        "organs": CT_ORGANS,
+        "fast_10_in_one_call_s": fast10["seconds"],
+        "exact_10_calls_s": exact_seconds,
+        "ratio_10": exact_seconds / fast10["seconds"],
+        "fast_1_s": fast1["seconds"],
+        "exact_1_s": exact10[0]["seconds"],
+        "ratio_1": exact10[0]["seconds"] / fast1["seconds"],
+        "fast_precision": fast1["precision"],
+        "fast_1_windows": fast1["zoom_in_windows"],
+    }
 
 
 def case_fast_vs_exact_mri() -> dict:
@@ -116,15 +146,23 @@ def case_fast_vs_exact_mri() -> dict:
     _run_segment(model, src, zoom_in=False, **kw)  # warm-up, untimed
     fast1 = _run_segment(model, src, **kw)
     exact1 = _run_segment(model, src, mode="exact", **kw)
-    return {"input": str(src), "prompt": kw, "fast_1_s": fast1["seconds"], "exact_1_s": exact1["seconds"],
-            "ratio_1": exact1["seconds"] / fast1["seconds"], "fast_precision": fast1["precision"],
-            "fast_windows": fast1["zoom_in_windows"], "fast_timings": fast1["timings"],
-            "exact_timings": exact1["timings"]}
+    return {
+        "input": str(src),
+        "prompt": kw,
+        "fast_1_s": fast1["seconds"],
+        "exact_1_s": exact1["seconds"],
+        "ratio_1": exact1["seconds"] / fast1["seconds"],
+        "fast_precision": fast1["precision"],
+        "fast_windows": fast1["zoom_in_windows"],
+        "fast_timings": fast1["timings"],
+        "exact_timings": exact1["timings"],
+    }
 
 
 def case_exact_vs_rerun() -> dict:
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "official_rerun.py"), "--full"],
-                         capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "official_rerun.py"), "--full"], capture_output=True, text=True, cwd=REPO
+    )
     return {"identical": out.returncode == 0, "stdout_tail": out.stdout[-2000:]}
 
 

@@ -56,12 +56,20 @@ def main() -> int:
         _, t = _timed(lambda: segment(model, ct, text=organ, progress=False))
         fresh.append(t)
     _, t_refine = _timed(lambda: sess.refine(ORGANS[0], points=[[60, 50, 14]], point_labels=[1]))
-    out = environment(device=device_slug(args.device), config="SegVolConfig() random weights", input="ct_abdomen_sm.nii.gz",
-                      open_s=t_open, first_prompt_s=t_first,
-                      first_prompt_windows=first.zoom_in_windows, cached_prompt_s=cached, fresh_segment_s=fresh,
-                      median_cached_s=statistics.median(cached), median_fresh_s=statistics.median(fresh),
-                      refine_s=t_refine, cache={"hits": sess.cache.hits, "misses": sess.cache.misses,
-                                                "capacity": sess.cache.capacity})
+    out = environment(
+        device=device_slug(args.device),
+        config="SegVolConfig() random weights",
+        input="ct_abdomen_sm.nii.gz",
+        open_s=t_open,
+        first_prompt_s=t_first,
+        first_prompt_windows=first.zoom_in_windows,
+        cached_prompt_s=cached,
+        fresh_segment_s=fresh,
+        median_cached_s=statistics.median(cached),
+        median_fresh_s=statistics.median(fresh),
+        refine_s=t_refine,
+        cache={"hits": sess.cache.hits, "misses": sess.cache.misses, "capacity": sess.cache.capacity},
+    )
     print(json.dumps(out, indent=1))
     write_results(out, args.out, f"{device_slug(args.device)}-session")
     return 0

@@ -25,5 +25,17 @@ from .model import SegVolConfig  # noqa: E402
 from .optimize import OptimizeReport, optimize  # noqa: E402
 from .segvol import SegVol  # noqa: E402
 
-__all__ = ["__version__", "errors", "ops", "info", "SegVol", "SegVolConfig", "Volume", "load_volume",
-           "segment", "SegmentationResult", "optimize", "OptimizeReport"]
+__all__ = [
+    "__version__",
+    "errors",
+    "ops",
+    "info",
+    "SegVol",
+    "SegVolConfig",
+    "Volume",
+    "load_volume",
+    "segment",
+    "SegmentationResult",
+    "optimize",
+    "OptimizeReport",
+]

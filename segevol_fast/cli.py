@@ -85,10 +85,13 @@ def _loud_random_notice(config_name: str) -> None:
     from tqdm import tqdm  # tqdm.write: the notice goes above a progress line instead of into it
 
     bar = "!" * 78
-    tqdm.write(f"{bar}\n!! RANDOM WEIGHTS ({config_name} architecture): the masks are MEANINGLESS.\n"
-               "!! This run only exercises the pipeline: timing, memory, files written.\n"
-               "!! For real masks get the official weights (run `segevol-fast segment` without\n"
-               f"!! --random-weights to see how).\n{bar}", file=sys.stderr)
+    tqdm.write(
+        f"{bar}\n!! RANDOM WEIGHTS ({config_name} architecture): the masks are MEANINGLESS.\n"
+        "!! This run only exercises the pipeline: timing, memory, files written.\n"
+        "!! For real masks get the official weights (run `segevol-fast segment` without\n"
+        f"!! --random-weights to see how).\n{bar}",
+        file=sys.stderr,
+    )
 
 
 def _build_model(weights: Optional[pathlib.Path], config_name: str, tokenizer, device: str):
@@ -117,9 +120,11 @@ def _model_files(args: argparse.Namespace, *, text: bool) -> tuple[Optional[path
     weights = None if args.random_weights else find_weights(args.weights, download=args.download)
     tok_dir = find_tokenizer(args.tokenizer, weights, _sample_tokenizer())
     if text and tok_dir is None:
-        raise UsageError("text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
-                         f"put them next to the weights, pass --tokenizer DIR, or set {DATA_ENV} to a folder holding "
-                         "clip_tokenizer/")
+        raise UsageError(
+            "text prompts need the CLIP tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
+            f"put them next to the weights, pass --tokenizer DIR, or set {DATA_ENV} to a folder holding "
+            "clip_tokenizer/"
+        )
     return weights, tok_dir
 
 
@@ -129,8 +134,10 @@ def _adapter_file(args: argparse.Namespace) -> Optional[str]:
         return None
     path = pathlib.Path(args.adapter).expanduser()
     if not path.is_file():
-        raise UsageError(f"--adapter {args.adapter}: no such file; give an adapter file written by "
-                         "segevol_fast.adapters.save_adapter (.safetensors)")
+        raise UsageError(
+            f"--adapter {args.adapter}: no such file; give an adapter file written by "
+            "segevol_fast.adapters.save_adapter (.safetensors)"
+        )
     return str(path.resolve())
 
 
@@ -201,7 +208,8 @@ def _prompt_arguments(args: argparse.Namespace) -> dict:
         box=np.asarray(args.box, dtype=np.float64) if args.box else None,
         points=np.asarray(args.points, dtype=np.float64) if args.points else None,
         # floats: "1.0" (the official code's labels) is accepted, 0.5 refused with a clear message
-        point_labels=np.asarray(args.point_labels, dtype=np.float64) if args.point_labels else None)
+        point_labels=np.asarray(args.point_labels, dtype=np.float64) if args.point_labels else None,
+    )
     check_prompt_arguments(**prompts)
     return prompts
 
@@ -233,10 +241,20 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     model = _build_model(weights, args.config, tok_dir, device)
     adapter = adapter_for(model, adapter_file, {})
     result = _segment_fn()(
-        model, volume, **prompts, coords=args.coords, modality=args.modality, mode=args.mode,
+        model,
+        volume,
+        **prompts,
+        coords=args.coords,
+        modality=args.modality,
+        mode=args.mode,
         zoom_in=not args.no_zoom_in,
-        max_memory=args.max_memory, device=device, progress=display,
-        return_probabilities=args.probabilities, precision=args.precision, adapter=adapter)
+        max_memory=args.max_memory,
+        device=device,
+        progress=display,
+        return_probabilities=args.probabilities,
+        precision=args.precision,
+        adapter=adapter,
+    )
     if adapter_file is not None:
         result.notes.append(file_note(adapter, adapter_file))
     if weights is None and not any("meaningless" in n for n in result.notes):
@@ -263,18 +281,33 @@ def _cmd_cohort(args: argparse.Namespace, prompts: dict) -> int:
     if env.rank == 0:  # said before the first scan, for whoever watches the start of a long run
         for item in items:
             if item.error is not None:
-                print(f"segevol-fast {args.command}: warning: {item.error} (recorded as failed; the other scans run)",
-                      file=sys.stderr)
+                print(
+                    f"segevol-fast {args.command}: warning: {item.error} (recorded as failed; the other scans run)",
+                    file=sys.stderr,
+                )
     if weights is None:
         _loud_random_notice(args.config)
     model = _build_model(weights, args.config, tok_dir, device)
-    rows = segment_cohort(model, items, out, preview=args.preview, progress=not args.quiet, coords=args.coords,
-                          mode=args.mode, zoom_in=not args.no_zoom_in, max_memory=args.max_memory, device=device,
-                          return_probabilities=args.probabilities, precision=args.precision)
+    rows = segment_cohort(
+        model,
+        items,
+        out,
+        preview=args.preview,
+        progress=not args.quiet,
+        coords=args.coords,
+        mode=args.mode,
+        zoom_in=not args.no_zoom_in,
+        max_memory=args.max_memory,
+        device=device,
+        return_probabilities=args.probabilities,
+        precision=args.precision,
+    )
     distributed.shutdown()
     failed = [r for r in rows if r["status"] == "error"]
     if env.rank == 0:
-        print(f"cohort: {len(rows) - len(failed)} of {len(rows)} scans done, {len(failed)} failed; wrote {out / SUMMARY}")
+        print(
+            f"cohort: {len(rows) - len(failed)} of {len(rows)} scans done, {len(failed)} failed; wrote {out / SUMMARY}"
+        )
         for r in failed:
             print(f"  {r['name']}: {r['error']}", file=sys.stderr)
     return EXIT_FAILED if failed else EXIT_OK
@@ -310,8 +343,11 @@ def _demo_input():
     from .phantom import make_phantom
 
     volume, labels, names = make_phantom()
-    why = (f"no {ct}" if ct is not None else
-           f"set {DATA_ENV} to a folder holding {DEMO_FILE}, its _labels file and labels.json for the real CT")
+    why = (
+        f"no {ct}"
+        if ct is not None
+        else f"set {DATA_ENV} to a folder holding {DEMO_FILE}, its _labels file and labels.json for the real CT"
+    )
     return volume, labels, {n: i for i, n in names.items()}, f"synthetic phantom ({why})"
 
 
@@ -352,8 +388,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     display.stage("load scan")
     volume, labels, ids, source = _demo_input()
     organs = [o for o in DEMO_ORGANS if (labels == ids.get(DEMO_ORGANS[o], -1)).any()]
-    display.print(f"demo input: {source}, shape {volume.shape}, "
-                  f"spacing {tuple(round(s, 3) for s in volume.spacing)} mm")
+    display.print(
+        f"demo input: {source}, shape {volume.shape}, spacing {tuple(round(s, 3) for s in volume.spacing)} mm"
+    )
     if weights is None:
         _loud_random_notice(config_name)
     else:
@@ -364,14 +401,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not use_text:
         display.print("no CLIP tokenizer found: prompting with the ground-truth boxes instead of text", file=sys.stderr)
     result = _segment_fn()(
-        model, volume, text=organs if use_text else None,
+        model,
+        volume,
+        text=organs if use_text else None,
         box=None if use_text else _boxes_from_labels(labels, ids, organs),
-        modality="ct", mode=args.mode, zoom_in=not args.no_zoom_in, device=device, progress=display,
-        precision=args.precision)
+        modality="ct",
+        mode=args.mode,
+        zoom_in=not args.no_zoom_in,
+        device=device,
+        progress=display,
+        precision=args.precision,
+    )
     if not use_text:  # box prompts come back as "box 0", ...: give them the organs' names
         result = dataclasses.replace(
-            result, masks=dict(zip(organs, result.masks.values())),
-            probabilities=None if result.probabilities is None else dict(zip(organs, result.probabilities.values())))
+            result,
+            masks=dict(zip(organs, result.masks.values())),
+            probabilities=None if result.probabilities is None else dict(zip(organs, result.probabilities.values())),
+        )
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
     display.stage("save")
@@ -402,21 +448,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- parser
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--weights", metavar="PATH", help="folder or file with the official SegVol weights "
-                   "(default: $SEGEVOL_WEIGHTS, then the Hugging Face cache of BAAI/SegVol)")
-    p.add_argument("--download", action="store_true",
-                   help="when no local weights are found, download BAAI/SegVol from the Hugging Face Hub "
-                        "(needs network access and huggingface_hub)")
+    p.add_argument(
+        "--weights",
+        metavar="PATH",
+        help="folder or file with the official SegVol weights "
+        "(default: $SEGEVOL_WEIGHTS, then the Hugging Face cache of BAAI/SegVol)",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="when no local weights are found, download BAAI/SegVol from the Hugging Face Hub "
+        "(needs network access and huggingface_hub)",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--mode", choices=["fast", "exact"], default="fast",
-                   help="fast (default): shared zoom-out encoding, batched windows; "
-                        "exact: the official pipeline step by step")
-    p.add_argument("--random-weights", action="store_true",
-                   help="skip the weights and use a randomly initialised model (masks are meaningless)")
+    p.add_argument(
+        "--mode",
+        choices=["fast", "exact"],
+        default="fast",
+        help="fast (default): shared zoom-out encoding, batched windows; exact: the official pipeline step by step",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="skip the weights and use a randomly initialised model (masks are meaningless)",
+    )
     p.add_argument("--no-zoom-in", action="store_true", help="zoom-out pass only (faster, coarser)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="autocast precision (default auto: fast mode in bf16 on CUDA and on CPUs with bf16 "
-                        "instructions, float32 otherwise; `segevol-fast info` says which)")
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="autocast precision (default auto: fast mode in bf16 on CUDA and on CPUs with bf16 "
+        "instructions, float32 otherwise; `segevol-fast info` says which)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -438,66 +501,122 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="segevol-fast", description="Fast SegVol 3-D medical segmentation.",
-                     epilog="exit codes: 0 ok, 1 input/run failed, 2 usage or setup error")
+    parser = _Parser(
+        prog="segevol-fast",
+        description="Fast SegVol 3-D medical segmentation.",
+        epilog="exit codes: 0 ok, 1 input/run failed, 2 usage or setup error",
+    )
     parser.add_argument("--version", action="version", version=f"segevol-fast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("segment", help="segment a NIfTI file or DICOM folder",
-                       description="Segment structures by text, boxes and/or points. Coordinates are voxel indices "
-                                   "(i, j, k) of the stored array, or RAS millimetres with --coords world.")
-    p.add_argument("input", help="a .nii / .nii.gz file, a DICOM series folder or one of its files; or a cohort: a "
-                                 "folder of scans, a quoted glob, or a .csv / .jsonl manifest (see README)")
-    p.add_argument("--text", nargs="+", action="extend", metavar="NAME",
-                   help='category names, one mask each, e.g. liver spleen "left kidney" (repeatable: '
-                        '--text liver --text spleen asks for both)')
-    p.add_argument("--box", nargs=6, type=float, action="append", metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
-                   help="inclusive box corners; repeat for several (one per --text name, or one shared)")
-    p.add_argument("--points", nargs=3, type=float, action="append", metavar=("I", "J", "K"),
-                   help="a point prompt; repeat for several (shared by all text prompts)")
-    p.add_argument("--point-labels", nargs="+", type=float, metavar="L",
-                   help="1 positive / 0 negative per point (default all 1)")
+    p = sub.add_parser(
+        "segment",
+        help="segment a NIfTI file or DICOM folder",
+        description="Segment structures by text, boxes and/or points. Coordinates are voxel indices "
+        "(i, j, k) of the stored array, or RAS millimetres with --coords world.",
+    )
+    p.add_argument(
+        "input",
+        help="a .nii / .nii.gz file, a DICOM series folder or one of its files; or a cohort: a "
+        "folder of scans, a quoted glob, or a .csv / .jsonl manifest (see README)",
+    )
+    p.add_argument(
+        "--text",
+        nargs="+",
+        action="extend",
+        metavar="NAME",
+        help='category names, one mask each, e.g. liver spleen "left kidney" (repeatable: '
+        "--text liver --text spleen asks for both)",
+    )
+    p.add_argument(
+        "--box",
+        nargs=6,
+        type=float,
+        action="append",
+        metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+        help="inclusive box corners; repeat for several (one per --text name, or one shared)",
+    )
+    p.add_argument(
+        "--points",
+        nargs=3,
+        type=float,
+        action="append",
+        metavar=("I", "J", "K"),
+        help="a point prompt; repeat for several (shared by all text prompts)",
+    )
+    p.add_argument(
+        "--point-labels", nargs="+", type=float, metavar="L", help="1 positive / 0 negative per point (default all 1)"
+    )
     p.add_argument("--coords", choices=["voxel", "world"], default="voxel", help="units of --box / --points")
-    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID to read when the DICOM folder holds several "
-                   "(the error for such a folder lists them; no-series-uid names a series without one)")
+    p.add_argument(
+        "--series",
+        metavar="UID",
+        help="SeriesInstanceUID to read when the DICOM folder holds several "
+        "(the error for such a folder lists them; no-series-uid names a series without one)",
+    )
     p.add_argument("--modality", choices=["ct", "mri"], help="text template (default: from DICOM, else ct)")
-    p.add_argument("--tokenizer", metavar="DIR",
-                   help="folder with the CLIP tokenizer files (default: next to the weights)")
-    p.add_argument("--config", choices=["official", "tiny"], default="official",
-                   help="architecture for --random-weights (default official; tiny = toy widths, pipeline tests)")
-    p.add_argument("--out", metavar="PATH", help="output folder, or a .nii.gz path for one label map "
-                   "(default ./segevol_out/<input name>)")
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="folder with the CLIP tokenizer files (default: next to the weights)"
+    )
+    p.add_argument(
+        "--config",
+        choices=["official", "tiny"],
+        default="official",
+        help="architecture for --random-weights (default official; tiny = toy widths, pipeline tests)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="PATH",
+        help="output folder, or a .nii.gz path for one label map (default ./segevol_out/<input name>)",
+    )
     p.add_argument("--max-memory", type=parse_size, metavar="SIZE", help="peak memory budget, e.g. 2GB or 1.5GiB")
-    p.add_argument("--adapter", metavar="FILE", help="an adapter file written by segevol_fast.adapters.save_adapter "
-                   "(LoRA, bottleneck or mixture; .safetensors) to run with; in a cohort, a manifest row's adapter "
-                   "column (a file, relative to the manifest's folder) replaces it for that scan")
+    p.add_argument(
+        "--adapter",
+        metavar="FILE",
+        help="an adapter file written by segevol_fast.adapters.save_adapter "
+        "(LoRA, bottleneck or mixture; .safetensors) to run with; in a cohort, a manifest row's adapter "
+        "column (a file, relative to the manifest's folder) replaces it for that scan",
+    )
     p.add_argument("--preview", action="store_true", help="also write a PNG slice montage")
     p.add_argument("--probabilities", action="store_true", help="also write per-mask probability maps (float32)")
     _add_common(p)
     p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("demo", help="segment liver, spleen and kidneys in a sample CT",
-                       description=f"Segments {', '.join(DEMO_ORGANS)} in ${DATA_ENV}/{DEMO_FILE} (`make demo` sets "
-                                   f"{DATA_ENV}=../shared/data) or, when absent, a synthetic phantom. "
-                                   "Uses the official weights when found, else a random model (tiny unless --full).")
+    p = sub.add_parser(
+        "demo",
+        help="segment liver, spleen and kidneys in a sample CT",
+        description=f"Segments {', '.join(DEMO_ORGANS)} in ${DATA_ENV}/{DEMO_FILE} (`make demo` sets "
+        f"{DATA_ENV}=../shared/data) or, when absent, a synthetic phantom. "
+        "Uses the official weights when found, else a random model (tiny unless --full).",
+    )
     p.add_argument("--out", default="segevol_out/demo", metavar="DIR", help="output folder (default segevol_out/demo)")
-    p.add_argument("--full", action="store_true", help="with random weights, use the official architecture "
-                   "(181 M parameters, ~2 GB RAM) instead of the tiny one. Measured on 2 CPU cores: ~32 s on the "
-                   "shared CT, ~60 s on the phantom; the tiny model is slower with zoom-in (its 8x32x32 windows "
-                   "number in the hundreds) and takes ~5 s with --no-zoom-in")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="with random weights, use the official architecture "
+        "(181 M parameters, ~2 GB RAM) instead of the tiny one. Measured on 2 CPU cores: ~32 s on the "
+        "shared CT, ~60 s on the phantom; the tiny model is slower with zoom-in (its 8x32x32 windows "
+        "number in the hundreds) and takes ~5 s with --no-zoom-in",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("vocabulary", help="list the structure names SegVol is known to have been trained on",
-                       description="Structure names known from SegVol's training data (a known subset; see "
-                                   "docs/official-pipeline.md §8). Text prompts outside it run, with a VocabularyWarning.")
+    p = sub.add_parser(
+        "vocabulary",
+        help="list the structure names SegVol is known to have been trained on",
+        description="Structure names known from SegVol's training data (a known subset; see "
+        "docs/official-pipeline.md §8). Text prompts outside it run, with a VocabularyWarning.",
+    )
     p.add_argument("--plain", action="store_true", help="one name a line, sorted, nothing else")
     p.set_defaults(func=_cmd_vocabulary)
 
-    p = sub.add_parser("finetune", help="adapt SegVol to new data (LoRA or full fine-tuning; runs under torchrun)",
-                       description="Fine-tune on Decathlon / nnU-Net / M3D-Seg folders or image+label pairs with the "
-                                   "official loss and prompt mix; `torchrun --nproc-per-node N segevol-fast finetune ...` "
-                                   "runs the same command data-parallel.")
+    p = sub.add_parser(
+        "finetune",
+        help="adapt SegVol to new data (LoRA or full fine-tuning; runs under torchrun)",
+        description="Fine-tune on Decathlon / nnU-Net / M3D-Seg folders or image+label pairs with the "
+        "official loss and prompt mix; `torchrun --nproc-per-node N segevol-fast finetune ...` "
+        "runs the same command data-parallel.",
+    )
     from .train.cli_finetune import add_finetune_arguments, run_finetune
 
     add_finetune_arguments(p)

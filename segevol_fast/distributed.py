@@ -66,8 +66,9 @@ def init_from_env(device: str | None = None, backend: str | None = None) -> Dist
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if not os.environ.get(name):
                 raise InvalidArgumentError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun")
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), init_method="env://",
-                                rank=rank, world_size=world)
+        dist.init_process_group(
+            backend or ("nccl" if use_cuda else "gloo"), init_method="env://", rank=rank, world_size=world
+        )
     return DistEnv(rank, world, local, dev)
 
 

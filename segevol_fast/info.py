@@ -90,7 +90,9 @@ def format_info(d: dict[str, Any] | None = None) -> str:
             lines.append("ops:")
             for op, per_device in value.items():
                 for dev, sel in per_device.items():
-                    lines.append(f"  {op} [{dev}]: {sel['selected']} (available: {', '.join(sel['available']) or 'none'})")
+                    lines.append(
+                        f"  {op} [{dev}]: {sel['selected']} (available: {', '.join(sel['available']) or 'none'})"
+                    )
         elif key == "native_extension" and isinstance(value, dict):
             lines.append("native_extension:")
             for k, v in value.items():

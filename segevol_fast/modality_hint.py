@@ -16,8 +16,9 @@ from typing import Optional
 from .errors import ModalityWarning
 
 # whole name tokens (split on anything not a letter or digit) that mark a magnetic-resonance scan
-MR_TOKENS = frozenset({"mr", "mri", "mrt", "t1", "t2", "t1w", "t2w", "t1c", "t1ce", "t1gd", "flair", "dwi",
-                       "adc", "pdw", "swi"})
+MR_TOKENS = frozenset(
+    {"mr", "mri", "mrt", "t1", "t2", "t1w", "t2w", "t1c", "t1ce", "t1gd", "flair", "dwi", "adc", "pdw", "swi"}
+)
 
 
 def mr_name_token(source: Optional[str]) -> Optional[str]:
@@ -44,5 +45,7 @@ def warn_if_mri(volume, requested: Optional[str], has_text: bool, stacklevel: in
             f"{volume.source} looks like an MRI (file name token {token!r}) but no modality was given: text prompts "
             "use the CT template ('A computerized tomography of a ...'). Pass modality='mri' (--modality mri) for "
             "the MRI template, or modality='ct' to keep CT and silence this warning.",
-            ModalityWarning, stacklevel=stacklevel + 1)
+            ModalityWarning,
+            stacklevel=stacklevel + 1,
+        )
     return token

@@ -41,9 +41,9 @@ _SEGVOL_METHODS = ("forward", "encode_image", "encode_text", "decode", "segment"
 
 @dataclasses.dataclass(frozen=True)
 class Swap:
-    path: str          # module path in model.named_modules() ("" is the model itself)
-    kind: str          # e.g. "monai.SABlock"
-    replacement: str   # e.g. "ops.flash_attention"
+    path: str  # module path in model.named_modules() ("" is the model itself)
+    kind: str  # e.g. "monai.SABlock"
+    replacement: str  # e.g. "ops.flash_attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +62,10 @@ class OptimizeReport:
     left_alone: list[LeftAlone] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
-        lines = [f"optimize: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"
-                 f" (backend={self.backend or 'auto'})"]
+        lines = [
+            f"optimize: {len(self.replaced)} replaced, {len(self.left_alone)} left alone"
+            f" (backend={self.backend or 'auto'})"
+        ]
         lines += [f"  replaced {s.path or '<model>'} ({s.kind}) -> {s.replacement}" for s in self.replaced]
         lines += [f"  left alone {s.path or '<model>'} ({s.kind}): {s.reason}" for s in self.left_alone]
         return "\n".join(lines)
@@ -133,8 +135,9 @@ def _sablock_heads(m: nn.Module) -> "_Heads | str":
         return f"no integer num_heads and dim_head / head_dim (found {num!r}, {dim!r})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         return f"no numeric softmax scale (found {scale!r})"
-    heads = _Heads(num, dim, float(scale), bool(getattr(m, "use_combined_linear", True)),
-                   bool(getattr(m, "include_fc", True)))
+    heads = _Heads(
+        num, dim, float(scale), bool(getattr(m, "use_combined_linear", True)), bool(getattr(m, "include_fc", True))
+    )
     return _sablock_layout_why_not(m, heads) or heads
 
 
@@ -196,8 +199,12 @@ def _no_mask(args: tuple, kwargs: dict) -> bool:
 
 def _sablock_forward(m: nn.Module, original: Callable, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     heads = _sablock_heads(m)
-    if (not _no_mask(args, kwargs) or isinstance(heads, str) or x.dim() != 3
-            or _sablock_state_why_not(m, at_call=True) is not None):
+    if (
+        not _no_mask(args, kwargs)
+        or isinstance(heads, str)
+        or x.dim() != 3
+        or _sablock_state_why_not(m, at_call=True) is not None
+    ):
         return original(x, *args, **kwargs)  # a mask, or a state the op cannot express: MONAI's own
     b, n = x.shape[0], x.shape[1]
     if heads.combined:  # MONAI: "b h (qkv l d) -> qkv b l h d"
@@ -237,8 +244,7 @@ def _patch_size(m: nn.Module) -> Optional[list[int]]:
 def _patch_why_not(m: nn.Module) -> Optional[str]:
     projection = _projection(m)
     if projection != "perceptron":
-        return (f"projection {projection!r} (proj_type / pos_embed; only 'perceptron' maps onto "
-                "ops.patch_embed)")
+        return f"projection {projection!r} (proj_type / pos_embed; only 'perceptron' maps onto ops.patch_embed)"
     patch = _patch_size(m)
     if patch is None:
         return "not MONAI's 3-D perceptron layout (Rearrange + Linear)"
@@ -304,8 +310,9 @@ def _lora_forward(m: nn.Module, original: Callable, x: torch.Tensor, *args: Any,
     frozen = not (torch.is_grad_enabled() and w.requires_grad)  # lora_linear has no weight grad
     if name is None or args or kwargs or x.dtype != w.dtype or m.lora_A[name].weight.dtype != w.dtype or not frozen:
         return original(x, *args, **kwargs)
-    return ops.lora_linear(x, w, m.base_layer.bias, m.lora_A[name].weight, m.lora_B[name].weight,
-                           float(m.scaling[name]))
+    return ops.lora_linear(
+        x, w, m.base_layer.bias, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])
+    )
 
 
 # ---------------------------------------------------------------------------- installing
@@ -388,8 +395,13 @@ def optimize(model: nn.Module, backend: Optional[str] = None) -> OptimizeReport:
             ours.append(path)
             wrapped = _apply_backend_to_segevol(module, backend) if backend is not None else []
             note = f"; backend {backend!r} applied to {', '.join(wrapped)}" if wrapped else ""
-            report.left_alone.append(LeftAlone(path, f"segevol_fast.{type(module).__name__}",
-                                               "already runs on segevol_fast.ops, nothing to swap" + note))
+            report.left_alone.append(
+                LeftAlone(
+                    path,
+                    f"segevol_fast.{type(module).__name__}",
+                    "already runs on segevol_fast.ops, nothing to swap" + note,
+                )
+            )
         elif kind is not None:
             why_not, body, replacement = _SWAPS[kind]
             reason = why_not(module)

@@ -37,8 +37,9 @@ def _ellipsoid(xyz, centre, radii, rng, wobble: float = 0.08) -> np.ndarray:
     return r <= 1.0 + bump
 
 
-def make_phantom(shape: Sequence[int] = (160, 160, 64), spacing: Sequence[float] = (1.5, 1.5, 3.0),
-                 seed: int = 0) -> tuple[Volume, np.ndarray, dict[int, str]]:
+def make_phantom(
+    shape: Sequence[int] = (160, 160, 64), spacing: Sequence[float] = (1.5, 1.5, 3.0), seed: int = 0
+) -> tuple[Volume, np.ndarray, dict[int, str]]:
     """Build the phantom.
 
     Returns:
@@ -52,8 +53,9 @@ def make_phantom(shape: Sequence[int] = (160, 160, 64), spacing: Sequence[float]
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
     if len(shape) != 3 or min(shape) < 8 or len(spacing) != 3 or min(spacing) <= 0:
-        raise ShapeError(f"phantom needs a 3-D shape of at least 8 voxels per axis and 3 positive spacings, "
-                         f"got {shape}, {spacing}")
+        raise ShapeError(
+            f"phantom needs a 3-D shape of at least 8 voxels per axis and 3 positive spacings, got {shape}, {spacing}"
+        )
     rng = np.random.default_rng(seed)
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2 * np.asarray(spacing)
@@ -81,8 +83,9 @@ def make_phantom(shape: Sequence[int] = (160, 160, 64), spacing: Sequence[float]
     for _ in range(4):
         c = (rng.uniform(-60, 10) * sx, rng.uniform(20, 60) * sy, rng.uniform(-80, 20) * sz)
         put(_ellipsoid(xyz, c, (8 * sx, 6 * sy, 10 * sz), rng, 0.2), GAS)
-    liver = (_ellipsoid(xyz, (55 * sx, 10 * sy, 35 * sz), (45 * sx, 50 * sy, 55 * sz), rng)
-             | _ellipsoid(xyz, (20 * sx, 30 * sy, 55 * sz), (35 * sx, 30 * sy, 30 * sz), rng))
+    liver = _ellipsoid(xyz, (55 * sx, 10 * sy, 35 * sz), (45 * sx, 50 * sy, 55 * sz), rng) | _ellipsoid(
+        xyz, (20 * sx, 30 * sy, 55 * sz), (35 * sx, 30 * sy, 30 * sz), rng
+    )
     put(liver, LIVER_HU, LIVER)
     put(_ellipsoid(xyz, (-72 * sx, -8 * sy, 45 * sz), (18 * sx, 30 * sy, 35 * sz), rng), SPLEEN_HU, SPLEEN)
     for side, lab in ((1, KIDNEY_RIGHT), (-1, KIDNEY_LEFT)):

@@ -87,7 +87,9 @@ class Preprocessed:
                 raise ShapeError(f"the crop image must be (1, 1, D', H', W'), got {tuple(self.crop.shape)}")
             self.crop = StoredCrop(self.crop[0, 0])
         if not isinstance(self.crop, CropReader):
-            raise ShapeError(f"crop must be a CropReader or a (1, 1, D', H', W') tensor, got {type(self.crop).__name__}")
+            raise ShapeError(
+                f"crop must be a CropReader or a (1, 1, D', H', W') tensor, got {type(self.crop).__name__}"
+            )
 
     @property
     def image(self) -> Tensor:
@@ -373,9 +375,7 @@ def preprocess_ref(volume) -> Preprocessed:
     start = tuple(int(a.min()) for a in nz)
     end = tuple(int(a.max()) + 1 for a in nz)
     crop = x[0, start[0] : end[0], start[1] : end[1], start[2] : end[2]]
-    stats = ForegroundStats(
-        float(thr), int(fg.size), float(lower), float(upper), float(mean), float(std)
-    )
+    stats = ForegroundStats(float(thr), int(fg.size), float(lower), float(upper), float(mean), float(std))
     return Preprocessed(
         crop=torch.from_numpy(np.ascontiguousarray(crop, dtype=np.float32))[None, None],
         start=start,

@@ -20,23 +20,80 @@ from typing import Optional
 
 def _total_v2() -> tuple[str, ...]:
     # ids 1..117 in order; the long runs (vertebrae, ribs) are spelled out by loops
-    names = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver", "stomach", "pancreas",
-             "adrenal_gland_right", "adrenal_gland_left", "lung_upper_lobe_left", "lung_lower_lobe_left",
-             "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus", "trachea",
-             "thyroid_gland", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate",
-             "kidney_cyst_left", "kidney_cyst_right", "sacrum", "vertebrae_S1"]
+    names = [
+        "spleen",
+        "kidney_right",
+        "kidney_left",
+        "gallbladder",
+        "liver",
+        "stomach",
+        "pancreas",
+        "adrenal_gland_right",
+        "adrenal_gland_left",
+        "lung_upper_lobe_left",
+        "lung_lower_lobe_left",
+        "lung_upper_lobe_right",
+        "lung_middle_lobe_right",
+        "lung_lower_lobe_right",
+        "esophagus",
+        "trachea",
+        "thyroid_gland",
+        "small_bowel",
+        "duodenum",
+        "colon",
+        "urinary_bladder",
+        "prostate",
+        "kidney_cyst_left",
+        "kidney_cyst_right",
+        "sacrum",
+        "vertebrae_S1",
+    ]
     names += [f"vertebrae_L{i}" for i in range(5, 0, -1)]
     names += [f"vertebrae_T{i}" for i in range(12, 0, -1)]
     names += [f"vertebrae_C{i}" for i in range(7, 0, -1)]
-    names += ["heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right",
-              "subclavian_artery_left", "common_carotid_artery_right", "common_carotid_artery_left",
-              "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left",
-              "superior_vena_cava", "inferior_vena_cava", "portal_vein_and_splenic_vein", "iliac_artery_left",
-              "iliac_artery_right", "iliac_vena_left", "iliac_vena_right", "humerus_left", "humerus_right",
-              "scapula_left", "scapula_right", "clavicula_left", "clavicula_right", "femur_left", "femur_right",
-              "hip_left", "hip_right", "spinal_cord", "gluteus_maximus_left", "gluteus_maximus_right",
-              "gluteus_medius_left", "gluteus_medius_right", "gluteus_minimus_left", "gluteus_minimus_right",
-              "autochthon_left", "autochthon_right", "iliopsoas_left", "iliopsoas_right", "brain", "skull"]
+    names += [
+        "heart",
+        "aorta",
+        "pulmonary_vein",
+        "brachiocephalic_trunk",
+        "subclavian_artery_right",
+        "subclavian_artery_left",
+        "common_carotid_artery_right",
+        "common_carotid_artery_left",
+        "brachiocephalic_vein_left",
+        "brachiocephalic_vein_right",
+        "atrial_appendage_left",
+        "superior_vena_cava",
+        "inferior_vena_cava",
+        "portal_vein_and_splenic_vein",
+        "iliac_artery_left",
+        "iliac_artery_right",
+        "iliac_vena_left",
+        "iliac_vena_right",
+        "humerus_left",
+        "humerus_right",
+        "scapula_left",
+        "scapula_right",
+        "clavicula_left",
+        "clavicula_right",
+        "femur_left",
+        "femur_right",
+        "hip_left",
+        "hip_right",
+        "spinal_cord",
+        "gluteus_maximus_left",
+        "gluteus_maximus_right",
+        "gluteus_medius_left",
+        "gluteus_medius_right",
+        "gluteus_minimus_left",
+        "gluteus_minimus_right",
+        "autochthon_left",
+        "autochthon_right",
+        "iliopsoas_left",
+        "iliopsoas_right",
+        "brain",
+        "skull",
+    ]
     names += [f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)]
     names += ["sternum", "costal_cartilages"]
     return tuple(names)
@@ -49,9 +106,15 @@ _BY_KEY = {name.lower(): name for name in TOTAL_V2}
 _SIDES = ("left", "right")
 # whole-phrase spellings used by SegVol's training sets (or common usage) -> TS's words
 _ALIASES = {
-    "postcava": "inferior vena cava", "ivc": "inferior vena cava", "gall bladder": "gallbladder",
-    "bladder": "urinary bladder", "small intestine": "small bowel", "thyroid": "thyroid gland",
-    "oesophagus": "esophagus", "whole heart": "heart", "adrenal": "adrenal gland",
+    "postcava": "inferior vena cava",
+    "ivc": "inferior vena cava",
+    "gall bladder": "gallbladder",
+    "bladder": "urinary bladder",
+    "small intestine": "small bowel",
+    "thyroid": "thyroid gland",
+    "oesophagus": "esophagus",
+    "whole heart": "heart",
+    "adrenal": "adrenal gland",
 }
 # single words TS spells differently
 _WORDS = {"clavicle": "clavicula", "iliac vein": "iliac vena", "hip bone": "hip"}

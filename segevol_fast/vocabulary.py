@@ -24,8 +24,20 @@ from .errors import VocabularyWarning
 # source (as the reference names it) -> names, in the reference's order and spelling (lower-cased)
 SOURCES: dict[str, tuple[str, ...]] = {
     "AbdomenCT-12organ (train_data_process.py defaults)": (
-        "liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava", "right adrenal gland",
-        "left adrenal gland", "gallbladder", "esophagus", "stomach", "duodenum", "left kidney"),
+        "liver",
+        "right kidney",
+        "spleen",
+        "pancreas",
+        "aorta",
+        "inferior vena cava",
+        "right adrenal gland",
+        "left adrenal gland",
+        "gallbladder",
+        "esophagus",
+        "stomach",
+        "duodenum",
+        "left kidney",
+    ),
     "config/config_demo.json": ("liver", "kidney", "spleen", "pancreas"),
     "CHAOS": ("liver",),
     "HaN-Seg (examples)": ("optic chiasm", "parotid gland left"),
@@ -79,14 +91,19 @@ def check_names(names: Optional[Iterable[str]], stacklevel: int = 2) -> list[str
             f"text prompt(s) {'; '.join(parts)} not among the {len(NAMES)} structure names known from SegVol's "
             "training data (this list is a known subset; see `segevol-fast vocabulary`). SegVol is sensitive to "
             "the exact wording: the mask may be poor. Prefer a listed name, or add a box or points.",
-            VocabularyWarning, stacklevel=stacklevel + 1)
+            VocabularyWarning,
+            stacklevel=stacklevel + 1,
+        )
     return unknown
 
 
 def format_vocabulary() -> str:
     """The list, grouped by source, for `segevol-fast vocabulary`."""
-    lines = [f"{len(NAMES)} structure names known from SegVol's training data (a known subset of its 222; "
-             "source: docs/official-pipeline.md §8). Other names may work, with a warning.", ""]
+    lines = [
+        f"{len(NAMES)} structure names known from SegVol's training data (a known subset of its 222; "
+        "source: docs/official-pipeline.md §8). Other names may work, with a warning.",
+        "",
+    ]
     lines += [f"{src}:\n  " + ", ".join(names) for src, names in SOURCES.items()]
     lines += ["", "all, sorted:", "  " + "\n  ".join(sorted(NAMES))]
     return "\n".join(lines)

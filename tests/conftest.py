@@ -43,8 +43,15 @@ else:
     # deadline None: the 2-core CI boxes stall for seconds at times, which is not a failure;
     # print_blob: a failure prints the @reproduce_failure line that replays it exactly (no example
     # database: nothing is written into the working tree)
-    settings.register_profile("ci", max_examples=40, deadline=None, derandomize=False, print_blob=True,
-                              database=None, suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "ci",
+        max_examples=40,
+        deadline=None,
+        derandomize=False,
+        print_blob=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
     # a bug hunt before a release: HYPOTHESIS_PROFILE=thorough pytest tests/property
     settings.register_profile("thorough", settings.get_profile("ci"), max_examples=2000)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -76,9 +83,17 @@ def pytest_runtest_makereport(item, call):
 
 
 # what the tests read from the data folder: a folder missing one of them is incomplete
-DATA_FILES = ("clip_tokenizer/tokenizer.json", "ct_abdomen_sm.nii.gz", "ct_abdomen_sm_labels.nii.gz",
-              "ct_abdomen_dicom", "ct_abdomen_dicom_labels.nii.gz", "labels.json", "mr_abdomen_sm.nii.gz",
-              "mr_abdomen_sm_labels.nii.gz", "mr_brain_mni152_t1.nii.gz")
+DATA_FILES = (
+    "clip_tokenizer/tokenizer.json",
+    "ct_abdomen_sm.nii.gz",
+    "ct_abdomen_sm_labels.nii.gz",
+    "ct_abdomen_dicom",
+    "ct_abdomen_dicom_labels.nii.gz",
+    "labels.json",
+    "mr_abdomen_sm.nii.gz",
+    "mr_abdomen_sm_labels.nii.gz",
+    "mr_brain_mni152_t1.nii.gz",
+)
 ALLOW_MISSING_DATA = "SEGEVOL_ALLOW_MISSING_DATA"
 
 
@@ -96,8 +111,9 @@ def data_dir() -> pathlib.Path:
     missing = [name for name in DATA_FILES if not (path / name).exists()]
     if missing:
         what = "not found" if not path.is_dir() else f"incomplete (no {', '.join(missing)})"
-        _shared_material_missing(f"shared test data {what} at {path}; set SEGEVOL_DATA to the folder with "
-                                 "the test volumes")
+        _shared_material_missing(
+            f"shared test data {what} at {path}; set SEGEVOL_DATA to the folder with the test volumes"
+        )
     return path
 
 

@@ -21,7 +21,9 @@ FLOOR = {
 }
 
 
-def assert_matches_reference(out: torch.Tensor, same_dtype_ref: torch.Tensor, exact_ref: torch.Tensor, what: str = "output"):
+def assert_matches_reference(
+    out: torch.Tensor, same_dtype_ref: torch.Tensor, exact_ref: torch.Tensor, what: str = "output"
+):
     """Assert max|out - exact| <= 2 * max|same_dtype_ref - exact| + floor * max|exact|."""
     assert out.shape == exact_ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(exact_ref.shape)}"
     assert out.dtype == same_dtype_ref.dtype, f"{what}: dtype {out.dtype} != {same_dtype_ref.dtype}"
@@ -31,6 +33,8 @@ def assert_matches_reference(out: torch.Tensor, same_dtype_ref: torch.Tensor, ex
     scale = exact.abs().max().item() or 1.0
     floor = FLOOR[(out.device.type, out.dtype)] * scale
     bound = 2 * ref_err + floor
-    print(f"{what}: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
-          f"same-dtype ref max err {ref_err:.3e}; bound {bound:.3e}")
+    print(
+        f"{what}: max err {err.max().item():.3e} mean {err.mean().item():.3e}; "
+        f"same-dtype ref max err {ref_err:.3e}; bound {bound:.3e}"
+    )
     assert err.max().item() <= bound, f"{what}: max error {err.max().item():.3e} exceeds {bound:.3e}"

@@ -41,7 +41,6 @@ MISSING = "/nonexistent/never-read.nii.gz"  # argument checks must fail before t
 BOX = [2, 2, 2, 10, 10, 10]
 
 
-
 @pytest.fixture(scope="module")
 def model(data_dir):
     m = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
@@ -95,8 +94,12 @@ ARGUMENT_CASES = [
     ("points-four-columns", dict(points=[[1, 2, 3, 4]]), PromptError, "points must be (P, 3)"),
     ("labels-half", dict(points=[[1, 2, 3]], point_labels=[0.5]), PromptError, "got 0.5"),
     ("labels-nan", dict(points=[[1, 2, 3]], point_labels=[np.nan]), PromptError, "non-finite"),
-    ("labels-minus-one", dict(points=[[1, 2, 3], [2, 2, 2]], point_labels=torch.tensor([1.0, -1.0])),
-     PromptError, "padding"),
+    (
+        "labels-minus-one",
+        dict(points=[[1, 2, 3], [2, 2, 2]], point_labels=torch.tensor([1.0, -1.0])),
+        PromptError,
+        "padding",
+    ),
     ("labels-two", dict(points=[[1, 2, 3]], point_labels=[2]), PromptError, "1 (positive) or 0 (negative)"),
     ("labels-count", dict(points=[[1, 2, 3]], point_labels=[1, 1]), PromptError, "one label per point"),
     ("labels-string", dict(points=[[1, 2, 3]], point_labels="1"), ArgumentTypeError, "point_labels must be numbers"),
@@ -145,32 +148,50 @@ def test_cuda_on_a_cpu_only_machine_names_the_devices(model):
     assert next(model.parameters()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("volume,error,phrase", [
-    (None, ArgumentTypeError, "volume must be a path"),
-    ([[1.0]], ArgumentTypeError, "volume must be a path"),
-    (b"/x.nii", ArgumentTypeError, "volume must be a path"),
-    ("", InvalidArgumentError, "empty string"),
-    (np.ones((5, 5), np.float32), ShapeError, "2-D"),
-    (np.ones((0, 5, 5), np.float32), ShapeError, "empty"),
-    (np.ones((1, 6, 0, 5), np.float32), ShapeError, "empty"),
-    (np.ones((5, 0, 3), np.float32), ShapeError, r"axis 1 is empty \(shape \(5, 0, 3\)\)"),
-    (np.full((5, 5, 5), np.nan, np.float32), VolumeError, "NaN"),
-    (np.ones((4, 4, 4), complex), VolumeError, "real-valued"),
-], ids=["None", "list", "bytes", "empty-path", "2d", "empty-axis", "empty-axis-4d", "empty-middle-axis", "nan",
-        "complex"])
+@pytest.mark.parametrize(
+    "volume,error,phrase",
+    [
+        (None, ArgumentTypeError, "volume must be a path"),
+        ([[1.0]], ArgumentTypeError, "volume must be a path"),
+        (b"/x.nii", ArgumentTypeError, "volume must be a path"),
+        ("", InvalidArgumentError, "empty string"),
+        (np.ones((5, 5), np.float32), ShapeError, "2-D"),
+        (np.ones((0, 5, 5), np.float32), ShapeError, "empty"),
+        (np.ones((1, 6, 0, 5), np.float32), ShapeError, "empty"),
+        (np.ones((5, 0, 3), np.float32), ShapeError, r"axis 1 is empty \(shape \(5, 0, 3\)\)"),
+        (np.full((5, 5, 5), np.nan, np.float32), VolumeError, "NaN"),
+        (np.ones((4, 4, 4), complex), VolumeError, "real-valued"),
+    ],
+    ids=[
+        "None",
+        "list",
+        "bytes",
+        "empty-path",
+        "2d",
+        "empty-axis",
+        "empty-axis-4d",
+        "empty-middle-axis",
+        "nan",
+        "complex",
+    ],
+)
 def test_bad_volume_objects(model, volume, error, phrase):
     with pytest.raises(error, match=phrase):
         model.segment(volume, box=[0, 0, 0, 0, 0, 0], progress=False)
 
 
-@pytest.mark.parametrize("kwargs,error,phrase", [
-    (dict(spacing="abc"), ArgumentTypeError, "spacing must be numbers"),
-    (dict(spacing=[1, 0, 1]), VolumeError, "positive, finite voxel sizes"),
-    (dict(spacing=[1, 2]), ShapeError, "3 numbers"),
-    (dict(affine="x"), ArgumentTypeError, "affine must be numbers"),
-    (dict(affine=np.eye(3)), ShapeError, "4x4"),
-    (dict(affine=np.zeros((4, 4))), VolumeError, "invertible"),
-], ids=["spacing-str", "spacing-zero", "spacing-two", "affine-str", "affine-3x3", "affine-singular"])
+@pytest.mark.parametrize(
+    "kwargs,error,phrase",
+    [
+        (dict(spacing="abc"), ArgumentTypeError, "spacing must be numbers"),
+        (dict(spacing=[1, 0, 1]), VolumeError, "positive, finite voxel sizes"),
+        (dict(spacing=[1, 2]), ShapeError, "3 numbers"),
+        (dict(affine="x"), ArgumentTypeError, "affine must be numbers"),
+        (dict(affine=np.eye(3)), ShapeError, "4x4"),
+        (dict(affine=np.zeros((4, 4))), VolumeError, "invertible"),
+    ],
+    ids=["spacing-str", "spacing-zero", "spacing-two", "affine-str", "affine-3x3", "affine-singular"],
+)
 def test_bad_geometry_for_arrays(scan, kwargs, error, phrase):
     with pytest.raises(error, match=phrase):
         load_volume(scan, **kwargs)
@@ -208,8 +229,9 @@ def test_world_box_outside_is_reported_in_millimetres():
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     affine[:3, 3] = (-10, 5, 100)
     with pytest.raises(PromptError) as info:
-        build_prompts(box=[0, 10, 100, 5000, 20, 110], coords="world", affine=affine, shape=(20, 30, 40),
-                      start=(0, 0, 0))
+        build_prompts(
+            box=[0, 10, 100, 5000, 20, 110], coords="world", affine=affine, shape=(20, 30, 40), start=(0, 0, 0)
+        )
     msg = str(info.value)
     assert "(5000, 20, 110) mm" in msg
     assert "x -10.0..28.0, y 5.0..63.0, z 100.0..217.0" in msg  # the volume's world extent
@@ -222,8 +244,12 @@ def test_voxel_box_outside_still_advises_world_coordinates():
 
 
 def test_official_style_float_tensor_labels_are_accepted():
-    (p,) = build_prompts(points=torch.tensor([[1.0, 2, 3], [5, 5, 5]]), point_labels=torch.tensor([1.0, 0.0]),
-                         shape=(20, 30, 40), start=(0, 0, 0))
+    (p,) = build_prompts(
+        points=torch.tensor([[1.0, 2, 3], [5, 5, 5]]),
+        point_labels=torch.tensor([1.0, 0.0]),
+        shape=(20, 30, 40),
+        start=(0, 0, 0),
+    )
     assert p.point_labels.dtype == np.int64 and p.point_labels.tolist() == [1, 0]
     (q,) = build_prompts(box=torch.tensor(BOX, dtype=torch.float16), shape=(20, 30, 40), start=(0, 0, 0))
     (r,) = build_prompts(box=BOX, shape=(20, 30, 40), start=(0, 0, 0))
@@ -231,10 +257,16 @@ def test_official_style_float_tensor_labels_are_accepted():
 
 
 def test_repeated_names_are_numbered_never_merged():
-    assert unique_labels(["liver", "Liver", " liver ", "spleen", "liver (2)"]) == \
-        ["liver", "Liver (2)", "liver (3)", "spleen", "liver (2) (2)"]
-    prompts = build_prompts(text=["kidney", "kidney"], box=[BOX, [3, 3, 3, 12, 12, 12]], shape=(20, 30, 40),
-                            start=(0, 0, 0))
+    assert unique_labels(["liver", "Liver", " liver ", "spleen", "liver (2)"]) == [
+        "liver",
+        "Liver (2)",
+        "liver (3)",
+        "spleen",
+        "liver (2) (2)",
+    ]
+    prompts = build_prompts(
+        text=["kidney", "kidney"], box=[BOX, [3, 3, 3, 12, 12, 12]], shape=(20, 30, 40), start=(0, 0, 0)
+    )
     assert [p.label for p in prompts] == ["kidney", "kidney (2)"]
     assert [p.text for p in prompts] == ["kidney", "kidney"]  # the model still reads the user's name
     assert not np.array_equal(prompts[0].box, prompts[1].box)
@@ -243,8 +275,9 @@ def test_repeated_names_are_numbered_never_merged():
 def test_repeated_names_give_two_masks(model, scan, one_thread):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = model.segment(scan, text=["liver", "liver"], box=[BOX, [3, 3, 3, 12, 12, 12]], zoom_in=False,
-                            progress=False)
+        res = model.segment(
+            scan, text=["liver", "liver"], box=[BOX, [3, 3, 3, 12, 12, 12]], zoom_in=False, progress=False
+        )
     assert list(res.masks) == ["liver", "liver (2)"]
 
 
@@ -258,7 +291,7 @@ def _damaged_files(data_dir: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathl
     src = data_dir / CT
     raw = gzip.decompress(src.read_bytes())
     corrupt = bytearray(src.read_bytes())
-    corrupt[len(corrupt) // 3: len(corrupt) // 3 + 64] = b"\x00" * 64
+    corrupt[len(corrupt) // 3 : len(corrupt) // 3 + 64] = b"\x00" * 64
     files = {
         "gz-truncated": _cut(src, tmp / "truncated.nii.gz", len(src.read_bytes()) // 4),
         "gz-header-only": _cut(src, tmp / "short.nii.gz", 200),
@@ -276,8 +309,9 @@ def _damaged_files(data_dir: pathlib.Path, tmp: pathlib.Path) -> dict[str, pathl
     return files
 
 
-@pytest.mark.parametrize("kind", ["gz-truncated", "gz-header-only", "gz-corrupt", "gz-garbage", "nii-truncated",
-                                  "nii-short", "empty"])
+@pytest.mark.parametrize(
+    "kind", ["gz-truncated", "gz-header-only", "gz-corrupt", "gz-garbage", "nii-truncated", "nii-short", "empty"]
+)
 def test_damaged_nifti_names_the_file(data_dir, tmp_path, kind, model):
     path = _damaged_files(data_dir, tmp_path)[kind]
     before = sorted(tmp_path.iterdir())
@@ -308,7 +342,9 @@ def test_two_series_error_says_how_to_pick_and_list(two_series):
 def test_list_series_and_series_everywhere(two_series, model, one_thread):
     infos = list_series(two_series)
     assert [(i.uid, i.slices, i.modality, i.description) for i in infos] == [
-        ("1.2.826.0.1.3680043.8.498.1", 10, "CT", "even"), ("1.2.826.0.1.3680043.8.498.2", 10, "CT", "odd")]
+        ("1.2.826.0.1.3680043.8.498.1", 10, "CT", "even"),
+        ("1.2.826.0.1.3680043.8.498.2", 10, "CT", "odd"),
+    ]
     vol = load_volume(two_series, series=infos[1].uid)
     assert vol.shape == (512, 512, 10)
     with pytest.raises(DicomSeriesError, match="is not in"):
@@ -328,8 +364,10 @@ def test_series_without_uid_is_picked_by_name_or_empty_string(model):
 def test_a_folder_of_nifti_files_given_to_segment_points_to_cohorts(data_dir, model, tmp_path):
     shutil.copy(data_dir / CT, tmp_path / "scan.nii.gz")
     for run in (lambda: model.segment(tmp_path, box=BOX, progress=False), lambda: model.session(tmp_path)):
-        with pytest.raises(VolumeFileError, match="holds 1 NIfTI file, not one DICOM series.*take one scan.*"
-                                                  "segevol-fast segment.*segment_cohort"):
+        with pytest.raises(
+            VolumeFileError,
+            match="holds 1 NIfTI file, not one DICOM series.*take one scan.*segevol-fast segment.*segment_cohort",
+        ):
             run()
 
 
@@ -365,14 +403,15 @@ def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
 NOT_CHECKPOINTS = {  # id -> (make(ckpt_dir, data_dir) -> path, key phrase)
     "nii.gz": (lambda d, data: shutil.copyfile(data / CT, d / "scan.nii.gz"), "is a NIfTI image"),
     "nii": (lambda d, data: _write(d / "scan.nii", gzip.decompress((data / CT).read_bytes())), "is a NIfTI image"),
-    "dicom": (lambda d, data: shutil.copyfile(sorted((data / "ct_abdomen_dicom").iterdir())[0], d / "slice.dcm"),
-              "is a DICOM file"),
+    "dicom": (
+        lambda d, data: shutil.copyfile(sorted((data / "ct_abdomen_dicom").iterdir())[0], d / "slice.dcm"),
+        "is a DICOM file",
+    ),
     "json": (lambda d, data: shutil.copyfile(d / "tiny" / "config.json", d / "config.json"), "JSON"),
     "empty": (lambda d, data: _write(d / "empty.pth", b""), "empty file"),
     "zip-cut": (lambda d, data: _cut(d / "zip.pth", d / "cut.pth", 3000), "damaged"),
     "legacy-cut": (lambda d, data: _cut(d / "legacy.pth", d / "cut_legacy.pth", 3000), "damaged"),
-    "safetensors-cut": (lambda d, data: _cut(d / "tiny" / "model.safetensors", d / "cut.safetensors", 3000),
-                        "damaged"),
+    "safetensors-cut": (lambda d, data: _cut(d / "tiny" / "model.safetensors", d / "cut.safetensors", 3000), "damaged"),
 }
 
 
@@ -397,8 +436,11 @@ def test_every_error_class_is_also_a_builtin():
 
     from segevol_fast import errors
 
-    classes = [c for c in vars(errors).values()
-               if inspect.isclass(c) and issubclass(c, errors.SegVolFastError) and c is not errors.SegVolFastError]
+    classes = [
+        c
+        for c in vars(errors).values()
+        if inspect.isclass(c) and issubclass(c, errors.SegVolFastError) and c is not errors.SegVolFastError
+    ]
     assert len(classes) > 15
     for cls in classes:
         builtins = [b for b in cls.__mro__[1:] if b.__module__ == "builtins" and b not in (Exception, BaseException)]

@@ -24,13 +24,44 @@ def fake_segment(monkeypatch):
     """Install a fake `segevol_fast.inference.segment` module; returns the list of its calls."""
     calls = []
 
-    def segment(model, volume, text=None, box=None, points=None, point_labels=None, coords="voxel", modality=None,
-                mode="fast", zoom_in=True, max_memory=None, device=None, progress=True, return_probabilities=False,
-                precision="auto", **kwargs):  # **kwargs: keywords segment() gains later (series=...) pass
-        calls.append(dict(model=model, volume=volume, text=text, box=box, points=points, point_labels=point_labels,
-                          coords=coords, modality=modality, mode=mode, zoom_in=zoom_in, max_memory=max_memory,
-                          device=device, progress=progress, return_probabilities=return_probabilities,
-                          precision=precision, **kwargs))
+    def segment(
+        model,
+        volume,
+        text=None,
+        box=None,
+        points=None,
+        point_labels=None,
+        coords="voxel",
+        modality=None,
+        mode="fast",
+        zoom_in=True,
+        max_memory=None,
+        device=None,
+        progress=True,
+        return_probabilities=False,
+        precision="auto",
+        **kwargs,
+    ):  # **kwargs: keywords segment() gains later (series=...) pass
+        calls.append(
+            dict(
+                model=model,
+                volume=volume,
+                text=text,
+                box=box,
+                points=points,
+                point_labels=point_labels,
+                coords=coords,
+                modality=modality,
+                mode=mode,
+                zoom_in=zoom_in,
+                max_memory=max_memory,
+                device=device,
+                progress=progress,
+                return_probabilities=return_probabilities,
+                precision=precision,
+                **kwargs,
+            )
+        )
         if text:
             labels = list(text)
         elif box is not None:
@@ -40,11 +71,18 @@ def fake_segment(monkeypatch):
         masks = {}
         for n, label in enumerate(labels):
             m = np.zeros(volume.shape, bool)
-            m[n: n + 4, 2:6, 1:3] = True
+            m[n : n + 4, 2:6, 1:3] = True
             masks[label] = m
         probs = {k: v.astype(np.float32) for k, v in masks.items()} if return_probabilities else None
-        return SegmentationResult(masks, volume.affine, modality=modality, probabilities=probs,
-                                  timings={"total": 0.01}, peak_memory_bytes=2**20, mode=mode)
+        return SegmentationResult(
+            masks,
+            volume.affine,
+            modality=modality,
+            probabilities=probs,
+            timings={"total": 0.01},
+            peak_memory_bytes=2**20,
+            mode=mode,
+        )
 
     monkeypatch.setitem(sys.modules, "segevol_fast.inference.segment", types.SimpleNamespace(segment=segment))
     return calls
@@ -80,10 +118,54 @@ def test_parse_size():
 
 def test_segment_arguments_parse():
     args = cli.build_parser().parse_args(
-        ["segment", "x.nii.gz", "--text", "liver", "left kidney", "--box", "1", "2", "3", "4", "5", "6",
-         "--box", "0", "0", "0", "9", "9", "9", "--points", "1", "2", "3", "--points", "4", "5", "6",
-         "--point-labels", "1", "0", "--coords", "world", "--modality", "mri", "--max-memory", "2GB",
-         "--mode", "exact", "--no-zoom-in", "--preview", "--probabilities", "--device", "cpu", "--precision", "bf16"])
+        [
+            "segment",
+            "x.nii.gz",
+            "--text",
+            "liver",
+            "left kidney",
+            "--box",
+            "1",
+            "2",
+            "3",
+            "4",
+            "5",
+            "6",
+            "--box",
+            "0",
+            "0",
+            "0",
+            "9",
+            "9",
+            "9",
+            "--points",
+            "1",
+            "2",
+            "3",
+            "--points",
+            "4",
+            "5",
+            "6",
+            "--point-labels",
+            "1",
+            "0",
+            "--coords",
+            "world",
+            "--modality",
+            "mri",
+            "--max-memory",
+            "2GB",
+            "--mode",
+            "exact",
+            "--no-zoom-in",
+            "--preview",
+            "--probabilities",
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+        ]
+    )
     assert args.text == ["liver", "left kidney"] and args.precision == "bf16"
     assert args.box == [[1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 9, 9]] and args.points == [[1, 2, 3], [4, 5, 6]]
     assert args.point_labels == [1, 0] and args.coords == "world" and args.modality == "mri"
@@ -95,21 +177,67 @@ def test_segment_arguments_parse():
 
 def test_segment_end_to_end_random_weights(ct, tmp_path, fake_segment, no_weights, capsys):
     out = tmp_path / "out"
-    rc = cli.main(["segment", str(ct), "--box", "1", "2", "1", "8", "9", "5", "--box", "3", "3", "2", "9", "9", "6",
-                   "--points", "4", "4", "3", "--point-labels", "1", "--random-weights", "--config", "tiny",
-                   "--out", str(out), "--max-memory", "1GB", "--no-zoom-in", "--preview", "--probabilities",
-                   "--device", "cpu", "-q", "--precision", "fp16"])
+    rc = cli.main(
+        [
+            "segment",
+            str(ct),
+            "--box",
+            "1",
+            "2",
+            "1",
+            "8",
+            "9",
+            "5",
+            "--box",
+            "3",
+            "3",
+            "2",
+            "9",
+            "9",
+            "6",
+            "--points",
+            "4",
+            "4",
+            "3",
+            "--point-labels",
+            "1",
+            "--random-weights",
+            "--config",
+            "tiny",
+            "--out",
+            str(out),
+            "--max-memory",
+            "1GB",
+            "--no-zoom-in",
+            "--preview",
+            "--probabilities",
+            "--device",
+            "cpu",
+            "-q",
+            "--precision",
+            "fp16",
+        ]
+    )
     assert rc == 0
     (call,) = fake_segment
     assert call["precision"] == "fp16"
     assert call["box"].shape == (2, 6) and call["points"].shape == (1, 3) and call["point_labels"].tolist() == [1]
-    assert call["max_memory"] == 10**9 and call["zoom_in"] is False and not call["progress"]  # -q: a display that draws nothing
+    assert (
+        call["max_memory"] == 10**9 and call["zoom_in"] is False and not call["progress"]
+    )  # -q: a display that draws nothing
     assert call["return_probabilities"] and call["device"] == "cpu" and call["mode"] == "fast"
     assert call["model"].config.hidden_size == 32  # the tiny config
     assert call["volume"].shape == SHAPE
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["box_0.nii.gz", "box_0_prob.nii.gz", "box_1.nii.gz", "box_1_prob.nii.gz", "label_map.nii.gz",
-                     "preview.png", "summary.json"]
+    assert files == [
+        "box_0.nii.gz",
+        "box_0_prob.nii.gz",
+        "box_1.nii.gz",
+        "box_1_prob.nii.gz",
+        "label_map.nii.gz",
+        "preview.png",
+        "summary.json",
+    ]
     assert np.allclose(nib.load(out / "box_0.nii.gz").affine, nib.load(ct).affine)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["notes"] == [cli.RANDOM_NOTE]
@@ -121,8 +249,26 @@ def test_segment_end_to_end_random_weights(ct, tmp_path, fake_segment, no_weight
 
 def test_segment_single_label_map_and_default_out(ct, tmp_path, fake_segment, no_weights, monkeypatch, capsys):
     out = tmp_path / "labels.nii.gz"
-    assert cli.main(["segment", str(ct), "--points", "4", "4", "3", "--random-weights", "--config", "tiny",
-                     "--out", str(out), "--preview", "-q"]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(ct),
+                "--points",
+                "4",
+                "4",
+                "3",
+                "--random-weights",
+                "--config",
+                "tiny",
+                "--out",
+                str(out),
+                "--preview",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert out.is_file() and (tmp_path / "labels.json").is_file() and (tmp_path / "labels.png").is_file()
     assert json.loads((tmp_path / "labels.json").read_text())["labels"] == {"1": "points"}
     monkeypatch.chdir(tmp_path)
@@ -131,8 +277,23 @@ def test_segment_single_label_map_and_default_out(ct, tmp_path, fake_segment, no
 
 
 def test_segment_text_with_tokenizer(ct, tmp_path, fake_segment, no_weights, data_dir):
-    rc = cli.main(["segment", str(ct), "--text", "liver", "left kidney", "--random-weights", "--config", "tiny",
-                   "--tokenizer", str(data_dir / "clip_tokenizer"), "--out", str(tmp_path / "o"), "-q"])
+    rc = cli.main(
+        [
+            "segment",
+            str(ct),
+            "--text",
+            "liver",
+            "left kidney",
+            "--random-weights",
+            "--config",
+            "tiny",
+            "--tokenizer",
+            str(data_dir / "clip_tokenizer"),
+            "--out",
+            str(tmp_path / "o"),
+            "-q",
+        ]
+    )
     assert rc == 0
     assert fake_segment[0]["text"] == ["liver", "left kidney"]
     assert (tmp_path / "o" / "left_kidney.nii.gz").is_file()
@@ -153,16 +314,29 @@ def test_missing_weights_exit_2_with_how_to(ct, fake_segment, no_weights, capsys
 def test_usage_and_run_errors(ct, tmp_path, fake_segment, no_weights, monkeypatch, capsys):
     assert cli.main(["segment", str(ct), "--random-weights"]) == 2  # no prompt
     assert "at least one prompt" in capsys.readouterr().err
-    assert cli.main(["segment", str(tmp_path / "nope.nii.gz"), "--points", "1", "1", "1", "--random-weights",
-                     "--config", "tiny"]) == 1  # unreadable input
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(tmp_path / "nope.nii.gz"),
+                "--points",
+                "1",
+                "1",
+                "1",
+                "--random-weights",
+                "--config",
+                "tiny",
+            ]
+        )
+        == 1
+    )  # unreadable input
     assert "no such" in capsys.readouterr().err
 
     def bad(*a, **k):
         raise PromptError("box corner lies outside the volume")
 
     monkeypatch.setitem(sys.modules, "segevol_fast.inference.segment", types.SimpleNamespace(segment=bad))
-    assert cli.main(["segment", str(ct), "--points", "99", "1", "1", "--random-weights", "--config", "tiny",
-                     "-q"]) == 1
+    assert cli.main(["segment", str(ct), "--points", "99", "1", "1", "--random-weights", "--config", "tiny", "-q"]) == 1
     assert "outside the volume" in capsys.readouterr().err
 
 
@@ -197,8 +371,9 @@ def test_demo_on_the_shared_ct_uses_text(tmp_path, fake_segment, no_weights, dat
     assert (out / "summary.json").is_file()
 
 
-def test_demo_without_segevol_data_runs_on_the_phantom_and_names_the_variable(tmp_path, fake_segment, no_weights,
-                                                                              monkeypatch, capsys):
+def test_demo_without_segevol_data_runs_on_the_phantom_and_names_the_variable(
+    tmp_path, fake_segment, no_weights, monkeypatch, capsys
+):
     """An installed command line has no data folder of its own: without $SEGEVOL_DATA it looks
     nowhere else (not beside the package, where a source checkout keeps ../shared/data)."""
     monkeypatch.delenv("SEGEVOL_DATA")
@@ -218,8 +393,25 @@ def test_adapter_file_is_applied(ct, tmp_path, no_weights, capsys):
     from tests.inference.test_cohort import save_test_lora
 
     lora = save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
-    base = ["segment", str(ct), "--box", "1", "2", "1", "20", "17", "8", "--random-weights", "--config", "tiny",
-            "--no-zoom-in", "--device", "cpu", "-q", "--probabilities"]
+    base = [
+        "segment",
+        str(ct),
+        "--box",
+        "1",
+        "2",
+        "1",
+        "20",
+        "17",
+        "8",
+        "--random-weights",
+        "--config",
+        "tiny",
+        "--no-zoom-in",
+        "--device",
+        "cpu",
+        "-q",
+        "--probabilities",
+    ]
     assert cli.main([*base, "--out", str(tmp_path / "with"), "--adapter", str(lora)]) == 0
     assert cli.main([*base, "--out", str(tmp_path / "without")]) == 0
     summary = json.loads((tmp_path / "with" / "summary.json").read_text())
@@ -239,8 +431,31 @@ def test_cohort_manifest_row_with_an_adapter_file(ct, tmp_path, no_weights):
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"input,name,adapter\n{ct.name},with,lora.safetensors\n{ct.name},without,\n")
     out = tmp_path / "out"
-    assert cli.main(["segment", str(manifest), "--box", "1", "2", "1", "20", "17", "8", "--random-weights",
-                     "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(manifest),
+                "--box",
+                "1",
+                "2",
+                "1",
+                "20",
+                "17",
+                "8",
+                "--random-weights",
+                "--config",
+                "tiny",
+                "--no-zoom-in",
+                "--device",
+                "cpu",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert [r["adapter"] for r in iter_rows(out / SUMMARY)] == ["liver_lora", "as set on the model"]
 
 
@@ -261,13 +476,33 @@ def test_warnings_print_as_one_line(ct, tmp_path, data_dir, no_weights, capsys):
     import warnings
 
     before = warnings.showwarning
-    assert cli.main(["segment", str(ct), "--text", "liverr", "--random-weights", "--config", "tiny", "--tokenizer",
-                     str(data_dir / "clip_tokenizer"), "--no-zoom-in", "--device", "cpu", "-q",
-                     "--out", str(tmp_path / "out")]) == 0
+    assert (
+        cli.main(
+            [
+                "segment",
+                str(ct),
+                "--text",
+                "liverr",
+                "--random-weights",
+                "--config",
+                "tiny",
+                "--tokenizer",
+                str(data_dir / "clip_tokenizer"),
+                "--no-zoom-in",
+                "--device",
+                "cpu",
+                "-q",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     shown = [line for line in err.splitlines() if "warning" in line.lower()]
     assert [line for line in shown if "liverr" in line] == [
-        line for line in shown if line.startswith("segevol-fast segment: warning: text prompt(s) 'liverr'")]
+        line for line in shown if line.startswith("segevol-fast segment: warning: text prompt(s) 'liverr'")
+    ]
     assert len(shown) == 2 and all(line.startswith("segevol-fast segment: warning: ") for line in shown), err
     assert any("masks are meaningless" in line for line in shown)  # the other: segment()'s random-weights one
     assert "warnings.warn" not in err and "VocabularyWarning" not in err and ".py:" not in err

@@ -46,8 +46,9 @@ def test_cu_includes_no_torch_headers(cu: pathlib.Path):
         assert not hits, f"{path.name} includes torch headers {hits}; move torch code to a *_cuda.cpp wrapper"
 
 
-@pytest.mark.skipif(NVCC is None,
-                    reason="nvcc not found on PATH or at /usr/local/cuda/bin/nvcc; CUDA sources not compile-checked")
+@pytest.mark.skipif(
+    NVCC is None, reason="nvcc not found on PATH or at /usr/local/cuda/bin/nvcc; CUDA sources not compile-checked"
+)
 @pytest.mark.parametrize("cu", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles(cu: pathlib.Path, tmp_path: pathlib.Path):
     cmd = [NVCC, "-std=c++17", "-arch=sm_90", "-c", str(cu), "-o", str(tmp_path / (cu.stem + ".o"))]

@@ -34,8 +34,7 @@ REGION = (slice(25, 89), slice(15, 71), slice(2, 20))
 CALLS = {
     "fast": dict(mode="fast", text=["liver", "spleen"], box=BOX, points=POINTS[:1]),
     "exact_box": dict(mode="exact", text="liver", box=[5, 5, 3, 55, 55, 17]),
-    "exact_points": dict(mode="exact", text="spleen", points=[[30, 30, 10], [35, 35, 12]], point_labels=[1, 1],
-                         seed=3),
+    "exact_points": dict(mode="exact", text="spleen", points=[[30, 30, 10], [35, 35, 12]], point_labels=[1, 1], seed=3),
 }
 
 
@@ -73,8 +72,7 @@ def _spawn(args, threads: int, repeats: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     env.pop("MKL_CBWR", None)  # the package's own setting is what is tested
     cmd = [sys.executable, __file__, *map(str, args), str(threads), str(repeats)]
-    return subprocess.Popen(cmd, env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +87,9 @@ def runs(data_dir, tmp_path_factory):
     torch.save(SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer").state_dict(), weights)
     # "2b": a second process at 2 threads, for bit identity across processes at one thread count
     workers = {t: t for t in THREADS} | {"2b": 2}
-    procs = {w: _spawn([weights, data_dir, tmp / f"t{w}.npz"], t, repeats=2 if t == 1 else 1)
-             for w, t in workers.items()}
+    procs = {
+        w: _spawn([weights, data_dir, tmp / f"t{w}.npz"], t, repeats=2 if t == 1 else 1) for w, t in workers.items()
+    }
     out = {}
     for w, p in procs.items():
         log, _ = p.communicate(timeout=900)

@@ -85,8 +85,18 @@ def test_a_local_folder_named_segvol_wins(clean_env, monkeypatch):
 
 
 def test_cli_weights_by_name_without_weights_is_a_setup_error(clean_env, capsys, data_dir):
-    rc = cli.main(["segment", str(data_dir / "ct_abdomen_sm.nii.gz"), "--text", "liver", "--weights", "BAAI/SegVol",
-                   "--out", str(clean_env / "out")])
+    rc = cli.main(
+        [
+            "segment",
+            str(data_dir / "ct_abdomen_sm.nii.gz"),
+            "--text",
+            "liver",
+            "--weights",
+            "BAAI/SegVol",
+            "--out",
+            str(clean_env / "out"),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == cli.EXIT_USAGE
     assert "'BAAI/SegVol' (no such local path: taken as the Hugging Face name" in err and "hf download" in err
@@ -145,8 +155,7 @@ def test_segment_reports_every_stage_into_one_display(tiny_model, data_dir, mode
     out = io.StringIO()
     display = Progress(file=out)
     display.stage("load model")  # what the CLI does before calling segment
-    segment(tiny_model, data_dir / "mr_abdomen_sm.nii.gz", text="liver", modality="mri", mode=mode,
-            progress=display)
+    segment(tiny_model, data_dir / "mr_abdomen_sm.nii.gz", text="liver", modality="mri", mode=mode, progress=display)
     assert not display.closed  # its creator closes it
     display.close()
     assert list(display.timings) == ["load model", "load scan", "preprocess", "zoom-out", "zoom-in", "paste back"]
@@ -172,8 +181,22 @@ def test_segment_progress_true_draws_one_line_and_closes_it(tiny_model, data_dir
 def test_cli_timings_include_loading_and_saving(tmp_path, data_dir, monkeypatch, capsys, one_thread):
     monkeypatch.setenv("SEGEVOL_DATA", str(data_dir))
     out = tmp_path / "out"
-    rc = cli.main(["segment", str(data_dir / "ct_abdomen_sm.nii.gz"), "--text", "liver", "--random-weights",
-                   "--config", "tiny", "--no-zoom-in", "--device", "cpu", "--out", str(out)])
+    rc = cli.main(
+        [
+            "segment",
+            str(data_dir / "ct_abdomen_sm.nii.gz"),
+            "--text",
+            "liver",
+            "--random-weights",
+            "--config",
+            "tiny",
+            "--no-zoom-in",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     captured = capsys.readouterr()
     time_line = next(line for line in captured.out.splitlines() if line.startswith("time:"))
@@ -186,10 +209,19 @@ def test_cli_timings_include_loading_and_saving(tmp_path, data_dir, monkeypatch,
 
 
 # ---------------------------------------------------------------------- MRI and vocabulary warnings
-@pytest.mark.parametrize("name, token", [("mr_abdomen_sm.nii.gz", "mr"), ("sub-01_T1w.nii.gz", "t1w"),
-                                         ("case3_FLAIR.nii", "flair"), ("brain_t2.nii.gz", "t2"),
-                                         ("ct_abdomen_sm.nii.gz", None), ("tumor_mrn.nii.gz", None),
-                                         ("smri.nii.gz", None), (None, None)])
+@pytest.mark.parametrize(
+    "name, token",
+    [
+        ("mr_abdomen_sm.nii.gz", "mr"),
+        ("sub-01_T1w.nii.gz", "t1w"),
+        ("case3_FLAIR.nii", "flair"),
+        ("brain_t2.nii.gz", "t2"),
+        ("ct_abdomen_sm.nii.gz", None),
+        ("tumor_mrn.nii.gz", None),
+        ("smri.nii.gz", None),
+        (None, None),
+    ],
+)
 def test_mr_name_tokens(name, token):
     assert mr_name_token(name and f"/data/{name}") == token
 
@@ -217,13 +249,15 @@ def test_dicom_header_modality_is_used_without_warning(tiny_model, data_dir, one
 
 def test_unknown_text_prompt_warns_but_runs(tiny_model, data_dir, one_thread):
     with pytest.warns(VocabularyWarning, match="'kidney_left' \\(closest known: 'kidney left'"):
-        res = segment(tiny_model, data_dir / "ct_abdomen_sm.nii.gz", text=["liver", "kidney_left"], zoom_in=False,
-                      progress=False)
+        res = segment(
+            tiny_model, data_dir / "ct_abdomen_sm.nii.gz", text=["liver", "kidney_left"], zoom_in=False, progress=False
+        )
     assert list(res.masks) == ["liver", "kidney_left"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", VocabularyWarning)
-        segment(tiny_model, data_dir / "ct_abdomen_sm.nii.gz", text=["Liver", "left kidney"], zoom_in=False,
-                progress=False)
+        segment(
+            tiny_model, data_dir / "ct_abdomen_sm.nii.gz", text=["Liver", "left kidney"], zoom_in=False, progress=False
+        )
 
 
 # ---------------------------------------------------------------------- runtime without the test stack
@@ -259,8 +293,9 @@ def test_demo_and_segment_run_without_the_test_stack(tmp_path, data_dir):
     """)
     env = {**os.environ, "SEGEVOL_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
     env.pop("SEGEVOL_WEIGHTS", None)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RUNTIME-ONLY OK" in proc.stdout
     assert (tmp_path / "demo" / "summary.json").is_file() and (tmp_path / "seg" / "summary.json").is_file()

@@ -36,7 +36,9 @@ def test_info_reports_versions_and_backends():
 def test_python_m_info_prints_human_and_json():
     out = subprocess.run([sys.executable, "-m", "segevol_fast", "info"], capture_output=True, text=True, check=True)
     assert "torch:" in out.stdout and "patch_embed [cpu]" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "segevol_fast", "info", "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "segevol_fast", "info", "--json"], capture_output=True, text=True, check=True
+    )
     printed, here = json.loads(out.stdout), segevol_fast.info()
     # --json prints info() itself (the fields that do not depend on the process's own settings)
     for key in ("segevol_fast", "torch", "native_extension", "devices", "ops"):

@@ -28,8 +28,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 # bottom to top; a module belongs to the layer of its longest listed prefix
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("errors", "determinism", "version")),
-    ("data", ("io", "preprocess", "crop", "geometry", "distributed", "phantom", "vocabulary", "totalseg_names",
-              "modality_hint")),
+    (
+        "data",
+        (
+            "io",
+            "preprocess",
+            "crop",
+            "geometry",
+            "distributed",
+            "phantom",
+            "vocabulary",
+            "totalseg_names",
+            "modality_hint",
+        ),
+    ),
     ("ops", ("ops", "_native", "_C")),
     ("model", ("model",)),
     ("adapters", ("adapters",)),
@@ -86,7 +98,7 @@ GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
 
 def _layer(module: str) -> tuple[int, str]:
-    rest = module[len(PACKAGE) + 1:] if module != PACKAGE else ""
+    rest = module[len(PACKAGE) + 1 :] if module != PACKAGE else ""
     best = None
     for index, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
@@ -158,7 +170,8 @@ def _cycles(graph) -> list[list[str]]:
 def test_no_import_circles():
     cycles = _cycles(GRAPH)
     assert not cycles, "modules importing each other (lazy imports included):\n" + "\n".join(
-        " <-> ".join(c) for c in cycles)
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def _private(part: str) -> bool:
@@ -207,9 +220,13 @@ def test_the_contract_sees_what_it_forbids():
         "segevol_fast.model.network": [("segevol_fast.inference.segment", "", 1)],  # model -> inference
         "segevol_fast.inference.segment": [("segevol_fast.model.network", "", 1)],  # ... and back: a circle
         "segevol_fast.inference.cohort": [("segevol_fast.train.trainer", "", 2)],  # sibling
-        "segevol_fast.inference.session": [("segevol_fast.inference.budget", "_plan", 3),  # a private name
-                                           ("segevol_fast.ops._backend", "", 4)],  # a private module
-        "segevol_fast.train.trainer": [], "segevol_fast.inference.budget": [], "segevol_fast.ops._backend": [],
+        "segevol_fast.inference.session": [
+            ("segevol_fast.inference.budget", "_plan", 3),  # a private name
+            ("segevol_fast.ops._backend", "", 4),
+        ],  # a private module
+        "segevol_fast.train.trainer": [],
+        "segevol_fast.inference.budget": [],
+        "segevol_fast.ops._backend": [],
     }
     upward = _upward(graph)
     assert any("model.network:1" in b for b in upward) and any("siblings" in b for b in upward), upward

@@ -66,7 +66,8 @@ def test_monai_vit_matches_original(sdpa, monkeypatch):
     report = compare(vit, torch.rand(2, 1, *cfg.spatial_size), what=f"vit {sdpa=}")
     swapped = {(s.path, s.kind, s.replacement) for s in report.replaced}
     assert swapped == {("patch_embedding", "monai.PatchEmbeddingBlock", "ops.patch_embed")} | {
-        (f"blocks.{i}.attn", "monai.SABlock", "ops.flash_attention") for i in range(cfg.num_layers)}
+        (f"blocks.{i}.attn", "monai.SABlock", "ops.flash_attention") for i in range(cfg.num_layers)
+    }
     assert report.left_alone == [] and report.backend is None
     assert {op for op, _ in calls} == {"patch_embed", "flash_attention"}
     # weights untouched: same tensors, nothing copied
@@ -269,8 +270,15 @@ def test_blocks_whose_attributes_do_not_fit_are_left_alone_and_run(monkeypatch):
     assert calls == []
 
 
-@pytest.mark.parametrize("variant", [dict(use_combined_linear=False), dict(include_fc=False, use_flash_attention=True),
-                                     dict(dim_head=8, qkv_bias=True)], ids=["separate-qkv", "no-fc-sdpa", "dim_head"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(use_combined_linear=False),
+        dict(include_fc=False, use_flash_attention=True),
+        dict(dim_head=8, qkv_bias=True),
+    ],
+    ids=["separate-qkv", "no-fc-sdpa", "dim_head"],
+)
 def test_sablock_variants_match_original(variant, monkeypatch):
     from monai.networks.blocks.selfattention import SABlock
 

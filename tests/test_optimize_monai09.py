@@ -24,8 +24,18 @@ MONAI09 = pathlib.Path(sys.prefix).resolve() / "monai-0.9.0"
 MARK = "@@OPTIMIZE-MONAI09@@"
 # The official encoder's arguments (build_sam.py), on a smaller window for speed: 4x4x4 tokens.
 IMG, PATCH = (16, 64, 64), (4, 16, 16)
-OFFICIAL_VIT = dict(in_channels=1, img_size=IMG, patch_size=PATCH, hidden_size=768, mlp_dim=3072, num_layers=12,
-                    num_heads=12, pos_embed="perceptron", classification=False, dropout_rate=0.0)
+OFFICIAL_VIT = dict(
+    in_channels=1,
+    img_size=IMG,
+    patch_size=PATCH,
+    hidden_size=768,
+    mlp_dim=3072,
+    num_layers=12,
+    num_heads=12,
+    pos_embed="perceptron",
+    classification=False,
+    dropout_rate=0.0,
+)
 
 
 # ---------------------------------------------------------------------------- the child process
@@ -48,8 +58,10 @@ def _recording_ops():
 
 
 def _report(report) -> dict:
-    return {"replaced": [[s.path, s.kind, s.replacement] for s in report.replaced],
-            "left_alone": [[s.path, s.kind, s.reason] for s in report.left_alone]}
+    return {
+        "replaced": [[s.path, s.kind, s.replacement] for s in report.replaced],
+        "left_alone": [[s.path, s.kind, s.reason] for s in report.left_alone],
+    }
 
 
 def _official_model():
@@ -105,8 +117,11 @@ def _check_dropout_in_training(out: dict) -> None:
         same_draws = torch.equal(got, original(x))
     with torch.no_grad(), _recording_ops() as in_eval:
         block.eval()(x)
-    out["dropout"] = _report(report) | {"same_draws_in_training": same_draws, "ops_in_training": in_training,
-                                        "ops_in_eval": in_eval}
+    out["dropout"] = _report(report) | {
+        "same_draws_in_training": same_draws,
+        "ops_in_training": in_training,
+        "ops_in_eval": in_eval,
+    }
 
 
 def _check_conv_projection(out: dict) -> None:
@@ -149,12 +164,17 @@ def _require_monai09() -> None:
 
 
 def _run_child() -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MONAI09), str(REPO), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(MONAI09), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+    )
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     line = next((out for out in proc.stdout.splitlines() if out.startswith(MARK)), None)
-    assert proc.returncode == 0 and line, f"child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(line[len(MARK):])
+    assert proc.returncode == 0 and line, (
+        f"child failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
+    return json.loads(line[len(MARK) :])
 
 
 def test_official_segvol_encoder_on_monai_0_9():
@@ -165,7 +185,8 @@ def test_official_segvol_encoder_on_monai_0_9():
     enc = out["encoder"]
     assert sorted(map(tuple, enc["replaced"])) == sorted(
         [("image_encoder.patch_embedding", "monai.PatchEmbeddingBlock", "ops.patch_embed")]
-        + [(f"image_encoder.blocks.{i}.attn", "monai.SABlock", "ops.flash_attention") for i in range(12)])
+        + [(f"image_encoder.blocks.{i}.attn", "monai.SABlock", "ops.flash_attention") for i in range(12)]
+    )
     assert enc["left_alone"] == [] and enc["ops"] == ["flash_attention", "patch_embed"]
 
     drop = out["dropout"]  # swapped (training is a passing state), yet the original ran while training

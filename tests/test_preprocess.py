@@ -62,8 +62,12 @@ def test_random_odd_shapes(kind, layout):
     shape = (37, 29, 23)
     x = rng.normal(0, 200, size=shape)
     x[5:30, 4:25, 3:20] += rng.normal(300, 150, size=(25, 21, 17))  # a "body" above the mean
-    x = {"float32": x.astype(np.float32), "int16": x.astype(np.int16), "float64": x,
-         "whole_float32": np.round(x).astype(np.float32)}[kind]
+    x = {
+        "float32": x.astype(np.float32),
+        "int16": x.astype(np.int16),
+        "float64": x,
+        "whole_float32": np.round(x).astype(np.float32),
+    }[kind]
     if layout == "F":
         x = np.asfortranarray(x)
     elif layout == "strided":

@@ -49,7 +49,7 @@ def _blocks() -> list[Block]:
     for doc in DOCUMENTS:
         text = doc.read_text()
         for m in FENCE.finditer(text):
-            before = text[:m.start()].rstrip().rsplit("\n", 1)[-1].strip()
+            before = text[: m.start()].rstrip().rsplit("\n", 1)[-1].strip()
             marker = NOT_RUN.fullmatch(before)
             where = f"{doc.relative_to(ROOT).as_posix()}:{text.count(chr(10), 0, m.start()) + 1}"
             found.append(Block(where, m.group(1).lower(), m.group(2), marker.group(1) if marker else None))
@@ -75,12 +75,17 @@ def test_every_block_runs_or_says_why():
             if not b.not_run:
                 problems.append(f"{b.where}: the not-run marker gives no reason")
         elif b.lang in SHELL:
-            problems += [f"{b.where}: {line!r} is not a segevol-fast or torchrun command"
-                         for line in _command_lines(b) if not line.startswith(COMMANDS)]
+            problems += [
+                f"{b.where}: {line!r} is not a segevol-fast or torchrun command"
+                for line in _command_lines(b)
+                if not line.startswith(COMMANDS)
+            ]
         elif b.lang != "python":
             problems.append(f"{b.where}: a ```{b.lang or '(no language)'} block runs only as python or bash")
-    assert not problems, ("mark blocks that must not run with <!-- not-run: reason --> on the line "
-                          "before the fence:\n" + "\n".join(problems))
+    assert not problems, (
+        "mark blocks that must not run with <!-- not-run: reason --> on the line "
+        "before the fence:\n" + "\n".join(problems)
+    )
 
 
 def test_the_documents_hold_examples():
@@ -91,8 +96,9 @@ def test_the_documents_hold_examples():
     assert any(" segment " in f" {x} " for x in lines) and any(" demo" in x for x in lines)
     assert any(" finetune " in x for x in lines), "the docs show a finetune command"
     assert any(x.startswith("torchrun ") for x in lines), "the docs show a torchrun cohort"
-    assert all(DATA_PREFIX in x for x in lines if "segment" in shlex.split(x, comments=True)[1:6]), \
+    assert all(DATA_PREFIX in x for x in lines if "segment" in shlex.split(x, comments=True)[1:6]), (
         "segment examples use the shared data"
+    )
 
 
 @pytest.fixture
@@ -159,8 +165,9 @@ def _launcher(line: str) -> tuple[list[str], str]:
     words = shlex.split(line, comments=True)
     at = words.index("-m")
     assert words[at + 1] == "segevol_fast", line
-    return ["-m", "torch.distributed.run", "--standalone", *words[1:at], "-m", "segevol_fast"], \
-        shlex.join(["segevol-fast", *words[at + 2:]])
+    return ["-m", "torch.distributed.run", "--standalone", *words[1:at], "-m", "segevol_fast"], shlex.join(
+        ["segevol-fast", *words[at + 2 :]]
+    )
 
 
 def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
@@ -169,7 +176,7 @@ def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
         args += ["--random-weights", "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q"]
     elif args[0] == "finetune":  # a few steps of the tiny random model instead of the weights named
         i = args.index("--weights")
-        args[i:i + 2] = ["--random-weights", "--config", "tiny"]
+        args[i : i + 2] = ["--random-weights", "--config", "tiny"]
         args[args.index("--steps") + 1] = "2"
         args += ["--device", "cpu", "-q"]
     elif args[0] == "demo":
@@ -177,8 +184,9 @@ def _cli_args(line: str, data_dir: pathlib.Path) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("where,line", CLI_LINES,
-                         ids=[f"{w} {' '.join(line.split('#')[0].split()[:3])}" for w, line in CLI_LINES])
+@pytest.mark.parametrize(
+    "where,line", CLI_LINES, ids=[f"{w} {' '.join(line.split('#')[0].split()[:3])}" for w, line in CLI_LINES]
+)
 def test_cli_example_runs(where, line, workdir, data_dir):
     launcher, line = _launcher(line)
     args = _cli_args(line, data_dir)
@@ -198,7 +206,9 @@ def test_cli_example_runs(where, line, workdir, data_dir):
             assert (out / "summary.json").is_file(), out
     if args[0] == "finetune":
         out = workdir / args[args.index("--out") + 1]
-        assert (out / "adapter_default.safetensors").is_file() and (out / "train_log.csv").is_file(), sorted(out.iterdir())
+        assert (out / "adapter_default.safetensors").is_file() and (out / "train_log.csv").is_file(), sorted(
+            out.iterdir()
+        )
 
 
 def _anchor(heading: str) -> str:
@@ -233,10 +243,13 @@ def test_section_pointers_in_the_package_resolve():
         for cited in re.findall(r"§\s*([\d.]+(?:\s*[–-]\s*[\d.]+)?)", text):
             numbers = [n.strip(".") for n in re.split(r"\s*[–-]\s*", cited)]
             problems += [f"{py.relative_to(ROOT)}: §{n}" for n in numbers if n not in sections]
-        problems += [f"{py.relative_to(ROOT)}: {d}" for d in re.findall(r"docs/[\w.-]+\.md", text)
-                     if not (ROOT / d).is_file()]
+        problems += [
+            f"{py.relative_to(ROOT)}: {d}" for d in re.findall(r"docs/[\w.-]+\.md", text) if not (ROOT / d).is_file()
+        ]
         if "§" in text and "docs/official-pipeline.md" not in text:
             problems.append(f"{py.relative_to(ROOT)}: § without naming docs/official-pipeline.md")
-        problems += [f"{py.relative_to(ROOT)}: {m!r} (notes outside the repository)"
-                     for m in re.findall(r"shared/reference\S*|reference notes|reference §", text)]
+        problems += [
+            f"{py.relative_to(ROOT)}: {m!r} (notes outside the repository)"
+            for m in re.findall(r"shared/reference\S*|reference notes|reference §", text)
+        ]
     assert not problems, problems

@@ -15,11 +15,33 @@ from segevol_fast.totalseg_names import TOTAL_V2, totalseg_id, totalseg_legend, 
 def test_table_has_the_117_total_classes_at_their_ids():
     assert len(TOTAL_V2) == 117 and len(set(TOTAL_V2)) == 117
     # spot checks across every run of the table (ids as TotalSegmentator v2 numbers them)
-    known = {"spleen": 1, "kidney_left": 3, "liver": 5, "esophagus": 15, "urinary_bladder": 21, "prostate": 22,
-             "sacrum": 25, "vertebrae_S1": 26, "vertebrae_L5": 27, "vertebrae_L1": 31, "vertebrae_T12": 32,
-             "vertebrae_C1": 50, "heart": 51, "aorta": 52, "inferior_vena_cava": 63, "iliac_vena_right": 68,
-             "spinal_cord": 79, "brain": 90, "skull": 91, "rib_left_1": 92, "rib_left_12": 103,
-             "rib_right_1": 104, "rib_right_12": 115, "sternum": 116, "costal_cartilages": 117}
+    known = {
+        "spleen": 1,
+        "kidney_left": 3,
+        "liver": 5,
+        "esophagus": 15,
+        "urinary_bladder": 21,
+        "prostate": 22,
+        "sacrum": 25,
+        "vertebrae_S1": 26,
+        "vertebrae_L5": 27,
+        "vertebrae_L1": 31,
+        "vertebrae_T12": 32,
+        "vertebrae_C1": 50,
+        "heart": 51,
+        "aorta": 52,
+        "inferior_vena_cava": 63,
+        "iliac_vena_right": 68,
+        "spinal_cord": 79,
+        "brain": 90,
+        "skull": 91,
+        "rib_left_1": 92,
+        "rib_left_12": 103,
+        "rib_right_1": 104,
+        "rib_right_12": 115,
+        "sternum": 116,
+        "costal_cartilages": 117,
+    }
     assert {name: totalseg_id(name) for name in known} == known
     with pytest.raises(KeyError):
         totalseg_id("heart_myocardium")  # a TS v1 class, not in v2 `total`
@@ -34,16 +56,33 @@ def test_every_ts_name_maps_to_itself_and_from_plain_english():
             assert totalseg_name(" ".join([words[-1], *words[:-1]])) == name
 
 
-@pytest.mark.parametrize("label, expected", [
-    ("left kidney", "kidney_left"), ("Right Adrenal Gland", "adrenal_gland_right"),
-    ("postcava", "inferior_vena_cava"), ("gall bladder", "gallbladder"), ("bladder", "urinary_bladder"),
-    ("vertebrae L3", "vertebrae_L3"), ("lumbar spine L4", "vertebrae_L4"), ("rib left 7", "rib_left_7"),
-    ("left 7th rib", "rib_left_7"), ("right iliac vein", "iliac_vena_right"), ("left clavicle", "clavicula_left"),
-    ("costal cartilage", "costal_cartilages"), ("left lung upper lobe", "lung_upper_lobe_left"),
-    # no such `total` class, or not one structure: no entry rather than a near miss
-    ("kidney", None), ("kidney tumor", None), ("heart myocardium", None), ("prostate or uterus", None),
-    ("left right kidney", None), ("rib 7", None), ("box 0", None), ("liver tumor 03", None),
-])
+@pytest.mark.parametrize(
+    "label, expected",
+    [
+        ("left kidney", "kidney_left"),
+        ("Right Adrenal Gland", "adrenal_gland_right"),
+        ("postcava", "inferior_vena_cava"),
+        ("gall bladder", "gallbladder"),
+        ("bladder", "urinary_bladder"),
+        ("vertebrae L3", "vertebrae_L3"),
+        ("lumbar spine L4", "vertebrae_L4"),
+        ("rib left 7", "rib_left_7"),
+        ("left 7th rib", "rib_left_7"),
+        ("right iliac vein", "iliac_vena_right"),
+        ("left clavicle", "clavicula_left"),
+        ("costal cartilage", "costal_cartilages"),
+        ("left lung upper lobe", "lung_upper_lobe_left"),
+        # no such `total` class, or not one structure: no entry rather than a near miss
+        ("kidney", None),
+        ("kidney tumor", None),
+        ("heart myocardium", None),
+        ("prostate or uterus", None),
+        ("left right kidney", None),
+        ("rib 7", None),
+        ("box 0", None),
+        ("liver tumor 03", None),
+    ],
+)
 def test_prompt_spellings(label, expected):
     assert totalseg_name(label) == expected
 
@@ -53,7 +92,7 @@ def test_written_legend_names_ts_classes_where_a_label_matches(tmp_path):
     masks = {}
     for i, label in enumerate(["left kidney", "kidney tumor", "liver"]):
         m = np.zeros(shape, bool)
-        m[i * 2:i * 2 + 2] = True
+        m[i * 2 : i * 2 + 2] = True
         masks[label] = m
     r = SegmentationResult(masks, np.eye(4))
     expected = {"1": {"name": "kidney_left", "id": 3}, "3": {"name": "liver", "id": 5}}

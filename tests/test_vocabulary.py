@@ -12,16 +12,29 @@ from segevol_fast.errors import VocabularyWarning
 
 def test_every_name_is_quoted_in_the_reference_section_8(reference_notes):
     text = reference_notes.read_text()
-    section = text[text.index("## 8. Categories"):text.index("## 9.")].lower()
+    section = text[text.index("## 8. Categories") : text.index("## 9.")].lower()
     missing = sorted(n for n in vocabulary.NAMES if n not in section)
     assert not missing, f"names not found in reference §8: {missing}"
 
 
 def test_the_abdominal_defaults_and_demo_names_are_there():
     # the 13 AbdomenCT-12organ defaults and config_demo.json, exactly as §8 lists them
-    for name in ("liver", "right kidney", "left kidney", "spleen", "pancreas", "aorta", "inferior vena cava",
-                 "right adrenal gland", "left adrenal gland", "gallbladder", "esophagus", "stomach", "duodenum",
-                 "kidney"):
+    for name in (
+        "liver",
+        "right kidney",
+        "left kidney",
+        "spleen",
+        "pancreas",
+        "aorta",
+        "inferior vena cava",
+        "right adrenal gland",
+        "left adrenal gland",
+        "gallbladder",
+        "esophagus",
+        "stomach",
+        "duodenum",
+        "kidney",
+    ):
         assert vocabulary.is_known(name), name
     assert all(n == n.lower() == vocabulary.normalize(n) for n in vocabulary.NAMES)
 

@@ -104,8 +104,16 @@ def test_nothing_found_says_how_to_get_them(clean_env):
     with pytest.raises(WeightsNotFoundError) as info:
         find_weights()
     msg = str(info.value)
-    for needle in ("BAAI/SegVol", "pytorch_model.bin", "config.json", "tokenizer", "SegVol_v1.pth",
-                   "--weights", "SEGEVOL_WEIGHTS=", "github.com/BAAI-DCAI/SegVol"):
+    for needle in (
+        "BAAI/SegVol",
+        "pytorch_model.bin",
+        "config.json",
+        "tokenizer",
+        "SegVol_v1.pth",
+        "--weights",
+        "SEGEVOL_WEIGHTS=",
+        "github.com/BAAI-DCAI/SegVol",
+    ):
         assert needle in msg, needle
     assert isinstance(info.value, SegVolFastError) and isinstance(info.value, FileNotFoundError)
 

@@ -61,7 +61,9 @@ class BottleneckConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "BottleneckConfig":
-        return cls(**{**d, "places": tuple(d["places"]), "blocks": None if d.get("blocks") is None else tuple(d["blocks"])})
+        return cls(
+            **{**d, "places": tuple(d["places"]), "blocks": None if d.get("blocks") is None else tuple(d["blocks"])}
+        )
 
 
 class Bottleneck(AdapterModule):
@@ -127,8 +129,14 @@ def _slot(block: nn.Module, place: str) -> BottleneckSlot:
 
 
 # ---------------------------------------------------------------------------- the kind
-def add_bottleneck(model: nn.Module, name: str = "default", config: Optional[BottleneckConfig] = None, *,
-                   freeze_base: bool = True, activate: bool = True) -> list[str]:
+def add_bottleneck(
+    model: nn.Module,
+    name: str = "default",
+    config: Optional[BottleneckConfig] = None,
+    *,
+    freeze_base: bool = True,
+    activate: bool = True,
+) -> list[str]:
     """Attach a bottleneck adapter (Medical SAM Adapter style) called `name` beside the attention
     and/or MLP of the chosen encoder blocks; returns the module paths."""
     entry = add(model, KIND, name, config or BottleneckConfig(), freeze_base=freeze_base, activate=activate)
@@ -157,7 +165,8 @@ def _attach(model: nn.Module, name: str, config: BottleneckConfig) -> AdapterEnt
                 raise AdapterError(f"image_encoder.blocks.{i}.{place} already has an adapter named {name!r}")
             ref = blocks[i].norm1.weight
             slot.experts[name] = Bottleneck(hidden, config.dim, 1.0 if place == "after_attn" else config.scale).to(
-                device=ref.device, dtype=ref.dtype)
+                device=ref.device, dtype=ref.dtype
+            )
             paths.append(f"image_encoder.blocks.{i}.{place}.experts.{name}")
     return AdapterEntry(name, KIND, config, paths)
 
@@ -183,5 +192,14 @@ def _holders(model: nn.Module):
     return ((path, slot.experts, slot) for path, slot in bottleneck_slots(model))
 
 
-register(AdapterKind(name=KIND, label="bottleneck adapter", config_type=BottleneckConfig, attach=_attach,
-                     detach=_detach, modules=_modules, holders=_holders))
+register(
+    AdapterKind(
+        name=KIND,
+        label="bottleneck adapter",
+        config_type=BottleneckConfig,
+        attach=_attach,
+        detach=_detach,
+        modules=_modules,
+        holders=_holders,
+    )
+)

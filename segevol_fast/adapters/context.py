@@ -42,8 +42,10 @@ class PromptContext:
 
 def _rows(values, batch: int, what: str, row: str) -> tuple[str, ...]:
     if values is None:
-        raise AdapterError(f"this adapter needs the {what} of the call: wrap it in "
-                           f"adapters.prompt_context({what}=[...]) (one per {row} row)")
+        raise AdapterError(
+            f"this adapter needs the {what} of the call: wrap it in "
+            f"adapters.prompt_context({what}=[...]) (one per {row} row)"
+        )
     if len(values) == 1:
         return tuple(values) * batch
     if len(values) != batch:
@@ -59,15 +61,19 @@ def current_context() -> Optional[PromptContext]:
 
 
 @contextlib.contextmanager
-def prompt_context(modalities: Optional[Sequence[str]] = None,
-                   tasks: Optional[Sequence[str]] = None) -> Iterator[PromptContext]:
+def prompt_context(
+    modalities: Optional[Sequence[str]] = None, tasks: Optional[Sequence[str]] = None
+) -> Iterator[PromptContext]:
     """Declare the modality per image row and the task per prompt row for the calls inside; what
     is not given is inherited from an enclosing prompt_context (segment() declares the scan's
     modality for the call, its decoder steps the tasks of each decode batch). A task may be None:
     a prompt without text."""
     outer = _CONTEXT.get()
-    mods = None if modalities is None else tuple(normalize_modality(m) for m in (
-        [modalities] if isinstance(modalities, str) else modalities))
+    mods = (
+        None
+        if modalities is None
+        else tuple(normalize_modality(m) for m in ([modalities] if isinstance(modalities, str) else modalities))
+    )
     tks = None if tasks is None else tuple([tasks] if isinstance(tasks, str) else tasks)
     if outer is not None:
         mods = outer.modalities if mods is None else mods

@@ -102,6 +102,7 @@ class ContextPriorConfig:
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise AdapterError(f"unknown context-prior variant {self.variant!r}; use one of {VARIANTS}")
+
         def set_(k, v):  # a frozen dataclass normalises its own fields
             object.__setattr__(self, k, v)
 
@@ -163,8 +164,10 @@ def _indices(rows: Sequence[str], known: tuple[str, ...], what: str, device) -> 
 def _context():
     ctx = current_context()
     if ctx is None:
-        raise AdapterError("context priors need the modality of each image and the task of each prompt: wrap "
-                           "the calls in adapters.prompt_context(modalities=[...], tasks=[...])")
+        raise AdapterError(
+            "context priors need the modality of each image and the task of each prompt: wrap "
+            "the calls in adapters.prompt_context(modalities=[...], tasks=[...])"
+        )
     return ctx
 
 
@@ -344,11 +347,13 @@ class TaskPosterior(AdapterModule):
         if hermes:
             self.norm_ffn = nn.LayerNorm(hidden)
             self.ffn = FeedForward(hidden, config.ffn_dim)
-            self.posterior = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(),
-                                           _zero_linear(hidden, M * hidden))
+            self.posterior = nn.Sequential(
+                nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.GELU(), _zero_linear(hidden, M * hidden)
+            )
         else:  # SegEVOLution's PosteriorPrototypeMLP, last layer zero so the start is exact
-            self.posterior = nn.Sequential(nn.Linear(hidden, config.posterior_dim), nn.ReLU(),
-                                           _zero_linear(config.posterior_dim, M * hidden))
+            self.posterior = nn.Sequential(
+                nn.Linear(hidden, config.posterior_dim), nn.ReLU(), _zero_linear(config.posterior_dim, M * hidden)
+            )
 
     def cache_key(self) -> Any:
         ctx = current_context()
@@ -370,13 +375,14 @@ class TaskPosterior(AdapterModule):
         B, S, C = hs.shape
         M = self.num_mask_tokens
         if S < 1 + M or C != self.priors.shape[1]:
-            raise ShapeError(f"context priors expect decoder tokens (B, >= {1 + M}, {self.priors.shape[1]}), "
-                             f"got {tuple(hs.shape)}")
+            raise ShapeError(
+                f"context priors expect decoder tokens (B, >= {1 + M}, {self.priors.shape[1]}), got {tuple(hs.shape)}"
+            )
         image = image_embedding.flatten(2).transpose(1, 2)  # (1 or B, N, hidden)
         tasks = _context().task_rows(B)
         post = self.posterior(self.task_tokens(image, tasks)).view(B, M, C)
-        masks = hs[:, 1:1 + M] + (self.config.posterior_scale * post).to(hs.dtype)
-        return torch.cat([hs[:, :1], masks, hs[:, 1 + M:]], dim=1)
+        masks = hs[:, 1 : 1 + M] + (self.config.posterior_scale * post).to(hs.dtype)
+        return torch.cat([hs[:, :1], masks, hs[:, 1 + M :]], dim=1)
 
 
 # ---------------------------------------------------------------------------- attaching
@@ -411,8 +417,9 @@ def get_context_priors(model: nn.Module) -> ContextPriors | None:
     return next((e.priors for e in entries(model) if e.kind == KIND), None)
 
 
-def add_context_priors(model: nn.Module, name: str = "default", config: ContextPriorConfig | None = None, *,
-                       freeze_base: bool = True) -> ContextPriors:
+def add_context_priors(
+    model: nn.Module, name: str = "default", config: ContextPriorConfig | None = None, *, freeze_base: bool = True
+) -> ContextPriors:
     """Attach fresh context priors to `model`'s two seams; returns their handle.
 
     Refuses (AdapterError) when either seam is already taken. With freeze_base (default) every
@@ -456,8 +463,9 @@ def _attach(model: nn.Module, name: str, config: ContextPriorConfig) -> ContextP
     taken = [(s, m) for s, m in zip(SEAMS, (encoder.after_encoder, decoder.after_transformer)) if m is not None]
     if taken:
         seam, holder = taken[0]
-        raise AdapterError(f"cannot attach context priors: seam {seam} is already taken by "
-                           f"{type(holder).__name__}; remove that first")
+        raise AdapterError(
+            f"cannot attach context priors: seam {seam} is already taken by {type(holder).__name__}; remove that first"
+        )
     ref = encoder.norm.weight
     hidden = ref.shape[0]
     image_side = ModalityFusion(hidden, config).to(device=ref.device, dtype=ref.dtype)
@@ -475,7 +483,15 @@ def _modules(model: nn.Module, entry: ContextPriorEntry) -> list[tuple[str, nn.M
     return list(zip(SEAMS, (entry.priors.image_side, entry.priors.decoder_side)))
 
 
-register(AdapterKind(
-    name=KIND, label="context priors", config_type=ContextPriorConfig, attach=_attach, detach=_detach,
-    modules=_modules, not_selectable="{name!r} are context priors: they apply while attached (remove_adapter to drop them)",
-    aux_loss=lambda model, entry: entry.priors.aux_loss))
+register(
+    AdapterKind(
+        name=KIND,
+        label="context priors",
+        config_type=ContextPriorConfig,
+        attach=_attach,
+        detach=_detach,
+        modules=_modules,
+        not_selectable="{name!r} are context priors: they apply while attached (remove_adapter to drop them)",
+        aux_loss=lambda model, entry: entry.priors.aux_loss,
+    )
+)

@@ -39,16 +39,28 @@ def save_adapter(model: nn.Module, name: str, path: str | os.PathLike) -> str:
     SHA-256). Returns the path."""
     entry = entry_of(model, name)
     tensors = {f"{holder}.{k}": t for holder, m in adapter_modules(model, name) for k, t in m.state_dict().items()}
-    meta = {"name": name, "kind": entry.kind, "config": entry.config.to_dict(), "layers": list(entry.layers),
-            "base_weights_sha256": base_weights_hash(model),
-            "base_weights_source": None if getattr(model, "weights_source", None) is None else str(model.weights_source),
-            "model_config": _config_dict(model)}
+    meta = {
+        "name": name,
+        "kind": entry.kind,
+        "config": entry.config.to_dict(),
+        "layers": list(entry.layers),
+        "base_weights_sha256": base_weights_hash(model),
+        "base_weights_source": None if getattr(model, "weights_source", None) is None else str(model.weights_source),
+        "model_config": _config_dict(model),
+    }
     save_adapter_file(path, tensors, meta)
     return os.fspath(path)
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] = None, *,
-                 check_base: bool = True, activate: bool = True, kind: Optional[str] = None) -> str:
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: Optional[str] = None,
+    *,
+    check_base: bool = True,
+    activate: bool = True,
+    kind: Optional[str] = None,
+) -> str:
     """Attach the adapter saved in `path` (as `name`, default its saved name); returns the name.
 
     kind: refuse (CheckpointError) a file holding another kind of adapter ("lora", "mixture", ...).
@@ -64,11 +76,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, name: Optional[str] 
     name = name or meta["name"]
     if spec.keeps_saved_name and name != meta["name"]:
         raise CheckpointError(f"{path}: a {spec.label} loads under its saved name {meta['name']!r}")
-    layers = add(model, spec.name, name, spec.config_type.from_dict(meta["config"]), freeze_base=False,
-                 activate=False).layers
+    layers = add(
+        model, spec.name, name, spec.config_type.from_dict(meta["config"]), freeze_base=False, activate=False
+    ).layers
     try:
         if len(layers) != len(meta["layers"]):
-            raise CheckpointError(f"{path} adapts {len(meta['layers'])} places, but its config matches {len(layers)} here")
+            raise CheckpointError(
+                f"{path} adapts {len(meta['layers'])} places, but its config matches {len(layers)} here"
+            )
         for holder, m in adapter_modules(model, name):
             own = {k: tensors.pop(f"{holder}.{k}", None) for k in m.state_dict()}
             missing = [k for k, v in own.items() if v is None]
@@ -112,8 +127,10 @@ def base_weights_hash(model: nn.Module) -> str:
     with a merged adapter (its weights are not the base's)."""
     merged = [p for p, m in model.named_modules() if getattr(m, "merged", None) is not None]
     if merged:
-        raise AdapterError(f"{len(merged)} layer(s) hold a merged adapter (e.g. {merged[0]}): unmerge before hashing "
-                           "or saving the base")
+        raise AdapterError(
+            f"{len(merged)} layer(s) hold a merged adapter (e.g. {merged[0]}): unmerge before hashing "
+            "or saving the base"
+        )
     return tensors_sha256(base_state_dict(model))
 
 
@@ -130,8 +147,11 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def _checked_for_saving(path, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """The integrity metadata of an adapter about to be written; refuses non-finite tensors, which
     no load would accept."""
-    check_finite(tensors, f"adapter for {os.fspath(path)}",
-                 advice="The training diverged (try a lower learning rate or an earlier adapter); nothing was written.")
+    check_finite(
+        tensors,
+        f"adapter for {os.fspath(path)}",
+        advice="The training diverged (try a lower learning rate or an earlier adapter); nothing was written.",
+    )
     return {"tensors_sha256": tensors_sha256(tensors)}
 
 
@@ -143,7 +163,8 @@ def _verify(path: str, tensors: dict[str, torch.Tensor], header: dict) -> None:
         raise DamagedWeightsError(
             f"{path} is corrupt: its tensors no longer match the SHA-256 saved with them (the file changed "
             "after it was written: a damaged disk, copy or download). Copy it again from its source, or "
-            "save the adapter again.")
+            "save the adapter again."
+        )
     check_finite(tensors, path)
 
 
@@ -154,8 +175,12 @@ def save_adapter_file(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
 
     from ..io.output import write_file_atomic
 
-    header = {"format": FORMAT, "version": str(VERSION), "meta": json.dumps(meta, sort_keys=True),
-              **_checked_for_saving(path, tensors)}
+    header = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "meta": json.dumps(meta, sort_keys=True),
+        **_checked_for_saving(path, tensors),
+    }
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     write_file_atomic(os.path.abspath(os.fspath(path)), lambda tmp: save_file(cpu, tmp, metadata=header))
 
@@ -175,9 +200,13 @@ def read_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     except Exception as exc:  # safetensors raises its own types for damaged / foreign files
         raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
     if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is a safetensors file but not a segevol_fast adapter (format {header.get('format')!r})")
+        raise CheckpointError(
+            f"{path} is a safetensors file but not a segevol_fast adapter (format {header.get('format')!r})"
+        )
     if int(header.get("version", "0")) > VERSION:
-        raise CheckpointError(f"{path} was written by a newer segevol_fast (adapter format {header['version']}); upgrade")
+        raise CheckpointError(
+            f"{path} was written by a newer segevol_fast (adapter format {header['version']}); upgrade"
+        )
     _verify(path, tensors, header)
     return tensors, json.loads(header["meta"])
 
@@ -192,4 +221,5 @@ def check_base_weights(model: nn.Module, meta: dict, path, check: bool, base_has
         raise AdapterMismatchError(
             f"{path} was trained on base weights with SHA-256 {str(want)[:16]}..., but this model's are "
             f"{have[:16]}...: load the base checkpoint it was trained on (its metadata names "
-            f"{meta.get('base_weights_source') or 'no source'}), or pass check_base=False to load it anyway")
+            f"{meta.get('base_weights_source') or 'no source'}), or pass check_base=False to load it anyway"
+        )

@@ -68,8 +68,9 @@ class LoraConfig:
 class LoraWeights(AdapterModule):
     """One adapter on one layer: per output slice s, lora_A[s] (r, K) and lora_B[s] (n_s, r)."""
 
-    def __init__(self, in_features: int, slices: Sequence[tuple[int, int]], config: LoraConfig,
-                 device=None, dtype=None):
+    def __init__(
+        self, in_features: int, slices: Sequence[tuple[int, int]], config: LoraConfig, device=None, dtype=None
+    ):
         super().__init__()
         self.slices = [(int(a), int(b)) for a, b in slices]
         self.scale = config.scale
@@ -140,7 +141,9 @@ class LoraLinear(nn.Linear):
         _, _, (lo, hi) = w.stacked()
         with torch.no_grad():
             rows = self.weight[lo:hi]
-            rows.copy_((rows.to(torch.promote_types(rows.dtype, torch.float32)) + sign * w.delta_weight()).to(rows.dtype))
+            rows.copy_(
+                (rows.to(torch.promote_types(rows.dtype, torch.float32)) + sign * w.delta_weight()).to(rows.dtype)
+            )
 
     def cache_key(self) -> tuple:
         """What besides parameter values decides this layer's output (`model.seams`)."""
@@ -183,8 +186,9 @@ class LoraLinear(nn.Linear):
             segments = torch.arange(x.shape[0] + 1, device=x.device, dtype=torch.int64) * rows
         index = None if r.index is None else r.index.to(x.device)
         gates = None if r.gates is None else r.gates.to(device=x.device, dtype=x.dtype)
-        out = ops.routed_lora_linear(x2, self.weight, self.bias, A_stack, B_stack, segments,
-                                     adapter_idx=index, gates=gates, scale=1.0)
+        out = ops.routed_lora_linear(
+            x2, self.weight, self.bias, A_stack, B_stack, segments, adapter_idx=index, gates=gates, scale=1.0
+        )
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _stacks(self, names: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -193,7 +197,9 @@ class LoraLinear(nn.Linear):
         present = [self.lora[n] for n in names if n in self.lora]
         R = {w.rank * len(w.slices) for w in present}
         if len(R) != 1:
-            raise AdapterError(f"routing needs adapters of one rank and slice count on each layer, got ranks {sorted(R)}")
+            raise AdapterError(
+                f"routing needs adapters of one rank and slice count on each layer, got ranks {sorted(R)}"
+            )
         R = R.pop()
         K, N = self.in_features, self.out_features
         As, Bs = [], []
@@ -212,8 +218,14 @@ class LoraLinear(nn.Linear):
 
 
 # ---------------------------------------------------------------------------- the kind
-def add_lora(model: nn.Module, name: str = "default", config: Optional[LoraConfig] = None, *,
-             freeze_base: bool = True, activate: bool = True) -> list[str]:
+def add_lora(
+    model: nn.Module,
+    name: str = "default",
+    config: Optional[LoraConfig] = None,
+    *,
+    freeze_base: bool = True,
+    activate: bool = True,
+) -> list[str]:
     """Attach a LoRA adapter called `name` to every layer `config.targets` matches.
 
     Returns the adapted layers' names. With freeze_base (default) every non-adapter parameter is
@@ -273,5 +285,16 @@ def _unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-register(AdapterKind(name=KIND, label="LoRA adapter", config_type=LoraConfig, attach=_attach, detach=_detach,
-                     modules=_modules, holders=_holders, merge=_merge, unmerge=_unmerge))
+register(
+    AdapterKind(
+        name=KIND,
+        label="LoRA adapter",
+        config_type=LoraConfig,
+        attach=_attach,
+        detach=_detach,
+        modules=_modules,
+        holders=_holders,
+        merge=_merge,
+        unmerge=_unmerge,
+    )
+)

@@ -71,17 +71,27 @@ class MixtureConfig:
             raise AdapterError("tag routing needs tags={modality: expert or 'identity'}")
 
     def to_dict(self) -> dict:
-        return {"experts": list(self.experts), "kind": self.kind, "routing": self.routing, "tags": dict(self.tags),
-                "lora": None if self.lora is None else self.lora.to_dict(),
-                "bottleneck": None if self.bottleneck is None else self.bottleneck.to_dict(),
-                "balance_weight": self.balance_weight}
+        return {
+            "experts": list(self.experts),
+            "kind": self.kind,
+            "routing": self.routing,
+            "tags": dict(self.tags),
+            "lora": None if self.lora is None else self.lora.to_dict(),
+            "bottleneck": None if self.bottleneck is None else self.bottleneck.to_dict(),
+            "balance_weight": self.balance_weight,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixtureConfig":
-        return cls(experts=tuple(d["experts"]), kind=d["kind"], routing=d["routing"], tags=dict(d["tags"]),
-                   lora=None if d.get("lora") is None else LoraConfig.from_dict(d["lora"]),
-                   bottleneck=None if d.get("bottleneck") is None else BottleneckConfig.from_dict(d["bottleneck"]),
-                   balance_weight=d.get("balance_weight", 0.01))
+        return cls(
+            experts=tuple(d["experts"]),
+            kind=d["kind"],
+            routing=d["routing"],
+            tags=dict(d["tags"]),
+            lora=None if d.get("lora") is None else LoraConfig.from_dict(d["lora"]),
+            bottleneck=None if d.get("bottleneck") is None else BottleneckConfig.from_dict(d["bottleneck"]),
+            balance_weight=d.get("balance_weight", 0.01),
+        )
 
     def expert_config(self) -> LoraConfig | BottleneckConfig:
         """The config of each expert adapter (of kind `self.kind`)."""
@@ -139,8 +149,9 @@ class Router(AdapterModule):
         return self.proj(((x - mean) / torch.sqrt(var + 1e-5)).to(self.proj.weight.dtype))
 
 
-def route_for(model: nn.Module, name: str, images: Optional[Tensor] = None,
-              modalities: Optional[Sequence[str]] = None) -> Route:
+def route_for(
+    model: nn.Module, name: str, images: Optional[Tensor] = None, modalities: Optional[Sequence[str]] = None
+) -> Route:
     """The Route of mixture `name` for a batch of images (B, 1, D, H, W) (learned routing) or of
     modalities (tag routing; default: the current `prompt_context`)."""
     config = _entry(model, name).config
@@ -243,11 +254,22 @@ def _attach_router(model: nn.Module, name: str, config: MixtureConfig) -> Option
         model.mixture_routers = nn.ModuleDict()
     ref = model.image_encoder.norm.weight
     model.mixture_routers[_key(name)] = Router(model.config.hidden_size, len(config.experts)).to(
-        device=ref.device, dtype=ref.dtype)
+        device=ref.device, dtype=ref.dtype
+    )
     return f"mixture_routers.{_key(name)}"
 
 
-register(AdapterKind(
-    name=KIND, label="mixture", config_type=MixtureConfig, attach=_attach, detach=_detach, modules=_modules,
-    not_selectable="{name!r} is a mixture: run it with `with route(route_for(model, {name!r}, images)):`",
-    route=route_for, aux_loss=_aux_loss, keeps_saved_name=True))
+register(
+    AdapterKind(
+        name=KIND,
+        label="mixture",
+        config_type=MixtureConfig,
+        attach=_attach,
+        detach=_detach,
+        modules=_modules,
+        not_selectable="{name!r} is a mixture: run it with `with route(route_for(model, {name!r}, images)):`",
+        route=route_for,
+        aux_loss=_aux_loss,
+        keeps_saved_name=True,
+    )
+)

@@ -41,7 +41,9 @@ class Route:
             raise AdapterError("a Route needs at least one adapter name")
         if self.index is not None:
             if self.index.dim() != 1 or self.index.dtype.is_floating_point:
-                raise AdapterError(f"Route index must be a (B,) integer tensor, got {self.index.dtype} {tuple(self.index.shape)}")
+                raise AdapterError(
+                    f"Route index must be a (B,) integer tensor, got {self.index.dtype} {tuple(self.index.shape)}"
+                )
             if self.index.numel() and (int(self.index.min()) < -1 or int(self.index.max()) >= len(self.names)):
                 raise AdapterError(f"Route index values must be in [-1, {len(self.names)}), got {self.index.tolist()}")
         elif self.gates.dim() != 2 or self.gates.shape[1] != len(self.names):
@@ -77,8 +79,8 @@ def current_route() -> Optional[Route]:
 def route(names, index=None, gates=None) -> Iterator[Route]:
     """Route batch rows to adapters for the calls inside the block (`names` may be a Route).
 
-        with route(["mr", "pet"], index=[0, 1, -1]):   # row 0 -> "mr", 1 -> "pet", 2 -> base
-            emb = model.encode_image(windows)           # (3, 1, D, H, W)
+    with route(["mr", "pet"], index=[0, 1, -1]):   # row 0 -> "mr", 1 -> "pet", 2 -> base
+        emb = model.encode_image(windows)           # (3, 1, D, H, W)
     """
     if isinstance(names, Route):
         r = names

@@ -33,13 +33,15 @@ _QKV_PARTS = ("q", "k", "v")
 
 
 def parse_target(target: str) -> tuple[str, tuple[str, ...]]:
-    """"glob[:q,k,v]" -> (glob, parts); parts empty = the whole output."""
+    """ "glob[:q,k,v]" -> (glob, parts); parts empty = the whole output."""
     glob, _, parts = target.partition(":")
     names = tuple(p.strip() for p in parts.split(",") if p.strip())
     bad = [p for p in names if p not in _QKV_PARTS]
     if not glob or bad or len(set(names)) != len(names):
-        raise AdapterError(f"bad adapter target {target!r}: expected 'module.name.glob' or 'glob:q,v' "
-                           f"with parts among {_QKV_PARTS}, each once")
+        raise AdapterError(
+            f"bad adapter target {target!r}: expected 'module.name.glob' or 'glob:q,v' "
+            f"with parts among {_QKV_PARTS}, each once"
+        )
     return glob, names
 
 
@@ -70,7 +72,9 @@ def match_linears(model: nn.Module, targets: Iterable[str]) -> list[tuple[str, n
             raise AdapterError(f"adapter target {target!r} matches no module of {type(model).__name__}")
         for n in hits:
             if not isinstance(modules[n], nn.Linear):
-                raise AdapterError(f"adapter target {target!r} matches {n}, a {type(modules[n]).__name__}, not a Linear")
+                raise AdapterError(
+                    f"adapter target {target!r} matches {n}, a {type(modules[n]).__name__}, not a Linear"
+                )
             if n in found:
                 raise AdapterError(f"{n} is matched by two adapter targets; give each layer one target")
             found[n] = (modules[n], parts)

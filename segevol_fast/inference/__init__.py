@@ -9,5 +9,16 @@ from .result import SegmentationResult
 from .segment import segment
 from .session import Session
 
-__all__ = ["segment", "segment_batch", "Session", "SegmentationResult", "Prompt", "build_prompts", "run_exact",
-           "run_fast", "plan_fast", "parse_memory", "Plan"]
+__all__ = [
+    "segment",
+    "segment_batch",
+    "Session",
+    "SegmentationResult",
+    "Prompt",
+    "build_prompts",
+    "run_exact",
+    "run_fast",
+    "plan_fast",
+    "parse_memory",
+    "Plan",
+]

@@ -38,13 +38,14 @@ def mixture_for(model, adapter: str) -> Optional[str]:
     mixtures = routed_adapters(model)
     if adapter == "auto":
         if len(mixtures) != 1:
-            raise AdapterError(f"adapter='auto' routes with the model's mixture of adapters; it has "
-                               f"{len(mixtures)} ({mixtures or 'none'}): name the adapter instead")
+            raise AdapterError(
+                f"adapter='auto' routes with the model's mixture of adapters; it has "
+                f"{len(mixtures)} ({mixtures or 'none'}): name the adapter instead"
+            )
         return mixtures[0]
     names = adapters.adapter_names(model)
     if adapter not in names:
-        raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} "
-                           "(or use 'base' / 'auto')")
+        raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} (or use 'base' / 'auto')")
     return adapter if adapter in mixtures else None
 
 
@@ -94,8 +95,10 @@ def adapter_for(model, spec: Optional[str], attached: dict[str, str]) -> Optiona
     if spec is None or spec in ("base", "auto") or spec in adapters.adapter_names(model):
         return spec
     if not os.path.isfile(spec):
-        raise AdapterError(f"no adapter named {spec!r} (the model has {adapters.adapter_names(model) or 'none'}) "
-                           f"and no adapter file at {spec}")
+        raise AdapterError(
+            f"no adapter named {spec!r} (the model has {adapters.adapter_names(model) or 'none'}) "
+            f"and no adapter file at {spec}"
+        )
     key = os.path.realpath(spec)
     if key not in attached:
         attached[key] = _attach_file(model, spec)
@@ -111,12 +114,16 @@ def _attach_file(model, path: str) -> str:
     _, meta = read_adapter_file(path)
     kind, name = registry.find(meta.get("kind")), meta.get("name") or "adapter"
     if kind is not None and kind.always_on:  # not chosen per call, so one row's would apply to every scan
-        raise AdapterError(f"{path} holds {kind.label}, which apply to every scan while attached: attach them "
-                           "with segevol_fast.adapters.load_adapter(model, path) before segmenting instead")
+        raise AdapterError(
+            f"{path} holds {kind.label}, which apply to every scan while attached: attach them "
+            "with segevol_fast.adapters.load_adapter(model, path) before segmenting instead"
+        )
     taken = adapters.adapter_names(model)
     if name in taken and kind is not None and kind.keeps_saved_name:
-        raise AdapterError(f"{path} holds the {kind.label} {name!r}, and the model already has an adapter of that "
-                           f"name: a {kind.label} loads under its saved name")
+        raise AdapterError(
+            f"{path} holds the {kind.label} {name!r}, and the model already has an adapter of that "
+            f"name: a {kind.label} loads under its saved name"
+        )
     unique, n = name, 1
     while unique in taken:  # two files saved under the same name (e.g. "default") both load
         n += 1

@@ -65,8 +65,10 @@ def check_max_memory(max_memory) -> None:
     if max_memory is None:
         return
     if _is_bool(max_memory) or not isinstance(max_memory, (numbers.Real, str)):
-        raise ArgumentTypeError(f"max_memory must be bytes (an int) or a size string like '2GB', got "
-                                f"{type(max_memory).__name__} {max_memory!r:.60}")
+        raise ArgumentTypeError(
+            f"max_memory must be bytes (an int) or a size string like '2GB', got "
+            f"{type(max_memory).__name__} {max_memory!r:.60}"
+        )
     from .budget import parse_memory
 
     parse_memory(max_memory)
@@ -88,20 +90,25 @@ def check_device(device) -> None:
     import torch
 
     if not isinstance(device, (str, torch.device)):
-        raise ArgumentTypeError(f"device must be a string like 'cpu' or 'cuda:0' (or a torch.device), got "
-                                f"{type(device).__name__} {device!r:.60}")
+        raise ArgumentTypeError(
+            f"device must be a string like 'cpu' or 'cuda:0' (or a torch.device), got "
+            f"{type(device).__name__} {device!r:.60}"
+        )
     here = ", ".join(repr(d) for d in _available_devices())
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise InvalidArgumentError(f"unknown device {device!r}; devices on this machine: {here}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise InvalidArgumentError(f"segment() runs on 'cpu' or 'cuda[:N]', not {device!r}; "
-                                   f"devices on this machine: {here}")
+        raise InvalidArgumentError(
+            f"segment() runs on 'cpu' or 'cuda[:N]', not {device!r}; devices on this machine: {here}"
+        )
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InvalidArgumentError(f"device {str(device)!r}: this torch build or machine has no CUDA device; "
-                                       f"devices on this machine: {here}")
+            raise InvalidArgumentError(
+                f"device {str(device)!r}: this torch build or machine has no CUDA device; "
+                f"devices on this machine: {here}"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise InvalidArgumentError(f"device {str(device)!r} does not exist; devices on this machine: {here}")
 
@@ -112,8 +119,10 @@ def check_model(model) -> None:
     if not isinstance(model, SegVolNetwork):
         raise ArgumentTypeError(f"model must be a SegVol (SegVol.from_pretrained(...)), got {type(model).__name__}")
     if any(p.is_meta for p in model.parameters()):
-        raise InvalidArgumentError("the model's weights are on the meta device (never loaded); build it with "
-                                   "SegVol.from_pretrained(path) or move real weights in before segmenting")
+        raise InvalidArgumentError(
+            "the model's weights are on the meta device (never loaded); build it with "
+            "SegVol.from_pretrained(path) or move real weights in before segmenting"
+        )
 
 
 def check_text_support(model, text) -> None:
@@ -122,18 +131,22 @@ def check_text_support(model, text) -> None:
         raise InvalidArgumentError(
             "text prompts need the CLIP tokenizer, and this model has none: load it with "
             "SegVol.from_pretrained(dir) from a folder holding tokenizer.json (or vocab.json + merges.txt), or set "
-            "model.tokenizer = 'path/to/folder'; box and point prompts work without it")
+            "model.tokenizer = 'path/to/folder'; box and point prompts work without it"
+        )
 
 
 def check_volume(volume) -> None:
     """Only the kind: a path, a Volume, an array or a tensor; `load_volume` checks the contents."""
     from ..io import Volume
 
-    ok = (isinstance(volume, (str, os.PathLike, Volume, np.ndarray))
-          or (hasattr(volume, "detach") and hasattr(volume, "dtype")))  # torch tensors and MetaTensors
+    ok = isinstance(volume, (str, os.PathLike, Volume, np.ndarray)) or (
+        hasattr(volume, "detach") and hasattr(volume, "dtype")
+    )  # torch tensors and MetaTensors
     if not ok:
-        raise ArgumentTypeError(f"volume must be a path (NIfTI file, DICOM folder), a Volume, a numpy array or a "
-                                f"torch tensor (X, Y, Z), got {type(volume).__name__}")
+        raise ArgumentTypeError(
+            f"volume must be a path (NIfTI file, DICOM folder), a Volume, a numpy array or a "
+            f"torch tensor (X, Y, Z), got {type(volume).__name__}"
+        )
     if isinstance(volume, str) and not volume.strip():
         raise InvalidArgumentError("volume is an empty string; give the path of a NIfTI file or DICOM folder")
 
@@ -142,8 +155,9 @@ def check_series(series, volume) -> None:
     if series is None:
         return
     if not isinstance(series, str):  # "" is fine: it names a series whose files have no UID
-        raise ArgumentTypeError(f"series must be a SeriesInstanceUID string, got {type(series).__name__} "
-                                f"{series!r:.60}")
+        raise ArgumentTypeError(
+            f"series must be a SeriesInstanceUID string, got {type(series).__name__} {series!r:.60}"
+        )
     if not isinstance(volume, (str, os.PathLike)):
         raise InvalidArgumentError("series= picks a DICOM series from a folder; the volume given is not a path")
 
@@ -152,14 +166,32 @@ def check_progress(progress) -> None:
     # True / False, or a progress display object (segevol_fast.inference.progress); a number or a
     # string is a misplaced argument
     if not _is_bool(progress) and (progress is None or isinstance(progress, (numbers.Number, str, bytes))):
-        raise ArgumentTypeError(f"progress must be True, False or a progress display, got "
-                                f"{type(progress).__name__} {progress!r:.60}")
+        raise ArgumentTypeError(
+            f"progress must be True, False or a progress display, got {type(progress).__name__} {progress!r:.60}"
+        )
 
 
-def check_segment_arguments(model, volume, text=None, box=None, points=None, point_labels=None, *,
-                            coords="voxel", modality=None, mode="fast", zoom_in=True, max_memory=None,
-                            device=None, progress=True, return_probabilities=False, seed=0,
-                            precision: Optional[str] = "auto", series=None, adapter=None) -> None:
+def check_segment_arguments(
+    model,
+    volume,
+    text=None,
+    box=None,
+    points=None,
+    point_labels=None,
+    *,
+    coords="voxel",
+    modality=None,
+    mode="fast",
+    zoom_in=True,
+    max_memory=None,
+    device=None,
+    progress=True,
+    return_probabilities=False,
+    seed=0,
+    precision: Optional[str] = "auto",
+    series=None,
+    adapter=None,
+) -> None:
     """Check every `segment()` argument that can be checked without reading the volume.
 
     Raises ArgumentTypeError / InvalidArgumentError / PromptError / MemorySpecError; returns None.
@@ -186,8 +218,17 @@ def check_segment_arguments(model, volume, text=None, box=None, points=None, poi
     check_adapter(model, adapter)
 
 
-def check_session_arguments(model, volume, *, modality=None, max_memory=None, device=None, series=None,
-                            precision: Optional[str] = "auto", adapter=None) -> None:
+def check_session_arguments(
+    model,
+    volume,
+    *,
+    modality=None,
+    max_memory=None,
+    device=None,
+    series=None,
+    precision: Optional[str] = "auto",
+    adapter=None,
+) -> None:
     """`model.session(...)`'s arguments: segment()'s checks except the prompts, which come later."""
     check_model(model)
     check_volume(volume)

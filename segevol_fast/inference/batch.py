@@ -51,13 +51,15 @@ def _route(choices) -> Optional[_adapters.Route]:
     """One Route over every scan's choice: hard indices when all are single adapters, else gates."""
     names = []
     for name, gates in choices:
-        for n in ([name] if gates is None and name is not None else (name if gates is not None else [])):
+        for n in [name] if gates is None and name is not None else (name if gates is not None else []):
             if n not in names:
                 names.append(n)
     if not names:
         return None
     if all(g is None for _, g in choices):
-        return _adapters.Route(tuple(names), index=torch.tensor([-1 if n is None else names.index(n) for n, _ in choices]))
+        return _adapters.Route(
+            tuple(names), index=torch.tensor([-1 if n is None else names.index(n) for n, _ in choices])
+        )
     rows = torch.zeros(len(choices), len(names))
     for i, (name, gates) in enumerate(choices):
         if gates is not None:
@@ -68,8 +70,19 @@ def _route(choices) -> Optional[_adapters.Route]:
     return _adapters.Route(tuple(names), gates=rows)
 
 
-def segment_batch(model, volumes: Sequence, adapters: Sequence[Optional[str]], text=None, box=None, points=None,
-                  point_labels=None, *, modality=None, batch_size: int = 4, **kwargs) -> list[SegmentationResult]:
+def segment_batch(
+    model,
+    volumes: Sequence,
+    adapters: Sequence[Optional[str]],
+    text=None,
+    box=None,
+    points=None,
+    point_labels=None,
+    *,
+    modality=None,
+    batch_size: int = 4,
+    **kwargs,
+) -> list[SegmentationResult]:
     """Segment each of `volumes` with its own entry of `adapters` (None, "base", a name, "auto"),
     the same prompts for every scan. `modality`: one for all, or one per scan (default: each
     scan's own, else "ct"). `batch_size`: scans per routed zoom-out pass. Other keyword

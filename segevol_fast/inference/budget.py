@@ -118,7 +118,8 @@ def parse_memory(spec: Union[int, float, str]) -> int:
         if m is None or unit not in _UNITS:
             raise MemorySpecError(
                 f"cannot read memory size {spec!r}: use bytes or a number with a unit, e.g. '2GB' (10⁹), "
-                "'512MiB' (2²⁰), '1.5G'")
+                "'512MiB' (2²⁰), '1.5G'"
+            )
         value = float(m.group(1)) * _UNITS[unit]
     else:
         raise MemorySpecError(f"memory size must be an int or a string like '2GB', got {type(spec).__name__}")
@@ -165,12 +166,18 @@ class Plan:
 
     def summary(self) -> dict:
         """JSON-ready description (dtypes and devices as strings, bytes as ints)."""
-        return {"device": str(self.device), "window_batch": self.window_batch,
-                "accumulator_dtype": str(self.accumulator_dtype).replace("torch.", ""),
-                "stitch_device": str(self.stitch_device), "cache_windows": self.cache_windows,
-                "decode_batch": self.decode_batch, "prompt_group": self.prompt_group,
-                "estimated_peak_bytes": int(self.estimated_peak_bytes), "max_memory": self.max_memory,
-                "breakdown": {k: int(v) for k, v in self.breakdown.items()}}
+        return {
+            "device": str(self.device),
+            "window_batch": self.window_batch,
+            "accumulator_dtype": str(self.accumulator_dtype).replace("torch.", ""),
+            "stitch_device": str(self.stitch_device),
+            "cache_windows": self.cache_windows,
+            "decode_batch": self.decode_batch,
+            "prompt_group": self.prompt_group,
+            "estimated_peak_bytes": int(self.estimated_peak_bytes),
+            "max_memory": self.max_memory,
+            "breakdown": {k: int(v) for k, v in self.breakdown.items()},
+        }
 
     def __post_init__(self):
         object.__setattr__(self, "device", torch.device(self.device))
@@ -374,14 +381,27 @@ def plan_exact(
     """The (only) `Plan` of `mode="exact"`: window batch 1, one prompt at a time, float32 sums on
     the host, no cache; with its estimate. Raises `BudgetError` when max_memory is below it."""
     dev = torch.device(device) if device is not None else model_device(model)
-    total, items = estimate_exact(model, crop_shape, n_prompts, zoom_in=zoom_in, device=dev,
-                                  return_logits=return_logits, baseline_bytes=baseline_bytes,
-                                  output_voxels=output_voxels)
+    total, items = estimate_exact(
+        model,
+        crop_shape,
+        n_prompts,
+        zoom_in=zoom_in,
+        device=dev,
+        return_logits=return_logits,
+        baseline_bytes=baseline_bytes,
+        output_voxels=output_voxels,
+    )
     limit = parse_memory(max_memory) if max_memory is not None else None
     if limit is not None and total > limit:
         raise BudgetError(_budget_message(limit, total, items, dev, mode="exact"), total, limit, items)
-    return Plan(device=dev, stitch_device="cpu", accumulator_dtype=torch.float32, estimated_peak_bytes=total,
-                breakdown=items, max_memory=limit)
+    return Plan(
+        device=dev,
+        stitch_device="cpu",
+        accumulator_dtype=torch.float32,
+        estimated_peak_bytes=total,
+        breakdown=items,
+        max_memory=limit,
+    )
 
 
 # ------------------------------------------------------------------------------ the planner
@@ -434,15 +454,30 @@ def plan_fast(
     n_windows = _num_windows(crop_shape, model.config.spatial_size)
 
     def cost(**kw) -> tuple[int, dict[str, int]]:
-        return estimate(model, crop_shape, n, device=dev, return_logits=return_logits, baseline_bytes=base,
-                        output_voxels=output_voxels, **kw)
+        return estimate(
+            model,
+            crop_shape,
+            n,
+            device=dev,
+            return_logits=return_logits,
+            baseline_bytes=base,
+            output_voxels=output_voxels,
+            **kw,
+        )
 
     def fits(**kw) -> bool:
         return limit is None or cost(**kw)[0] <= limit
 
     stitches = [dev] if dev.type == "cpu" else [dev, torch.device("cpu")]
-    choice = next(((dt, st) for dt in (torch.float32, torch.float16) for st in stitches
-                   if fits(accumulator_dtype=dt, stitch_device=st)), None)
+    choice = next(
+        (
+            (dt, st)
+            for dt in (torch.float32, torch.float16)
+            for st in stitches
+            if fits(accumulator_dtype=dt, stitch_device=st)
+        ),
+        None,
+    )
     if choice is None:
         smallest = dict(accumulator_dtype=torch.float16, stitch_device=stitches[-1])
         if explicit:
@@ -455,8 +490,9 @@ def plan_fast(
     kw["prompt_group"] = _largest(1, n, lambda g: fits(**kw, prompt_group=g))
     kw["decode_batch"] = _largest(1, kw["prompt_group"], lambda d: fits(**kw, decode_batch=d))
     # the cache only serves later prompt groups: with every prompt in one group it would never hit
-    kw["cache_windows"] = (0 if kw["prompt_group"] >= n
-                           else _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c)))
+    kw["cache_windows"] = (
+        0 if kw["prompt_group"] >= n else _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c))
+    )
     total, items = cost(**kw)
     return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, **kw)
 
@@ -474,4 +510,5 @@ def _budget_message(limit: int, total: int, items: dict[str, int], device: torch
     return (
         f"max_memory={format_bytes(limit)} cannot be met on {device}: mode={mode!r} needs at least "
         f"{format_bytes(total)} of {where} here ({smallest}). Biggest items: {biggest}. Raise max_memory, "
-        f"{advice}, or free memory held elsewhere (the baseline counts what this process already holds).")
+        f"{advice}, or free memory held elsewhere (the baseline counts what this process already holds)."
+    )

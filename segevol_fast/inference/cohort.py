@@ -126,8 +126,16 @@ def _write_summary(out: pathlib.Path, rows: Sequence[dict], name: str = SUMMARY)
     write_bytes_atomic(out / name, text.getvalue().encode())
 
 
-def segment_cohort(model, items: Sequence[CohortItem], out_dir: str | os.PathLike, *, resume: bool = True,
-                   preview: bool = False, progress: bool = True, **segment_kwargs) -> list[dict]:
+def segment_cohort(
+    model,
+    items: Sequence[CohortItem],
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = True,
+    preview: bool = False,
+    progress: bool = True,
+    **segment_kwargs,
+) -> list[dict]:
     """Segment every item into <out_dir>/<item.name>/; returns the summary rows, in item order
     (also written to <out_dir>/cohort_summary.csv). segment_kwargs go to `segment()`.
 
@@ -153,9 +161,18 @@ def segment_cohort(model, items: Sequence[CohortItem], out_dir: str | os.PathLik
     try:
         checked = _check_items(model, mine, attached, segment_kwargs)
         previous = _previous_rows(out) if resume else {}
-        rows = _run(model, checked, out, previous, resume=resume, preview=preview, progress=progress,
-                    kwargs=segment_kwargs, summary=lambda rows: _write_summary(out, _in_order(rows, order), name),
-                    desc="cohort" if world == 1 else f"cohort rank {rank}")
+        rows = _run(
+            model,
+            checked,
+            out,
+            previous,
+            resume=resume,
+            preview=preview,
+            progress=progress,
+            kwargs=segment_kwargs,
+            summary=lambda rows: _write_summary(out, _in_order(rows, order), name),
+            desc="cohort" if world == 1 else f"cohort rank {rank}",
+        )
     finally:
         for adapter in attached.values():
             adapters.remove_adapter(model, adapter)
@@ -189,8 +206,15 @@ def _check_items(model, items: Sequence[CohortItem], attached: dict, kwargs: dic
         checked.append((item, adapter, error))
     first = next(((item, adapter) for item, adapter, error in checked if error is None), None)
     if first is not None:  # its own values passed above: what fails here is the call's (mode, device...)
-        check_segment_arguments(model, first[0].input, **item_prompts(first[0]), modality=first[0].modality,
-                                adapter=first[1], progress=False, **kwargs)
+        check_segment_arguments(
+            model,
+            first[0].input,
+            **item_prompts(first[0]),
+            modality=first[0].modality,
+            adapter=first[1],
+            progress=False,
+            **kwargs,
+        )
     return checked
 
 
@@ -205,8 +229,19 @@ def _on_column(item: CohortItem, column: str, check, *args):
         raise type(exc)(f"{column_of(item, column)}: {exc}") from None
 
 
-def _run(model, checked: list[tuple], out: pathlib.Path, previous: dict, *, resume: bool, preview: bool,
-         progress: bool, kwargs: dict, summary, desc: str) -> list[dict]:
+def _run(
+    model,
+    checked: list[tuple],
+    out: pathlib.Path,
+    previous: dict,
+    *,
+    resume: bool,
+    preview: bool,
+    progress: bool,
+    kwargs: dict,
+    summary,
+    desc: str,
+) -> list[dict]:
     """Rows of this rank's items: refused, skipped (done before) or run; `summary(rows)` after each."""
     from tqdm import tqdm
 
@@ -263,8 +298,11 @@ def _skipped(item: CohortItem, out: pathlib.Path, previous: dict) -> dict:
         saved = json.loads((out / item.name / "summary.json").read_text())
     except (OSError, ValueError):
         return row
-    row.update(peak_memory_bytes=saved.get("peak_memory_bytes"), windows=json.dumps(saved.get("zoom_in_windows") or {}),
-               adapter=saved.get("adapter") or "")
+    row.update(
+        peak_memory_bytes=saved.get("peak_memory_bytes"),
+        windows=json.dumps(saved.get("zoom_in_windows") or {}),
+        adapter=saved.get("adapter") or "",
+    )
     row.update({f"ml[{k}]": v for k, v in (saved.get("volumes_ml") or {}).items()})
     return row
 
@@ -273,23 +311,39 @@ def _load(item: CohortItem):
     return load_volume(item.input, modality=item.modality)
 
 
-def _one(model, item: CohortItem, adapter: Optional[str], loading: cf.Future, out: pathlib.Path, preview: bool,
-         kwargs: dict, segment) -> dict:
+def _one(
+    model,
+    item: CohortItem,
+    adapter: Optional[str],
+    loading: cf.Future,
+    out: pathlib.Path,
+    preview: bool,
+    kwargs: dict,
+    segment,
+) -> dict:
     from .adapter_scope import file_note
 
     t = time.perf_counter()
     try:
         volume = loading.result()
-        res = segment(model, volume, **item_prompts(item), modality=item.modality, adapter=adapter, progress=False,
-                      **kwargs)
+        res = segment(
+            model, volume, **item_prompts(item), modality=item.modality, adapter=adapter, progress=False, **kwargs
+        )
         if adapter is not None and adapter != item.adapter:  # attached from a file: say which
             res.notes.append(file_note(adapter, item.adapter))
         res.save(out / item.name, preview=preview)
     except Exception as exc:  # whatever it is, one scan's failure is reported and the cohort goes on
         return _failed(item, exc, time.perf_counter() - t)
-    row = {"name": item.name, "input": item.input, "status": "ok", "error": "",
-           "seconds": round(time.perf_counter() - t, 3), "peak_memory_bytes": res.peak_memory_bytes,
-           "windows": json.dumps(res.zoom_in_windows or {}), "adapter": res.adapter or ""}
+    row = {
+        "name": item.name,
+        "input": item.input,
+        "status": "ok",
+        "error": "",
+        "seconds": round(time.perf_counter() - t, 3),
+        "peak_memory_bytes": res.peak_memory_bytes,
+        "windows": json.dumps(res.zoom_in_windows or {}),
+        "adapter": res.adapter or "",
+    }
     row.update({f"ml[{k}]": round(v, 3) for k, v in res.volumes_ml().items()})
     return row
 

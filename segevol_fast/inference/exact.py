@@ -132,11 +132,17 @@ def zoom_out_prompt(prompt: Prompt, crop_shape: Sequence[int], size: Sequence[in
             warnings.warn(
                 f"prompt {prompt.label!r}: the box {np.asarray(prompt.box).tolist()} vanished when the crop "
                 f"{tuple(crop_shape)} was resized to {tuple(size)} ('nearest-exact', as officially); the model "
-                "gets the empty box. Use a thicker box or mode='fast'.", ZoomInWarning, stacklevel=3)
+                "gets the empty box. Use a thicker box or mode='fast'.",
+                ZoomInWarning,
+                stacklevel=3,
+            )
     if prompt.points is not None:
         coords = points_to_zoom_out(prompt.points, crop_shape, size)
-        labels = (torch.ones(len(coords), dtype=torch.int64) if prompt.point_labels is None
-                  else torch.as_tensor(np.asarray(prompt.point_labels), dtype=torch.int64))
+        labels = (
+            torch.ones(len(coords), dtype=torch.int64)
+            if prompt.point_labels is None
+            else torch.as_tensor(np.asarray(prompt.point_labels), dtype=torch.int64)
+        )
         points = (coords.float()[None], labels[None])
         # build_binary_points: positives only, at the zoom-out size
         point_map = torch.zeros(tuple(size), dtype=torch.float32)
@@ -173,8 +179,9 @@ def _cube(box: Tensor, size: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------------ the pipeline
-def _forward(model, image: Tensor, text: Optional[Tensor], box: Optional[Tensor],
-             points: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+def _forward(
+    model, image: Tensor, text: Optional[Tensor], box: Optional[Tensor], points: Optional[tuple[Tensor, Tensor]]
+) -> Tensor:
     """One official model call: image (1, 1, *S) -> logits (1, 1, *S) float32 on the CPU."""
     dev = model_device(model)
     emb = model.encode_image(image.to(dev))
@@ -190,7 +197,8 @@ def _check(prep: Preprocessed, prompts: Sequence[Prompt], zoom_in: bool) -> None
         if zoom_in and p.box is not None and p.points is not None:
             raise PromptError(
                 f"prompt {p.label!r} has both a box and points: the official zoom-in cannot combine them "
-                "(it asserts). Use one of them, zoom_in=False, or mode='fast'.")
+                "(it asserts). Use one of them, zoom_in=False, or mode='fast'."
+            )
 
 
 def run_exact(
@@ -232,8 +240,9 @@ def run_exact(
     with torch.no_grad(), display_for(progress) as display:
         for i, prompt in enumerate(prompts):
             display.stage(f"prompt {i + 1}/{len(prompts)} {prompt.label!r}: zoom-out", key="zoom-out")
-            logits, n_windows = _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality,
-                                            zoom_in, seed, display)
+            logits, n_windows = _run_prompt(
+                model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, display
+            )
             # before the next prompt's minutes: NaN weights make every prompt's logits NaN
             check_finite_logits(model, finite_rows(logits[None]), [prompt.label], "zoom-out-zoom-in")
             results.append(logits)
@@ -244,8 +253,9 @@ def run_exact(
 
 def _run_prompt(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress):
     with prompt_context(tasks=[prompt.text]):  # for adapters that read the prompt's task
-        return _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed,
-                                      progress)
+        return _run_prompt_in_context(
+            model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress
+        )
 
 
 def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, modality, zoom_in, seed, progress):
@@ -257,14 +267,20 @@ def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, m
         return coarse, 0
     roi = roi_from_logits(coarse, size)
     if roi is None:
-        warnings.warn(f"Fail to detect foreground! (prompt {prompt.label!r}): keeping the zoom-out result",
-                      ZoomInWarning, stacklevel=3)
+        warnings.warn(
+            f"Fail to detect foreground! (prompt {prompt.label!r}): keeping the zoom-out result",
+            ZoomInWarning,
+            stacklevel=3,
+        )
         return coarse, 0
     if zp.points is not None and not _points_reflected(zp, crop_shape):
         warnings.warn(
             f"prompt {prompt.label!r}: a positive point's zoom-out voxel is not copied back to the crop by the "
             "official 'nearest' upsampling of the point map, so zoom-in windows cannot sample it (an official "
-            "quirk; windows without a positive get the (-1, -1, -1) point)", ZoomInWarning, stacklevel=3)
+            "quirk; windows without a positive get the (-1, -1, -1) point)",
+            ZoomInWarning,
+            stacklevel=3,
+        )
     lo, hi = roi
     region = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
     roi_image = image[(0, 0) + region][None, None]
@@ -305,4 +321,3 @@ def _run_prompt_in_context(model, image, zoom_image, crop_shape, size, prompt, m
     out = coarse.clone()
     out[region] = stitched[0, 0]
     return out, n_windows
-

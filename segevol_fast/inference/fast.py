@@ -85,8 +85,9 @@ class FastOutput:
 # ------------------------------------------------------------------------------ windows on the global grid
 def windows_for_roi(grid: Sequence[Sequence[int]], window: Sequence[int], lo: Triple, hi: Triple) -> list[Window]:
     """Grid windows meeting the inclusive box [lo, hi], in raster order (D slowest)."""
-    per_axis = [[i for i, s in enumerate(starts) if s <= b and s + r - 1 >= a]
-                for starts, r, a, b in zip(grid, window, lo, hi)]
+    per_axis = [
+        [i for i, s in enumerate(starts) if s <= b and s + r - 1 >= a] for starts, r, a, b in zip(grid, window, lo, hi)
+    ]
     return [(i, j, k) for i in per_axis[0] for j in per_axis[1] for k in per_axis[2]]
 
 
@@ -172,8 +173,11 @@ def _decode(model, emb: Tensor, items: Sequence[_Item], texts: dict[int, Tensor]
             boxes = torch.stack([it.box for it in part]).to(dev) if has_box else None
             points = None
             if n_points is not None:
-                points = (torch.stack([it.points[0] for it in part]).to(dev),
-                          torch.stack([it.points[1] for it in part]).to(dev))
+                points = (
+                    torch.stack([it.points[0] for it in part]).to(dev),
+                    torch.stack([it.points[1] for it in part]).to(dev),
+                )
+
             def call(part=part, text=text, boxes=boxes, points=points):
                 with prompt_context(tasks=[tasks[it.k] for it in part]):
                     return model.decode(emb, text_embedding=text, boxes=boxes, points=points)
@@ -225,8 +229,9 @@ def _window_points(prompt: Prompt, origin: Triple, window: Sequence[int]) -> tup
     return (torch.tensor(local[inside], dtype=torch.float32), torch.tensor(labels[inside], dtype=torch.int64))
 
 
-def _window_item(k: int, prompt: Prompt, cmap: _CropMap, fg: Tensor, origin: Triple, window: Sequence[int],
-                 single: bool) -> _Item:
+def _window_item(
+    k: int, prompt: Prompt, cmap: _CropMap, fg: Tensor, origin: Triple, window: Sequence[int], single: bool
+) -> _Item:
     """Decoder input of prompt k in one window; fg: its coarse foreground (*size) for the box."""
     box = points = None
     if prompt.box is not None and single:
@@ -288,8 +293,17 @@ class _Stitch:
     rows are overwritten as they finish. origins: the prompt's windows (crop-frame starts).
     """
 
-    def __init__(self, roi: tuple[Triple, Triple], origins: Sequence[Triple], size: Sequence[int], grid,
-                 mask: Tensor, logits: Optional[Tensor], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        roi: tuple[Triple, Triple],
+        origins: Sequence[Triple],
+        size: Sequence[int],
+        grid,
+        mask: Tensor,
+        logits: Optional[Tensor],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.lo, self.hi = roi
         self.size, self.mask, self.logits, self.dtype, self.device = tuple(size), mask, logits, dtype, device
         self.row_shape = (self.hi[1] - self.lo[1] + 1, self.hi[2] - self.lo[2] + 1)
@@ -390,8 +404,18 @@ def run_fast(
     while True:
         error = None
         try:
-            return _run_once(model, prep, prompts, modality, zoom_in, retry, progress, return_logits,
-                             zoom_out_embedding, window_cache)
+            return _run_once(
+                model,
+                prep,
+                prompts,
+                modality,
+                zoom_in,
+                retry,
+                progress,
+                return_logits,
+                zoom_out_embedding,
+                window_cache,
+            )
         except OutOfMemoryError as err:  # outside the encoder and decoder calls: the stitch buffers
             error = f"{type(err).__name__}: {err}"  # text only: the traceback pins the failed tensors
         except HostStitchNeeded as err:  # a batch was already 1
@@ -399,8 +423,18 @@ def run_fast(
         retry.to_host(error)  # raises DeviceOutOfMemoryError when nothing is left to try
 
 
-def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress, return_logits,
-              zoom_out_embedding=None, window_cache=None) -> list[FastOutput]:
+def _run_once(
+    model,
+    prep,
+    prompts,
+    modality,
+    zoom_in,
+    retry: Retries,
+    progress,
+    return_logits,
+    zoom_out_embedding=None,
+    window_cache=None,
+) -> list[FastOutput]:
     """One attempt of run_fast with retry.plan (which the encoder and decoder may shrink as they go)."""
     plan, crop_shape = retry.plan, prep.crop.shape
     size = tuple(model.config.spatial_size)
@@ -421,7 +455,9 @@ def _run_once(model, prep, prompts, modality, zoom_in, retry: Retries, progress,
             outputs[k] = FastOutput(*coarse.output(k, cmap, plan.accumulator_dtype))
     zoomed = [k for k, roi in enumerate(rois) if roi is not None]
     if zoomed:
-        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress, window_cache).run(zoomed, outputs)
+        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress, window_cache).run(
+            zoomed, outputs
+        )
     return outputs  # type: ignore[return-value]
 
 
@@ -463,8 +499,11 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries, emb
         points = None
         if p.points is not None:
             coords = points_to_zoom_out(p.points, crop_shape, size).float()
-            labels = (torch.ones(len(coords), dtype=torch.int64) if p.point_labels is None
-                      else torch.as_tensor(np.asarray(p.point_labels), dtype=torch.int64))
+            labels = (
+                torch.ones(len(coords), dtype=torch.int64)
+                if p.point_labels is None
+                else torch.as_tensor(np.asarray(p.point_labels), dtype=torch.int64)
+            )
             points = (coords, labels)
         items.append(_Item(k, box, points))
     coarse = torch.empty((len(prompts), *size), dtype=torch.float32, device=plan.stitch_device)
@@ -476,8 +515,9 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries, emb
 class _ZoomIn:
     """The zoom-in pass over prompt groups; see the module docstring."""
 
-    def __init__(self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress,
-                 window_cache=None):
+    def __init__(
+        self, model, crop: CropReader, prompts, texts, cmap, coarse, rois, retry: Retries, progress, window_cache=None
+    ):
         self.model, self.crop, self.prompts, self.texts = model, crop, prompts, texts
         self.tasks = [p.text for p in prompts]
         self.cmap, self.coarse, self.rois, self.retry = cmap, coarse, rois, retry
@@ -523,15 +563,26 @@ class _ZoomIn:
 
     def _group(self, group, order, users, need, outputs, bar) -> None:
         dtype = self.plan.accumulator_dtype
-        stitches = {k: _Stitch(self.rois[k], [self._origin(w) for w in need[k]], self.size, self.grid,
-                               *self.coarse.output(k, self.cmap, dtype), dtype, self.plan.stitch_device)
-                    for k in group}
+        stitches = {
+            k: _Stitch(
+                self.rois[k],
+                [self._origin(w) for w in need[k]],
+                self.size,
+                self.grid,
+                *self.coarse.output(k, self.cmap, dtype),
+                dtype,
+                self.plan.stitch_device,
+            )
+            for k in group
+        }
         finite = {k: True for k in group}  # becomes a device flag per prompt, read once below
         for batch, embs in self._embeddings(order):
             for w in batch:
                 origin = self._origin(w)
-                items = [_window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size,
-                                      len(need[k]) == 1) for k in users[w]]
+                items = [
+                    _window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size, len(need[k]) == 1)
+                    for k in users[w]
+                ]
                 for it, logits in _decode(self.model, embs[w], items, self.texts, self.retry, self.tasks):
                     stitches[it.k].add(logits, origin)
                     finite[it.k] = finite_rows(logits[None])[0] & finite[it.k]
@@ -568,8 +619,12 @@ class _ZoomIn:
         out: list[Tensor] = []
         while len(out) < len(todo):
             part = todo[len(out) : len(out) + self.plan.window_batch]
-            e = self.retry.attempt("encoder", lambda: self.model.encode_image(
-                _extract(self.crop, [self._origin(w) for w in part], self.size).to(self.plan.device)))
+            e = self.retry.attempt(
+                "encoder",
+                lambda: self.model.encode_image(
+                    _extract(self.crop, [self._origin(w) for w in part], self.size).to(self.plan.device)
+                ),
+            )
             if e is not None:
                 # clone: a cached slice must not pin the whole batch (clone keeps the strides)
                 out.extend(e[j : j + 1].clone() for j in range(len(part)))

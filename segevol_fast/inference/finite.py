@@ -32,14 +32,20 @@ def check_finite_logits(model: nn.Module, finite, labels: Sequence[str], stage: 
     if bad:
         raise NonFiniteOutputError(
             f"the model gave NaN or infinite logits in the {stage} pass for prompt(s) {', '.join(map(repr, bad))}: "
-            f"no mask was made. {_cause(model)}", prompts=bad)
+            f"no mask was made. {_cause(model)}",
+            prompts=bad,
+        )
 
 
 def _cause(model: nn.Module) -> str:
     """Why the logits are not finite, as far as the model's own tensors tell."""
     for name, t in chain(model.named_parameters(), model.named_buffers()):
         if not all_finite(t):
-            return (f"The model's tensor {name} holds NaN or infinite values: reload the weights "
-                    "(SegVol.from_pretrained) and any adapter from intact files.")
-    return ("The weights are finite, so a computation overflowed: float16 (precision='fp16', or 'auto' on a "
-            "GPU without bfloat16) ends at 65504; rerun with precision='fp32' or 'bf16'.")
+            return (
+                f"The model's tensor {name} holds NaN or infinite values: reload the weights "
+                "(SegVol.from_pretrained) and any adapter from intact files."
+            )
+    return (
+        "The weights are finite, so a computation overflowed: float16 (precision='fp16', or 'auto' on a "
+        "GPU without bfloat16) ends at 65504; rerun with precision='fp32' or 'bf16'."
+    )

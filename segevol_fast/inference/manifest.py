@@ -38,8 +38,11 @@ from ..errors import (
 from .result import safe_label
 
 PROMPT_COLUMNS = ("text", "box", "points", "point_labels")
-NUMBER_COLUMNS = {"box": "6 numbers i0 j0 k0 i1 j1 k1 per box", "points": "3 numbers i j k per point",
-                  "point_labels": "1 (positive) or 0 (negative) per point"}
+NUMBER_COLUMNS = {
+    "box": "6 numbers i0 j0 k0 i1 j1 k1 per box",
+    "points": "3 numbers i j k per point",
+    "point_labels": "1 (positive) or 0 (negative) per point",
+}
 ADAPTER_SUFFIX = ".safetensors"
 
 
@@ -81,8 +84,10 @@ def read_manifest(path: str | os.PathLike) -> list[CohortItem]:
         raise VolumeNotFoundError(f"no cohort manifest at {path}")
     rows = _jsonl_rows(path) if path.suffix.lower() == ".jsonl" else _csv_rows(path)
     if not rows:
-        raise InvalidArgumentError(f"cohort manifest {path} has no rows: give one scan per row "
-                                   "(CSV: a header line such as 'input,text' and then one line per scan)")
+        raise InvalidArgumentError(
+            f"cohort manifest {path} has no rows: give one scan per row "
+            "(CSV: a header line such as 'input,text' and then one line per scan)"
+        )
     return unique_names([_item(path, n, where, row) for n, (where, row) in enumerate(rows, 1)])
 
 
@@ -90,8 +95,10 @@ def _text_lines(path: pathlib.Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise InvalidArgumentError(f"cohort manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                                   "save it as a UTF-8 CSV or JSONL file") from None
+        raise InvalidArgumentError(
+            f"cohort manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+            "save it as a UTF-8 CSV or JSONL file"
+        ) from None
 
 
 def _csv_rows(path: pathlib.Path) -> list[tuple[str, dict]]:
@@ -103,11 +110,13 @@ def _csv_rows(path: pathlib.Path) -> list[tuple[str, dict]]:
             raise InvalidArgumentError(
                 f"cohort manifest {path} has no 'input' column (its first line, the header, names {header}); "
                 "the header names the columns: input (required), text, box, points, point_labels, modality, "
-                "adapter, name")
+                "adapter, name"
+            )
         return [(f"{path}, row {n} (line {reader.line_num})", row) for n, row in enumerate(reader, 1)]
     except csv.Error as exc:
-        raise InvalidArgumentError(f"cohort manifest {path}, line {reader.line_num}: not readable as CSV ({exc})") \
-            from None
+        raise InvalidArgumentError(
+            f"cohort manifest {path}, line {reader.line_num}: not readable as CSV ({exc})"
+        ) from None
 
 
 def _jsonl_rows(path: pathlib.Path) -> list[tuple[str, object]]:
@@ -119,11 +128,15 @@ def _jsonl_rows(path: pathlib.Path) -> list[tuple[str, object]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            row = InvalidArgumentError(f"{where}: not valid JSON ({exc.msg} at character {exc.colno}); each line "
-                                       'is one object such as {"input": "ct.nii.gz", "text": ["liver"]}')
+            row = InvalidArgumentError(
+                f"{where}: not valid JSON ({exc.msg} at character {exc.colno}); each line "
+                'is one object such as {"input": "ct.nii.gz", "text": ["liver"]}'
+            )
         if not isinstance(row, (dict, Exception)):
-            row = InvalidArgumentError(f'{where}: each line must be one JSON object such as {{"input": "ct.nii.gz"}}, '
-                                       f"got a {type(row).__name__}")
+            row = InvalidArgumentError(
+                f'{where}: each line must be one JSON object such as {{"input": "ct.nii.gz"}}, '
+                f"got a {type(row).__name__}"
+            )
         rows.append((where, row))
     return rows
 
@@ -137,7 +150,8 @@ def _item(manifest: pathlib.Path, n: int, where: str, row) -> CohortItem:
         if row.get(None):  # csv.DictReader's key for fields beyond the header's
             raise InvalidArgumentError(
                 f"{where}: {len(row[None])} more field(s) than the header's {len(row) - 1} columns, starting with "
-                f"{row[None][0]!r}; quote a field that holds commas (\"1,2,3,4,5,6\") or separate numbers by spaces")
+                f'{row[None][0]!r}; quote a field that holds commas ("1,2,3,4,5,6") or separate numbers by spaces'
+            )
         name = row.get("name")
         if name not in (None, ""):
             item.name = safe_label(str(name))
@@ -160,20 +174,21 @@ def _item(manifest: pathlib.Path, n: int, where: str, row) -> CohortItem:
 def _string(row: dict, column: str, where: str) -> Optional[str]:
     value = row.get(column)
     if value is not None and not isinstance(value, str):
-        raise ArgumentTypeError(f"{where}, column {column}: a string is needed, got {type(value).__name__} "
-                                f"{value!r:.60}")
+        raise ArgumentTypeError(
+            f"{where}, column {column}: a string is needed, got {type(value).__name__} {value!r:.60}"
+        )
     return value
 
 
 def _names(value):
-    """"liver; spleen" -> ["liver", "spleen"]; anything else as given, for the prompt checks."""
+    """ "liver; spleen" -> ["liver", "spleen"]; anything else as given, for the prompt checks."""
     if not isinstance(value, str):
         return value
     return [n.strip() for n in value.split(";") if n.strip()] or None
 
 
 def _numbers(value, column: str, where: str):
-    """"1 2 3" or "1,2,3" -> [1.0, 2.0, 3.0]; a list (JSONL) as given, for the prompt checks."""
+    """ "1 2 3" or "1,2,3" -> [1.0, 2.0, 3.0]; a list (JSONL) as given, for the prompt checks."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if not isinstance(value, str):
@@ -183,8 +198,10 @@ def _numbers(value, column: str, where: str):
         try:
             numbers.append(float(token))
         except ValueError:
-            raise PromptError(f"{where}, column {column}: {token!r} is not a number (in {value!r:.80}); give "
-                              f"{NUMBER_COLUMNS[column]}, separated by spaces or commas") from None
+            raise PromptError(
+                f"{where}, column {column}: {token!r} is not a number (in {value!r:.80}); give "
+                f"{NUMBER_COLUMNS[column]}, separated by spaces or commas"
+            ) from None
     return numbers
 
 
@@ -197,8 +214,9 @@ def _adapter(value: Optional[str], folder: pathlib.Path, where: str) -> Optional
     if not (os.sep in value or "/" in value or value.lower().endswith(ADAPTER_SUFFIX) or path.exists()):
         return value  # a name, checked against the model's adapters when the cohort starts
     if not path.is_file():
-        raise AdapterError(f"{where}, column adapter: no adapter file at {path} (a relative path is read from the "
-                           "manifest's folder)")
+        raise AdapterError(
+            f"{where}, column adapter: no adapter file at {path} (a relative path is read from the manifest's folder)"
+        )
     return str(path)
 
 
@@ -218,8 +236,7 @@ def shaped(values, width: int):
 
 def item_prompts(item: CohortItem) -> dict:
     """The item's prompts as `segment()` takes them."""
-    return dict(text=item.text, box=shaped(item.box, 6), points=shaped(item.points, 3),
-                point_labels=item.point_labels)
+    return dict(text=item.text, box=shaped(item.box, 6), points=shaped(item.points, 3), point_labels=item.point_labels)
 
 
 def check_item(item: CohortItem) -> None:
@@ -230,8 +247,11 @@ def check_item(item: CohortItem) -> None:
 
     prompts, where = item_prompts(item), item.where or item.input
     if all(prompts[c] is None for c in ("text", "box", "points")):
-        raise PromptError(f"{where}: no prompt: " + ("the row's text, box and points columns are empty and " if
-                          item.where else "") + "the command gives none (text=, box=, points=; --text / --box / --points)")
+        raise PromptError(
+            f"{where}: no prompt: "
+            + ("the row's text, box and points columns are empty and " if item.where else "")
+            + "the command gives none (text=, box=, points=; --text / --box / --points)"
+        )
     given = {}
     for column in PROMPT_COLUMNS:  # one column more each time: the first failing check names its column
         if prompts[column] is None:

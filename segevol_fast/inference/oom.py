@@ -85,13 +85,18 @@ class Retries:
                 f"out of {self.plan.device} memory even with window batch 1, decode batch 1 and stitching on the "
                 f"host (tried: {tried}). Last error: {_short(error)}. Pass a smaller max_memory so the plan leaves "
                 f"room for other users of the device (planned peak {format_bytes(self.plan.estimated_peak_bytes)}), "
-                "segment fewer prompts per call, free device memory held elsewhere, or run on the CPU.")
+                "segment fewer prompts per call, free device memory held elsewhere, or run on the CPU."
+            )
         self.plan = replace(self.plan, stitch_device=HOST, window_batch=1, decode_batch=1)
-        self.log.append({"stage": "stitching", "change": "stitching on the host at window and decode batch 1, "
-                         "call restarted", "error": _short(error)})
+        self.log.append(
+            {
+                "stage": "stitching",
+                "change": "stitching on the host at window and decode batch 1, call restarted",
+                "error": _short(error),
+            }
+        )
 
     def _change(self, stage: str, field: str, new: int, error: str) -> None:
         old = getattr(self.plan, field)
         self.plan = replace(self.plan, **{field: new})
-        self.log.append({"stage": stage, "change": f"{field.replace('_', ' ')} {old} -> {new}",
-                         "error": _short(error)})
+        self.log.append({"stage": stage, "change": f"{field.replace('_', ' ')} {old} -> {new}", "error": _short(error)})

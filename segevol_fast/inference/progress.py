@@ -51,7 +51,9 @@ class Progress:
             return 0.0
         return (self._t_end or time.perf_counter()) - self._t_start
 
-    def stage(self, name: str, total: Optional[int] = None, unit: str = "step", key: Optional[str] = None) -> "Progress":
+    def stage(
+        self, name: str, total: Optional[int] = None, unit: str = "step", key: Optional[str] = None
+    ) -> "Progress":
         """End the current stage and start `name` (timed under `key`, default `name`).
 
         With `total`, the display shows a bar that `update()` advances.
@@ -110,8 +112,9 @@ class Progress:
         if self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=None, desc=desc, file=self.file or sys.stderr, bar_format=_NO_BAR,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=None, desc=desc, file=self.file or sys.stderr, bar_format=_NO_BAR, dynamic_ncols=True
+            )
             _OPEN.add(self)
             self._route_warnings()
         return self._bar

@@ -70,8 +70,10 @@ def _numbers(value, name: str) -> np.ndarray:
     0-d object arrays or split nothing, and the error would surface far from the call.
     """
     if isinstance(value, (str, bytes, dict, set, frozenset)):
-        raise ArgumentTypeError(f"{name} must be numbers (a list, tuple, numpy array or torch tensor), got "
-                                f"{type(value).__name__} {value!r:.60}")
+        raise ArgumentTypeError(
+            f"{name} must be numbers (a list, tuple, numpy array or torch tensor), got "
+            f"{type(value).__name__} {value!r:.60}"
+        )
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # a torch tensor, without importing torch here
         value = value.detach().cpu()
         value = (value.double() if value.is_floating_point() else value).numpy()  # numpy has no bfloat16
@@ -85,8 +87,9 @@ def _numbers(value, name: str) -> np.ndarray:
     bad = ~np.isfinite(arr)
     if bad.any():
         must = "1 (positive) or 0 (negative)" if name == "point_labels" else "a finite number"
-        raise PromptError(f"{name} contains a non-finite value ({arr[bad][0]}): {arr.tolist()!r:.120}; "
-                          f"each must be {must}")
+        raise PromptError(
+            f"{name} contains a non-finite value ({arr[bad][0]}): {arr.tolist()!r:.120}; each must be {must}"
+        )
     return arr
 
 
@@ -104,8 +107,9 @@ def _text_names(text) -> list[str]:
         raise ArgumentTypeError(f"text must be a name or a list of names, got {type(text).__name__} {text!r:.60}")
     wrong = [t for t in names if not isinstance(t, str)]
     if wrong:
-        raise ArgumentTypeError(f"text prompts must be strings; {wrong[0]!r} is of type {type(wrong[0]).__name__} "
-                                f"(in text={names!r:.80})")
+        raise ArgumentTypeError(
+            f"text prompts must be strings; {wrong[0]!r} is of type {type(wrong[0]).__name__} (in text={names!r:.80})"
+        )
     if not names or any(not t.strip() for t in names):
         raise PromptError(f"text prompts must be non-empty strings, got {names!r}")
     return names
@@ -166,18 +170,23 @@ def checked_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional
         return pts, np.ones(len(pts), np.int64)
     raw = np.atleast_1d(_numbers(point_labels, "point_labels"))
     if raw.shape != (len(pts),):
-        raise PromptError(f"point_labels must give one label per point ({len(pts)} points: 1 positive, "
-                          f"0 negative), got {raw.size} labels")
+        raise PromptError(
+            f"point_labels must give one label per point ({len(pts)} points: 1 positive, "
+            f"0 negative), got {raw.size} labels"
+        )
     if (raw == -1).any():
         # official code: -1 marks padding ("not a point", its position ignored) added by select_points;
         # segment() adds that padding itself where the official pipeline does
-        raise PromptError("point_labels: -1 marks a padding (not-a-point) entry in the official SegVol code; "
-                          "segment() adds the padding itself, so leave those points out (labels: 1 positive, "
-                          "0 negative)")
+        raise PromptError(
+            "point_labels: -1 marks a padding (not-a-point) entry in the official SegVol code; "
+            "segment() adds the padding itself, so leave those points out (labels: 1 positive, "
+            "0 negative)"
+        )
     if not np.isin(raw, (0.0, 1.0)).all():
         wrong = raw[~np.isin(raw, (0.0, 1.0))][0]
-        raise PromptError(f"point_labels must be 1 (positive) or 0 (negative), one per point; "
-                          f"got {wrong:g} in {raw.tolist()}")
+        raise PromptError(
+            f"point_labels must be 1 (positive) or 0 (negative), one per point; got {wrong:g} in {raw.tolist()}"
+        )
     return pts, raw.astype(np.int64)
 
 
@@ -188,9 +197,11 @@ def _check_target(names: Sequence[str], box, labels: Optional[np.ndarray]) -> No
     if not names and box is None and labels is None:
         raise PromptError("segment() needs at least one prompt: text=..., box=... or points=...")
     if not names and box is None and not (labels == 1).any():
-        raise PromptError("at least one point must be positive (label 1) when points are the only prompt: "
-                          "negative points only say where the target is not; give a positive point, a box or "
-                          "a text prompt")
+        raise PromptError(
+            "at least one point must be positive (label 1) when points are the only prompt: "
+            "negative points only say where the target is not; give a positive point, a box or "
+            "a text prompt"
+        )
 
 
 def check_prompt_arguments(text=None, box=None, points=None, point_labels=None) -> None:
@@ -250,20 +261,28 @@ def build_prompts(
     for idx, b in enumerate(boxes):
         crop_box = None
         if b is not None:
-            corners = _check_inside(_to_input_voxels(b.reshape(2, 3), coords, affine), shape, "box corner",
-                                    coords, affine, b.reshape(2, 3))
+            corners = _check_inside(
+                _to_input_voxels(b.reshape(2, 3), coords, affine), shape, "box corner", coords, affine, b.reshape(2, 3)
+            )
             lo, hi = np.minimum(corners[0], corners[1]), np.maximum(corners[0], corners[1])
             crop_box = np.concatenate([input_to_crop(lo, start), input_to_crop(hi, start)])
             # (d, h, w) order reverses (i, j, k): recompute min/max in the crop frame
             crop_box = np.concatenate([np.minimum(crop_box[:3], crop_box[3:]), np.maximum(crop_box[:3], crop_box[3:])])
         name = labels_out[idx] if names else (f"box {idx}" if b is not None else "points")
-        prompts.append(Prompt(label=name, text=names[idx] if names else None, box=crop_box,
-                              points=pts, point_labels=labels))
+        prompts.append(
+            Prompt(label=name, text=names[idx] if names else None, box=crop_box, points=pts, point_labels=labels)
+        )
     return prompts
 
 
-def _check_inside(xyz: np.ndarray, shape: Sequence[int], what: str, coords: str = "voxel",
-                  affine: Optional[np.ndarray] = None, given: Optional[np.ndarray] = None) -> np.ndarray:
+def _check_inside(
+    xyz: np.ndarray,
+    shape: Sequence[int],
+    what: str,
+    coords: str = "voxel",
+    affine: Optional[np.ndarray] = None,
+    given: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """Clip input-voxel points to the grid; a point more than half a voxel outside is a PromptError,
     reported in the units the user gave (`given`, voxels or world mm)."""
     hi = np.asarray(shape, dtype=np.float64) - 1
@@ -273,11 +292,15 @@ def _check_inside(xyz: np.ndarray, shape: Sequence[int], what: str, coords: str 
             mm = np.asarray(given, dtype=np.float64).reshape(-1, 3)[np.flatnonzero(bad)[0]]
             lo_mm, hi_mm = world_extent(shape, affine)
             extent = ", ".join(f"{ax} {a:.1f}..{b:.1f}" for ax, a, b in zip("xyz", lo_mm, hi_mm))
-            raise PromptError(f"{what} ({', '.join(f'{v:g}' for v in mm)}) mm lies outside the volume: its "
-                              f"world extent (RAS mm, voxel centres) is {extent}; that point is voxel "
-                              f"{np.round(xyz[bad][0], 1).tolist()} of shape {tuple(shape)}")
-        raise PromptError(f"{what} {xyz[bad][0].tolist()} lies outside the volume of shape {tuple(shape)} "
-                          "(voxel indices (i, j, k) of the input array; use coords='world' for millimetres)")
+            raise PromptError(
+                f"{what} ({', '.join(f'{v:g}' for v in mm)}) mm lies outside the volume: its "
+                f"world extent (RAS mm, voxel centres) is {extent}; that point is voxel "
+                f"{np.round(xyz[bad][0], 1).tolist()} of shape {tuple(shape)}"
+            )
+        raise PromptError(
+            f"{what} {xyz[bad][0].tolist()} lies outside the volume of shape {tuple(shape)} "
+            "(voxel indices (i, j, k) of the input array; use coords='world' for millimetres)"
+        )
     return np.clip(xyz, 0, hi)
 
 

@@ -59,13 +59,24 @@ BANNER_PX = 20  # height of the red "random weights" banner on top of a preview 
 BANNER_TEXT = "RANDOM WEIGHTS - MASKS ARE MEANINGLESS"
 BANNER_RGB = (200, 0, 0)
 OVERLAP_RULE = "later prompt wins: a voxel in several masks gets the id of the last of them in prompt order"
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (240, 50, 230),
-           (70, 240, 240), (245, 130, 48), (145, 30, 180), (210, 245, 60), (250, 190, 212)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (255, 225, 25),
+    (240, 50, 230),
+    (70, 240, 240),
+    (245, 130, 48),
+    (145, 30, 180),
+    (210, 245, 60),
+    (250, 190, 212),
+]
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
     """Write `data` to `path` so that the file appears complete or not at all (`write_file_atomic`:
     a normal file's mode, OutputError naming `path` when it cannot be written)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -118,8 +129,13 @@ def _jsonable(value):
 
 def describe_prompts(text=None, box=None, points=None, point_labels=None, coords: str = "voxel") -> dict:
     """The prompts as the user gave them, JSON-ready (recorded in summary.json as "prompts")."""
-    return {"text": _jsonable(text), "box": _jsonable(box), "points": _jsonable(points),
-            "point_labels": _jsonable(point_labels), "coords": coords}
+    return {
+        "text": _jsonable(text),
+        "box": _jsonable(box),
+        "points": _jsonable(points),
+        "point_labels": _jsonable(point_labels),
+        "coords": coords,
+    }
 
 
 @dataclass
@@ -190,12 +206,15 @@ class SegmentationResult:
         if len(shapes) > 1 or any(len(s) != 3 for s in shapes):
             raise ResultError(f"masks must all be 3-D (X, Y, Z) on one grid, got shapes {sorted(shapes)}")
         # bool without a copy when it already is one; anything else is thresholded like logits > 0
-        self.masks = {str(k): (v if v.dtype == np.bool_ else v > 0)
-                      for k, v in ((k, np.asarray(v)) for k, v in self.masks.items())}
+        self.masks = {
+            str(k): (v if v.dtype == np.bool_ else v > 0)
+            for k, v in ((k, np.asarray(v)) for k, v in self.masks.items())
+        }
         if self.probabilities is not None:
             if list(self.probabilities) != list(self.masks):
-                raise ResultError(f"probabilities labels {list(self.probabilities)} differ from "
-                                  f"masks {list(self.masks)}")
+                raise ResultError(
+                    f"probabilities labels {list(self.probabilities)} differ from masks {list(self.masks)}"
+                )
             probs = {str(k): np.asarray(v, dtype=np.float32) for k, v in self.probabilities.items()}
             if any(p.shape != self.shape for p in probs.values()):
                 raise ResultError(f"probabilities must have the masks' shape {self.shape}")
@@ -277,8 +296,9 @@ class SegmentationResult:
             text += "; RANDOM WEIGHTS - MEANINGLESS"
         return text[:80]
 
-    def save(self, path_or_dir: PathLike, *, preview: bool = False, volume=None,
-             lock_timeout: float = LOCK_TIMEOUT_S) -> pathlib.Path:
+    def save(
+        self, path_or_dir: PathLike, *, preview: bool = False, volume=None, lock_timeout: float = LOCK_TIMEOUT_S
+    ) -> pathlib.Path:
         """Write the result, all or nothing; returns the directory or label-map path written.
 
         * A path ending in .nii / .nii.gz: one label map (`label_map()`: later prompts win on
@@ -315,11 +335,13 @@ class SegmentationResult:
         descrip = self.description()
         files, prob_files = {}, {}
         for label, mask in self.masks.items():
-            files[label] = save_nifti(folder / f"{stems[label]}.nii.gz", mask, self.affine, dtype=np.uint8,
-                                      description=descrip).name
+            files[label] = save_nifti(
+                folder / f"{stems[label]}.nii.gz", mask, self.affine, dtype=np.uint8, description=descrip
+            ).name
             if self.probabilities is not None:
-                prob_files[label] = save_nifti(folder / f"{stems[label]}_prob.nii.gz", self.probabilities[label],
-                                               self.affine, description=descrip).name
+                prob_files[label] = save_nifti(
+                    folder / f"{stems[label]}_prob.nii.gz", self.probabilities[label], self.affine, description=descrip
+                ).name
         if preview:
             self.preview(folder / "preview.png", volume)
         # every mask in one map too (ids in prompt order, the legend in summary.json), for viewers
@@ -355,8 +377,13 @@ class SegmentationResult:
         if not self.masks or (self.series is None and not is_dicom_source(self.source)):
             return None, None
         try:
-            write_dicom_seg(folder / "segmentation.dcm", self.masks, self.source, series=self.series,
-                            software_version=self.package_version)
+            write_dicom_seg(
+                folder / "segmentation.dcm",
+                self.masks,
+                self.source,
+                series=self.series,
+                software_version=self.package_version,
+            )
         except (MissingDependencyError, VolumeFileError, ResultError) as exc:
             why = f"segmentation.dcm (DICOM-SEG) was not written: {exc}"
             warnings.warn(why, OutputWarning, stacklevel=4)  # at the caller of save()
@@ -373,8 +400,12 @@ class SegmentationResult:
             files = {"label_map": p.name, "sidecar": sidecar, "probabilities": None, "preview": None}
             if self.probabilities is not None:
                 files["probabilities"] = name + ("_prob.nii.gz" if gz else "_prob.nii")
-                _save_probabilities_4d(group.dir / files["probabilities"], list(self.probabilities.values()),
-                                       self.affine, self.description())
+                _save_probabilities_4d(
+                    group.dir / files["probabilities"],
+                    list(self.probabilities.values()),
+                    self.affine,
+                    self.description(),
+                )
             if preview:
                 files["preview"] = name + ".png"
                 self.preview(group.dir / files["preview"], volume)
@@ -404,12 +435,14 @@ class SegmentationResult:
                 if n:
                     overlaps.append({"labels": [labels[a], labels[b]], "voxels": n})
         legend = {str(i): label for i, label in enumerate(labels, start=1)}
-        return {"labels": legend,
-                # the TotalSegmentator `total` class of each id whose label names one (ids differ)
-                "totalsegmentator_total": totalseg_legend(legend),
-                "overlap_rule": OVERLAP_RULE,
-                "map_voxels": {label: int(counts[i]) for i, label in enumerate(labels, start=1)},
-                "overlaps": overlaps}
+        return {
+            "labels": legend,
+            # the TotalSegmentator `total` class of each id whose label names one (ids differ)
+            "totalsegmentator_total": totalseg_legend(legend),
+            "overlap_rule": OVERLAP_RULE,
+            "map_voxels": {label: int(counts[i]) for i, label in enumerate(labels, start=1)},
+            "overlaps": overlaps,
+        }
 
     def preview(self, png_path: PathLike, volume=None, n_slices: int = 6) -> pathlib.Path:
         """Write a PNG montage of up to `n_slices` axial slices (the array's 3rd axis) through the
@@ -432,15 +465,18 @@ class SegmentationResult:
             raise ResultError(f"preview volume has shape {arr.shape}, masks have {self.shape}")
         if not self.masks:
             raise ResultError("nothing to preview: the result has no masks")
-        image = _render_montage(arr, self.masks, self.spacing, n_slices,
-                                banner=BANNER_TEXT if self.random_weights else None)
+        image = _render_montage(
+            arr, self.masks, self.spacing, n_slices, banner=BANNER_TEXT if self.random_weights else None
+        )
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return write_bytes_atomic(png_path, buf.getvalue())
 
     def __repr__(self) -> str:
-        lines = [f"SegmentationResult(mode={self.mode!r}, modality={self.modality!r}, shape={self.shape}, "
-                 f"{len(self.masks)} mask{'s' if len(self.masks) != 1 else ''})"]
+        lines = [
+            f"SegmentationResult(mode={self.mode!r}, modality={self.modality!r}, shape={self.shape}, "
+            f"{len(self.masks)} mask{'s' if len(self.masks) != 1 else ''})"
+        ]
         for label, ml in self.volumes_ml().items():
             lines.append(f"  {label:<24} {ml:10.1f} mL")
         if self.timings:
@@ -553,7 +589,7 @@ def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, b
         if arr is None:
             grey = np.zeros(shape[:2], dtype=np.float32)
         else:
-            grey = (np.clip((arr[:, :, k].astype(np.float32) - lo) / (hi - lo), 0, 1) * 255)
+            grey = np.clip((arr[:, :, k].astype(np.float32) - lo) / (hi - lo), 0, 1) * 255
         rgb = np.repeat(grey[..., None], 3, axis=2)
         for c, m in enumerate(masks.values()):
             colour = np.asarray(PALETTE[c % len(PALETTE)], dtype=np.float32)

@@ -98,9 +98,20 @@ def segment(
         NonFiniteOutputError: the model gave NaN / inf logits for some prompts (named in the message
             and in `.prompts`), never turned into empty masks; no result is returned.
     """
-    options = dict(coords=coords, modality=modality, mode=mode, zoom_in=zoom_in, max_memory=max_memory, device=device,
-                   progress=progress, return_probabilities=return_probabilities, seed=seed, precision=precision,
-                   series=series, adapter=adapter)
+    options = dict(
+        coords=coords,
+        modality=modality,
+        mode=mode,
+        zoom_in=zoom_in,
+        max_memory=max_memory,
+        device=device,
+        progress=progress,
+        return_probabilities=return_probabilities,
+        seed=seed,
+        precision=precision,
+        series=series,
+        adapter=adapter,
+    )
     check_segment_arguments(model, volume, text, box, points, point_labels, **options)  # before anything is read
     return run_segment(model, volume, text, box, points, point_labels, **options)
 
@@ -155,18 +166,35 @@ def run_segment(
         if scan is None:
             scan = PreparedScan(vol, preprocess(vol.array, lazy=(mode == "fast")))
         prep = scan.prep
-        prompts = build_prompts(text, box, points, point_labels, shape=vol.shape, start=prep.start,
-                                coords=coords, affine=vol.affine)
+        prompts = build_prompts(
+            text, box, points, point_labels, shape=vol.shape, start=prep.start, coords=coords, affine=vol.affine
+        )
         check_names([p.text for p in prompts if p.text is not None])  # a warning, never an error
         timings["preprocess"] = time.perf_counter() - t
 
         t = time.perf_counter()
         zoom_image = lambda: zoom_out_crop(prep.crop, model.config.spatial_size).to(dev)  # noqa: E731
-        with inference_state(model, run_precision), torch.inference_mode(), \
-                adapter_scope(model, adapter, modality, zoom_image) as adapter_used:
-            crop_masks, crop_probs, run_info = _run(model, prep, prompts, modality, mode, zoom_in, max_memory,
-                                                    dev, progress, return_probabilities, seed, math.prod(vol.shape),
-                                                    scan.zoom_out_embedding, scan.window_cache)
+        with (
+            inference_state(model, run_precision),
+            torch.inference_mode(),
+            adapter_scope(model, adapter, modality, zoom_image) as adapter_used,
+        ):
+            crop_masks, crop_probs, run_info = _run(
+                model,
+                prep,
+                prompts,
+                modality,
+                mode,
+                zoom_in,
+                max_memory,
+                dev,
+                progress,
+                return_probabilities,
+                seed,
+                math.prod(vol.shape),
+                scan.zoom_out_embedding,
+                scan.window_cache,
+            )
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -188,17 +216,44 @@ def run_segment(
     weights_source = getattr(model, "weights_source", None)
     # provenance travels with the result (summary.json, NIfTI headers, preview banner); `volume` is a
     # reference to the scan already in memory, so `res.preview(path)` draws on it
-    return SegmentationResult(masks=masks, probabilities=probs, affine=vol.affine, spacing=vol.spacing,
-                              modality=modality, timings=timings, peak_memory_bytes=pm.peak, mode=mode,
-                              notes=notes, precision=run_precision, adapter=adapter_used, **run_info,
-                              source=str(vol.source) if vol.source is not None else "array", series=vol.series,
-                              prompts=describe_prompts(text, box, points, point_labels, coords),
-                              weights_source=None if weights_source is None else str(weights_source),
-                              random_weights=weights_source is None, volume=vol.array)
+    return SegmentationResult(
+        masks=masks,
+        probabilities=probs,
+        affine=vol.affine,
+        spacing=vol.spacing,
+        modality=modality,
+        timings=timings,
+        peak_memory_bytes=pm.peak,
+        mode=mode,
+        notes=notes,
+        precision=run_precision,
+        adapter=adapter_used,
+        **run_info,
+        source=str(vol.source) if vol.source is not None else "array",
+        series=vol.series,
+        prompts=describe_prompts(text, box, points, point_labels, coords),
+        weights_source=None if weights_source is None else str(weights_source),
+        random_weights=weights_source is None,
+        volume=vol.array,
+    )
 
 
-def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, progress, want_probs, seed,
-         output_voxels, zoom_out_embedding=None, window_cache=None):
+def _run(
+    model,
+    prep,
+    prompts,
+    modality,
+    mode,
+    zoom_in,
+    max_memory,
+    device,
+    progress,
+    want_probs,
+    seed,
+    output_voxels,
+    zoom_out_embedding=None,
+    window_cache=None,
+):
     """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
     per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
     if mode == "exact":
@@ -206,27 +261,51 @@ def _run(model, prep, prompts, modality, mode, zoom_in, max_memory, device, prog
         from .exact import run_exact
 
         # the official algorithm fixes its memory: the limit is met as it stands or refused here
-        plan = plan_exact(model, prep.crop_shape, len(prompts), max_memory, device, zoom_in=zoom_in,
-                          return_logits=want_probs, output_voxels=output_voxels)
+        plan = plan_exact(
+            model,
+            prep.crop_shape,
+            len(prompts),
+            max_memory,
+            device,
+            zoom_in=zoom_in,
+            return_logits=want_probs,
+            output_voxels=output_voxels,
+        )
         windows: list[int] = []
-        logits = run_exact(model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress,
-                           windows=windows)
+        logits = run_exact(
+            model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress, windows=windows
+        )
         # The official mask is sigmoid > 0.5, which differs from logits > 0 for logits below ~6e-8.
         info = {"plan": plan.summary(), "zoom_in_windows": {p.label: n for p, n in zip(prompts, windows)}}
         return [torch.sigmoid(lg) > 0.5 for lg in logits], (logits if want_probs else None), info
     from .budget import plan_fast
     from .fast import run_fast
 
-    plan = plan_fast(model, prep.crop_shape, len(prompts), max_memory, device, return_logits=want_probs,
-                     output_voxels=output_voxels)
+    plan = plan_fast(
+        model, prep.crop_shape, len(prompts), max_memory, device, return_logits=want_probs, output_voxels=output_voxels
+    )
     retries: list[dict] = []  # what run_fast changed after running out of device memory
-    outs = run_fast(model, prep, prompts, modality=modality, zoom_in=zoom_in, plan=plan, progress=progress,
-                    return_logits=want_probs, oom_retries=retries, zoom_out_embedding=zoom_out_embedding,
-                    window_cache=window_cache)
-    info = {"plan": {**plan.summary(), "oom_retries": retries},
-            "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)}}
+    outs = run_fast(
+        model,
+        prep,
+        prompts,
+        modality=modality,
+        zoom_in=zoom_in,
+        plan=plan,
+        progress=progress,
+        return_logits=want_probs,
+        oom_retries=retries,
+        zoom_out_embedding=zoom_out_embedding,
+        window_cache=window_cache,
+    )
+    info = {
+        "plan": {**plan.summary(), "oom_retries": retries},
+        "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)},
+    }
     if retries:
         changes = "; ".join(r["change"] for r in retries)
-        info["notes"] = [f"ran out of {plan.device} memory {len(retries)} time(s) and retried with {changes} "
-                         "(results are unchanged; see plan['oom_retries'])"]
+        info["notes"] = [
+            f"ran out of {plan.device} memory {len(retries)} time(s) and retried with {changes} "
+            "(results are unchanged; see plan['oom_retries'])"
+        ]
     return [o.mask for o in outs], ([o.logits for o in outs] if want_probs else None), info

@@ -50,11 +50,29 @@ class Session:
     `PreparedScan` every call reuses: the volume, its preprocessing, zoom-out embedding and cache).
     """
 
-    def __init__(self, model, volume, *, modality: Optional[str] = None, adapter: Optional[str] = None,
-                 max_memory: Union[int, str, None] = None, device=None, series: Optional[str] = None,
-                 precision: Optional[str] = "auto", cache_windows: Optional[int] = None):
-        check_session_arguments(model, volume, modality=modality, max_memory=max_memory, device=device,
-                                series=series, precision=precision, adapter=adapter)
+    def __init__(
+        self,
+        model,
+        volume,
+        *,
+        modality: Optional[str] = None,
+        adapter: Optional[str] = None,
+        max_memory: Union[int, str, None] = None,
+        device=None,
+        series: Optional[str] = None,
+        precision: Optional[str] = "auto",
+        cache_windows: Optional[int] = None,
+    ):
+        check_session_arguments(
+            model,
+            volume,
+            modality=modality,
+            max_memory=max_memory,
+            device=device,
+            series=series,
+            precision=precision,
+            adapter=adapter,
+        )
         if device is not None and not same_device(model_device(model), device):
             model.to(device)
         self.model, self.adapter, self.max_memory, self.precision = model, adapter, max_memory, precision
@@ -73,8 +91,11 @@ class Session:
         # the zoom-out embedding, under the session's adapter and precision, as segment() makes it
         run_precision = resolve_precision(precision, model.precision, dev, "fast")
         image = zoom_out_crop(self.scan.prep.crop, size).to(dev)
-        with inference_state(model, run_precision), torch.inference_mode(), \
-                adapter_scope(model, adapter, self.modality, lambda: image):
+        with (
+            inference_state(model, run_precision),
+            torch.inference_mode(),
+            adapter_scope(model, adapter, self.modality, lambda: image),
+        ):
             self.scan.zoom_out_embedding = model.encode_image(image)
 
     def _capacity(self, n_windows: int, dev) -> int:
@@ -88,12 +109,29 @@ class Session:
         spare = parse_memory(self.max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
         return max(0, min(n_windows, (spare - per_window) // per_window))
 
-    def segment(self, text: Union[str, Sequence[str], None] = None, box=None, points=None, point_labels=None, *,
-                coords: str = "voxel", zoom_in: bool = True, return_probabilities: bool = False,
-                progress: bool = False) -> SegmentationResult:
+    def segment(
+        self,
+        text: Union[str, Sequence[str], None] = None,
+        box=None,
+        points=None,
+        point_labels=None,
+        *,
+        coords: str = "voxel",
+        zoom_in: bool = True,
+        return_probabilities: bool = False,
+        progress: bool = False,
+    ) -> SegmentationResult:
         """`segment()` on the session's scan with these prompts (fast mode); see it for arguments."""
-        res = self._run(text, box, points, point_labels, coords=coords, zoom_in=zoom_in,
-                        return_probabilities=return_probabilities, progress=progress)
+        res = self._run(
+            text,
+            box,
+            points,
+            point_labels,
+            coords=coords,
+            zoom_in=zoom_in,
+            return_probabilities=return_probabilities,
+            progress=progress,
+        )
         args = dict(text=text, box=box, points=points, point_labels=point_labels, coords=coords, zoom_in=zoom_in)
         for i, name in enumerate(res.labels):
             self.history[name] = _one_prompt(args, i, len(res.labels))
@@ -108,15 +146,18 @@ class Session:
         if not isinstance(name, str) or name not in self.history:
             raise PromptError(f"nothing to refine called {name!r}; this session has {sorted(self.history) or 'none'}")
         if points is None:
-            raise PromptError(f"refine({name!r}, ...) adds points: give points=[[i, j, k], ...] (and point_labels, "
-                              "1 positive / 0 negative); to re-run a prompt unchanged, call segment()")
+            raise PromptError(
+                f"refine({name!r}, ...) adds points: give points=[[i, j, k], ...] (and point_labels, "
+                "1 positive / 0 negative); to re-run a prompt unchanged, call segment()"
+            )
         new_pts, new_lbl = checked_points(points, point_labels)
         prev = self.history[name]
         old_pts, old_lbl = checked_points(prev["points"], prev["point_labels"])
         if old_pts is not None:
             new_pts, new_lbl = np.concatenate([old_pts, new_pts]), np.concatenate([old_lbl, new_lbl])
-        res = self._run(prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"], zoom_in=prev["zoom_in"],
-                        **kwargs)
+        res = self._run(
+            prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"], zoom_in=prev["zoom_in"], **kwargs
+        )
         res = _renamed(res, name)
         self.history[name] = dict(prev, points=new_pts, point_labels=new_lbl)
         return res
@@ -125,8 +166,14 @@ class Session:
         """One fast-mode `segment()` on the session's prepared scan (`segment.run_segment`);
         quiet unless progress=True (a session answers many small calls)."""
         kwargs.setdefault("progress", False)
-        options = dict(modality=self.modality, mode="fast", max_memory=self.max_memory, precision=self.precision,
-                       adapter=self.adapter, **kwargs)
+        options = dict(
+            modality=self.modality,
+            mode="fast",
+            max_memory=self.max_memory,
+            precision=self.precision,
+            adapter=self.adapter,
+            **kwargs,
+        )
         check_segment_arguments(self.model, self.volume, text, box, points, point_labels, **options)
         return run_segment(self.model, self.scan, text, box, points, point_labels, **options)
 
@@ -139,8 +186,9 @@ def _renamed(res: SegmentationResult, name: str) -> SegmentationResult:
     def rekey(d):
         return None if d is None else {name: d[old]}
 
-    return dataclasses.replace(res, masks=rekey(res.masks), probabilities=rekey(res.probabilities),
-                               zoom_in_windows=rekey(res.zoom_in_windows))
+    return dataclasses.replace(
+        res, masks=rekey(res.masks), probabilities=rekey(res.probabilities), zoom_in_windows=rekey(res.zoom_in_windows)
+    )
 
 
 def _one_prompt(args: dict, i: int, n: int) -> dict:

@@ -59,14 +59,18 @@ def _read_headers(folder: pathlib.Path) -> List[Tuple[pathlib.Path, object]]:
             # not DICOM (README, thumbnails, ...): skip, as converters do; but a file that says it
             # is DICOM and does not parse is a damaged slice, and skipping it would drop a slice
             if _has_dicm_magic(f):
-                raise DamagedFileError(f"{f} is a damaged DICOM file ({type(exc).__name__}: {exc}); "
-                                       "copy the series again, or remove this slice") from exc
+                raise DamagedFileError(
+                    f"{f} is a damaged DICOM file ({type(exc).__name__}: {exc}); "
+                    "copy the series again, or remove this slice"
+                ) from exc
             continue
         if "ImagePositionPatient" in ds and "ImageOrientationPatient" in ds:
             out.append((f, ds))
         elif _is_image_storage(ds) and _lacks_pixels(pydicom, f):  # an image slice cut short
-            raise DamagedFileError(f"{f} is a damaged DICOM image: it lacks ImagePositionPatient / "
-                                   "ImageOrientationPatient (truncated?); copy the series again, or remove this slice")
+            raise DamagedFileError(
+                f"{f} is a damaged DICOM image: it lacks ImagePositionPatient / "
+                "ImageOrientationPatient (truncated?); copy the series again, or remove this slice"
+            )
     return out
 
 
@@ -142,9 +146,15 @@ def _uid(ds) -> str:
 
 
 def _infos(groups: Dict[str, list]) -> List[SeriesInfo]:
-    return [SeriesInfo(uid, len(items), str(getattr(items[0][1], "Modality", "") or ""),
-                       str(getattr(items[0][1], "SeriesDescription", "") or ""))
-            for uid, items in groups.items()]
+    return [
+        SeriesInfo(
+            uid,
+            len(items),
+            str(getattr(items[0][1], "Modality", "") or ""),
+            str(getattr(items[0][1], "SeriesDescription", "") or ""),
+        )
+        for uid, items in groups.items()
+    ]
 
 
 def list_series(folder: PathLike) -> List[SeriesInfo]:
@@ -170,12 +180,15 @@ def _no_series_message(folder: pathlib.Path) -> str:
     series = sum(1 for c in folder.iterdir() if is_dicom_folder(c))
     if not nifti and not series:
         return f"{folder} holds no DICOM image files (sub-folders are not searched)"
-    held = " and ".join(f"{n} {what}{'s' if n > 1 else ''}"
-                        for n, what in ((nifti, "NIfTI file"), (series, "DICOM series folder")) if n)
-    return (f"{folder} holds {held}, not one DICOM series: segment() and load_volume() take one scan (a NIfTI "
-            f"file or one series folder). To segment every scan in it, run `segevol-fast segment {folder} --out DIR` "
-            "or, in Python, segevol_fast.inference.cohort.segment_cohort(model, "
-            f"cohort_items({str(folder)!r}, text=...), out_dir)")
+    held = " and ".join(
+        f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((nifti, "NIfTI file"), (series, "DICOM series folder")) if n
+    )
+    return (
+        f"{folder} holds {held}, not one DICOM series: segment() and load_volume() take one scan (a NIfTI "
+        f"file or one series folder). To segment every scan in it, run `segevol-fast segment {folder} --out DIR` "
+        "or, in Python, segevol_fast.inference.cohort.segment_cohort(model, "
+        f"cohort_items({str(folder)!r}, text=...), out_dir)"
+    )
 
 
 def _check_decoder(ds, path: pathlib.Path) -> None:
@@ -189,8 +202,7 @@ def _check_decoder(ds, path: pathlib.Path) -> None:
         raise VolumeFileError(f"{path}: pixel data in transfer syntax {tsyntax.name} cannot be decoded") from exc
     if not decoder.is_available:
         raise MissingDependencyError(
-            f"{path} is compressed ({tsyntax.name}) and no decoder for it is installed; "
-            f"install one: {INSTALL_HINT}"
+            f"{path} is compressed ({tsyntax.name}) and no decoder for it is installed; install one: {INSTALL_HINT}"
         )
 
 
@@ -222,8 +234,9 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
             except PermissionError as exc:
                 raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}") from exc
             except Exception as exc:
-                raise DamagedFileError(f"{p} cannot be read as DICOM ({type(exc).__name__}: {exc}); "
-                                       "is it damaged?") from exc
+                raise DamagedFileError(
+                    f"{p} cannot be read as DICOM ({type(exc).__name__}: {exc}); is it damaged?"
+                ) from exc
     elif p.is_dir():
         folder = p
     else:
@@ -241,8 +254,10 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
             )
         series = next(iter(groups))
     if _series_key(series) not in groups:
-        raise DicomSeriesError(f"series {series or repr(series)} is not in {folder}; pick one of the series it "
-                               "holds:\n" + describe_series(groups))
+        raise DicomSeriesError(
+            f"series {series or repr(series)} is not in {folder}; pick one of the series it "
+            "holds:\n" + describe_series(groups)
+        )
     series = _series_key(series)  # the UID itself from here on ("" for none)
     items = groups[series]
     first = items[0][1]
@@ -301,8 +316,10 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
         try:
             pix = pixel_array(f)
         except Exception as exc:  # truncated pixel data, a broken JPEG 2000 stream, ...
-            raise DamagedFileError(f"{f} is damaged: its pixel data cannot be decoded ({type(exc).__name__}: "
-                                   f"{exc}); copy the series again, or remove this slice") from exc
+            raise DamagedFileError(
+                f"{f} is damaged: its pixel data cannot be decoded ({type(exc).__name__}: "
+                f"{exc}); copy the series again, or remove this slice"
+            ) from exc
         if pix.ndim != 2:
             raise ShapeError(f"{f}: expected one grey-level 2-D frame, got pixel array of shape {pix.shape}")
         if stack is None:
@@ -318,5 +335,4 @@ def load_dicom(path: PathLike, series: Optional[str] = None, modality: Optional[
     if modality is None:
         modality = {"CT": "ct", "MR": "mri"}.get(str(getattr(first, "Modality", "")).upper())
     # (Z, Y, X) C-order transposed = (X, Y, Z) F-order: the same memory layout nibabel returns
-    return Volume(array=stack.transpose(2, 1, 0), affine=affine, modality=modality, source=str(folder),
-                  series=series)
+    return Volume(array=stack.transpose(2, 1, 0), affine=affine, modality=modality, source=str(folder), series=series)

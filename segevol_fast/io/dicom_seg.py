@@ -21,8 +21,24 @@ import numpy as np
 
 from ..errors import DicomSeriesError, MissingDependencyError, ResultError, VolumeNotFoundError
 
-ORGANS = {"liver", "spleen", "pancreas", "stomach", "gallbladder", "left kidney", "right kidney", "kidney",
-          "esophagus", "duodenum", "bladder", "urinary bladder", "prostate", "heart", "brain", "aorta"}
+ORGANS = {
+    "liver",
+    "spleen",
+    "pancreas",
+    "stomach",
+    "gallbladder",
+    "left kidney",
+    "right kidney",
+    "kidney",
+    "esophagus",
+    "duodenum",
+    "bladder",
+    "urinary bladder",
+    "prostate",
+    "heart",
+    "brain",
+    "aorta",
+}
 
 
 def _highdicom():
@@ -55,17 +71,22 @@ def sorted_source_images(folder: str | os.PathLike, series: str | None = None) -
 
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise VolumeNotFoundError(f"the source DICOM folder {folder} is gone (moved or deleted since the scan "
-                                  "was read)")
+        raise VolumeNotFoundError(
+            f"the source DICOM folder {folder} is gone (moved or deleted since the scan was read)"
+        )
     groups = group_series(folder)
     if series is None:
         if len(groups) != 1:
-            raise DicomSeriesError(f"{folder} holds {len(groups)} series and the masks do not say which one they "
-                                   "were computed on (series=):\n" + describe_series(groups))
+            raise DicomSeriesError(
+                f"{folder} holds {len(groups)} series and the masks do not say which one they "
+                "were computed on (series=):\n" + describe_series(groups)
+            )
         series = next(iter(groups))
     if series not in groups:
-        raise DicomSeriesError(f"series {series}, the one the masks were computed on, is no longer in {folder}"
-                               + (":\n" + describe_series(groups) if groups else " (it holds no DICOM images)"))
+        raise DicomSeriesError(
+            f"series {series}, the one the masks were computed on, is no longer in {folder}"
+            + (":\n" + describe_series(groups) if groups else " (it holds no DICOM images)")
+        )
     items = groups[series]
     iop = np.asarray([float(v) for v in items[0][1].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
@@ -107,8 +128,14 @@ def frames(mask: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(mask[:, ::-1, :].transpose(2, 1, 0))
 
 
-def write_dicom_seg(path: str | os.PathLike, masks: dict, source_folder: str | os.PathLike, *,
-                    series: str | None = None, software_version: str = "") -> pathlib.Path:
+def write_dicom_seg(
+    path: str | os.PathLike,
+    masks: dict,
+    source_folder: str | os.PathLike,
+    *,
+    series: str | None = None,
+    software_version: str = "",
+) -> pathlib.Path:
     """Write masks {label: bool (X, Y, Z)} as one DICOM-SEG file referencing the source series:
     `series` (the SeriesInstanceUID the masks were computed on, `Volume.series`), or the folder's
     only series (see `sorted_source_images`)."""
@@ -122,25 +149,40 @@ def write_dicom_seg(path: str | os.PathLike, masks: dict, source_folder: str | o
         raise ResultError("no masks to write as DICOM-SEG")
     stack = np.stack([frames(np.asarray(masks[k], dtype=bool)) for k in labels], axis=-1)  # (Z, rows, cols, S)
     if stack.shape[:3] != (len(sources), rows, cols):
-        raise ResultError(f"masks of shape {np.asarray(masks[labels[0]]).shape} do not lie on the grid of "
-                          f"series {sources[0].SeriesInstanceUID} in {source_folder} ({len(sources)} slices of "
-                          f"{rows}x{cols}); has the folder changed since the scan was read?")
-    algorithm = hd.AlgorithmIdentificationSequence(name="segevol_fast", family=codes.cid7162.ArtificialIntelligence,
-                                                   version=software_version or "unknown")
+        raise ResultError(
+            f"masks of shape {np.asarray(masks[labels[0]]).shape} do not lie on the grid of "
+            f"series {sources[0].SeriesInstanceUID} in {source_folder} ({len(sources)} slices of "
+            f"{rows}x{cols}); has the folder changed since the scan was read?"
+        )
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="segevol_fast", family=codes.cid7162.ArtificialIntelligence, version=software_version or "unknown"
+    )
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=i + 1, segment_label=label[:64],
+            segment_number=i + 1,
+            segment_label=label[:64],
             segmented_property_category=codes.SCT.Organ if label.lower() in ORGANS else codes.SCT.Tissue,
             segmented_property_type=codes.SCT.Organ if label.lower() in ORGANS else codes.SCT.Tissue,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm)
-        for i, label in enumerate(labels)]
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for i, label in enumerate(labels)
+    ]
     seg = hd.seg.Segmentation(
-        source_images=sources, pixel_array=stack.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(), series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
-        sop_instance_uid=hd.UID(), instance_number=1, manufacturer="segevol_fast",
-        manufacturer_model_name="SegVol", software_versions=software_version or "unknown", device_serial_number="0",
-        omit_empty_frames=False)
+        source_images=sources,
+        pixel_array=stack.astype(np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="segevol_fast",
+        manufacturer_model_name="SegVol",
+        software_versions=software_version or "unknown",
+        device_serial_number="0",
+        omit_empty_frames=False,
+    )
     path = pathlib.Path(path)
     seg.save_as(path)
     return path

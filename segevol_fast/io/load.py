@@ -102,8 +102,9 @@ def _read_head(p: pathlib.Path, n: int) -> bytes:
         with open(p, "rb") as fh:
             return fh.read(n)
     except OSError as exc:  # PermissionError, IsADirectoryError, an I/O error on a network disk
-        raise UnreadableFileError(f"cannot open {p}: {exc.strerror or exc}; check that the file is readable "
-                                  "by this user") from exc
+        raise UnreadableFileError(
+            f"cannot open {p}: {exc.strerror or exc}; check that the file is readable by this user"
+        ) from exc
 
 
 def _load_path(p: pathlib.Path, modality: Optional[str], series: Optional[str] = None) -> Volume:
@@ -126,8 +127,13 @@ def _load_path(p: pathlib.Path, modality: Optional[str], series: Optional[str] =
     )
 
 
-def load_volume(src, modality: Optional[str] = None, affine=None, spacing: Optional[Sequence[float]] = None,
-                series: Optional[str] = None) -> Volume:
+def load_volume(
+    src,
+    modality: Optional[str] = None,
+    affine=None,
+    spacing: Optional[Sequence[float]] = None,
+    series: Optional[str] = None,
+) -> Volume:
     """Turn any supported input into a `Volume` on its own voxel grid.
 
     src may be:

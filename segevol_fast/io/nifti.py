@@ -44,7 +44,8 @@ def _open(nib, p: pathlib.Path):
         gz = "gzip" in str(exc).lower() or isinstance(exc, (EOFError, zlib.error))
         raise DamagedFileError(
             f"{p} is damaged or not a NIfTI file: its {'gzip stream' if gz else 'header'} cannot be read "
-            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again") from exc
+            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again"
+        ) from exc
 
 
 def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
@@ -74,7 +75,8 @@ def load_nifti(path: PathLike, modality: Optional[str] = None) -> Volume:
     except (EOFError, OSError, ValueError, zlib.error) as exc:  # truncated / corrupt voxel data
         raise DamagedFileError(
             f"{p} is damaged or truncated: its header reads but its voxel data does not "
-            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again") from exc
+            f"({type(exc).__name__}: {_first_line(exc)}); copy or export the file again"
+        ) from exc
     slope = getattr(proxy, "slope", 1.0)
     inter = getattr(proxy, "inter", 0.0)
     while raw.ndim > 3 and raw.shape[-1] == 1:

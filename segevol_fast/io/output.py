@@ -122,31 +122,80 @@ def _probe_writable(folder: pathlib.Path) -> None:
 
 def _check_replaceable_folder(p: pathlib.Path) -> None:
     if p.is_dir() and not is_ours(p) and any(p.iterdir()):
-        raise OutputError(f"{p} is a folder that segevol_fast did not write (no summary.json from segevol_fast) "
-                          "and it is not empty; refusing to replace it: give a new or empty folder")
+        raise OutputError(
+            f"{p} is a folder that segevol_fast did not write (no summary.json from segevol_fast) "
+            "and it is not empty; refusing to replace it: give a new or empty folder"
+        )
 
 
-OUTPUT_FORMS = ("a folder (one <label>.nii.gz per mask, label_map.nii.gz, summary.json; preview.png with "
-                "preview=True; segmentation.dcm for DICOM input), or a .nii / .nii.gz path for one label map "
-                "(with its .json sidecar)")
+OUTPUT_FORMS = (
+    "a folder (one <label>.nii.gz per mask, label_map.nii.gz, summary.json; preview.png with "
+    "preview=True; segmentation.dcm for DICOM input), or a .nii / .nii.gz path for one label map "
+    "(with its .json sidecar)"
+)
 # kinds of file a result is never written as: an output named like one is a slip, not a folder name
 # (a folder name with another dot, "run.v2", stays a folder)
 FILE_SUFFIXES = {
-    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".svg", ".pdf", ".html",  # images, pages
-    ".json", ".csv", ".tsv", ".txt", ".xml", ".yaml", ".yml",  # text
-    ".npy", ".npz", ".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".safetensors", ".h5", ".hdf5", ".mat",  # arrays
-    ".zip", ".gz", ".tgz", ".tar", ".bz2", ".xz", ".7z",  # archives (.nii.gz is a label map)
-    ".dcm", ".dicom", ".ima", ".nrrd", ".nhdr", ".mha", ".mhd", ".mgz", ".mgh", ".img", ".hdr",  # other scan formats
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".svg",
+    ".pdf",
+    ".html",  # images, pages
+    ".json",
+    ".csv",
+    ".tsv",
+    ".txt",
+    ".xml",
+    ".yaml",
+    ".yml",  # text
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".pt",
+    ".pth",
+    ".ckpt",
+    ".safetensors",
+    ".h5",
+    ".hdf5",
+    ".mat",  # arrays
+    ".zip",
+    ".gz",
+    ".tgz",
+    ".tar",
+    ".bz2",
+    ".xz",
+    ".7z",  # archives (.nii.gz is a label map)
+    ".dcm",
+    ".dicom",
+    ".ima",
+    ".nrrd",
+    ".nhdr",
+    ".mha",
+    ".mhd",
+    ".mgz",
+    ".mgh",
+    ".img",
+    ".hdr",  # other scan formats
 }
 
 
 def _check_folder_name(p: pathlib.Path) -> None:
     if p.is_dir() or p.suffix.lower() not in FILE_SUFFIXES:  # an existing folder stays one, whatever its name
         return
-    hint = {".png": "; for a preview image pass preview=True (preview.png in the folder) or call res.preview(path)",
-            ".dcm": "; the DICOM-SEG is written as segmentation.dcm inside a result folder"}.get(p.suffix.lower(), "")
-    raise OutputError(f"{p} ends in {p.suffix}, a kind of file segevol_fast does not write a result as; give "
-                      f"{OUTPUT_FORMS}{hint}")
+    hint = {
+        ".png": "; for a preview image pass preview=True (preview.png in the folder) or call res.preview(path)",
+        ".dcm": "; the DICOM-SEG is written as segmentation.dcm inside a result folder",
+    }.get(p.suffix.lower(), "")
+    raise OutputError(
+        f"{p} ends in {p.suffix}, a kind of file segevol_fast does not write a result as; give {OUTPUT_FORMS}{hint}"
+    )
 
 
 def label_map_names(path: PathLike) -> tuple[str, str]:
@@ -173,8 +222,10 @@ def check_output_path(path: PathLike) -> pathlib.Path:
             raise OutputError(f"{p} is a folder; a .nii / .nii.gz output must be a file name")
         side = p.with_name(label_map_names(p)[1])
         if side.exists() and not _json_is_ours(side):
-            raise OutputError(f"{side} exists and was not written by segevol_fast; refusing to overwrite it: "
-                              "give another label-map name")
+            raise OutputError(
+                f"{side} exists and was not written by segevol_fast; refusing to overwrite it: "
+                "give another label-map name"
+            )
     else:
         if p.exists() and not p.is_dir():
             raise OutputError(f"{p} is a file; give a folder, or a .nii / .nii.gz path for one label map")
@@ -293,10 +344,11 @@ def _try_lock(fd: int, lock_path: pathlib.Path, deadline: float) -> bool:
                 raise OutputError(f"cannot lock {lock_path}: {exc.strerror or exc}") from exc
         if time.monotonic() >= deadline:
             holder = _read_pid(lock_path)
-            target = lock_path.parent / lock_path.name[1:-len(".lock")]
+            target = lock_path.parent / lock_path.name[1 : -len(".lock")]
             raise OutputLockedError(
                 f"another segevol_fast run{f' (pid {holder})' if holder else ''} is writing {target}; "
-                "wait for it to finish or choose another output path")
+                "wait for it to finish or choose another output path"
+            )
         time.sleep(_POLL_S)
     try:
         return os.stat(lock_path).st_ino == os.fstat(fd).st_ino
@@ -370,7 +422,7 @@ def _leftovers(p: pathlib.Path) -> dict[str, list[pathlib.Path]]:
         return found
     for e in entries:
         if e.name.startswith(prefix):
-            m = _TAG.match(e.name[len(prefix):])
+            m = _TAG.match(e.name[len(prefix) :])
             if m:
                 found[m.group(1)].append(pathlib.Path(e.path))
     for v in found.values():
@@ -503,8 +555,9 @@ class FileGroup:
 
 
 @contextlib.contextmanager
-def replace_files(anchor: PathLike, lock_timeout: float = LOCK_TIMEOUT_S,
-                  guard: Optional[Callable[[pathlib.Path], None]] = None) -> Iterator[FileGroup]:
+def replace_files(
+    anchor: PathLike, lock_timeout: float = LOCK_TIMEOUT_S, guard: Optional[Callable[[pathlib.Path], None]] = None
+) -> Iterator[FileGroup]:
     """Yield a `FileGroup`; when the body returns, its files replace their namesakes next to
     `anchor` (e.g. the label map `x.nii.gz`, which also names the lock) all together.
 

@@ -36,11 +36,14 @@ def check_3d_shape(shape, what: str) -> None:
     if len(shape) == 3 and 0 in shape:
         empty = [a for a, n in enumerate(shape) if n == 0]
         axes = f"axis {empty[0]} is" if len(empty) == 1 else f"axes {', '.join(map(str, empty))} are"
-        raise ShapeError(f"{what}: {axes} empty (shape {shape}); a 3-D scan needs at least one voxel along "
-                         "each of X, Y, Z")
+        raise ShapeError(
+            f"{what}: {axes} empty (shape {shape}); a 3-D scan needs at least one voxel along each of X, Y, Z"
+        )
     if len(shape) == 2:
-        raise ShapeError(f"{what} is 2-D (shape {shape}), a single slice; SegVol needs a 3-D volume (X, Y, Z): "
-                         "stack the slices, or add an axis (array[..., None]) for a one-slice volume")
+        raise ShapeError(
+            f"{what} is 2-D (shape {shape}), a single slice; SegVol needs a 3-D volume (X, Y, Z): "
+            "stack the slices, or add an axis (array[..., None]) for a one-slice volume"
+        )
     if len(shape) != 3:
         raise ShapeError(f"{what} must be 3-D (X, Y, Z), got {len(shape)}-D shape {shape}")
 
@@ -66,7 +69,10 @@ def warn_if_implausible_spacing(spacing, source: Optional[str]) -> None:
     warnings.warn(
         f"voxel spacing ({sp}) mm of {source or 'the volume'} is implausible for a medical scan (expected "
         f"{lo:g}..{hi:g} mm per voxel): volumes in mL and world-coordinate prompts will be wrong; check the "
-        "file's header or the spacing= / affine= given", SpacingWarning, stacklevel=4)
+        "file's header or the spacing= / affine= given",
+        SpacingWarning,
+        stacklevel=4,
+    )
 
 
 def apply_rescale(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:

@@ -8,5 +8,14 @@ from .prompt_encoder import PromptEncoder
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer, prompt_text
 
-__all__ = ["SegVolNetwork", "SegVolConfig", "ImageEncoder", "TextEncoder", "PromptEncoder", "MaskDecoder",
-           "ClipTokenizer", "prompt_text", "model_device"]
+__all__ = [
+    "SegVolNetwork",
+    "SegVolConfig",
+    "ImageEncoder",
+    "TextEncoder",
+    "PromptEncoder",
+    "MaskDecoder",
+    "ClipTokenizer",
+    "prompt_text",
+    "model_device",
+]

@@ -51,8 +51,11 @@ def _not_a_checkpoint(path: pathlib.Path, head: bytes) -> str | None:
     if len(head) == 0:
         return "an empty file (0 bytes)"
     if head[:2] == b"\x1f\x8b":
-        return ("a NIfTI image (gzip-compressed .nii.gz)" if name.endswith(".nii.gz")
-                else "a gzip-compressed file (no checkpoint format is gzipped; a .nii.gz image?)")
+        return (
+            "a NIfTI image (gzip-compressed .nii.gz)"
+            if name.endswith(".nii.gz")
+            else "a gzip-compressed file (no checkpoint format is gzipped; a .nii.gz image?)"
+        )
     if head[344:348] in (b"n+1\x00", b"ni1\x00") or head[4:8] in (b"n+2\x00", b"ni2\x00"):
         return "a NIfTI image"
     if head[128:132] == b"DICM":
@@ -85,7 +88,8 @@ def _refused_objects(path: pathlib.Path, exc: BaseException) -> CheckpointError 
         "contain; it was not loaded and nothing in it was run (torch's weights-only reader refused it). "
         "Get the weights as a safetensors file (model.safetensors) or a plain state dict (tensors only, "
         "as torch.save(model.state_dict(), path) writes) from a source you trust, e.g. the official "
-        "BAAI/SegVol files.")
+        "BAAI/SegVol files."
+    )
 
 
 def _safetensors_header_ok(head: bytes) -> bool:
@@ -109,16 +113,17 @@ def read_tensor_file(path: str | os.PathLike) -> Mapping:
         raise CheckpointError(f"cannot open weights file {path}: {exc.strerror or exc}") from exc
     what = _not_a_checkpoint(path, head)
     if what is not None:
-        raise CheckpointError(f"{path} is {what}, not a checkpoint; give SegVol weights (a folder with "
-                              "model.safetensors or pytorch_model.bin, or SegVol_v1.pth)")
+        raise CheckpointError(
+            f"{path} is {what}, not a checkpoint; give SegVol weights (a folder with "
+            "model.safetensors or pytorch_model.bin, or SegVol_v1.pth)"
+        )
     if path.suffix in _SAFETENSORS_SUFFIXES or (head[:2] != b"PK" and _safetensors_header_ok(head)):
         from safetensors.torch import load_file
 
         try:
             return load_file(str(path), device="cpu")
         except Exception as exc:
-            raise CheckpointError(f"{path} is damaged or not a safetensors file (truncated download?): "
-                                  f"{exc}") from exc
+            raise CheckpointError(f"{path} is damaged or not a safetensors file (truncated download?): {exc}") from exc
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as exc:
@@ -148,7 +153,7 @@ def read_tensor_file(path: str | os.PathLike) -> Mapping:
 
 
 def _strip(sd: Mapping, prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def normalize(obj: Mapping, source: str = "<memory>") -> LoadedWeights:
@@ -164,7 +169,9 @@ def normalize(obj: Mapping, source: str = "<memory>") -> LoadedWeights:
         inner = obj["state_dict"]
         enc = _strip(inner, "model.encoder.")
         if not enc:
-            raise CheckpointError(f"{source}: 'state_dict' holds no 'model.encoder.*' keys (found e.g. {list(inner)[:3]})")
+            raise CheckpointError(
+                f"{source}: 'state_dict' holds no 'model.encoder.*' keys (found e.g. {list(inner)[:3]})"
+            )
         sd = {f"image_encoder.{k}": v for k, v in enc.items()}
         ignored = [k for k in inner if not k.startswith("model.encoder.")]
         return LoadedWeights(sd, "image_encoder", source, dropped=ignored)
@@ -219,7 +226,8 @@ def check_finite(tensors: Mapping[str, torch.Tensor], source: str, advice: str =
     first = tensors[bad[0]]
     raise NonFiniteWeightsError(
         f"{source}: tensor {bad[0]} holds {int(torch.isnan(first).sum())} NaN and {int(torch.isinf(first).sum())} "
-        f"infinite values ({len(bad)} such tensor(s): {_describe(bad, 5)}). {advice}")
+        f"infinite values ({len(bad)} such tensor(s): {_describe(bad, 5)}). {advice}"
+    )
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -236,8 +244,9 @@ def _describe(keys: list[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, *, prefix: str = "",
-                   assign: bool = False) -> None:
+def check_and_load(
+    module: nn.Module, sd: Mapping[str, torch.Tensor], source: str, *, prefix: str = "", assign: bool = False
+) -> None:
     """Strict load: every key of `module` (under `prefix`) present, nothing unexpected, shapes equal.
 
     Raises one CheckpointError listing every missing, unexpected and mis-shaped key. With
@@ -249,7 +258,8 @@ def check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: st
     unexpected = sorted(k for k in sd if k not in wanted)
     mis_shaped = sorted(
         f"{k} (checkpoint {tuple(sd[k].shape)}, model {tuple(v.shape)})"
-        for k, v in wanted.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+        for k, v in wanted.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
     )
     if missing or unexpected or mis_shaped:
         parts = [f"checkpoint {source} does not match the model"]
@@ -261,7 +271,7 @@ def check_and_load(module: nn.Module, sd: Mapping[str, torch.Tensor], source: st
             parts.append(f"mis-shaped {len(mis_shaped)}: {_describe(mis_shaped)}")
         parts.append("is the config right (SegVolConfig() for the official weights)?")
         raise CheckpointError("\n  ".join(parts))
-    local = {k[len(prefix):]: v for k, v in sd.items()}
+    local = {k[len(prefix) :]: v for k, v in sd.items()}
     module.load_state_dict(local, strict=True, assign=assign)
     left_on_meta = [n for n, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
     if left_on_meta:  # a non-persistent buffer a checkpoint cannot fill: a bug in the module

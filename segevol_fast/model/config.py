@@ -111,12 +111,16 @@ class SegVolConfig:
         if not problems:
             for s, p in zip(self.spatial_size, self.patch_size):
                 if p <= 0 or s % p:
-                    problems.append(f"spatial_size {self.spatial_size} must be a multiple of patch_size {self.patch_size}")
+                    problems.append(
+                        f"spatial_size {self.spatial_size} must be a multiple of patch_size {self.patch_size}"
+                    )
                     break
         if self.hidden_size % self.num_heads:
             problems.append(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.text_hidden_size % self.text_num_heads:
-            problems.append(f"text_hidden_size {self.text_hidden_size} not divisible by text_num_heads {self.text_num_heads}")
+            problems.append(
+                f"text_hidden_size {self.text_hidden_size} not divisible by text_num_heads {self.text_num_heads}"
+            )
         if self.hidden_size % 8:
             problems.append(f"hidden_size {self.hidden_size} must be divisible by 8 (decoder upscaling to hidden/8)")
         if self.hidden_size % (self.decoder_num_heads * self.attention_downsample_rate):
@@ -161,10 +165,23 @@ class SegVolConfig:
 # Presets: what differs from the official architecture (the dataclass defaults).
 _PRESETS: dict[str, dict[str, Any]] = {
     # (name: spatial, patch, hidden, mlp, layers, heads, text hidden/intermediate/layers/heads, decoder heads/mlp, iou hidden)
-    name: dict(spatial_size=v[0], patch_size=v[1], hidden_size=v[2], mlp_dim=v[3], num_layers=v[4], num_heads=v[5],
-               text_hidden_size=v[6], text_intermediate_size=v[7], text_num_layers=v[8], text_num_heads=v[9],
-               mask_in_chans=4, decoder_depth=2, decoder_num_heads=v[10], decoder_mlp_dim=v[11],
-               iou_head_hidden_dim=v[12])
+    name: dict(
+        spatial_size=v[0],
+        patch_size=v[1],
+        hidden_size=v[2],
+        mlp_dim=v[3],
+        num_layers=v[4],
+        num_heads=v[5],
+        text_hidden_size=v[6],
+        text_intermediate_size=v[7],
+        text_num_layers=v[8],
+        text_num_heads=v[9],
+        mask_in_chans=4,
+        decoder_depth=2,
+        decoder_num_heads=v[10],
+        decoder_mlp_dim=v[11],
+        iou_head_hidden_dim=v[12],
+    )
     for name, v in {
         "tiny": ((8, 32, 32), (4, 16, 16), 32, 64, 2, 2, 32, 64, 2, 2, 2, 64, 16),
         "small": ((16, 64, 64), (4, 8, 8), 96, 192, 4, 4, 64, 128, 2, 2, 4, 192, 32),

@@ -52,8 +52,13 @@ class MaskDecoder(nn.Module):
         self.num_mask_tokens = config.num_multimask_outputs + 1
         self.iou_token = nn.Embedding(1, hidden)
         self.mask_tokens = nn.Embedding(self.num_mask_tokens, hidden)
-        self.transformer = TwoWayTransformer(config.decoder_depth, hidden, config.decoder_num_heads,
-                                             config.decoder_mlp_dim, config.attention_downsample_rate)
+        self.transformer = TwoWayTransformer(
+            config.decoder_depth,
+            hidden,
+            config.decoder_num_heads,
+            config.decoder_mlp_dim,
+            config.attention_downsample_rate,
+        )
         up_grid = tuple(2 * g for g in config.grid_size)
         self.output_upscaling = nn.Sequential(
             nn.ConvTranspose3d(hidden, hidden // 4, kernel_size=2, stride=2),
@@ -65,7 +70,8 @@ class MaskDecoder(nn.Module):
             nn.GELU(),
         )
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(hidden, hidden, hidden // 8, 3) for _ in range(self.num_mask_tokens))
+            MLP(hidden, hidden, hidden // 8, 3) for _ in range(self.num_mask_tokens)
+        )
         self.iou_prediction_head = MLP(hidden, config.iou_head_hidden_dim, self.num_mask_tokens, config.iou_head_depth)
         self.txt_align_upscaled_embedding = nn.Linear(hidden, hidden // 8)
         # True: upscale + project in token order (model/upscale.py, ~4x faster on CPU for many
@@ -135,7 +141,9 @@ class MaskDecoder(nn.Module):
         for name, t, batches in (("image_embedding", image, (1, B)), ("image_pe", pe, (1,)), ("dense", dense, (1, B))):
             if t.dim() != 5 or tuple(t.shape[1:]) != (hidden, *grid) or t.shape[0] not in batches:
                 want = " or ".join(str(b) for b in sorted(set(batches)))
-                raise ShapeError(f"{name} must be ({want}, {hidden}, {', '.join(map(str, grid))}), got {tuple(t.shape)}")
+                raise ShapeError(
+                    f"{name} must be ({want}, {hidden}, {', '.join(map(str, grid))}), got {tuple(t.shape)}"
+                )
         if text is not None and (text.dim() != 2 or text.shape[1] != hidden or text.shape[0] not in (1, B)):
             raise ShapeError(f"text_embedding must be (1 or {B}, {hidden}), got {tuple(text.shape)}")
         return tuple(sparse.shape)  # type: ignore[return-value]

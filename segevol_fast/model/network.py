@@ -55,8 +55,10 @@ def _integer_labels(points):
     known = (labels == 1) | (labels == 0) | (labels == -1)
     if not bool(known.all()):
         wrong = labels[~known].flatten()[0].item()
-        raise PromptError(f"point label {wrong:g} is not a label: each must be 1 (positive), 0 (negative) or "
-                          "-1 (padding), as an integer or the equal float")
+        raise PromptError(
+            f"point label {wrong:g} is not a label: each must be 1 (positive), 0 (negative) or "
+            "-1 (padding), as an integer or the equal float"
+        )
     return coords, labels.long()
 
 
@@ -173,8 +175,10 @@ class SegVolNetwork(nn.Module):
     ) -> Tensor:
         """One image (1, 1, D, H, W) and N prompts -> logits (N, 1, D, H, W)."""
         if image.dim() != 5 or image.shape[0] != 1:
-            raise ShapeError(f"forward takes one image (1, 1, D, H, W), got {tuple(image.shape)}; "
-                             "for batches call encode_image/decode")
+            raise ShapeError(
+                f"forward takes one image (1, 1, D, H, W), got {tuple(image.shape)}; "
+                "for batches call encode_image/decode"
+            )
         emb = self.encode_image(image)
         txt = self.encode_text(text, modality) if text is not None else None
         return self.decode(emb, text_embedding=txt, boxes=boxes, points=points)
@@ -218,7 +222,9 @@ class SegVolNetwork(nn.Module):
             ckpt.check_and_load(model.image_encoder, weights.state_dict, weights.source, prefix="image_encoder.")
             warnings.warn(
                 f"{weights.source} holds only the pre-trained image encoder; the text encoder, prompt "
-                "encoder and mask decoder are randomly initialised", stacklevel=2)
+                "encoder and mask decoder are randomly initialised",
+                stacklevel=2,
+            )
         else:
             # Build on the meta device and adopt the loaded tensors: no random init of 181 M
             # parameters and no second copy of the weights in memory.

@@ -128,8 +128,12 @@ class PromptEncoder(nn.Module):
             labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
         is_pad, neg, pos = (labels == -1)[..., None], (labels == 0)[..., None], (labels == 1)[..., None]
         pe = pe.masked_fill(is_pad, 0.0)
-        return (pe + is_pad * self.not_a_point_embed.weight + neg * self.point_embeddings[0].weight
-                + pos * self.point_embeddings[1].weight)
+        return (
+            pe
+            + is_pad * self.not_a_point_embed.weight
+            + neg * self.point_embeddings[0].weight
+            + pos * self.point_embeddings[1].weight
+        )
 
     def _embed_boxes(self, boxes: Tensor) -> Tensor:
         """boxes (B, 6) = (d0, h0, w0, d1, h1, w1) -> corner tokens (B, 2, hidden).
@@ -194,7 +198,9 @@ class PromptEncoder(nn.Module):
             sizes.append(("points", coords.shape[0]))
         if boxes is not None:
             if not (boxes.dim() == 2 and boxes.shape[1] == 6) and not (boxes.dim() == 3 and boxes.shape[1:] == (1, 6)):
-                raise ShapeError(f"boxes must be (B, 6) = (d_min, h_min, w_min, d_max, h_max, w_max), got {tuple(boxes.shape)}")
+                raise ShapeError(
+                    f"boxes must be (B, 6) = (d_min, h_min, w_min, d_max, h_max, w_max), got {tuple(boxes.shape)}"
+                )
             sizes.append(("boxes", boxes.shape[0]))
         if text is not None:
             if text.dim() != 2 or text.shape[1] != self.hidden_size:

@@ -46,8 +46,9 @@ class Attention(nn.Module):
         softmax(q·kᵀ / sqrt(head_dim)) · v per head, through `model.attention.attention`.
         """
         batch = max(q.shape[0], k.shape[0], v.shape[0])
-        out = attention(self._heads(self.q_proj(q), batch), self._heads(self.k_proj(k), batch),
-                        self._heads(self.v_proj(v), batch))  # (B, heads, Sq, head_dim)
+        out = attention(
+            self._heads(self.q_proj(q), batch), self._heads(self.k_proj(k), batch), self._heads(self.v_proj(v), batch)
+        )  # (B, heads, Sq, head_dim)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

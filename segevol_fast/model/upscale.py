@@ -46,8 +46,13 @@ def upscale_project(src: Tensor, weights: Tensor, upscaling: nn.Sequential, grid
     # Full-shape LayerNorm in at least float32 (statistics over all S*C4*8 values of a sample).
     ln_dtype = torch.promote_types(y.dtype, torch.float32)
     with torch.autocast(device_type=src.device.type, enabled=False):
-        y = F.layer_norm(y.to(ln_dtype), (S, c4 * 8), _token_order(norm.weight.to(ln_dtype), grid),
-                         _token_order(norm.bias.to(ln_dtype), grid), norm.eps)
+        y = F.layer_norm(
+            y.to(ln_dtype),
+            (S, c4 * 8),
+            _token_order(norm.weight.to(ln_dtype), grid),
+            _token_order(norm.bias.to(ln_dtype), grid),
+            norm.eps,
+        )
     y = F.gelu(y)
     # Fine voxels in (coarse voxel, sub1) order, channels last: (B, S*8, C4).
     y = y.view(B, S, c4, 8).transpose(2, 3).reshape(B, S * 8, c4)
@@ -62,9 +67,9 @@ def upscale_project(src: Tensor, weights: Tensor, upscaling: nn.Sequential, grid
     chunk = max(64, (4 << 20) // max(1, B * c8 * 8 * y.element_size())) if y.device.type == "cpu" else S * 8
     logits = torch.empty(B, S * 8, 8, dtype=y.dtype, device=y.device)
     for v0 in range(0, S * 8, chunk):
-        z = F.gelu(torch.addmm(b2, y[:, v0:v0 + chunk].reshape(-1, c4), w2))  # (B*v, C8*8): (c, sub2)
+        z = F.gelu(torch.addmm(b2, y[:, v0 : v0 + chunk].reshape(-1, c4), w2))  # (B*v, C8*8): (c, sub2)
         z = z.view(B, -1, c8, 8)
-        logits[:, v0:v0 + chunk] = (z * wts.unsqueeze(1)).sum(2)
+        logits[:, v0 : v0 + chunk] = (z * wts.unsqueeze(1)).sum(2)
     # Index: coarse (i, j, k), sub1 (a1, b1, c1), sub2 (a2, b2, c2) -> (4i+2a1+a2, 4j+2b1+b2, 4k+2c1+c2).
     logits = logits.reshape(B, gd, gh, gw, 2, 2, 2, 2, 2, 2).permute(0, 1, 4, 7, 2, 5, 8, 3, 6, 9)
     return logits.reshape(B, 1, 4 * gd, 4 * gh, 4 * gw)

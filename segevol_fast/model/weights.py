@@ -68,7 +68,8 @@ def _checked(path: pathlib.Path, where: str) -> pathlib.Path:
         if _has_weights(path):
             return path
         raise WeightsNotFoundError(
-            f"{where} points to {path}, which holds none of {', '.join(WEIGHT_FILES)}.\n{HOW_TO}")
+            f"{where} points to {path}, which holds none of {', '.join(WEIGHT_FILES)}.\n{HOW_TO}"
+        )
     raise WeightsNotFoundError(f"{where} points to {path}, which does not exist.\n{HOW_TO}")
 
 
@@ -175,5 +176,8 @@ def resolve_pretrained(name: PathLike, download: bool = False) -> pathlib.Path:
     """
     if not _is_hub_name(name):
         return pathlib.Path(name).expanduser()
-    return _search(download, f"SegVol.from_pretrained({str(name)!r}): no local file or folder of that name",
-                   "download=False (pass download=True to fetch it with huggingface_hub, network needed)")
+    return _search(
+        download,
+        f"SegVol.from_pretrained({str(name)!r}): no local file or folder of that name",
+        "download=False (pass download=True to fetch it with huggingface_hub, network needed)",
+    )

@@ -94,9 +94,7 @@ def plain_eager_call(args: tuple) -> bool:
     if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
-    return all(
-        type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, torch.Tensor)
-    )
+    return all(type(a) in _PLAIN and not (grad and a.requires_grad) for a in args if isinstance(a, torch.Tensor))
 
 
 class Op:
@@ -132,10 +130,7 @@ def _why_not_native_for(name: str) -> Callable[[str], Optional[str]]:
     def why_not(device_type: str) -> Optional[str]:
         reason = _backend.why_not_native(device_type)
         if reason is None and name not in _native.native_ops():
-            return (
-                f"segevol_fast._C has no op {name!r} (it was built from older sources). "
-                f"{_native.build_hint()}"
-            )
+            return f"segevol_fast._C has no op {name!r} (it was built from older sources). {_native.build_hint()}"
         return reason
 
     return why_not

@@ -89,17 +89,17 @@ class OpSpec:
     """
 
     name: str
-    fn: Callable                     # the public entry point, ops.<name>
-    ref: Callable                    # ops.<name>_ref
-    op: Op                           # the scaffold's Op: backends and the custom op
-    cases: Sequence[Any]             # odd shapes: not multiples of any block size
+    fn: Callable  # the public entry point, ops.<name>
+    ref: Callable  # ops.<name>_ref
+    op: Op  # the scaffold's Op: backends and the custom op
+    cases: Sequence[Any]  # odd shapes: not multiples of any block size
     make_args: Callable[[Any, str], tuple]
-    grad_args: tuple[int, ...]       # positions of differentiable tensor arguments
-    tiny_case: Any                   # small enough for gradcheck in float64
+    grad_args: tuple[int, ...]  # positions of differentiable tensor arguments
+    tiny_case: Any  # small enough for gradcheck in float64
     workloads: Callable[[str, str, Sequence[torch.dtype], Sequence[str]], Iterator[Workload]]
-    baseline: str                    # the provider the suite's ratios compare with
-    speedup: bool = True             # ratio as baseline time / time (else time / baseline time)
-    native_in_csrc: bool = False     # "native" is a kernel of csrc/<name>/ (else PyTorch's own)
+    baseline: str  # the provider the suite's ratios compare with
+    speedup: bool = True  # ratio as baseline time / time (else time / baseline time)
+    native_in_csrc: bool = False  # "native" is a kernel of csrc/<name>/ (else PyTorch's own)
     cpu_threads: Optional[int] = None  # threads for the CPU benchmark (None: torch's default)
     backends: tuple[str, ...] = field(init=False)
 

@@ -14,8 +14,7 @@ import triton
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): tiles for tensor-core GEMM-like kernels;
 # untuned beyond common Triton practice (none of these kernels has run on a GPU yet)
-GEMM_TILES = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-              (64, 64, 64, 4, 3))
+GEMM_TILES = ((128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3))
 
 
 def interpreted() -> bool:
@@ -36,8 +35,10 @@ def gemm_configs(*extra_tiles: tuple) -> list:
     the interpreter crashes on multi-config autotune and is slow."""
     if interpreted() or not torch.cuda.is_available():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in (*GEMM_TILES, *extra_tiles)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in (*GEMM_TILES, *extra_tiles)
+    ]
 
 
 class TiledKernel:

@@ -138,9 +138,8 @@ def rotate_hw(image: Tensor, labels: Tensor, degrees: float) -> tuple[Tensor, Te
     # grid_sample reads output (x, y) = (w, h) normalised to [-1, 1] from the rotated input
     # position; scaling by the half-sizes makes the rotation rigid in voxel units
     theta = torch.tensor(
-        [[cos, sin * h / w, 0.0, 0.0],
-         [-sin * w / h, cos, 0.0, 0.0],
-         [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32)[None]
+        [[cos, sin * h / w, 0.0, 0.0], [-sin * w / h, cos, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32
+    )[None]
     grid = F.affine_grid(theta, [1, 1, d, h, w], align_corners=False)
     img = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
     lab = F.grid_sample(labels[None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[0]

@@ -128,13 +128,16 @@ def _modality_of(channels: Mapping, source: pathlib.Path) -> str:
 def _label_map_from_ids(labels: Mapping, source: pathlib.Path, names_are_keys: bool) -> dict[int, str]:
     """{"1": "liver"} (MSD, M3D-Seg) or {"liver": 1} (nnU-Net v2) -> {1: "liver"}, background out."""
     if not isinstance(labels, Mapping) or not labels:
-        raise InvalidArgumentError(f"{source}: \"labels\" is missing or empty")
+        raise InvalidArgumentError(f'{source}: "labels" is missing or empty')
     out: dict[int, str] = {}
     for key, value in labels.items():
         name, ident = (key, value) if names_are_keys else (value, key)
         if isinstance(ident, (list, tuple)):
-            warnings.warn(f"{source}: label {name!r} is an nnU-Net region {list(ident)}; regions are skipped",
-                          UserWarning, stacklevel=3)
+            warnings.warn(
+                f"{source}: label {name!r} is an nnU-Net region {list(ident)}; regions are skipped",
+                UserWarning,
+                stacklevel=3,
+            )
             continue
         try:
             ident = int(ident)
@@ -164,14 +167,14 @@ def cases_from_decathlon(root: PathLike, split: str = "training", modality: str 
     _need_dir(root / "imagesTr", "MSD task"), _need_dir(root / "labelsTr", "MSD task")
     entries = desc.get(split)
     if not isinstance(entries, list) or not entries:
-        raise InvalidArgumentError(f"{root / 'dataset.json'} has no \"{split}\" list of image/label pairs")
+        raise InvalidArgumentError(f'{root / "dataset.json"} has no "{split}" list of image/label pairs')
     label_map = {k: segvol_name(v) for k, v in _label_map_from_ids(desc.get("labels"), root, False).items()}
     mod = normalize_modality(modality) or _modality_of(desc.get("modality"), root / "dataset.json")
     name = str(desc.get("name") or root.name)
     cases = []
     for e in entries:
         if not isinstance(e, Mapping) or "image" not in e or "label" not in e:
-            raise InvalidArgumentError(f"{root / 'dataset.json'}: entry {e!r} lacks \"image\" / \"label\"")
+            raise InvalidArgumentError(f'{root / "dataset.json"}: entry {e!r} lacks "image" / "label"')
         image = (root / e["image"]).resolve()
         cases.append(Case(image, (root / e["label"]).resolve(), label_map, mod, name, _case_id(image)))
     return cases
@@ -185,14 +188,15 @@ def cases_from_nnunet(root: PathLike, modality: str | None = None) -> list[Case]
     _need_dir(root / "imagesTr", "nnU-Net dataset"), _need_dir(root / "labelsTr", "nnU-Net dataset")
     ending = desc.get("file_ending")
     if not isinstance(ending, str) or not ending:
-        raise InvalidArgumentError(f"{root / 'dataset.json'} has no \"file_ending\"")
+        raise InvalidArgumentError(f'{root / "dataset.json"} has no "file_ending"')
     label_map = {k: segvol_name(v) for k, v in _label_map_from_ids(desc.get("labels"), root, True).items()}
     ignore = tuple(k for k, v in label_map.items() if v == "ignore")  # nnU-Net v2's reserved name
     label_map = {k: v for k, v in label_map.items() if k not in ignore}
     mod = normalize_modality(modality) or _modality_of(desc.get("channel_names"), root / "dataset.json")
     name = str(desc.get("name") or desc.get("dataset_name") or root.name)
-    labels = sorted(p for p in (root / "labelsTr").iterdir()
-                    if p.name.endswith(ending) and not p.name.startswith("."))  # "._x": macOS metadata
+    labels = sorted(
+        p for p in (root / "labelsTr").iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+    )  # "._x": macOS metadata
     if not labels:
         raise VolumeNotFoundError(f"{root / 'labelsTr'} holds no *{ending} label files")
     cases = []
@@ -226,22 +230,27 @@ def cases_from_m3d(root: PathLike, code: str, split: str = "train", modality: st
     if entries is None and split == "train":
         entries = desc.get("training")  # what SegVol's data_utils.py reads
     if not isinstance(entries, list) or not entries:
-        raise InvalidArgumentError(f"{folder / (code + '.json')} has no \"{split}\" list of image/label pairs")
-    label_map = {k: re.sub(r"\s+", " ", v.strip().lower())
-                 for k, v in _label_map_from_ids(desc.get("labels"), folder, False).items()}
+        raise InvalidArgumentError(f'{folder / (code + ".json")} has no "{split}" list of image/label pairs')
+    label_map = {
+        k: re.sub(r"\s+", " ", v.strip().lower())
+        for k, v in _label_map_from_ids(desc.get("labels"), folder, False).items()
+    }
     mod = normalize_modality(modality) or (_modality_of(desc["modality"], folder) if desc.get("modality") else "ct")
     cases = []
     for e in entries:
         if not isinstance(e, Mapping) or "image" not in e or "label" not in e:
-            raise InvalidArgumentError(f"{folder / (code + '.json')}: entry {e!r} lacks \"image\" / \"label\"")
+            raise InvalidArgumentError(f'{folder / (code + ".json")}: entry {e!r} lacks "image" / "label"')
         image = _m3d_path(e["image"], root, folder)
-        cid = image.parent.name if image.name == "image.npy" else _case_id(image, ".npy")  # <case>/image.npy | ct/<case>.npy
+        cid = (
+            image.parent.name if image.name == "image.npy" else _case_id(image, ".npy")
+        )  # <case>/image.npy | ct/<case>.npy
         cases.append(Case(image, _m3d_path(e["label"], root, folder), label_map, mod, code, cid, "m3d"))
     return cases
 
 
-def cases_from_files(pairs: Iterable[tuple[PathLike, PathLike]], label_map: Mapping, modality: str,
-                     dataset: str) -> list[Case]:
+def cases_from_files(
+    pairs: Iterable[tuple[PathLike, PathLike]], label_map: Mapping, modality: str, dataset: str
+) -> list[Case]:
     """Cases from (image, label) path pairs sharing one label map {id: name} (keys may be strings,
     as in a JSON file). Names go through `segvol_name` ("kidney_right" -> "right kidney")."""
     mod = normalize_modality(modality)
@@ -318,8 +327,10 @@ def read_m3d_mask(path: PathLike) -> np.ndarray:
     except (OSError, ValueError, KeyError, EOFError) as exc:
         raise DamagedFileError(f"{path} is damaged or not a scipy sparse .npz ({type(exc).__name__}: {exc})") from exc
     if fmt != "csr" or len(shape) != 4 or stored != (shape[0], math.prod(shape[1:])):
-        raise ShapeError(f"{path}: a CSR matrix of shape (C, X*Y*Z) = {(shape[0], math.prod(shape[1:]))} "
-                         f"was expected, got format {fmt!r} shape {stored}")
+        raise ShapeError(
+            f"{path}: a CSR matrix of shape (C, X*Y*Z) = {(shape[0], math.prod(shape[1:]))} "
+            f"was expected, got format {fmt!r} shape {stored}"
+        )
     dense = np.zeros(stored, dtype=bool)
     rows = np.repeat(np.arange(stored[0]), np.diff(indptr))  # row of every stored entry
     dense[rows, indices] = data != 0
@@ -362,8 +373,10 @@ def _prepare_volume(case: Case, unknown: str) -> PreparedCase:
     image = _load_image(case.image)
     label = _load_label_map(case)
     if image.shape != label.shape:
-        raise ShapeError(f"case {case.case_id}: image {case.image} has shape {image.shape} but its labels "
-                         f"{case.label} have shape {label.shape}")
+        raise ShapeError(
+            f"case {case.case_id}: image {case.image} has shape {image.shape} but its labels "
+            f"{case.label} have shape {label.shape}"
+        )
     prep = preprocess(image)
     (z0, y0, x0), (z1, y1, x1) = prep.start, prep.end
     ids_crop = label[x0:x1, y0:y1, z0:z1].transpose(2, 1, 0)  # same box and axis reversal as the image
@@ -383,8 +396,10 @@ def _prepare_m3d(case: Case) -> PreparedCase:
         raise ShapeError(f"{case.image}: an M3D-Seg image is (1, X, Y, Z), got {arr.shape}")
     masks = read_m3d_mask(case.label)
     if masks.shape[1:] != arr.shape:
-        raise ShapeError(f"case {case.case_id}: image {case.image} has shape {arr.shape} but its masks "
-                         f"{case.label} have shape {masks.shape[1:]}")
+        raise ShapeError(
+            f"case {case.case_id}: image {case.image} has shape {arr.shape} but its masks "
+            f"{case.label} have shape {masks.shape[1:]}"
+        )
     x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 1, 0), dtype=np.float32))
     lo, hi = float(x.min()), float(x.max())
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
@@ -395,8 +410,13 @@ def _prepare_m3d(case: Case) -> PreparedCase:
     sl = tuple(slice(s, e) for s, e in zip(start, end))
     m = torch.from_numpy(masks.transpose(0, 3, 2, 1))[(slice(None),) + sl]
     keep = [c for c in range(m.shape[0]) if bool(m[c].any()) and (c + 1) in case.label_map]
-    return PreparedCase(x[sl][None].contiguous(), m[keep].contiguous(), [case.label_map[c + 1] for c in keep],
-                        [c + 1 for c in keep], case)
+    return PreparedCase(
+        x[sl][None].contiguous(),
+        m[keep].contiguous(),
+        [case.label_map[c + 1] for c in keep],
+        [c + 1 for c in keep],
+        case,
+    )
 
 
 def prepare_case(case: Case, unknown_labels: str = "error") -> PreparedCase:

@@ -31,14 +31,22 @@ CONFIGS = ("official", "tiny", "small")
 def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the finetune options to a (sub)parser and return it."""
     d = p.add_argument_group("data")
-    d.add_argument("--data", nargs="+", action="extend", metavar="ROOT", default=[],
-                   help="dataset folders (MSD / nnU-Net v2 dataset.json, or an M3D-Seg code folder)")
+    d.add_argument(
+        "--data",
+        nargs="+",
+        action="extend",
+        metavar="ROOT",
+        default=[],
+        help="dataset folders (MSD / nnU-Net v2 dataset.json, or an M3D-Seg code folder)",
+    )
     d.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat; pairs with --label)")
     d.add_argument("--label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
     d.add_argument("--label-map", metavar="JSON", help="label id -> name for --image/--label, a JSON file")
     d.add_argument("--label-map-key", metavar="KEY", help="take the map under this key of the JSON (e.g. ct, mr)")
     d.add_argument("--modality", choices=["ct", "mri"], help="modality of --image cases (and an override for --data)")
-    d.add_argument("--eval-data", nargs="+", action="extend", metavar="ROOT", default=[], help="held-out dataset folders")
+    d.add_argument(
+        "--eval-data", nargs="+", action="extend", metavar="ROOT", default=[], help="held-out dataset folders"
+    )
     d.add_argument("--eval-image", action="append", default=[], metavar="PATH", help="held-out image (repeat)")
     d.add_argument("--eval-label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
     d.add_argument("--rotation-deg", type=float, default=0.0, help="random rotation augmentation (degrees)")
@@ -112,8 +120,9 @@ def _cases(args, roots, images, labels, what: str) -> list:
     if images:
         if args.modality is None:
             raise UsageError("--image cases need --modality ct|mri")
-        cases += cases_from_files(list(zip(images, labels)), _label_map(args), args.modality,
-                                  pathlib.Path(images[0]).parent.name or "files")
+        cases += cases_from_files(
+            list(zip(images, labels)), _label_map(args), args.modality, pathlib.Path(images[0]).parent.name or "files"
+        )
     return cases
 
 
@@ -138,12 +147,26 @@ def _model(args, device):
 def _train_config(args):
     from .trainer import TrainConfig
 
-    fields = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-                  "warmup_steps": args.warmup_steps, "min_lr_ratio": args.min_lr_ratio, "grad_clip": args.grad_clip,
-                  "amp": args.amp, "grad_checkpointing": args.grad_checkpointing, "seed": args.seed,
-                  "categories_per_image": args.categories_per_image, "box_jitter": args.box_jitter,
-                  "eval_every": args.eval_every, "save_every": args.save_every, "log_every": args.log_every,
-                  "eval_jitter": args.eval_jitter, "out_dir": args.out, "workers": args.workers}
+    fields = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "warmup_steps": args.warmup_steps,
+        "min_lr_ratio": args.min_lr_ratio,
+        "grad_clip": args.grad_clip,
+        "amp": args.amp,
+        "grad_checkpointing": args.grad_checkpointing,
+        "seed": args.seed,
+        "categories_per_image": args.categories_per_image,
+        "box_jitter": args.box_jitter,
+        "eval_every": args.eval_every,
+        "save_every": args.save_every,
+        "log_every": args.log_every,
+        "eval_jitter": args.eval_jitter,
+        "out_dir": args.out,
+        "workers": args.workers,
+    }
     if args.mixes:
         fields["mixes"] = tuple(args.mixes)
     try:
@@ -169,8 +192,13 @@ def run_finetune(args: argparse.Namespace) -> int:
         eval_cases = _cases(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
         model = _model(args, env.device)
         if args.method == "lora":
-            adapters.add_lora(model, args.adapter_name, adapters.LoraConfig(
-                rank=args.lora_rank, alpha=args.lora_alpha, rslora=args.rslora, dropout=args.lora_dropout))
+            adapters.add_lora(
+                model,
+                args.adapter_name,
+                adapters.LoraConfig(
+                    rank=args.lora_rank, alpha=args.lora_alpha, rslora=args.rslora, dropout=args.lora_dropout
+                ),
+            )
         size = model.config.spatial_size
         train = SegmentationDataset(train_cases, size, train=True, seed=args.seed, rotation_deg=args.rotation_deg)
         evals = SegmentationDataset(eval_cases, size, train=False) if eval_cases else None
@@ -194,15 +222,19 @@ def _write_result(args, model, trainer) -> None:
     else:
         result = str(out / "model")
         model.save_pretrained(result)
-    summary = {"steps": trainer.step, "result": str(result),
-               "last_loss": trainer.history[-1]["loss"] if trainer.history else None,
-               "eval": trainer.eval_history[-1] if trainer.eval_history else None}
+    summary = {
+        "steps": trainer.step,
+        "result": str(result),
+        "last_loss": trainer.history[-1]["loss"] if trainer.history else None,
+        "eval": trainer.eval_history[-1] if trainer.eval_history else None,
+    }
     print(json.dumps(summary))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = add_finetune_arguments(argparse.ArgumentParser(prog="segevol-fast finetune",
-                                                            description="Fine-tune SegVol."))
+    parser = add_finetune_arguments(
+        argparse.ArgumentParser(prog="segevol-fast finetune", description="Fine-tune SegVol.")
+    )
     args = parser.parse_args(argv)
     try:
         return run_finetune(args)

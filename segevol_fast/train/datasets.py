@@ -57,10 +57,21 @@ class SegmentationDataset(Dataset):
     `preload()` before the loader's workers start so they share it instead of each filling their own.
     """
 
-    def __init__(self, cases: Sequence[Case], spatial_size: Sequence[int], *, train: bool = True,
-                 crop_mode: str = "mixed", rotation_deg: float = 0.0, seed: int = 0, cache: bool = True,
-                 pos_fraction: float = 2 / 3, flip_prob: float = 0.2, intensity_prob: float = 0.1,
-                 unknown_labels: str = "error"):
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        spatial_size: Sequence[int],
+        *,
+        train: bool = True,
+        crop_mode: str = "mixed",
+        rotation_deg: float = 0.0,
+        seed: int = 0,
+        cache: bool = True,
+        pos_fraction: float = 2 / 3,
+        flip_prob: float = 0.2,
+        intensity_prob: float = 0.1,
+        unknown_labels: str = "error",
+    ):
         self.cases = list(cases)
         if not self.cases or not all(isinstance(c, Case) for c in self.cases):
             raise InvalidArgumentError("SegmentationDataset needs a non-empty list of Case records")
@@ -79,7 +90,11 @@ class SegmentationDataset(Dataset):
         sample_seed(seed)
         self.spatial_size, self.train, self.crop_mode = size, bool(train), crop_mode
         self.rotation_deg, self.seed, self.cache = float(rotation_deg), int(seed), bool(cache)
-        self.pos_fraction, self.flip_prob, self.intensity_prob = float(pos_fraction), float(flip_prob), float(intensity_prob)
+        self.pos_fraction, self.flip_prob, self.intensity_prob = (
+            float(pos_fraction),
+            float(flip_prob),
+            float(intensity_prob),
+        )
         self.unknown_labels = unknown_labels
         self.epoch = 0
         self._cache: dict[int, PreparedCase] = {}
@@ -116,8 +131,14 @@ class SegmentationDataset(Dataset):
         g = torch.Generator().manual_seed(sample_seed(self.seed, int(epoch), int(i)))
         image, labels = self._sample(prep, g) if self.train else self._whole(prep)
         case = prep.case
-        return {"image": image.float().contiguous(), "labels": labels.float().contiguous(), "names": list(prep.names),
-                "modality": case.modality, "dataset": case.dataset, "case": case.case_id}
+        return {
+            "image": image.float().contiguous(),
+            "labels": labels.float().contiguous(),
+            "names": list(prep.names),
+            "modality": case.modality,
+            "dataset": case.dataset,
+            "case": case.case_id,
+        }
 
     def _whole(self, prep: PreparedCase) -> tuple[Tensor, Tensor]:
         image, labels = augment.pad_to(prep.image, prep.labels, self.spatial_size)

@@ -25,8 +25,7 @@ class ModalityBalancedSampler(Sampler):
     num_samples must then be a multiple of world_size (unequal per-rank lengths hang DDP).
     """
 
-    def __init__(self, dataset_or_modalities, num_samples: int, *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(self, dataset_or_modalities, num_samples: int, *, seed: int = 0, rank: int = 0, world_size: int = 1):
         mods = getattr(dataset_or_modalities, "modalities", dataset_or_modalities)
         mods = [normalize_modality(m) for m in mods]
         if not mods or any(m is None for m in mods):
@@ -82,9 +81,11 @@ class _EpochTagged(Sampler):
 def collate_samples(batch: list[dict]) -> dict:
     """Stack images to (B, 1, D, H, W); labels stay a list of B (C_b, D, H, W) tensors (C differs
     between cases); names, modality, dataset, case become lists of B."""
-    return {"image": torch.stack([b["image"] for b in batch]),
-            "labels": [b["labels"] for b in batch],
-            **{k: [b[k] for b in batch] for k in ("names", "modality", "dataset", "case")}}
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "labels": [b["labels"] for b in batch],
+        **{k: [b[k] for b in batch] for k in ("names", "modality", "dataset", "case")},
+    }
 
 
 class SegLoader(DataLoader):
@@ -114,8 +115,9 @@ class _WorkerInit:  # picklable under spawn, unlike a lambda
         _seed_worker(worker_id, self.seed)
 
 
-def make_loader(dataset: SegmentationDataset, batch_size: int, *, sampler=None, workers: int = 0,
-                seed: int = 0) -> SegLoader:
+def make_loader(
+    dataset: SegmentationDataset, batch_size: int, *, sampler=None, workers: int = 0, seed: int = 0
+) -> SegLoader:
     """A DataLoader over `dataset`: `sampler` (e.g. ModalityBalancedSampler) or, when None, every
     case once in order. Batches from `collate_samples` (labels as lists). workers > 0 uses
     persistent workers; samples are identical for any number of workers, since each depends only
@@ -126,6 +128,13 @@ def make_loader(dataset: SegmentationDataset, batch_size: int, *, sampler=None, 
         raise InvalidArgumentError(f"workers must be a non-negative int, got {workers!r}")
     inner = sampler if sampler is not None else range(len(dataset))
     gen = torch.Generator().manual_seed(sample_seed(seed))
-    return SegLoader(dataset, batch_size=batch_size, sampler=_EpochTagged(inner, dataset), num_workers=workers,
-                     collate_fn=collate_samples, persistent_workers=workers > 0,
-                     worker_init_fn=_WorkerInit(seed) if workers > 0 else None, generator=gen)
+    return SegLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=_EpochTagged(inner, dataset),
+        num_workers=workers,
+        collate_fn=collate_samples,
+        persistent_workers=workers > 0,
+        worker_init_fn=_WorkerInit(seed) if workers > 0 else None,
+        generator=gen,
+    )

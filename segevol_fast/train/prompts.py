@@ -88,9 +88,7 @@ def _uniform_ints(n: int, low: int, high: int, generator: torch.Generator) -> Te
 
 
 # ------------------------------------------------------------------------------ boxes
-def jitter_box(
-    box: Tensor, jitter: int, generator: Optional[torch.Generator], clamp_to: Sequence[int]
-) -> Tensor:
+def jitter_box(box: Tensor, jitter: int, generator: Optional[torch.Generator], clamp_to: Sequence[int]) -> Tensor:
     """Shift each corner coordinate by its own uniform integer in [-jitter, jitter] (HF
     `bbox_shift`; extensions study: +-1/5/10/50), then clamp into the volume.
 

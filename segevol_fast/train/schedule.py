@@ -23,8 +23,9 @@ from ..errors import InvalidArgumentError
 def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0) -> float:
     """The factor f(step) of the module docstring (a Python float in [min_lr_ratio, 1])."""
     if step < 0 or total_steps < 1 or warmup_steps < 0:
-        raise InvalidArgumentError(f"need step >= 0, total_steps >= 1, warmup_steps >= 0; got "
-                                   f"{step}, {total_steps}, {warmup_steps}")
+        raise InvalidArgumentError(
+            f"need step >= 0, total_steps >= 1, warmup_steps >= 0; got {step}, {total_steps}, {warmup_steps}"
+        )
     if not 0.0 <= min_lr_ratio <= 1.0:
         raise InvalidArgumentError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
     if step < warmup_steps:
@@ -33,8 +34,9 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int = 0, min_lr_rat
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                  min_lr_ratio: float = 0.0) -> LambdaLR:
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+) -> LambdaLR:
     """A LambdaLR applying `lr_multiplier`; call `.step()` after each optimizer step.
 
     The multiplier is a plain closure, so `state_dict()` holds only the step counter: a resumed

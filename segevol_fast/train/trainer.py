@@ -136,7 +136,9 @@ class TrainConfig:
             raise InvalidArgumentError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
         known = {m.name for m in PROMPT_MIXES}
         if not self.mixes or any(m not in known for m in self.mixes) or len(set(self.mixes)) != len(self.mixes):
-            raise InvalidArgumentError(f"TrainConfig.mixes must be distinct names among {sorted(known)}, got {self.mixes}")
+            raise InvalidArgumentError(
+                f"TrainConfig.mixes must be distinct names among {sorted(known)}, got {self.mixes}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -213,12 +215,18 @@ class _StepModule(nn.Module):
             n = len(plan["names"])
             if n == 0:
                 continue
-            with adapters.prompt_context(modalities=[plan["modality"]], tasks=plan["names"]), \
-                    _routed(None if route is None else route.row(i)):
+            with (
+                adapters.prompt_context(modalities=[plan["modality"]], tasks=plan["names"]),
+                _routed(None if route is None else route.row(i)),
+            ):
                 text = encode_names(model, plan["names"], plan["modality"]) if plan["needs_text"] else None
                 for k, prompt in enumerate(plan["prompts"]):
-                    logits = model.decode(emb[i : i + 1], text_embedding=text if prompt["text"] else None,
-                                          boxes=prompt["boxes"], points=prompt["points"])
+                    logits = model.decode(
+                        emb[i : i + 1],
+                        text_embedding=text if prompt["text"] else None,
+                        boxes=prompt["boxes"],
+                        points=prompt["points"],
+                    )
                     loss, bce, dc = bce_dice_loss(logits, plan["target"], return_parts=True)
                     total = total + n * loss  # loss is a mean over the n categories
                     for slot, value in ((0, bce), (1, dc), (2 + k, loss)):
@@ -257,8 +265,12 @@ def _wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.
     no_sync = {"forward_sync_buffers": False}  # newer torch; older spells it broadcast_buffers
     if "forward_sync_buffers" not in inspect.signature(DistributedDataParallel.__init__).parameters:
         no_sync = {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=find_unused, **no_sync)
+    return DistributedDataParallel(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused,
+        **no_sync,
+    )
 
 
 def _seed_global_rngs(seed: int) -> None:
@@ -271,9 +283,11 @@ def _seed_global_rngs(seed: int) -> None:
 
 def _rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-             "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -307,37 +321,55 @@ class Trainer:
     Attributes: step (optimizer steps done), history (logged train rows), eval_history.
     """
 
-    def __init__(self, model: nn.Module, config: TrainConfig, train_dataset, eval_dataset=None,
-                 params: Sequence[nn.Parameter] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: TrainConfig,
+        train_dataset,
+        eval_dataset=None,
+        params: Sequence[nn.Parameter] | None = None,
+    ):
         if not isinstance(config, TrainConfig):
             raise InvalidArgumentError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
         if config.batch_size % self.world_size:
-            raise InvalidArgumentError(f"batch_size {config.batch_size} (global) must be a multiple of the "
-                                       f"world size {self.world_size}")
+            raise InvalidArgumentError(
+                f"batch_size {config.batch_size} (global) must be a multiple of the world size {self.world_size}"
+            )
         self.local_batch = config.batch_size // self.world_size
         self.device = model_device(model)
         if getattr(model, "tokenizer", True) is None and any(_mix_uses_text(m) for m in config.mixes):
-            raise InvalidArgumentError("text prompt mixes need the model's CLIP tokenizer (model.tokenizer = DIR), "
-                                       "or train without them (TrainConfig.mixes=('box', 'points', 'box+points'))")
+            raise InvalidArgumentError(
+                "text prompt mixes need the model's CLIP tokenizer (model.tokenizer = DIR), "
+                "or train without them (TrainConfig.mixes=('box', 'points', 'box+points'))"
+            )
         self.params, self.param_names = self._select_params(params)
         if hasattr(model, "image_encoder"):
             model.image_encoder.gradient_checkpointing = bool(config.grad_checkpointing)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = warmup_cosine(self.optimizer, config.steps, config.warmup_steps, config.min_lr_ratio)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16" and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=config.amp == "fp16" and self.device.type == "cuda"
+        )
         self.step = 0
         _seed_global_rngs(sample_seed(config.seed, self.rank, 0x61D))
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
         self.steps_per_epoch = max(1, math.ceil(len(train_dataset) / config.batch_size))
-        self.sampler = _ResumableSampler(ModalityBalancedSampler(
-            train_dataset, self.steps_per_epoch * config.batch_size, seed=config.seed,
-            rank=self.rank, world_size=self.world_size))
-        self.loader = make_loader(train_dataset, self.local_batch, sampler=self.sampler, workers=config.workers,
-                                  seed=config.seed)
+        self.sampler = _ResumableSampler(
+            ModalityBalancedSampler(
+                train_dataset,
+                self.steps_per_epoch * config.batch_size,
+                seed=config.seed,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+        )
+        self.loader = make_loader(
+            train_dataset, self.local_batch, sampler=self.sampler, workers=config.workers, seed=config.seed
+        )
         self._step_module = _StepModule(model, config.mixes, self.params)
         self._engine: nn.Module = self._step_module
         if self.world_size > 1:
@@ -380,13 +412,22 @@ class Trainer:
             if nonempty:
                 for mix in cfg.mixes:
                     p = collate_prompts([restrict_to_mix(d, mix) for d in drawn])
-                    prompts.append({"text": p["text"],
-                                    "boxes": None if p["boxes"] is None else p["boxes"].to(self.device),
-                                    "points": None if p["points"] is None else
-                                    tuple(t.to(self.device) for t in p["points"])})
-            plans.append({"names": [batch["names"][j][c] for c in nonempty], "modality": batch["modality"][j],
-                          "target": labels[nonempty].to(self.device), "prompts": prompts,
-                          "needs_text": any(p["text"] for p in prompts)})
+                    prompts.append(
+                        {
+                            "text": p["text"],
+                            "boxes": None if p["boxes"] is None else p["boxes"].to(self.device),
+                            "points": None if p["points"] is None else tuple(t.to(self.device) for t in p["points"]),
+                        }
+                    )
+            plans.append(
+                {
+                    "names": [batch["names"][j][c] for c in nonempty],
+                    "modality": batch["modality"][j],
+                    "target": labels[nonempty].to(self.device),
+                    "prompts": prompts,
+                    "needs_text": any(p["text"] for p in prompts),
+                }
+            )
         return plans
 
     def loss_on(self, batch: dict, step: int | None = None) -> tuple[Tensor, Tensor, float]:
@@ -401,10 +442,17 @@ class Trainer:
         """
         step = self.step if step is None else step
         plans = self._plan(batch, step)
-        count = float(dist_utils.all_reduce_sum(torch.tensor([sum(len(p["names"]) for p in plans)],
-                                                             dtype=torch.float64, device=self.device)).item())
+        count = float(
+            dist_utils.all_reduce_sum(
+                torch.tensor([sum(len(p["names"]) for p in plans)], dtype=torch.float64, device=self.device)
+            ).item()
+        )
         if count == 0:  # no rank has a non-empty category: no forward at all (keeps DDP's ranks in step)
-            return torch.zeros((), device=self.device), torch.zeros(2 + len(self.config.mixes), dtype=torch.float64), 0.0
+            return (
+                torch.zeros((), device=self.device),
+                torch.zeros(2 + len(self.config.mixes), dtype=torch.float64),
+                0.0,
+            )
         with self._autocast():
             total, parts = self._engine(batch["image"].to(self.device), plans)
         parts = dist_utils.all_reduce_sum(parts.to(self.device)).cpu() / count
@@ -427,9 +475,13 @@ class Trainer:
             self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
-               "loss": float(parts[2:].sum()) if count else float("nan"),
-               "bce": float(parts[0]) if count else float("nan"), "dice": float(parts[1]) if count else float("nan")}
+        row = {
+            "step": self.step,
+            "epoch": (self.step - 1) // self.steps_per_epoch,
+            "loss": float(parts[2:].sum()) if count else float("nan"),
+            "bce": float(parts[0]) if count else float("nan"),
+            "dice": float(parts[1]) if count else float("nan"),
+        }
         for k, mix in enumerate(cfg.mixes):
             row[f"loss[{mix}]"] = float(parts[2 + k]) if count else float("nan")
         row.update(lr=lr, grad_norm=grad_norm, step_time=time.perf_counter() - t0, categories=int(count))
@@ -468,8 +520,14 @@ class Trainer:
         if not self.step <= stop <= cfg.steps:
             raise InvalidArgumentError(f"until must be in [{self.step}, {cfg.steps}], got {until!r}")
         train_log, eval_log = self._logs()
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="finetune", unit="step",
-                   disable=not (progress and dist_utils.is_main()), dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.steps,
+            initial=self.step,
+            desc="finetune",
+            unit="step",
+            disable=not (progress and dist_utils.is_main()),
+            dynamic_ncols=True,
+        )
         last_saved = last_eval = None
         self.model.train()
         try:
@@ -508,8 +566,11 @@ class Trainer:
 
     def _evaluate_and_log(self, eval_log: MetricLog | None) -> None:
         result = self.evaluate(self.eval_dataset, jitter=self.config.eval_jitter)
-        row = {"step": self.step, **{f"dice_{k}": v for k, v in result["mean"].items()},
-               "labels": len(result["per_label"])}
+        row = {
+            "step": self.step,
+            **{f"dice_{k}": v for k, v in result["mean"].items()},
+            "labels": len(result["per_label"]),
+        }
         self.eval_history.append(row)
         if eval_log is not None:
             eval_log.log(row)
@@ -544,8 +605,9 @@ class Trainer:
                     rows.extend(self._evaluate_case(dataset, i, tuple(prompts), jitter))
         finally:
             self.model.train(was_training)
-        rows = sorted((r for part in dist_utils.all_gather_objects(rows) for r in part),
-                      key=lambda r: (r["index"], r["position"]))
+        rows = sorted(
+            (r for part in dist_utils.all_gather_objects(rows) for r in part), key=lambda r: (r["index"], r["position"])
+        )
         mean = {k: (float(np.mean([r[k] for r in rows])) if rows else float("nan")) for k in prompts}
         return {"mean": mean, "per_label": rows}
 
@@ -572,19 +634,28 @@ class Trainer:
                     boxes = torch.stack([box_from_mask(labels[c], shift, g) for c in keep]).to(self.device)
                     logits = model.decode(emb, boxes=boxes)
                 scores[kind] = [dice(logits[n, 0] > 0, labels[c].to(logits.device)) for n, c in enumerate(keep)]
-        return [{"case": sample["case"], "index": index, "position": n, "label": name,
-                 **{k: scores[k][n] for k in prompts}} for n, name in enumerate(names)]
+        return [
+            {"case": sample["case"], "index": index, "position": n, "label": name, **{k: scores[k][n] for k in prompts}}
+            for n, name in enumerate(names)
+        ]
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """What resume needs: trainable parameters (only), optimizer, scheduler, scaler, step,
         RNG states of every rank, config. Collective under DDP (every rank must call it)."""
         rngs = dist_utils.all_gather_objects(_rng_state())
-        return {"format": CHECKPOINT_FORMAT, "step": self.step, "epoch": self.step // self.steps_per_epoch,
-                "world_size": self.world_size, "config": self.config.to_dict(),
-                "trainable": {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)},
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rngs}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "world_size": self.world_size,
+            "config": self.config.to_dict(),
+            "trainable": {n: p.detach().cpu().clone() for n, p in zip(self.param_names, self.params)},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+        }
 
     def save_checkpoint(self, path) -> pathlib.Path | None:
         """Write the checkpoint atomically (temporary file in the same folder, then rename), on
@@ -592,6 +663,7 @@ class Trainer:
         state = self.state_dict()
         path = pathlib.Path(path)
         if dist_utils.is_main():
+
             def write(tmp: str) -> None:
                 with open(tmp, "wb") as f:
                     torch.save(state, f)
@@ -633,12 +705,15 @@ class Trainer:
         mine = dict(zip(self.param_names, self.params))
         missing, extra = sorted(set(mine) - set(tensors)), sorted(set(tensors) - set(mine))
         if missing or extra:
-            raise CheckpointError(f"{path} trains other parameters than this trainer: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]} (attach the same adapters first)")
+            raise CheckpointError(
+                f"{path} trains other parameters than this trainer: missing {missing[:3]}, "
+                f"unexpected {extra[:3]} (attach the same adapters first)"
+            )
         for name, p in mine.items():
             if tensors[name].shape != p.shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
-                                      f"the model's {tuple(p.shape)}")
+                raise CheckpointError(
+                    f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model's {tuple(p.shape)}"
+                )
         with torch.no_grad():
             for name, p in mine.items():
                 p.copy_(tensors[name])

@@ -88,8 +88,14 @@ def test_bottleneck_trains_and_round_trips(model, tmp_path, data_dir):
 
 @pytest.mark.parametrize("kind", ["lora", "bottleneck"])
 def test_tag_mixture_routes_each_image_to_its_expert(model, kind):
-    cfg = MixtureConfig(experts=("mr", "pet"), kind=kind, routing="tag", tags={"ct": "identity", "mri": "mr"},
-                        lora=LoraConfig(rank=4, targets=QV), bottleneck=BottleneckConfig(dim=8))
+    cfg = MixtureConfig(
+        experts=("mr", "pet"),
+        kind=kind,
+        routing="tag",
+        tags={"ct": "identity", "mri": "mr"},
+        lora=LoraConfig(rank=4, targets=QV),
+        bottleneck=BottleneckConfig(dim=8),
+    )
     names = adapters.add_mixture(model, "moa", cfg)
     assert names == ["moa/mr", "moa/pet"]
     x = _x(model, 3)

@@ -41,8 +41,9 @@ def _inputs(model, n_images=2, n_prompts=3):
     x = torch.rand(n_images, 1, *cfg.spatial_size)
     D, H, W = cfg.spatial_size
     lo = torch.tensor([1.0, 2.0, 3.0])
-    boxes = torch.stack([torch.cat([lo + i, torch.tensor([D - 2.0, H - 3.0 - i, W - 4.0 - i])])
-                         for i in range(n_prompts)])
+    boxes = torch.stack(
+        [torch.cat([lo + i, torch.tensor([D - 2.0, H - 3.0 - i, W - 4.0 - i])]) for i in range(n_prompts)]
+    )
     return x, boxes
 
 
@@ -50,7 +51,7 @@ def _run(model, x, boxes, modalities, tasks, image_row=0):
     """Encode all images; decode every prompt against image `image_row` (batch-1 embedding)."""
     with adapters.prompt_context(modalities=modalities, tasks=tasks):
         emb = model.encode_image(x)
-        return emb, model.decode(emb[image_row:image_row + 1], boxes=boxes, upsample=False)
+        return emb, model.decode(emb[image_row : image_row + 1], boxes=boxes, upsample=False)
 
 
 def _perturb(priors, std=0.3):
@@ -179,7 +180,7 @@ def test_cross_attention_over_padded_keys_matches_plain_softmax():
         out = att(x, keys, kv_len)
         d = hidden // heads
         for b in range(B):
-            kv = torch.cat([image[b], prior[b, :valid[b]]])
+            kv = torch.cat([image[b], prior[b, : valid[b]]])
             q = att.q_proj(x[b]).view(5, heads, d).transpose(0, 1)
             k = att.k_proj(kv).view(-1, heads, d).transpose(0, 1)
             v = att.v_proj(kv).view(-1, heads, d).transpose(0, 1)
@@ -272,9 +273,15 @@ def test_config_defaults_round_trip_and_checks():
     assert (a.tokens_per_modality, a.aux_modality_loss_weight, a.posterior_scale) == (1, 0.0, 0.1)
     for c in (h, a):
         assert ContextPriorConfig.from_dict(c.to_dict()) == c
-    for bad in ({"variant": "x", "tasks": ("a",)}, {"tasks": ()}, {"tasks": ("a", "a")},
-                {"tasks": ("a",), "modalities": ("pet",)}, {"tasks": ("a",), "tokens_per_modality": 3},
-                {"tasks": ("a",), "aux_modality_loss_weight": 0.1}, {"variant": "hermes", "tasks": ("a",), "heads": 0}):
+    for bad in (
+        {"variant": "x", "tasks": ("a",)},
+        {"tasks": ()},
+        {"tasks": ("a", "a")},
+        {"tasks": ("a",), "modalities": ("pet",)},
+        {"tasks": ("a",), "tokens_per_modality": 3},
+        {"tasks": ("a",), "aux_modality_loss_weight": 0.1},
+        {"variant": "hermes", "tasks": ("a",), "heads": 0},
+    ):
         with pytest.raises(AdapterError):
             ContextPriorConfig(**bad)
 
@@ -286,8 +293,10 @@ def test_gradients_reach_the_used_prior_tokens_only(model, variant):
     priors = add_context_priors(model, "p", _config(variant))
     # one SGD-like move of the zero-initialised output layers opens the paths (as a first step does)
     with torch.no_grad():
-        for layer in (priors.image_side.gate if variant == "additive" else priors.image_side.image_from_prior.out_proj,
-                      priors.decoder_side.posterior[-1]):
+        for layer in (
+            priors.image_side.gate if variant == "additive" else priors.image_side.image_from_prior.out_proj,
+            priors.decoder_side.posterior[-1],
+        ):
             layer.weight.normal_(0.0, 0.3)
     _, logits = _run(model, x, boxes, ["mri"], ["spleen", "left kidney"])
     loss = logits.square().mean()

@@ -75,7 +75,9 @@ def test_adapted_layer_equals_the_lora_formula_on_its_slices(model):
         out = layer(x)
     assert [s for s in w.slices] == [(0, n), (2 * n, 3 * n)]  # q and v thirds
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[..., n:2 * n], F.linear(x, layer.weight[n:2 * n], None if layer.bias is None else layer.bias[n:2 * n]))
+    assert torch.equal(
+        out[..., n : 2 * n], F.linear(x, layer.weight[n : 2 * n], None if layer.bias is None else layer.bias[n : 2 * n])
+    )
 
 
 def test_rslora_scale():
@@ -233,13 +235,16 @@ def test_save_and_load_alone_and_refuse_other_base_weights(model, tmp_path, data
         adapters.save_adapter(model, "mr", tmp_path / "merged.safetensors")
 
 
-@pytest.mark.parametrize("targets,match", [
-    (("image_encoder.blocks.*.attn.nope",), "matches no module"),
-    (("image_encoder.blocks.*.attn",), "not a Linear"),
-    (("image_encoder.blocks.*.attn.qkv:q,x",), "bad adapter target"),
-    (("image_encoder.blocks.*.mlp.linear1:q",), "multiple of 3"),
-    (("image_encoder.blocks.*.attn.qkv", "image_encoder.blocks.0.attn.qkv"), "two adapter targets"),
-])
+@pytest.mark.parametrize(
+    "targets,match",
+    [
+        (("image_encoder.blocks.*.attn.nope",), "matches no module"),
+        (("image_encoder.blocks.*.attn",), "not a Linear"),
+        (("image_encoder.blocks.*.attn.qkv:q,x",), "bad adapter target"),
+        (("image_encoder.blocks.*.mlp.linear1:q",), "multiple of 3"),
+        (("image_encoder.blocks.*.attn.qkv", "image_encoder.blocks.0.attn.qkv"), "two adapter targets"),
+    ],
+)
 def test_bad_targets_raise(model, targets, match):
     with pytest.raises(AdapterError, match=match):
         adapters.add_lora(model, "x", LoraConfig(rank=2, targets=targets))

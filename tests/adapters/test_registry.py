@@ -58,9 +58,17 @@ def _modules(model, entry):
 
 
 if registry.find(KIND) is None:  # a module imported twice registers once
-    registry.register(registry.AdapterKind(
-        name=KIND, label="token offset", config_type=OffsetConfig, attach=_attach, detach=_detach,
-        modules=_modules, not_selectable="{name!r} is a token offset: it applies while attached"))
+    registry.register(
+        registry.AdapterKind(
+            name=KIND,
+            label="token offset",
+            config_type=OffsetConfig,
+            attach=_attach,
+            detach=_detach,
+            modules=_modules,
+            not_selectable="{name!r} is a token offset: it applies while attached",
+        )
+    )
 
 
 @pytest.fixture
@@ -107,7 +115,8 @@ def test_kinds_are_registered_once_with_a_consistent_switch():
     with pytest.raises(ValueError, match="registered twice"):
         registry.register(registry.get("lora"))
     with pytest.raises(ValueError, match="holders"):
-        registry.AdapterKind(name="x", label="x", config_type=OffsetConfig, attach=_attach, detach=_detach,
-                             modules=_modules)
+        registry.AdapterKind(
+            name="x", label="x", config_type=OffsetConfig, attach=_attach, detach=_detach, modules=_modules
+        )
     with pytest.raises(AdapterError, match="unknown adapter kind"):
         registry.get("no such kind")

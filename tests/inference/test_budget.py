@@ -28,17 +28,32 @@ def official():
         return SegVol(SegVolConfig())
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("2GB", 2_000_000_000), ("2 gb", 2_000_000_000), ("1.5G", 1_500_000_000), ("512MiB", 512 * 2**20),
-    ("4GiB", 4 * 2**30), ("800 mb", 800_000_000), ("64k", 64_000), ("1e9", 1_000_000_000), ("123", 123),
-    (123, 123), (2.5e9, 2_500_000_000), ("1TB", 10**12), ("100B", 100),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("2GB", 2_000_000_000),
+        ("2 gb", 2_000_000_000),
+        ("1.5G", 1_500_000_000),
+        ("512MiB", 512 * 2**20),
+        ("4GiB", 4 * 2**30),
+        ("800 mb", 800_000_000),
+        ("64k", 64_000),
+        ("1e9", 1_000_000_000),
+        ("123", 123),
+        (123, 123),
+        (2.5e9, 2_500_000_000),
+        ("1TB", 10**12),
+        ("100B", 100),
+    ],
+)
 def test_parse_memory(spec, expected):
     assert parse_memory(spec) == expected
 
 
-@pytest.mark.parametrize("spec", ["", "GB", "two GB", "2 bananas", "1.5.2GB", "-1GB", "0", 0, -5, True,
-                                  float("nan"), float("inf"), None, [2]])
+@pytest.mark.parametrize(
+    "spec",
+    ["", "GB", "two GB", "2 bananas", "1.5.2GB", "-1GB", "0", 0, -5, True, float("nan"), float("inf"), None, [2]],
+)
 def test_parse_memory_rejects_junk(spec):
     with pytest.raises(MemorySpecError, match="memory size"):
         parse_memory(spec)
@@ -59,11 +74,20 @@ def test_estimate_is_monotone_in_crop_size_and_prompts(official, device):
 
 
 def test_estimate_items_have_the_documented_sizes(official):
-    _, items = estimate(official, CROP, 2, device="cuda", baseline_bytes=0, accumulator_dtype=torch.float32,
-                        prompt_group=2, cache_windows=3)
+    _, items = estimate(
+        official,
+        CROP,
+        2,
+        device="cuda",
+        baseline_bytes=0,
+        accumulator_dtype=torch.float32,
+        prompt_group=2,
+        cache_windows=3,
+    )
     voxels = 120 * 300 * 300
     assert items["weights"] == sum(p.numel() * 4 for p in official.parameters()) + sum(
-        b.numel() * b.element_size() for b in official.buffers())
+        b.numel() * b.element_size() for b in official.buffers()
+    )
     band = 32 * 300 * 300  # one window depth of D-rows over the whole crop
     assert items["accumulators"] == 2 * band * 4  # float32 row sums of the 2 prompts stitched together
     assert items["embedding_cache"] == 3 * 768 * 2048 * 4
@@ -126,13 +150,16 @@ def test_the_cache_takes_what_is_left_when_prompts_stitch_in_groups(official):
     assert estimate(official, CROP, n, prompt_group=21, **fixed)[0] > limit
     plan = plan_fast(official, CROP, n, limit, "cuda", baseline_bytes=0)
     assert (plan.window_batch, plan.prompt_group, plan.decode_batch, plan.cache_windows) == (8, 20, 20, 1)
-    assert plan.estimated_peak_bytes <= limit < estimate(official, CROP, n, prompt_group=20, cache_windows=2, **fixed)[0]
+    assert (
+        plan.estimated_peak_bytes <= limit < estimate(official, CROP, n, prompt_group=20, cache_windows=2, **fixed)[0]
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_an_impossible_budget_fails_up_front_naming_the_minimum(official, device):
-    need = estimate(official, CROP, 3, device=device, baseline_bytes=5 * 10**8, accumulator_dtype=torch.float16,
-                    stitch_device="cpu")[0]
+    need = estimate(
+        official, CROP, 3, device=device, baseline_bytes=5 * 10**8, accumulator_dtype=torch.float16, stitch_device="cpu"
+    )[0]
     with pytest.raises(BudgetError) as info:
         plan_fast(official, CROP, 3, "1GB", device, baseline_bytes=5 * 10**8)
     err = info.value

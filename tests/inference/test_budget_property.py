@@ -48,12 +48,22 @@ def _minimum(model, crop, n, device) -> int:
 
 def _key(plan, device) -> tuple:
     """The planner's choices in its order of priority (module docstring of budget.py)."""
-    return (plan.accumulator_dtype == torch.float32, plan.stitch_device.type == torch.device(device).type,
-            plan.window_batch, plan.prompt_group, plan.decode_batch, plan.cache_windows)
+    return (
+        plan.accumulator_dtype == torch.float32,
+        plan.stitch_device.type == torch.device(device).type,
+        plan.window_batch,
+        plan.prompt_group,
+        plan.decode_batch,
+        plan.cache_windows,
+    )
 
 
-@given(which=st.integers(0, 2), n=st.integers(1, 12), device=st.sampled_from(["cpu", "cuda"]),
-       extra=st.lists(st.integers(0, 4 * GB), min_size=2, max_size=2))
+@given(
+    which=st.integers(0, 2),
+    n=st.integers(1, 12),
+    device=st.sampled_from(["cpu", "cuda"]),
+    extra=st.lists(st.integers(0, 4 * GB), min_size=2, max_size=2),
+)
 def test_accepted_plans_stay_within_budget_and_grow_with_it(official, crop_shapes, which, n, device, extra):
     crop = crop_shapes[which]
     low = _minimum(official, crop, n, device)
@@ -61,10 +71,19 @@ def test_accepted_plans_stay_within_budget_and_grow_with_it(official, crop_shape
     plans = [plan_fast(official, crop, n, b, device, baseline_bytes=BASELINE) for b in budgets]
     for plan, budget in zip(plans, budgets):
         assert plan.estimated_peak_bytes <= budget and plan.max_memory == budget
-        total, _ = estimate(official, crop, n, device=device, baseline_bytes=BASELINE, window_batch=plan.window_batch,
-                            accumulator_dtype=plan.accumulator_dtype, stitch_device=plan.stitch_device,
-                            cache_windows=plan.cache_windows, decode_batch=plan.decode_batch,
-                            prompt_group=plan.prompt_group)
+        total, _ = estimate(
+            official,
+            crop,
+            n,
+            device=device,
+            baseline_bytes=BASELINE,
+            window_batch=plan.window_batch,
+            accumulator_dtype=plan.accumulator_dtype,
+            stitch_device=plan.stitch_device,
+            cache_windows=plan.cache_windows,
+            decode_batch=plan.decode_batch,
+            prompt_group=plan.prompt_group,
+        )
         assert total == plan.estimated_peak_bytes  # the recorded estimate is the cost model's
     assert _key(plans[0], device) <= _key(plans[1], device)
     # one byte under the minimum is refused, the minimum itself is accepted

@@ -33,7 +33,9 @@ def test_inputs_folder_glob_manifest(scans, tmp_path, data_dir):
     assert [i.name for i in items] == ["broken", "ct", "dicom_ct", "mr"] and items[0].text == ["liver"]
     assert [i.name for i in cohort_items(str(scans / "*.nii.gz"))] == ["broken", "ct", "mr"]
     manifest = tmp_path / "m.csv"
-    manifest.write_text("input,text,modality,box\nscans/ct.nii.gz,liver;spleen,ct,\nscans/mr.nii.gz,,mri,10 10 2 60 50 15\n")
+    manifest.write_text(
+        "input,text,modality,box\nscans/ct.nii.gz,liver;spleen,ct,\nscans/mr.nii.gz,,mri,10 10 2 60 50 15\n"
+    )
     rows = cohort_items(str(manifest), text="kidney")
     assert rows[0].text == ["liver", "spleen"] and rows[1].text == ["kidney"] and rows[1].box == [10, 10, 2, 60, 50, 15]
     jsonl = tmp_path / "m.jsonl"
@@ -59,8 +61,11 @@ def test_cohort_run_resume_and_a_bad_scan(tiny_model, scans, tmp_path):
     # a rerun skips the finished scans and retries the failed one
     before = (out / "ct" / "summary.json").stat().st_mtime_ns
     again = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
-    assert {r["name"]: r["status"] for r in again} == {"ct": "done before (skipped)", "mr": "done before (skipped)",
-                                                       "broken": "error"}
+    assert {r["name"]: r["status"] for r in again} == {
+        "ct": "done before (skipped)",
+        "mr": "done before (skipped)",
+        "broken": "error",
+    }
     assert (out / "ct" / "summary.json").stat().st_mtime_ns == before
 
 
@@ -68,9 +73,25 @@ def test_cli_runs_a_cohort(scans, tmp_path, data_dir):
     from segevol_fast.cli import main
 
     out = tmp_path / "cli_out"
-    code = main(["segment", str(scans / "*.nii.gz"), "--text", "liver", "--out", str(out), "--random-weights",
-                 "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q", "--tokenizer",
-                 str(data_dir / "clip_tokenizer")])
+    code = main(
+        [
+            "segment",
+            str(scans / "*.nii.gz"),
+            "--text",
+            "liver",
+            "--out",
+            str(out),
+            "--random-weights",
+            "--config",
+            "tiny",
+            "--no-zoom-in",
+            "--device",
+            "cpu",
+            "-q",
+            "--tokenizer",
+            str(data_dir / "clip_tokenizer"),
+        ]
+    )
     assert code == 1  # the broken scan failed; the others are done
     rows = {r["name"]: r["status"] for r in iter_rows(out / SUMMARY)}
     assert rows == {"broken": "error", "ct": "ok", "mr": "ok"}
@@ -84,14 +105,41 @@ def _cohort_cli(scans, out, data_dir, nproc: int):
 
     from tests.conftest import REPO
 
-    args = ["segment", str(scans / "*.nii.gz"), "--text", "liver", "spleen", "--out", str(out), "--random-weights",
-            "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q", "--tokenizer", str(data_dir / "clip_tokenizer")]
+    args = [
+        "segment",
+        str(scans / "*.nii.gz"),
+        "--text",
+        "liver",
+        "spleen",
+        "--out",
+        str(out),
+        "--random-weights",
+        "--config",
+        "tiny",
+        "--no-zoom-in",
+        "--device",
+        "cpu",
+        "-q",
+        "--tokenizer",
+        str(data_dir / "clip_tokenizer"),
+    ]
     launcher = [sys.executable, "-m", "segevol_fast"]
     if nproc > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                    "-m", "segevol_fast"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "segevol_fast",
+        ]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
@@ -142,12 +190,14 @@ def _write_ct(folder, data_dir, name="ct.nii.gz"):
 def test_invalid_manifest_rows_are_recorded_and_the_others_run(tiny_model, tmp_path, data_dir):
     _write_ct(tmp_path, data_dir)
     manifest = tmp_path / "m.csv"
-    manifest.write_text("input,name,box,points\n"
-                        f"ct.nii.gz,good,{BOX},\n"
-                        "ct.nii.gz,five,1 2 3 4 5,\n"          # a 5-number box
-                        "ct.nii.gz,two,,4 4\n"                 # a 2-number point
-                        "ct.nii.gz,word,1 2 x 4 5 6,\n"        # not a number
-                        ",noinput,,\n")
+    manifest.write_text(
+        "input,name,box,points\n"
+        f"ct.nii.gz,good,{BOX},\n"
+        "ct.nii.gz,five,1 2 3 4 5,\n"  # a 5-number box
+        "ct.nii.gz,two,,4 4\n"  # a 2-number point
+        "ct.nii.gz,word,1 2 x 4 5 6,\n"  # not a number
+        ",noinput,,\n"
+    )
     items = cohort_items(str(manifest))
     errors = {i.name: str(i.error) for i in items}
     assert items[0].error is None
@@ -158,10 +208,18 @@ def test_invalid_manifest_rows_are_recorded_and_the_others_run(tiny_model, tmp_p
     assert all(isinstance(i.error, ValueError) for i in items[1:])
     out = tmp_path / "out"
     rows = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False)
-    assert [(r["name"], r["status"]) for r in rows] == [("good", "ok"), ("five", "error"), ("two", "error"),
-                                                      ("word", "error"), ("noinput", "error")]
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("good", "ok"),
+        ("five", "error"),
+        ("two", "error"),
+        ("word", "error"),
+        ("noinput", "error"),
+    ]
     summary = {r["name"]: r for r in iter_rows(out / SUMMARY)}
-    assert summary["five"]["error"].startswith("PromptError: ") and "row 2 (line 3), column box" in summary["five"]["error"]
+    assert (
+        summary["five"]["error"].startswith("PromptError: ")
+        and "row 2 (line 3), column box" in summary["five"]["error"]
+    )
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["good"]
 
 
@@ -170,11 +228,16 @@ def test_manifest_json_and_file_problems(tmp_path, data_dir):
 
     _write_ct(tmp_path, data_dir)
     jsonl = tmp_path / "m.jsonl"
-    jsonl.write_text(json.dumps({"input": "ct.nii.gz", "box": [30, 20, 5, 80, 70, 20]}) + "\n\n"
-                     '{"input": "ct.nii.gz", "box": [1, 2\n'
-                     + json.dumps({"input": "ct.nii.gz", "points": [1, 2, 3], "point_labels": [1, 1]}) + "\n"
-                     + json.dumps({"input": "ct.nii.gz", "text": 5}) + "\n"
-                     + json.dumps(["ct.nii.gz"]) + "\n")
+    jsonl.write_text(
+        json.dumps({"input": "ct.nii.gz", "box": [30, 20, 5, 80, 70, 20]}) + "\n\n"
+        '{"input": "ct.nii.gz", "box": [1, 2\n'
+        + json.dumps({"input": "ct.nii.gz", "points": [1, 2, 3], "point_labels": [1, 1]})
+        + "\n"
+        + json.dumps({"input": "ct.nii.gz", "text": 5})
+        + "\n"
+        + json.dumps(["ct.nii.gz"])
+        + "\n"
+    )
     items = cohort_items(str(jsonl))
     assert items[0].error is None and items[0].name == "ct"
     assert f"{jsonl}, row 2 (line 3): not valid JSON" in str(items[1].error) and items[1].name == "row_2"
@@ -186,7 +249,9 @@ def test_manifest_json_and_file_problems(tmp_path, data_dir):
     csv_ = tmp_path / "m.csv"
     csv_.write_text("\ufeffinput,text\nct.nii.gz,liver;spleen;kidney\nct.nii.gz,\n")  # a spreadsheet's BOM
     rows = cohort_items(str(csv_), box=np.array([[30, 20, 5, 80, 70, 20], [31, 21, 6, 81, 71, 21]], float))
-    assert "row 1 (line 2), column box (empty in the row: the command's value): 2 boxes for 3 text" in str(rows[0].error)
+    assert "row 1 (line 2), column box (empty in the row: the command's value): 2 boxes for 3 text" in str(
+        rows[0].error
+    )
     assert rows[1].error is None
     # a field with unquoted commas: more fields than the header
     csv_.write_text("input,box\nct.nii.gz,30,20,5,80,70,20\n")
@@ -197,8 +262,9 @@ def test_manifest_json_and_file_problems(tmp_path, data_dir):
             cohort_items(str(csv_))
 
 
-def test_a_scan_that_fails_in_any_way_is_recorded_and_ctrl_c_still_writes_the_summary(tiny_model, tmp_path,
-                                                                                      data_dir, monkeypatch):
+def test_a_scan_that_fails_in_any_way_is_recorded_and_ctrl_c_still_writes_the_summary(
+    tiny_model, tmp_path, data_dir, monkeypatch
+):
     import importlib
 
     scans = tmp_path / "scans"
@@ -252,11 +318,14 @@ def test_a_manifest_row_with_an_adapter_file(tiny_model, tmp_path, data_dir):
     (tmp_path / "adapters").mkdir()
     save_test_lora(tiny_model, tmp_path / "adapters" / "lora.safetensors")
     manifest = tmp_path / "m.csv"
-    manifest.write_text("input,name,adapter\nct.nii.gz,with,adapters/lora.safetensors\nct.nii.gz,without,\n"
-                        "ct.nii.gz,missing,adapters/nope.safetensors\nct.nii.gz,unknown,no_such_adapter\n")
+    manifest.write_text(
+        "input,name,adapter\nct.nii.gz,with,adapters/lora.safetensors\nct.nii.gz,without,\n"
+        "ct.nii.gz,missing,adapters/nope.safetensors\nct.nii.gz,unknown,no_such_adapter\n"
+    )
     items = cohort_items(str(manifest), box=[30, 20, 5, 80, 70, 20])
-    assert f"row 3 (line 4), column adapter: no adapter file at {tmp_path / 'adapters' / 'nope.safetensors'}" \
-        in str(items[2].error)
+    assert f"row 3 (line 4), column adapter: no adapter file at {tmp_path / 'adapters' / 'nope.safetensors'}" in str(
+        items[2].error
+    )
     out = tmp_path / "out"
     rows = segment_cohort(tiny_model, items, out, progress=False, zoom_in=False, return_probabilities=True)
     assert [r["status"] for r in rows] == ["ok", "ok", "error", "error"]

@@ -44,8 +44,12 @@ def _with_blob(model: SegVol, radius: float, record: list | None = None) -> SegV
 
     def decode(emb, text_embedding=None, boxes=None, points=None, upsample=True):
         if record is not None:
-            record.append((None if boxes is None else boxes.clone(),
-                           None if points is None else (points[0].clone(), points[1].clone())))
+            record.append(
+                (
+                    None if boxes is None else boxes.clone(),
+                    None if points is None else (points[0].clone(), points[1].clone()),
+                )
+            )
         out = raw(emb, text_embedding=text_embedding, boxes=boxes, points=points, upsample=upsample)
         axes = [(torch.arange(n, dtype=torch.float32) + 0.5) / n * 2 - 1 for n in out.shape[2:]]
         d, h, w = torch.meshgrid(*axes, indexing="ij")
@@ -68,12 +72,17 @@ def _prompts(crop_shape, text=True):
     D, H, W = crop_shape
     out = [
         Prompt("box", box=np.array([D * 0.3, H * 0.25, W * 0.2, D * 0.7, H * 0.6, W * 0.75])),
-        Prompt("points", points=np.array([[D // 2, H // 2, W // 2], [D // 3, H // 2 + 3, W // 2 - 4],
-                                          [1.0, 2.0, 3.0]]), point_labels=np.array([1, 1, 0])),
+        Prompt(
+            "points",
+            points=np.array([[D // 2, H // 2, W // 2], [D // 3, H // 2 + 3, W // 2 - 4], [1.0, 2.0, 3.0]]),
+            point_labels=np.array([1, 1, 0]),
+        ),
     ]
     if text:
-        out += [Prompt("text", text="liver"),
-                Prompt("text+box", text="spleen", box=np.array([1.0, 2.0, 3.0, D - 2.0, H / 2, W - 5.0]))]
+        out += [
+            Prompt("text", text="liver"),
+            Prompt("text+box", text="spleen", box=np.array([1.0, 2.0, 3.0, D - 2.0, H / 2, W - 5.0])),
+        ]
     return out
 
 
@@ -88,8 +97,9 @@ def _assert_same(model, prep, prompts, seed, **kw):
 
 
 # ---------------------------------------------------------------------------- window arithmetic
-@pytest.mark.parametrize("size", [(8, 32, 32), (5, 20, 31), (9, 33, 47), (31, 96, 121), (16, 64, 64),
-                                  (17, 200, 255), (1, 1, 1), (8, 100, 7)])
+@pytest.mark.parametrize(
+    "size", [(8, 32, 32), (5, 20, 31), (9, 33, 47), (31, 96, 121), (16, 64, 64), (17, 200, 255), (1, 1, 1), (8, 100, 7)]
+)
 @pytest.mark.parametrize("roi", [(8, 32, 32), (3, 7, 5)])
 def test_window_starts_match_monai_dense_patch_slices(size, roi):
     utils = pytest.importorskip("monai.data.utils")
@@ -131,7 +141,7 @@ def test_box_to_zoom_out_equals_literal_label_resize():
         cube = torch.zeros(crop)
         a = np.clip(np.floor(box[:3] + 0.5).astype(int), 0, np.array(crop) - 1)
         b = np.clip(np.floor(box[3:] + 0.5).astype(int), 0, np.array(crop) - 1)
-        cube[a[0]:b[0] + 1, a[1]:b[1] + 1, a[2]:b[2] + 1] = 1
+        cube[a[0] : b[0] + 1, a[1] : b[1] + 1, a[2] : b[2] + 1] = 1
         label = F.interpolate(cube[None, None], size=size, mode="nearest-exact")[0, 0]
         assert torch.equal(box_to_zoom_out(box, crop, size), generate_box(label))
 
@@ -166,8 +176,11 @@ def test_exact_equals_official_rerun_synthetic(text_model, radius, fresh_seed):
 
 def test_exact_equals_official_rerun_on_real_ct(text_model, data_dir, fresh_seed):
     prep, labels = load_real_ct(data_dir)
-    chosen = [p for p in real_ct_prompts(labels, seed=fresh_seed % 1000)
-              if p.label in ("liver (text)", "liver (box)", "spleen (points)")]
+    chosen = [
+        p
+        for p in real_ct_prompts(labels, seed=fresh_seed % 1000)
+        if p.label in ("liver (text)", "liver (box)", "spleen (points)")
+    ]
     assert len(chosen) == 3
     _with_blob(text_model, 0.4)  # 12 windows per prompt (ROI 15x36x46 of the 30x96x121 crop)
     _assert_same(text_model, prep, chosen, seed=fresh_seed)
@@ -193,8 +206,11 @@ def test_pad_offset_bug_single_window_prompt_map_is_not_padded(kind, fresh_seed)
     D, H, W = prep.crop_shape
     before = (ROI[0] - D) // 2
     assert D == depth and pad_widths((D, 32, 32), ROI)[0][0] == before > 0
-    prompt = (Prompt("box", box=np.array([1.0, 10, 12, 2, 20, 25])) if kind == "box"
-              else Prompt("points", points=np.array([[3.0, 15, 20]]), point_labels=np.array([1])))
+    prompt = (
+        Prompt("box", box=np.array([1.0, 10, 12, 2, 20, 25]))
+        if kind == "box"
+        else Prompt("points", points=np.array([[3.0, 15, 20]]), point_labels=np.array([1]))
+    )
     _assert_same(model, prep, [prompt], seed=fresh_seed)
     coarse = run_exact(model, prep, [prompt], zoom_in=False)[0]
     lo, hi = roi_from_logits(coarse, ROI)
@@ -215,8 +231,11 @@ def test_pad_offset_bug_single_window_prompt_map_is_not_padded(kind, fresh_seed)
         pos = wpts[0][0][wpts[1][0] == 1]
         assert len(pos) > 0 and (pos[:, 0] == 3).all()  # crop d 3, not the padded window's 3 + 1
         # global_preds is padded with the image: its box carries the offset
-        first_fg = int(torch.nonzero((torch.sigmoid(coarse[:, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]) > 0.5)
-                                     .flatten(1).any(1)).min())
+        first_fg = int(
+            torch.nonzero(
+                (torch.sigmoid(coarse[:, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]) > 0.5).flatten(1).any(1)
+            ).min()
+        )
         assert wbox is not None and wbox[0, 0] == first_fg + before
     assert not torch.equal(out, coarse)
 
@@ -245,7 +264,7 @@ def test_zoom_in_false_is_the_coarse_pass_only():
     full = run_exact(model, prep, [prompt], windows=windows)[0]
     lo, hi = roi_from_logits(coarse, ROI)
     inside = torch.zeros(prep.crop_shape, dtype=torch.bool)
-    inside[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1] = True
+    inside[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
     assert torch.equal(full[~inside], coarse[~inside]) and not torch.equal(full[inside], coarse[inside])
     # the window count reported is the official grid over the ROI (padded to at least one window)
     roi_shape = [max(b - a + 1, r) for a, b, r in zip(lo, hi, ROI)]

@@ -25,7 +25,6 @@ def model(tiny_model):
     return tiny_model
 
 
-
 @pytest.fixture(scope="module")
 def official():
     with torch.device("meta"):

@@ -36,9 +36,11 @@ class BoxBiased(SegVol):
         b = boxes.float()
 
         def region(margin):
-            ax = [(torch.arange(n, device=out.device) >= b[:, a, None] - margin)
-                  & (torch.arange(n, device=out.device) <= b[:, a + 3, None] + margin)
-                  for a, n in enumerate(out.shape[2:])]
+            ax = [
+                (torch.arange(n, device=out.device) >= b[:, a, None] - margin)
+                & (torch.arange(n, device=out.device) <= b[:, a + 3, None] + margin)
+                for a, n in enumerate(out.shape[2:])
+            ]
             return (ax[0][:, :, None, None] & ax[1][:, None, :, None] & ax[2][:, None, None, :])[:, None]
 
         return out + self.bias * region(0) - self.bias * ~region(2)
@@ -55,8 +57,14 @@ def _prep(shape) -> Preprocessed:
 
 
 def _plan(**kw) -> Plan:
-    base = dict(device="cpu", window_batch=4, accumulator_dtype=torch.float32, cache_windows=10_000,
-                decode_batch=8, prompt_group=8)
+    base = dict(
+        device="cpu",
+        window_batch=4,
+        accumulator_dtype=torch.float32,
+        cache_windows=10_000,
+        decode_batch=8,
+        prompt_group=8,
+    )
     return Plan(**{**base, **kw})
 
 
@@ -66,8 +74,9 @@ def _fake_text(model, monkeypatch):
 
     def encode_text(names, modality="ct"):
         names = [names] if isinstance(names, str) else list(names)
-        return torch.stack([torch.randn(hidden, generator=torch.Generator().manual_seed(sum(map(ord, n))))
-                            for n in names])
+        return torch.stack(
+            [torch.randn(hidden, generator=torch.Generator().manual_seed(sum(map(ord, n)))) for n in names]
+        )
 
     monkeypatch.setattr(model, "encode_text", encode_text)
 
@@ -87,8 +96,9 @@ def _count_encodes(model, monkeypatch) -> list[int]:
 
 BOX = Prompt("box", box=np.array([3.0, 10, 12, 14, 40, 55]))
 POINTS = Prompt("points", points=np.array([[5.0, 20, 30], [12, 50, 70]]), point_labels=np.array([1, 0]))
-BOX_POINTS = Prompt("both", box=np.array([2.0, 30, 40, 17, 66, 88]), points=np.array([[9.0, 45, 60]]),
-                    point_labels=np.array([1]))
+BOX_POINTS = Prompt(
+    "both", box=np.array([2.0, 30, 40, 17, 66, 88]), points=np.array([[9.0, 45, 60]]), point_labels=np.array([1])
+)
 
 
 # ------------------------------------------------------------------------------ the grid
@@ -124,8 +134,10 @@ def test_zoom_out_only_equals_the_official_coarse_path(model, prompt):
         box = box_to_zoom_out(prompt.box, crop, SIZE)[None] if prompt.box is not None else None
         points = None
         if prompt.points is not None:
-            points = (points_to_zoom_out(prompt.points, crop, SIZE).float()[None],
-                      torch.as_tensor(prompt.point_labels)[None])
+            points = (
+                points_to_zoom_out(prompt.points, crop, SIZE).float()[None],
+                torch.as_tensor(prompt.point_labels)[None],
+            )
         ref = resize_logits_back(model.decode(emb, boxes=box, points=points), crop)[0, 0]
     assert out.roi is None and out.mask.dtype == torch.bool and out.mask.shape == crop
     assert torch.equal(out.mask, ref > 0)
@@ -141,8 +153,13 @@ def test_logits_only_on_request(model):
 def test_n_prompts_in_one_call_equal_separate_calls(model, monkeypatch):
     _fake_text(model, monkeypatch)
     prep = _prep((20, 70, 90))
-    prompts = [BOX, POINTS, BOX_POINTS, Prompt("liver", text="liver"),
-               Prompt("spleen+box", text="spleen", box=np.array([0.0, 0, 0, 9, 35, 45]))]
+    prompts = [
+        BOX,
+        POINTS,
+        BOX_POINTS,
+        Prompt("liver", text="liver"),
+        Prompt("spleen+box", text="spleen", box=np.array([0.0, 0, 0, 9, 35, 45])),
+    ]
     together = run_fast(model, prep, prompts, plan=_plan(), return_logits=True)
     for prompt, joint in zip(prompts, together):
         (alone,) = run_fast(model, prep, [prompt], plan=_plan(), return_logits=True)
@@ -154,8 +171,10 @@ def test_n_prompts_in_one_call_equal_separate_calls(model, monkeypatch):
 # Two box prompts whose ROIs overlap in W; each ROI is over half the crop, so prompt_group=1
 # stitches them in two groups, which must share windows through the cache.
 SHARE_SHAPE = (16, 64, 96)
-SHARED = [Prompt("left", box=np.array([0.0, 0, 0, 15, 63, 50])),
-          Prompt("right", box=np.array([0.0, 0, 45, 15, 63, 95]))]
+SHARED = [
+    Prompt("left", box=np.array([0.0, 0, 0, 15, 63, 50])),
+    Prompt("right", box=np.array([0.0, 0, 45, 15, 63, 95])),
+]
 
 
 def test_each_window_is_encoded_once_with_a_large_cache(model, monkeypatch):
@@ -200,8 +219,10 @@ def test_a_lazy_crop_gives_results_identical_to_the_stored_crop(model, monkeypat
     stored, lazy = preprocess(vol), preprocess(vol, lazy=True)
     assert lazy.lazy and lazy.crop_shape == stored.crop_shape == (20, 70, 90)
     prompts = [BOX, POINTS, Prompt("liver", text="liver")]
-    for a, b in zip(run_fast(model, stored, prompts, plan=_plan(), return_logits=True),
-                    run_fast(model, lazy, prompts, plan=_plan(), return_logits=True)):
+    for a, b in zip(
+        run_fast(model, stored, prompts, plan=_plan(), return_logits=True),
+        run_fast(model, lazy, prompts, plan=_plan(), return_logits=True),
+    ):
         assert a.roi == b.roi and a.windows == b.windows
         assert torch.equal(a.mask, b.mask) and torch.equal(a.logits, b.logits)
 
@@ -220,8 +241,10 @@ def test_row_sums_alive_never_exceed_one_window_depth(model, monkeypatch):
 
     monkeypatch.setattr(fast._Stitch, "add", counting_add)
     shape = (40, 64, 96)
-    prompts = [Prompt("left", box=np.array([0.0, 0, 0, 39, 63, 50])),
-               Prompt("right", box=np.array([0.0, 0, 45, 39, 63, 95]))]
+    prompts = [
+        Prompt("left", box=np.array([0.0, 0, 0, 39, 63, 50])),
+        Prompt("right", box=np.array([0.0, 0, 45, 39, 63, 95])),
+    ]
     outs = run_fast(model, _prep(shape), prompts, plan=_plan(prompt_group=1), return_logits=True)
     assert all(o.roi[0][0] == 0 and o.roi[1][0] == 39 for o in outs)  # ROIs span the whole depth
     assert len(alive) == sum(o.windows for o in outs)

@@ -21,8 +21,11 @@ from segevol_fast.inference.prompts import Prompt
 from segevol_fast.preprocess import Preprocessed
 
 SHAPE = (12, 48, 60)  # tiny model windows (8, 32, 32): 2 x 2 x 3 grid windows
-PROMPTS = [Prompt("whole", box=np.array([0.0, 0, 0, 11, 47, 59])), Prompt("part", box=np.array([1.0, 3, 4, 9, 30, 40])),
-           Prompt("corner", box=np.array([0.0, 0, 0, 5, 20, 20]))]
+PROMPTS = [
+    Prompt("whole", box=np.array([0.0, 0, 0, 11, 47, 59])),
+    Prompt("part", box=np.array([1.0, 3, 4, 9, 30, 40])),
+    Prompt("corner", box=np.array([0.0, 0, 0, 5, 20, 20])),
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,8 +44,9 @@ def prep():
 
 
 def _plan(**kw) -> Plan:
-    return Plan(**{**dict(device="cpu", window_batch=4, accumulator_dtype=torch.float32, decode_batch=3,
-                          prompt_group=3), **kw})
+    return Plan(
+        **{**dict(device="cpu", window_batch=4, accumulator_dtype=torch.float32, decode_batch=3, prompt_group=3), **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +91,15 @@ def test_torch_cuda_oom_is_the_class_caught():
 
 
 # encode_image call 0 is the zoom-out image; the zoom-in windows follow in batches of 4
-@pytest.mark.parametrize("fail_at,changes", [
-    ({1}, ["window batch 4 -> 2"]),
-    ({1, 2}, ["window batch 4 -> 2", "window batch 2 -> 1"]),  # the same windows fail twice
-    ({2}, ["window batch 4 -> 2"]),  # a later batch
-    ({1, 3}, ["window batch 4 -> 2", "window batch 2 -> 1"]),  # two different points
-])
+@pytest.mark.parametrize(
+    "fail_at,changes",
+    [
+        ({1}, ["window batch 4 -> 2"]),
+        ({1, 2}, ["window batch 4 -> 2", "window batch 2 -> 1"]),  # the same windows fail twice
+        ({2}, ["window batch 4 -> 2"]),  # a later batch
+        ({1, 3}, ["window batch 4 -> 2", "window batch 2 -> 1"]),  # two different points
+    ],
+)
 def test_encoder_oom_halves_the_window_batch_and_changes_nothing(model, prep, clean, monkeypatch, fail_at, changes):
     sizes = _fail_calls(monkeypatch, model, "encode_image", fail_at)
     log: list = []
@@ -103,10 +110,13 @@ def test_encoder_oom_halves_the_window_batch_and_changes_nothing(model, prep, cl
     _same(clean, got)  # the tiny encoder is batch-invariant bit for bit
 
 
-@pytest.mark.parametrize("fail_at,changes", [
-    ({0}, ["decode batch 3 -> 1"]),  # the zoom-out decode of all 3 prompts
-    ({2}, ["decode batch 3 -> 1"]),  # a zoom-in window's decode
-])
+@pytest.mark.parametrize(
+    "fail_at,changes",
+    [
+        ({0}, ["decode batch 3 -> 1"]),  # the zoom-out decode of all 3 prompts
+        ({2}, ["decode batch 3 -> 1"]),  # a zoom-in window's decode
+    ],
+)
 def test_decoder_oom_halves_the_decode_batch(model, prep, clean, monkeypatch, fail_at, changes):
     _fail_calls(monkeypatch, model, "decode", fail_at)
     log: list = []

@@ -338,13 +338,16 @@ def _bad_output(t, case):
     return t / "seg.nii.gz"
 
 
-@pytest.mark.parametrize("case, words", [
-    ("folder below a file", "afile is a file, not a folder"),
-    ("file as folder", "afile is a file; give a folder"),
-    ("label map below a file", "afile is a file, not a folder"),
-    ("folder as label map", "is a folder; a .nii"),
-    ("foreign sidecar", "seg.json exists and was not written by segevol_fast"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("folder below a file", "afile is a file, not a folder"),
+        ("file as folder", "afile is a file; give a folder"),
+        ("label map below a file", "afile is a file, not a folder"),
+        ("folder as label map", "is a folder; a .nii"),
+        ("foreign sidecar", "seg.json exists and was not written by segevol_fast"),
+    ],
+)
 def test_check_output_path_refuses_unwritable_outputs(tmp_path, case, words):
     path = _bad_output(tmp_path, case)
     before = sorted(os.listdir(tmp_path))
@@ -391,7 +394,9 @@ def test_label_map_group_recovery_rolls_committed_forward_and_drops_the_rest(tmp
     os.replace(stage / "seg.json", tmp_path / "seg.json")  # it had moved one file already
     output.recover(tmp_path / "seg.nii.gz")
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == {
-        "seg.nii.gz": b"new map", "seg.json": b"new sidecar"}
+        "seg.nii.gz": b"new map",
+        "seg.json": b"new sidecar",
+    }
 
 
 def test_label_map_group_refuses_a_folder_in_the_way_before_committing(tmp_path):

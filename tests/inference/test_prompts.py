@@ -69,13 +69,16 @@ def test_bad_prompts_raise_prompt_error(kwargs, msg):
 RULE = "negative points only say where the target is not; give a positive point, a box or a text prompt"
 
 
-@pytest.mark.parametrize("kwargs", [dict(text="liver"), dict(box=[0, 0, 0, 5, 5, 5]),
-                                    dict(text=["liver", "spleen"], box=[0, 0, 0, 5, 5, 5])],
-                         ids=["text", "box", "text-and-box"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(text="liver"), dict(box=[0, 0, 0, 5, 5, 5]), dict(text=["liver", "spleen"], box=[0, 0, 0, 5, 5, 5])],
+    ids=["text", "box", "text-and-box"],
+)
 def test_negative_only_points_are_correction_clicks_next_to_a_text_or_box(kwargs):
     check_prompt_arguments(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0.0], **kwargs)
-    prompts = build_prompts(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0.0], shape=SHAPE, start=(0, 0, 0),
-                            **kwargs)
+    prompts = build_prompts(
+        points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0.0], shape=SHAPE, start=(0, 0, 0), **kwargs
+    )
     assert all(p.point_labels.tolist() == [0, 0] and "points" in p.kinds for p in prompts)
 
 
@@ -100,8 +103,16 @@ def test_segment_takes_negative_only_clicks_beside_a_text_or_box(tiny_model, sca
     clicked = segment(tiny_model, scan, text="liver", points=[[20, 20, 6]], point_labels=[0], **kw)
     assert clicked.labels == ["liver"] and clicked.zoom_in_windows["liver"] > 0
     assert not np.array_equal(plain.probabilities["liver"], clicked.probabilities["liver"])
-    boxed = segment(tiny_model, scan, box=[5, 5, 2, 30, 30, 10], points=[[20, 20, 6]], point_labels=[0],
-                    mode=mode, zoom_in=mode == "fast", progress=False)  # exact: official zoom-in takes box or points
+    boxed = segment(
+        tiny_model,
+        scan,
+        box=[5, 5, 2, 30, 30, 10],
+        points=[[20, 20, 6]],
+        point_labels=[0],
+        mode=mode,
+        zoom_in=mode == "fast",
+        progress=False,
+    )  # exact: official zoom-in takes box or points
     assert boxed.labels == ["box 0"]
     with pytest.raises(PromptError, match=RULE):
         segment(tiny_model, scan, points=[[20, 20, 6]], point_labels=[0], mode=mode, progress=False)

@@ -38,9 +38,17 @@ def _result(probabilities=False, **kw):
     b[8:15, 5:9, 4:6] = True  # overlaps the cube
     masks = {"liver": a, "left kidney": b}
     probs = {k: m.astype(np.float32) * 0.75 for k, m in masks.items()} if probabilities else None
-    return SegmentationResult(masks, _affine(), modality="ct", probabilities=probs,
-                              timings={"zoom_out": 0.5, "total": 1.25}, peak_memory_bytes=3 * 2**20,
-                              mode="fast", notes=["random weights: masks are meaningless"], **kw)
+    return SegmentationResult(
+        masks,
+        _affine(),
+        modality="ct",
+        probabilities=probs,
+        timings={"zoom_out": 0.5, "total": 1.25},
+        peak_memory_bytes=3 * 2**20,
+        mode="fast",
+        notes=["random weights: masks are meaningless"],
+        **kw,
+    )
 
 
 def _no_tmp(folder):
@@ -81,8 +89,14 @@ def test_inputs_are_validated_and_masks_made_bool():
 def test_save_directory_round_trip(tmp_path):
     r = _result(probabilities=True)
     out = r.save(tmp_path / "out")
-    assert sorted(os.listdir(out)) == ["label_map.nii.gz", "left_kidney.nii.gz", "left_kidney_prob.nii.gz",
-                                       "liver.nii.gz", "liver_prob.nii.gz", "summary.json"]
+    assert sorted(os.listdir(out)) == [
+        "label_map.nii.gz",
+        "left_kidney.nii.gz",
+        "left_kidney_prob.nii.gz",
+        "liver.nii.gz",
+        "liver_prob.nii.gz",
+        "summary.json",
+    ]
     for label, stem in (("liver", "liver"), ("left kidney", "left_kidney")):
         img = nib.load(out / f"{stem}.nii.gz")
         assert np.allclose(img.affine, r.affine)

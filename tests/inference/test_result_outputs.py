@@ -60,12 +60,13 @@ def test_label_map_sidecar_matches_the_map_exactly(tmp_path):
         # what the map lost of each mask is exactly what later prompts covered
         assert side["voxels"][label] - side["map_voxels"][label] == int(np.count_nonzero(r.masks[label] & later))
     assert sum(side["map_voxels"].values()) == int(np.count_nonzero(lab))
-    expected = [{"labels": [x, y], "voxels": int(np.count_nonzero(r.masks[x] & r.masks[y]))}
-                for x, y in (("a", "b"), ("a", "c"), ("b", "c"))]
+    expected = [
+        {"labels": [x, y], "voxels": int(np.count_nonzero(r.masks[x] & r.masks[y]))}
+        for x, y in (("a", "b"), ("a", "c"), ("b", "c"))
+    ]
     assert all(e["voxels"] > 0 for e in expected)
     assert side["overlaps"] == expected  # pairs with no shared voxel (anything with "d") are not listed
-    assert side["files"] == {"label_map": "seg.nii.gz", "sidecar": "seg.json", "probabilities": None,
-                             "preview": None}
+    assert side["files"] == {"label_map": "seg.nii.gz", "sidecar": "seg.json", "probabilities": None, "preview": None}
 
 
 def test_label_map_keeps_probabilities_and_a_rerun_removes_stale_files(tmp_path):
@@ -107,17 +108,28 @@ def test_label_map_refuses_a_foreign_sidecar(tmp_path):
 
 @pytest.mark.parametrize("random", [True, False])
 def test_provenance_in_summary_and_nifti_headers(tmp_path, random):
-    prompts = describe_prompts(["liver"], np.array([[1, 2, 3, 4, 5, 6]]), torch.tensor([[2.0, 3.0, 4.0]]),
-                               np.array([1]), "voxel")
-    r = _three_overlapping(probabilities=True, source="/data/ct.nii.gz", prompts=prompts,
-                           weights_source=None if random else "/w/SegVol", random_weights=random)
+    prompts = describe_prompts(
+        ["liver"], np.array([[1, 2, 3, 4, 5, 6]]), torch.tensor([[2.0, 3.0, 4.0]]), np.array([1]), "voxel"
+    )
+    r = _three_overlapping(
+        probabilities=True,
+        source="/data/ct.nii.gz",
+        prompts=prompts,
+        weights_source=None if random else "/w/SegVol",
+        random_weights=random,
+    )
     out = r.save(tmp_path / "out")
     s = json.loads((out / "summary.json").read_text())
     assert s["writer"] == "segevol_fast" and s["package_version"] == __import__("segevol_fast").__version__
     assert s["source"] == "/data/ct.nii.gz" and s["random_weights"] is random
     assert s["weights_source"] == (None if random else "/w/SegVol")
-    assert s["prompts"] == {"text": ["liver"], "box": [[1, 2, 3, 4, 5, 6]], "points": [[2.0, 3.0, 4.0]],
-                            "point_labels": [1], "coords": "voxel"}
+    assert s["prompts"] == {
+        "text": ["liver"],
+        "box": [[1, 2, 3, 4, 5, 6]],
+        "points": [[2.0, 3.0, 4.0]],
+        "point_labels": [1],
+        "coords": "voxel",
+    }
     r.save(tmp_path / "lm.nii.gz")
     for f in ("a.nii.gz", "a_prob.nii.gz"):
         descrip = nib.load(out / f).header["descrip"].item().decode()
@@ -144,16 +156,18 @@ def test_preview_banner_for_random_weights_and_scan_background(tmp_path):
     img_k = Image.open(real.preview(tmp_path / "k.png"))
     assert img_r.size[1] == img_k.size[1] + BANNER_PX
     assert _banner_red(img_r) > 0.5 and _banner_red(img_k) < 0.05  # the banner, and only when random
+
     # the default background is the scan kept in the result; volume=False draws on black
     def grey_levels(img):  # distinct grey values in the first tile (overlays are coloured, text is white)
-        px = np.asarray(img)[PAD_PX + 20:PAD_PX + 150, PAD_PX:PAD_PX + 200].astype(int)  # below the "k=" text
+        px = np.asarray(img)[PAD_PX + 20 : PAD_PX + 150, PAD_PX : PAD_PX + 200].astype(int)  # below the "k=" text
         grey = (px[..., 0] == px[..., 1]) & (px[..., 1] == px[..., 2])
         return set(np.unique(px[..., 0][grey]).tolist())
 
     assert len(grey_levels(img_k)) > 20  # the scan
     assert grey_levels(Image.open(real.preview(tmp_path / "b.png", volume=False))) == {0}
-    np.testing.assert_array_equal(np.asarray(Image.open(real.preview(tmp_path / "e.png", volume=scan))),
-                                  np.asarray(img_k))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(real.preview(tmp_path / "e.png", volume=scan))), np.asarray(img_k)
+    )
     with pytest.raises(ResultError, match="shape"):
         _three_overlapping(volume=np.zeros((2, 2, 2)))
     assert "volume" not in real.summary() and "scan" not in repr(real).lower()
@@ -180,6 +194,7 @@ def test_segment_records_provenance_and_keeps_the_scan(data_dir, one_thread):
 @pytest.fixture
 def nothing_slow(monkeypatch):
     """Fail the test if the CLI loads a volume, looks for weights or builds a model."""
+
     def never(*a, **kw):
         raise AssertionError("the output path must be checked before any slow step")
 
@@ -239,8 +254,10 @@ def test_every_accepted_output_form_still_works(tmp_path):
 def test_preview_into_an_unwritable_place_names_the_path_given(tmp_path):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder").mkdir()
-    cases = [(tmp_path / "a_file" / "p.png", "a_file is a file, not a folder"),
-             (tmp_path / "a_folder", "it is a folder; give a file name")]
+    cases = [
+        (tmp_path / "a_file" / "p.png", "a_file is a file, not a folder"),
+        (tmp_path / "a_folder", "it is a folder; give a file name"),
+    ]
     if os.path.isdir("/proc"):  # no file can be created there, not even by root
         cases.append((pathlib.Path("/proc/segevol_preview.png"), "no file can be created in the folder /proc"))
     for path, why in cases:
@@ -281,8 +298,21 @@ def test_every_output_file_gets_a_normal_files_mode(tmp_path, umask_007, tiny_mo
     save_safetensors({"w": torch.zeros(3)}, tmp_path / "weights.safetensors")
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     names = {p.name for p in files}
-    assert {"a.nii.gz", "a_prob.nii.gz", "label_map.nii.gz", "summary.json", "preview.png", "seg.nii.gz",
-            "seg.json", "seg_prob.nii.gz", "seg.png", "mr.safetensors", "weights.safetensors", "model.safetensors",
-            "config.json", "tokenizer.json"} <= names
+    assert {
+        "a.nii.gz",
+        "a_prob.nii.gz",
+        "label_map.nii.gz",
+        "summary.json",
+        "preview.png",
+        "seg.nii.gz",
+        "seg.json",
+        "seg_prob.nii.gz",
+        "seg.png",
+        "mr.safetensors",
+        "weights.safetensors",
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+    } <= names
     modes = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files}
     assert set(modes.values()) == {oct(umask_007)}, modes

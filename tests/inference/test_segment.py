@@ -18,7 +18,6 @@ def model(tiny_model):
     return tiny_model
 
 
-
 def test_fast_masks_come_back_on_the_input_grid(model, ct, tmp_path):
     res = model.segment(ct, text=["liver", "spleen"], zoom_in=False, progress=False)
     assert res.labels == ["liver", "spleen"]
@@ -27,7 +26,9 @@ def test_fast_masks_come_back_on_the_input_grid(model, ct, tmp_path):
     np.testing.assert_array_equal(res.affine, ct.affine)
     assert set(res.timings) >= {"load", "preprocess", "inference", "paste_back", "total"}
     assert res.peak_memory_bytes and res.peak_memory_bytes > 0
-    assert res.volumes_ml()["liver"] == pytest.approx(res.masks["liver"].sum() * abs(np.linalg.det(ct.affine[:3, :3])) / 1000)
+    assert res.volumes_ml()["liver"] == pytest.approx(
+        res.masks["liver"].sum() * abs(np.linalg.det(ct.affine[:3, :3])) / 1000
+    )
     out = res.save(tmp_path / "out")
     assert (out / "summary.json").is_file()
 
@@ -50,8 +51,11 @@ def test_both_modes_with_zoom_in_on_real_ct(model, ct):
     stitches its windows one voxel off in either mode moves the two modes 40x or more further
     apart; one skipped in both modes leaves the zoom-out mask."""
     kw = dict(text="liver", box=[30, 20, 5, 80, 70, 20], progress=False, return_probabilities=True)
-    res = {(mode, zoom): segment(model, ct, mode=mode, zoom_in=zoom, **kw)
-           for mode in ("fast", "exact") for zoom in (True, False)}
+    res = {
+        (mode, zoom): segment(model, ct, mode=mode, zoom_in=zoom, **kw)
+        for mode in ("fast", "exact")
+        for zoom in (True, False)
+    }
     for (mode, zoom), r in res.items():
         assert r.mode == mode and r.masks["liver"].shape == ct.shape
         assert (r.zoom_in_windows["liver"] > 0) == zoom

@@ -105,8 +105,12 @@ def test_batch_of_scans_each_with_its_adapter_equals_separate_calls(model, ct, d
         alone = segment(model, scan, adapter=a, modality=m, **kw)
         assert res.adapter == alone.adapter
         for label in ("liver", "spleen"):
-            torch.testing.assert_close(torch.from_numpy(res.probabilities[label]),
-                                       torch.from_numpy(alone.probabilities[label]), rtol=0, atol=1e-4)
+            torch.testing.assert_close(
+                torch.from_numpy(res.probabilities[label]),
+                torch.from_numpy(alone.probabilities[label]),
+                rtol=0,
+                atol=1e-4,
+            )
             agree = (res.masks[label] == alone.masks[label]).mean()
             assert agree > 0.999, (a, label, agree)
     assert [r.adapter for r in batch] == ["a", "b", "base", "moa: moa/mr", "moa: identity (base model)"]

@@ -51,12 +51,27 @@ def test_refine_adds_points_to_the_prompt(model, ct):
     sess = model.session(ct)
     sess.segment(text="liver", box=[20, 20, 5, 80, 70, 25])
     refined = sess.refine("liver", points=[[50, 40, 14], [30, 30, 10]], point_labels=[1, 0], return_probabilities=True)
-    fresh = segment(model, ct, text="liver", box=[20, 20, 5, 80, 70, 25], points=[[50, 40, 14], [30, 30, 10]],
-                    point_labels=[1, 0], progress=False, return_probabilities=True)
+    fresh = segment(
+        model,
+        ct,
+        text="liver",
+        box=[20, 20, 5, 80, 70, 25],
+        points=[[50, 40, 14], [30, 30, 10]],
+        point_labels=[1, 0],
+        progress=False,
+        return_probabilities=True,
+    )
     _same(refined, fresh)
     twice = sess.refine("liver", points=[[60, 45, 15]], point_labels=[0])  # a negative click on top
-    fresh2 = segment(model, ct, text="liver", box=[20, 20, 5, 80, 70, 25],
-                     points=[[50, 40, 14], [30, 30, 10], [60, 45, 15]], point_labels=[1, 0, 0], progress=False)
+    fresh2 = segment(
+        model,
+        ct,
+        text="liver",
+        box=[20, 20, 5, 80, 70, 25],
+        points=[[50, 40, 14], [30, 30, 10], [60, 45, 15]],
+        point_labels=[1, 0, 0],
+        progress=False,
+    )
     _same(twice, fresh2)
     with pytest.raises(PromptError, match="nothing to refine"):
         sess.refine("spleen", points=[[1, 1, 1]], point_labels=[1])
@@ -96,8 +111,12 @@ def test_cache_capacity_leaves_room_for_the_kept_zoom_out_embedding(model, ct, m
     cfg = model.config
     per = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4
     call_peak = 500_000_000
-    fixed = budget_mod.Plan(device=torch.device("cpu"), cache_windows=2, estimated_peak_bytes=call_peak + 2 * per,
-                            breakdown={"embedding_cache": 2 * per})
+    fixed = budget_mod.Plan(
+        device=torch.device("cpu"),
+        cache_windows=2,
+        estimated_peak_bytes=call_peak + 2 * per,
+        breakdown={"embedding_cache": 2 * per},
+    )
     monkeypatch.setattr(session_mod, "plan_fast", lambda *a, **k: fixed)
     for windows in (0, 1, 3):
         budget = call_peak + per + windows * per + per // 2  # zoom-out embedding + `windows` + a spare half
@@ -139,15 +158,19 @@ def test_refine_answers_under_the_refined_name_and_leaves_other_histories(tiny_m
     np.testing.assert_array_equal(res.masks["box 1"], fresh.masks["box 0"])
 
 
-@pytest.mark.parametrize("points,labels,error,phrase", [
-    ([[1, 2]], [1], PromptError, r"points must be \(P, 3\)"),
-    (None, None, PromptError, "adds points"),
-    ("1,2,3", [1], ArgumentTypeError, "points must be numbers"),
-    ([[1, 2, float("nan")]], [1], PromptError, "non-finite"),
-    ([[1, 2, 3]], [2], PromptError, r"1 \(positive\) or 0 \(negative\)"),
-    ([[1, 2, 3]], [1, 0], PromptError, "one label per point"),
-    ([[1, 2, 3]], [-1], PromptError, "padding"),
-], ids=["two-numbers", "none", "string", "nan", "label-two", "label-count", "label-minus-one"])
+@pytest.mark.parametrize(
+    "points,labels,error,phrase",
+    [
+        ([[1, 2]], [1], PromptError, r"points must be \(P, 3\)"),
+        (None, None, PromptError, "adds points"),
+        ("1,2,3", [1], ArgumentTypeError, "points must be numbers"),
+        ([[1, 2, float("nan")]], [1], PromptError, "non-finite"),
+        ([[1, 2, 3]], [2], PromptError, r"1 \(positive\) or 0 \(negative\)"),
+        ([[1, 2, 3]], [1, 0], PromptError, "one label per point"),
+        ([[1, 2, 3]], [-1], PromptError, "padding"),
+    ],
+    ids=["two-numbers", "none", "string", "nan", "label-two", "label-count", "label-minus-one"],
+)
 def test_refine_checks_its_points_like_segment(tiny_model, ct, points, labels, error, phrase):
     sess = tiny_model.session(ct)
     sess.segment(text="liver", zoom_in=False)

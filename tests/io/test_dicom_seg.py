@@ -89,7 +89,8 @@ def test_dicom_seg_references_the_series_segmented(tiny_model, series_and_copy, 
     assert res.series == uid and res.summary()["series"] == uid
     seg = hd.seg.segread(out / "segmentation.dcm")
     pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[s.SOPInstanceUID for s in sorted_source_images(folder, uid)], segment_numbers=[1])
+        source_sop_instance_uids=[s.SOPInstanceUID for s in sorted_source_images(folder, uid)], segment_numbers=[1]
+    )
     np.testing.assert_array_equal(pixels[..., 0].astype(bool), frames(res.masks["box 0"]))
 
 

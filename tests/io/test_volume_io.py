@@ -138,8 +138,10 @@ def test_dicom_series_matches_converted_nifti_grid(data_dir):
     assert vol.array[:, ::-1][lab == 5].mean() < 0  # the unflipped row order would miss the liver
     # world position of voxel (0, rows-1, k) is slice k's ImagePositionPatient (LPS -> RAS)
     files = sorted(d.glob("*.dcm"))
-    ipp = sorted((np.array(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, float) for f in files),
-                 key=lambda p: p[2])
+    ipp = sorted(
+        (np.array(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient, float) for f in files),
+        key=lambda p: p[2],
+    )
     for k in (0, 7, 19):
         np.testing.assert_allclose(vol.voxel_to_world([0, 511, k]), ipp[k] * [-1, -1, 1], atol=1e-4)
     # one file of the series loads the whole series
@@ -247,8 +249,9 @@ def test_a_folder_of_nifti_files_points_to_cohorts(data_dir, tmp_path):
         load_volume(tmp_path / "empty")
 
 
-@pytest.mark.parametrize("make", [np.zeros, torch.zeros, lambda s: Volume(np.zeros(s), np.eye(4))],
-                         ids=["array", "tensor", "Volume"])
+@pytest.mark.parametrize(
+    "make", [np.zeros, torch.zeros, lambda s: Volume(np.zeros(s), np.eye(4))], ids=["array", "tensor", "Volume"]
+)
 def test_an_empty_axis_is_named(make):
     with pytest.raises(ShapeError, match=r"axis 1 is empty \(shape \(5, 0, 3\)\)"):
         load_volume(make((5, 0, 3)))

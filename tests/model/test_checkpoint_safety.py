@@ -24,8 +24,9 @@ def state():
     return SegVol(SegVolConfig.tiny()).state_dict()
 
 
-@pytest.mark.parametrize("name,value", [("model.safetensors", math.nan), ("pytorch_model.bin", math.inf),
-                                        ("SegVol_v1.pth", -math.inf)])
+@pytest.mark.parametrize(
+    "name,value", [("model.safetensors", math.nan), ("pytorch_model.bin", math.inf), ("SegVol_v1.pth", -math.inf)]
+)
 def test_a_non_finite_tensor_is_refused_naming_file_and_key(tmp_path, state, name, value):
     assert KEY in state
     state[KEY] = state[KEY].clone()

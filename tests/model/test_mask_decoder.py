@@ -66,11 +66,15 @@ def ref_decoder(dec, image, pe, sparse, dense, text, heads=CFG.decoder_num_heads
         else:
             queries = queries + ref_attn(L.self_attn, queries + tokens, queries + tokens, queries, heads)
         queries = ln(L.norm1, queries)
-        queries = ln(L.norm2, queries + ref_attn(L.cross_attn_token_to_image, queries + tokens, keys + kpe, keys, heads))
+        queries = ln(
+            L.norm2, queries + ref_attn(L.cross_attn_token_to_image, queries + tokens, keys + kpe, keys, heads)
+        )
         queries = ln(L.norm3, queries + lin(L.mlp.lin2, torch.relu(lin(L.mlp.lin1, queries))))
         keys = ln(L.norm4, keys + ref_attn(L.cross_attn_image_to_token, keys + kpe, queries + tokens, queries, heads))
     T = dec.transformer
-    queries = ln(T.norm_final_attn, queries + ref_attn(T.final_attn_token_to_image, queries + tokens, keys + kpe, keys, heads))
+    queries = ln(
+        T.norm_final_attn, queries + ref_attn(T.final_attn_token_to_image, queries + tokens, keys + kpe, keys, heads)
+    )
     up0, norm, up1 = dec.output_upscaling[0], dec.output_upscaling[1], dec.output_upscaling[3]
     x = F.conv_transpose3d(keys.transpose(1, 2).reshape(B, c, d, h, w), up0.weight, up0.bias, stride=2)
     mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)  # over the whole sample, not per voxel
@@ -183,7 +187,11 @@ def test_cross_attention_internal_dim_is_downsampled():
     hid, rate = CFG.hidden_size, CFG.attention_downsample_rate
     layer = dec.transformer.layers[0]
     assert layer.self_attn.q_proj.weight.shape == (hid, hid)
-    for m in (layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, dec.transformer.final_attn_token_to_image):
+    for m in (
+        layer.cross_attn_token_to_image,
+        layer.cross_attn_image_to_token,
+        dec.transformer.final_attn_token_to_image,
+    ):
         assert m.q_proj.weight.shape == (hid // rate, hid) and m.out_proj.weight.shape == (hid, hid // rate)
 
 
@@ -200,7 +208,9 @@ def test_upscaling_layernorm_is_full_shape():
         dec(**inputs(B=2))
     x, y = rec["x"], rec["y"]
     flat = x.flatten(1)
-    want = ((flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + norm.eps)).view_as(x)
+    want = (
+        (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + norm.eps)
+    ).view_as(x)
     close(y, want * norm.weight + norm.bias)
     per_voxel = F.layer_norm(x.movedim(1, -1), (full[0],)).movedim(-1, 1)  # channel-wise: must differ
     assert not torch.allclose(y, per_voxel * norm.weight + norm.bias, atol=1e-3)
@@ -235,8 +245,10 @@ def test_batched_n_prompts_equal_n_single_calls():
         sparse, dense = enc(points=(coords, labels), boxes=box, text_embedding=text)
         batched = dec(image, pe, sparse, dense, text)
         for n in range(N):
-            s1, d1 = enc(points=(coords[n:n + 1], labels[n:n + 1]), boxes=box[n:n + 1], text_embedding=text[n:n + 1])
-            close(batched[n:n + 1], dec(image, pe, s1, d1, text[n:n + 1]))
+            s1, d1 = enc(
+                points=(coords[n : n + 1], labels[n : n + 1]), boxes=box[n : n + 1], text_embedding=text[n : n + 1]
+            )
+            close(batched[n : n + 1], dec(image, pe, s1, d1, text[n : n + 1]))
         # A materialised (copied) image / dense batch gives the same answer as the broadcast one.
         close(batched, dec(image.repeat(N, 1, 1, 1, 1), pe, sparse, dense.contiguous(), text))
 
@@ -250,8 +262,12 @@ def test_backward_reaches_prompts_image_and_weights():
     logits.square().mean().backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
     assert text.grad is not None and text.grad.abs().sum() > 0
-    for name in ("transformer.layers.0.self_attn.q_proj.weight", "output_upscaling.1.weight",
-                 "output_hypernetworks_mlps.0.layers.0.weight", "txt_align_upscaled_embedding.weight"):
+    for name in (
+        "transformer.layers.0.self_attn.q_proj.weight",
+        "output_upscaling.1.weight",
+        "output_hypernetworks_mlps.0.layers.0.weight",
+        "txt_align_upscaled_embedding.weight",
+    ):
         assert dec.get_parameter(name).grad is not None, name
     assert enc.point_embeddings[1].weight.grad is not None and enc.no_mask_embed.weight.grad is not None
     assert enc.pe_layer.positional_encoding_gaussian_matrix.grad is None  # a buffer, not trained
@@ -307,7 +323,7 @@ def test_state_dict_keys_match_official():
     with torch.device("meta"):
         dec = MaskDecoder(SegVolConfig())
     prefix = "mask_decoder."
-    want = {k[len(prefix):]: tuple(s) for k, s in official_mask_decoder_keys()}
+    want = {k[len(prefix) :]: tuple(s) for k, s in official_mask_decoder_keys()}
     got = {k: tuple(v.shape) for k, v in dec.state_dict().items()}
     assert got == want
     assert sum(v.numel() for v in dec.state_dict().values()) == 29_923_716

@@ -129,10 +129,12 @@ def test_box_corners_use_point_embeddings_2_and_3():
     box = torch.tensor([[1.0, 2.0, 3.0, 6.0, 20.0, 30.0]])
     sparse, _ = enc(boxes=box)
     assert sparse.shape == (1, 2, enc.hidden_size)
-    torch.testing.assert_close(sparse[0, 0], point_pe(box[0, :3], G, (h, d, w)) + emb(enc.point_embeddings[2]),
-                               atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(sparse[0, 1], point_pe(box[0, 3:], G, (h, d, w)) + emb(enc.point_embeddings[3]),
-                               atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse[0, 0], point_pe(box[0, :3], G, (h, d, w)) + emb(enc.point_embeddings[2]), atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        sparse[0, 1], point_pe(box[0, 3:], G, (h, d, w)) + emb(enc.point_embeddings[3]), atol=2e-5, rtol=1e-5
+    )
     sparse3, _ = enc(boxes=box[:, None, :])  # the official (B, 1, 6) form
     torch.testing.assert_close(sparse3, sparse)
 
@@ -143,8 +145,12 @@ def test_empty_box_is_still_encoded():
     sparse, _ = enc(boxes=-torch.ones(1, 6))
     assert sparse.shape == (1, 2, enc.hidden_size)
     corner = torch.full((3,), -1.0)  # encoded at -0.5 after the shift, not skipped or zeroed
-    torch.testing.assert_close(sparse[0, 0], point_pe(corner, G, (h, d, w)) + emb(enc.point_embeddings[2]), atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(sparse[0, 1], point_pe(corner, G, (h, d, w)) + emb(enc.point_embeddings[3]), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        sparse[0, 0], point_pe(corner, G, (h, d, w)) + emb(enc.point_embeddings[2]), atol=2e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        sparse[0, 1], point_pe(corner, G, (h, d, w)) + emb(enc.point_embeddings[3]), atol=2e-5, rtol=1e-5
+    )
 
 
 def test_sparse_token_order_points_box_text():
@@ -189,8 +195,11 @@ def test_batch_size_from_points_boxes_text_else_one():
 
 def test_mask_downscaling_is_unused():
     enc, _ = make()
-    sparse, dense = enc(points=(torch.rand(2, 2, 3) * 8, torch.ones(2, 2, dtype=torch.long)),
-                        boxes=torch.rand(2, 6), text_embedding=torch.randn(2, enc.hidden_size))
+    sparse, dense = enc(
+        points=(torch.rand(2, 2, 3) * 8, torch.ones(2, 2, dtype=torch.long)),
+        boxes=torch.rand(2, 6),
+        text_embedding=torch.randn(2, enc.hidden_size),
+    )
     (sparse.sum() + dense.sum()).backward()
     assert all(p.grad is None for p in enc.mask_downscaling.parameters())
     assert enc.point_embeddings[1].weight.grad is not None and enc.no_mask_embed.weight.grad is not None
@@ -217,6 +226,6 @@ def test_state_dict_keys_match_official():
     with torch.device("meta"):
         enc = PromptEncoder(SegVolConfig())
     prefix = "prompt_encoder."
-    want = {k[len(prefix):]: tuple(s) for k, s in official_prompt_encoder_keys()}
+    want = {k[len(prefix) :]: tuple(s) for k, s in official_prompt_encoder_keys()}
     got = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
     assert got == want

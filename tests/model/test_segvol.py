@@ -38,7 +38,10 @@ def test_state_dict_equals_official_inventory_without_position_ids():
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     official = official_inventory()
     official.pop(POSITION_IDS)
-    assert ours.keys() == official.keys(), (sorted(ours.keys() - official.keys()), sorted(official.keys() - ours.keys()))
+    assert ours.keys() == official.keys(), (
+        sorted(ours.keys() - official.keys()),
+        sorted(official.keys() - ours.keys()),
+    )
     assert ours == official
     assert sum(torch.Size(s).numel() for s in ours.values()) == official_param_count() - 77
 
@@ -61,8 +64,9 @@ def _assert_same_weights(a: SegVol, b: SegVol):
 def test_hf_directory_with_pytorch_model_bin(tmp_path, tiny, tokenizer_dir):
     torch.save(_official_style_state(tiny), tmp_path / "pytorch_model.bin")
     # The official config.json names only the architecture; sizes come from the caller here.
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "segvol", "architectures": ["SegVolModel"],
-                                                      "test_mode": True}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "segvol", "architectures": ["SegVolModel"], "test_mode": True})
+    )
     for f in ("tokenizer.json", "vocab.json"):
         (tmp_path / f).write_bytes((tokenizer_dir / f).read_bytes())
     loaded = SegVol.from_pretrained(tmp_path, config=SegVolConfig.tiny())
@@ -80,8 +84,11 @@ def test_hf_directory_with_prefixed_model_safetensors(tmp_path, tiny):
 
 
 def test_official_config_json_alone_means_official_architecture(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "segvol", "patch_size": [4, 16, 16],
-                                                      "spatial_size": [32, 256, 256], "test_mode": True}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "segvol", "patch_size": [4, 16, 16], "spatial_size": [32, 256, 256], "test_mode": True}
+        )
+    )
     cfg = SegVolConfig.load(tmp_path)
     assert cfg == SegVolConfig(extra={"test_mode": True})
 
@@ -89,8 +96,10 @@ def test_official_config_json_alone_means_official_architecture(tmp_path):
 def test_original_pth_with_module_prefix(tmp_path, tiny):
     sd = {f"module.{k}": v.clone() for k, v in tiny.state_dict().items()}
     sd[f"module.{POSITION_IDS}"] = torch.arange(77).unsqueeze(0)
-    torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "scheduler": {"last_epoch": 3}},
-               tmp_path / "SegVol_v1.pth")
+    torch.save(
+        {"model": sd, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3, "scheduler": {"last_epoch": 3}},
+        tmp_path / "SegVol_v1.pth",
+    )
     loaded = SegVol.from_pretrained(tmp_path / "SegVol_v1.pth", config=SegVolConfig.tiny())
     _assert_same_weights(tiny, loaded)
 
@@ -110,8 +119,10 @@ def test_full_size_official_checkpoint_loads_strictly(tmp_path):
     # Every tensor of the 475-entry inventory at its official shape (zeros: only the layout is
     # under test, and uninitialised memory may hold NaN, which loading refuses), written as the HF
     # pytorch_model.bin.
-    sd = {f"model.{k}": torch.zeros(s, dtype=torch.int64 if k == POSITION_IDS else torch.float32)
-          for k, s in official_inventory().items()}
+    sd = {
+        f"model.{k}": torch.zeros(s, dtype=torch.int64 if k == POSITION_IDS else torch.float32)
+        for k, s in official_inventory().items()
+    }
     torch.save(sd, tmp_path / "pytorch_model.bin")
     del sd
     model = SegVol.from_pretrained(tmp_path)
@@ -193,9 +204,13 @@ def test_n_prompts_in_one_call_equal_one_by_one(tiny):
         text = tiny.encode_text(["liver", "spleen"])
         batched = tiny.decode(emb, text_embedding=text, boxes=boxes, points=(coords, labels))
         for i in range(2):
-            single = tiny.decode(emb, text_embedding=text[i:i + 1], boxes=boxes[i:i + 1],
-                                 points=(coords[i:i + 1], labels[i:i + 1]))
-            torch.testing.assert_close(batched[i:i + 1], single, rtol=1e-5, atol=1e-5)
+            single = tiny.decode(
+                emb,
+                text_embedding=text[i : i + 1],
+                boxes=boxes[i : i + 1],
+                points=(coords[i : i + 1], labels[i : i + 1]),
+            )
+            torch.testing.assert_close(batched[i : i + 1], single, rtol=1e-5, atol=1e-5)
     assert batched.shape == (2, 1, *tiny.config.spatial_size) and batched.dtype == torch.float32
 
 
@@ -251,9 +266,18 @@ def test_tiny_forward_backward_reaches_every_trainable_part(tiny):
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, (torch.rand_like(logits) > 0.5).float())
     loss.backward()
     for part in ("image_encoder", "prompt_encoder", "mask_decoder"):
-        grads = [p.grad for n, p in tiny.named_parameters() if n.startswith(part) and p.requires_grad
-                 and "mask_downscaling" not in n and "iou_prediction_head" not in n and "output_hypernetworks_mlps.0" not in n
-                 and "not_a_point" not in n and "mask_tokens" not in n and "output_hypernetworks" not in n]
+        grads = [
+            p.grad
+            for n, p in tiny.named_parameters()
+            if n.startswith(part)
+            and p.requires_grad
+            and "mask_downscaling" not in n
+            and "iou_prediction_head" not in n
+            and "output_hypernetworks_mlps.0" not in n
+            and "not_a_point" not in n
+            and "mask_tokens" not in n
+            and "output_hypernetworks" not in n
+        ]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), part
     assert tiny.image_encoder.patch_embedding.position_embeddings.grad.abs().sum() > 0
 

@@ -34,13 +34,18 @@ def test_cuda_default_order_prefers_native_then_triton(monkeypatch):
     monkeypatch.delenv(_backend.ENV_VAR, raising=False)
     impls = dict(_backend._REGISTRY["patch_embed"])
     monkeypatch.setitem(
-        _backend._REGISTRY, "patch_embed",
-        {**impls, "native": _backend._Impl(impls["native"].fn, lambda dev: "not built"),
-         "triton": _backend._Impl(impls["triton"].fn, _backend.always)},
+        _backend._REGISTRY,
+        "patch_embed",
+        {
+            **impls,
+            "native": _backend._Impl(impls["native"].fn, lambda dev: "not built"),
+            "triton": _backend._Impl(impls["triton"].fn, _backend.always),
+        },
     )
     assert ops.select("patch_embed", "cuda") == "triton"
     monkeypatch.setitem(
-        _backend._REGISTRY, "patch_embed",
+        _backend._REGISTRY,
+        "patch_embed",
         {**impls, "native": _backend._Impl(impls["native"].fn, _backend.always)},
     )
     assert ops.select("patch_embed", "cuda") == "native"

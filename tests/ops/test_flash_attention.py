@@ -42,9 +42,17 @@ def _grads(fn, inputs, grad_out, layout=lambda t: t):
     return out.detach(), [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("backend,dtype", [("native", torch.float32), ("native", torch.float16),
-                                           ("native", torch.bfloat16), ("triton", torch.float32),
-                                           ("triton", torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [
+        ("native", torch.float32),
+        ("native", torch.float16),
+        ("native", torch.bfloat16),
+        ("triton", torch.float32),
+        ("triton", torch.float16),
+    ],
+    ids=str,
+)
 def test_gradients_of_each_backend_match_float64_reference(backend, dtype):
     reason = _backend._REGISTRY["flash_attention"][backend].why_not("cpu")
     if reason is not None:
@@ -55,6 +63,7 @@ def test_gradients_of_each_backend_match_float64_reference(backend, dtype):
     g = torch.randn(3, 2, 21, 24, dtype=torch.float64)
     with ops.use_backend(backend):
         out, grads = _grads(lambda q, k, v: ops.flash_attention(q, k, v, 0.2, kv_len), cast, g, _strided)
+
     def ref(q, k, v):
         return ops.flash_attention_ref(q, k, v, 0.2, kv_len)
 
@@ -72,10 +81,19 @@ def _available(backend):
         pytest.skip(reason)
 
 
-@pytest.mark.parametrize("backend,dtype", [("ref", torch.float32), ("native", torch.float64),
-                                           ("native", torch.float32), ("native", torch.float16),
-                                           ("native", torch.bfloat16), ("triton", torch.float32),
-                                           ("triton", torch.float16)], ids=str)
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [
+        ("ref", torch.float32),
+        ("native", torch.float64),
+        ("native", torch.float32),
+        ("native", torch.float16),
+        ("native", torch.bfloat16),
+        ("triton", torch.float32),
+        ("triton", torch.float16),
+    ],
+    ids=str,
+)
 def test_lse_of_each_backend_matches_float64_reference(backend, dtype):
     _available(backend)
     kv_len = torch.tensor([0, 13, 40])  # a row that sees nothing, one shorter than a block, one clamped
@@ -118,8 +136,10 @@ def _aten_calls(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     names = [e.name for e in prof.events()]
-    return (names.count("aten::_scaled_dot_product_flash_attention_for_cpu"),
-            names.count("aten::_scaled_dot_product_flash_attention_for_cpu_backward"))
+    return (
+        names.count("aten::_scaled_dot_product_flash_attention_for_cpu"),
+        names.count("aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    )
 
 
 @pytest.mark.parametrize("kv_len", [None, torch.tensor([0, 9]), torch.tensor([5, 9])], ids=["none", "row0", "sliced"])
@@ -191,14 +211,17 @@ def test_scale_default_is_head_dim_rsqrt():
     assert not torch.allclose(ops.flash_attention(q, k, v), ops.flash_attention(q, k, v, scale=1.0))
 
 
-@pytest.mark.parametrize("bad,error", [
-    (lambda q, k, v: (q[0], k, v, None), ShapeError),                       # 3-D q
-    (lambda q, k, v: (q, k[:, :, :, :4], v, None), ShapeError),            # head dims differ
-    (lambda q, k, v: (q, k.half(), v, None), ShapeError),                  # dtypes differ
-    (lambda q, k, v: (q, k, v, torch.tensor([3.0, 4.0])), ShapeError),    # float kv_len
-    (lambda q, k, v: (q, k, v, torch.tensor([3])), ShapeError),           # kv_len not (B,)
-    (lambda q, k, v: (q, k, v, [3, 4]), ArgumentTypeError),               # list kv_len
-])
+@pytest.mark.parametrize(
+    "bad,error",
+    [
+        (lambda q, k, v: (q[0], k, v, None), ShapeError),  # 3-D q
+        (lambda q, k, v: (q, k[:, :, :, :4], v, None), ShapeError),  # head dims differ
+        (lambda q, k, v: (q, k.half(), v, None), ShapeError),  # dtypes differ
+        (lambda q, k, v: (q, k, v, torch.tensor([3.0, 4.0])), ShapeError),  # float kv_len
+        (lambda q, k, v: (q, k, v, torch.tensor([3])), ShapeError),  # kv_len not (B,)
+        (lambda q, k, v: (q, k, v, [3, 4]), ArgumentTypeError),  # list kv_len
+    ],
+)
 def test_bad_arguments_raise_typed_errors(bad, error):
     q, k, v = (t.float() for t in _qkv(2, 1, 3, 5, 8))
     with pytest.raises(error):
@@ -218,8 +241,14 @@ def test_backend_choice_per_device():
 
 def test_define_op_rejects_native_and_native_cpu_together():
     with pytest.raises(ValueError, match="native_cpu"):
-        _op.define_op("never_registered", "(Tensor x) -> Tensor", ref=torch.neg, fake=torch.empty_like,
-                      native=torch.neg, native_cpu=torch.neg)
+        _op.define_op(
+            "never_registered",
+            "(Tensor x) -> Tensor",
+            ref=torch.neg,
+            fake=torch.empty_like,
+            native=torch.neg,
+            native_cpu=torch.neg,
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -230,7 +259,9 @@ def test_model_attention_is_bit_identical_to_the_sdpa_call_it_replaced(dtype):
     with torch.no_grad():
         assert torch.equal(attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert torch.equal(attention(q.float(), k.float(), v), F.scaled_dot_product_attention(q.float(), k.float(), v))
+            assert torch.equal(
+                attention(q.float(), k.float(), v), F.scaled_dot_product_attention(q.float(), k.float(), v)
+            )
     mask = torch.randn(2, 1, 37, 37, dtype=dtype)
     assert torch.equal(attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
@@ -254,6 +285,7 @@ def test_every_backend_returns_heads_interleaved(backend, kv_len):
 def test_compiled_attention_block_matches_eager():
     """The model's pattern (fused qkv permuted into heads, attention, heads merged) under
     torch.compile on the CPU backend: fake and real strides agree, results equal eager."""
+
     def block(x, w):
         B, S, C = x.shape
         q, k, v = (x @ w).view(B, S, 3, 2, C // 2).permute(2, 0, 3, 1, 4)

@@ -94,6 +94,7 @@ def test_triton_other_block_sizes_and_custom_scale(block_m, block_n):
     exact_in, cast = _inputs(2, 1, 45, 37, 24, torch.float32)  # odd head dim: padded to 32 and masked
     g = torch.randn(2, 1, 45, 24, device=DEVICE, dtype=torch.float64)
     kv_len = torch.tensor([37, 20], device=DEVICE)
+
     def run(q, k, v):
         return fa.FlashAttentionTriton.apply(q, k, v, 0.9, kv_len, block_m, block_n)
 
@@ -116,8 +117,9 @@ def test_triton_non_contiguous_inputs_and_grad():
     assert not any(t.is_contiguous() for t in cast)
     g = torch.randn(2, 19, 2, 32, device=DEVICE, dtype=torch.float64).transpose(1, 2)
     out, grads = _grads(lambda q, k, v: fa.FlashAttentionTriton.apply(q, k, v, None, 30), cast, g)
-    same, same_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30),
-                              [t.contiguous() for t in cast], g)
+    same, same_grads = _grads(
+        lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), [t.contiguous() for t in cast], g
+    )
     exact, exact_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), exact_in, g)
     assert_matches_reference(out, same, exact, "strided out")
     for name, a, s, e in zip(("dq", "dk", "dv"), grads, same_grads, exact_grads):
@@ -214,8 +216,9 @@ def test_cpu_sdpa_path_is_torch_sdpa_with_a_key_mask():
     # keys no row may see are sliced off rather than masked: the same attention, fewer keys computed
     mask[0, ..., 12:] = False
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)
-    torch.testing.assert_close(flash_attention_sdpa(q, k, v, scale=0.2, kv_len=torch.tensor([12, 7])), expected,
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        flash_attention_sdpa(q, k, v, scale=0.2, kv_len=torch.tensor([12, 7])), expected, rtol=1e-6, atol=1e-6
+    )
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:1], scale=0.2)
     torch.testing.assert_close(flash_attention_sdpa(q, k, v, scale=0.2, kv_len=12), expected, rtol=1e-6, atol=1e-6)
 
@@ -240,6 +243,7 @@ def test_cpu_backend_forward_and_backward_match_float64_reference(dtype, kv_len)
     cast = [t.to(dtype) for t in exact_in]
     g = torch.randn(2, 3, 17, 64, dtype=torch.float64)
     out, lse, grads = _cpu_grads(cast, g, None, kv)
+
     def ref(q, k, v):
         return flash_attention_reference(q, k, v, scale=None, kv_len=kv)
 
@@ -263,7 +267,9 @@ def test_cpu_backend_strided_inputs():
     head_dim_strided = [t.float().transpose(-2, -1).contiguous().transpose(-2, -1) for t in exact_in]
     seq_strided = [t.float().transpose(1, 2).contiguous().transpose(1, 2) for t in exact_in]
     g = torch.randn(2, 2, 19, 32, dtype=torch.float64)
-    same, same_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), [t.float() for t in exact_in], g)
+    same, same_grads = _grads(
+        lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), [t.float() for t in exact_in], g
+    )
     exact, exact_grads = _grads(lambda q, k, v: flash_attention_reference(q, k, v, kv_len=30), exact_in, g)
     for inputs in (head_dim_strided, seq_strided):
         assert inputs[0].stride(-1) != 1 or not inputs[0].is_contiguous()
@@ -283,11 +289,15 @@ def test_cpu_backend_is_torch_sdpa_bit_for_bit(dtype):
     mask[1, ..., :7] = True
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2)
     assert torch.equal(flash_attention_cpu(q, k, v, 0.2, torch.tensor([26, 7]))[0], expected)
-    assert torch.equal(flash_attention_cpu(q, k, v, 0.2, torch.tensor([26, 7]))[0],
-                       flash_attention_sdpa(q, k, v, 0.2, torch.tensor([26, 7])))
+    assert torch.equal(
+        flash_attention_cpu(q, k, v, 0.2, torch.tensor([26, 7]))[0],
+        flash_attention_sdpa(q, k, v, 0.2, torch.tensor([26, 7])),
+    )
     # the backward too: SDPA's autograd runs the same fused backward kernel
     g = torch.randn(2, 2, 10, 32).to(dtype)
-    _, sdpa_grads = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2), (q, k, v), g)
+    _, sdpa_grads = _grads(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.2), (q, k, v), g
+    )
     _, _, grads = _cpu_grads((q, k, v), g, 0.2, torch.tensor([26, 7]))
     for a, b in zip(grads, sdpa_grads):
         assert torch.equal(a, b)
@@ -304,8 +314,11 @@ def test_cpu_backend_gradients_of_keys_nobody_sees_are_zero():
 
 @pytest.mark.parametrize("fn", [flash_attention_reference, flash_attention_sdpa], ids=lambda f: f.__name__)
 def test_row_with_no_valid_key_is_zero_with_zero_gradients(fn):
-    out, grads = _grads(lambda q, k, v: fn(q, k, v, kv_len=torch.tensor([0, 5])),
-                        [torch.randn(2, 1, S, 16) for S in (4, 6, 6)], torch.randn(2, 1, 4, 16))
+    out, grads = _grads(
+        lambda q, k, v: fn(q, k, v, kv_len=torch.tensor([0, 5])),
+        [torch.randn(2, 1, S, 16) for S in (4, 6, 6)],
+        torch.randn(2, 1, 4, 16),
+    )
     assert out[0].abs().max() == 0 and torch.isfinite(out).all()
     assert all(torch.isfinite(t).all() and t[0].abs().max() == 0 for t in grads)
 

@@ -61,7 +61,7 @@ def test_q_and_v_slices_of_a_fused_qkv_in_one_call(backend):
     same = _peft(*cast[:3], [(Aq.float(), Bq.float(), (0, C)), (Av.float(), Bv.float(), (2 * C, 3 * C))], 0.5)
     assert_matches_reference(got, same, exact, f"lora_linear q+v {backend}")
     # the k third got no LoRA term: it is the base layer there
-    torch.testing.assert_close(got[:, C: 2 * C], (cast[0] @ cast[1].t() + cast[2])[:, C: 2 * C])
+    torch.testing.assert_close(got[:, C : 2 * C], (cast[0] @ cast[1].t() + cast[2])[:, C : 2 * C])
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -125,8 +125,14 @@ def test_a_trainable_base_weight_is_refused_while_grad_mode_is_on():
     ],
 )
 def test_bad_arguments_raise_shape_errors(change, match):
-    args = dict(x=torch.zeros(4, 6), W=torch.zeros(5, 6), b=torch.zeros(5), A=torch.zeros(2, 6), B=torch.zeros(5, 2),
-                out_slice=None)
+    args = dict(
+        x=torch.zeros(4, 6),
+        W=torch.zeros(5, 6),
+        b=torch.zeros(5),
+        A=torch.zeros(2, 6),
+        B=torch.zeros(5, 2),
+        out_slice=None,
+    )
     args.update(change)
     with pytest.raises(ShapeError, match=match):
         ops.lora_linear(args["x"], args["W"], args["b"], args["A"], args["B"], 1.0, out_slice=args["out_slice"])

@@ -84,9 +84,7 @@ def _backend_dtype_params():
 
 
 def _spec_backend_params(backends=("ref", "native", "triton")):
-    return [
-        pytest.param(s, b, id=f"{s.name}-{b}") for s in SPECS for b in s.backends if b in backends
-    ]
+    return [pytest.param(s, b, id=f"{s.name}-{b}") for s in SPECS for b in s.backends if b in backends]
 
 
 _SPEC_IDS = [pytest.param(s, id=s.name) for s in SPECS]

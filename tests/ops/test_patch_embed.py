@@ -142,7 +142,9 @@ def test_bad_pos_bias_dtype_and_integer_input():
 def test_native_checks_are_enforced_in_cpp_too():
     _require("native", "cpu")
     with pytest.raises(RuntimeError, match="weight must be"):
-        torch.ops.segevol_fast_C.patch_embed(torch.zeros(1, 1, 4, 16, 16), torch.zeros(8, 10), None, None, [4, 16, 16], 1.0, 0.0)
+        torch.ops.segevol_fast_C.patch_embed(
+            torch.zeros(1, 1, 4, 16, 16), torch.zeros(8, 10), None, None, [4, 16, 16], 1.0, 0.0
+        )
 
 
 def test_forced_unavailable_backend_names_the_fix(monkeypatch):
@@ -172,4 +174,3 @@ def test_cuda_default_backend_is_native_cuda():
     if _backend.why_not_native("cuda") is not None and os.environ.get("SEGEVOL_FAST_REQUIRE_NATIVE") != "1":
         pytest.skip("extension built without CUDA")
     assert ops.select("patch_embed", "cuda") == "native"
-

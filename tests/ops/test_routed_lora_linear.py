@@ -120,24 +120,39 @@ def test_frozen_weight_is_enforced():
         ops.routed_lora_linear(x, W.requires_grad_(), b, A, B, seg, adapter_idx=torch.tensor([0]))
 
 
-@pytest.mark.parametrize("change,error,match", [
-    (dict(adapter_idx=None), InvalidArgumentError, "exactly one"),
-    (dict(gates=torch.ones(2, 3, dtype=F64)), InvalidArgumentError, "exactly one"),
-    (dict(adapter_idx=torch.tensor([0, 3])), InvalidArgumentError, r"\[-1, E\)"),
-    (dict(adapter_idx=torch.tensor([0, -2])), InvalidArgumentError, r"\[-1, E\)"),
-    (dict(adapter_idx=torch.tensor([0])), ShapeError, "adapter_idx"),
-    (dict(segments=torch.tensor([0, 5, 6])), InvalidArgumentError, "offsets from 0"),
-    (dict(segments=torch.tensor([0, 6, 4, 7]), adapter_idx=torch.tensor([0, -1, 0])), InvalidArgumentError, "non-decreasing"),
-    (dict(segments=torch.tensor([0.0, 7.0])), ShapeError, "integer"),
-    (dict(A=torch.zeros(3, 2, 5, dtype=F64)), ShapeError, "lora_a"),
-    (dict(B=torch.zeros(2, 23, 3, dtype=F64)), ShapeError, "lora_b"),
-    (dict(b=torch.zeros(4, dtype=F64)), ShapeError, "bias"),
-    (dict(x=torch.zeros(7, 19)), ShapeError, "dtype"),
-])
+@pytest.mark.parametrize(
+    "change,error,match",
+    [
+        (dict(adapter_idx=None), InvalidArgumentError, "exactly one"),
+        (dict(gates=torch.ones(2, 3, dtype=F64)), InvalidArgumentError, "exactly one"),
+        (dict(adapter_idx=torch.tensor([0, 3])), InvalidArgumentError, r"\[-1, E\)"),
+        (dict(adapter_idx=torch.tensor([0, -2])), InvalidArgumentError, r"\[-1, E\)"),
+        (dict(adapter_idx=torch.tensor([0])), ShapeError, "adapter_idx"),
+        (dict(segments=torch.tensor([0, 5, 6])), InvalidArgumentError, "offsets from 0"),
+        (
+            dict(segments=torch.tensor([0, 6, 4, 7]), adapter_idx=torch.tensor([0, -1, 0])),
+            InvalidArgumentError,
+            "non-decreasing",
+        ),
+        (dict(segments=torch.tensor([0.0, 7.0])), ShapeError, "integer"),
+        (dict(A=torch.zeros(3, 2, 5, dtype=F64)), ShapeError, "lora_a"),
+        (dict(B=torch.zeros(2, 23, 3, dtype=F64)), ShapeError, "lora_b"),
+        (dict(b=torch.zeros(4, dtype=F64)), ShapeError, "bias"),
+        (dict(x=torch.zeros(7, 19)), ShapeError, "dtype"),
+    ],
+)
 def test_inconsistent_arguments_raise_typed_errors(change, error, match):
     x, W, b, A, B, seg = _layer((3, 4))
     args = dict(x=x, W=W, b=b, A=A, B=B, segments=seg, adapter_idx=torch.tensor([0, -1]), gates=None)
     args.update(change)
     with pytest.raises(error, match=match):
-        ops.routed_lora_linear(args["x"], args["W"], args["b"], args["A"], args["B"], args["segments"],
-                               adapter_idx=args["adapter_idx"], gates=args["gates"])
+        ops.routed_lora_linear(
+            args["x"],
+            args["W"],
+            args["b"],
+            args["A"],
+            args["B"],
+            args["segments"],
+            adapter_idx=args["adapter_idx"],
+            gates=args["gates"],
+        )

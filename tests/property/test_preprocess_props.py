@@ -161,8 +161,10 @@ def test_lazy_reads_equal_the_stored_crop_bit_for_bit(x, data):
     lo = [data.draw(st.integers(0, n - 1)) for n in shape]
     hi = [data.draw(st.integers(a + 1, n)) for a, n in zip(lo, shape)]
     assert torch.equal(lazy.crop.block(lo, hi), full[tuple(slice(a, b) for a, b in zip(lo, hi))])
-    idx = [torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=6)), dtype=torch.int64)
-           for n in shape]
+    idx = [
+        torch.tensor(data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=6)), dtype=torch.int64)
+        for n in shape
+    ]
     want = full.index_select(0, idx[0]).index_select(1, idx[1]).index_select(2, idx[2])
     assert torch.equal(lazy.crop.take(idx), want)
     assert torch.equal(stored.crop.take(idx), want)

@@ -37,9 +37,13 @@ def affines(draw):
     if draw(st.booleans()):  # half the cases axis-aligned, as most scanners write
         q = np.array([1.0, 0, 0, 0])
     w, x, y, z = q / np.linalg.norm(q)
-    rot = np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                    [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                    [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+    rot = np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
     flips = np.diag([draw(st.sampled_from([-1.0, 1.0])) for _ in range(3)])
     lps = np.diag([-1.0, -1.0, 1.0]) if draw(st.booleans()) else np.eye(3)
     spacing = np.diag([draw(st.floats(0.2, 5.0)) for _ in range(3)])
@@ -67,8 +71,12 @@ def test_voxel_world_voxel_round_trip(aff, pts):
     back = vol.world_to_voxel(world)
     np.testing.assert_allclose(back, p, rtol=0, atol=1e-9 * (1 + np.abs(p).max()))
     # and the other way, from world points
-    np.testing.assert_allclose(vol.voxel_to_world(vol.world_to_voxel(p)), p, rtol=0,
-                               atol=1e-9 * (1 + np.abs(p).max()) * np.abs(aff[:3, :3]).max() * 5)
+    np.testing.assert_allclose(
+        vol.voxel_to_world(vol.world_to_voxel(p)),
+        p,
+        rtol=0,
+        atol=1e-9 * (1 + np.abs(p).max()) * np.abs(aff[:3, :3]).max() * 5,
+    )
     # the affine's own meaning: voxel (0, 0, 0) is the origin, a unit step along i is column 0
     np.testing.assert_allclose(vol.voxel_to_world([0, 0, 0]), aff[:3, 3])
     np.testing.assert_allclose(vol.voxel_to_world([1, 0, 0]) - aff[:3, 3], aff[:3, 0], atol=1e-12)
@@ -112,8 +120,9 @@ def test_world_boxes_and_points_equal_the_same_voxel_boxes(aff, shape, data):
     start = tuple(data.draw(st.integers(0, s - 1)) for s in reversed(shape))
     text = data.draw(st.sampled_from([None, "liver", ["liver", "spleen"]]))
     vox = build_prompts(text, corners.reshape(6), pts, shape=shape, start=start)
-    world = build_prompts(text, _world(aff, corners).reshape(6), _world(aff, pts), shape=shape, start=start,
-                          coords="world", affine=aff)
+    world = build_prompts(
+        text, _world(aff, corners).reshape(6), _world(aff, pts), shape=shape, start=start, coords="world", affine=aff
+    )
     assert [p.label for p in vox] == [p.label for p in world]
     for a, b in zip(vox, world):
         np.testing.assert_allclose(b.box, a.box, rtol=0, atol=1e-6)

@@ -118,8 +118,11 @@ def test_windows_for_roi_are_exactly_the_grid_windows_meeting_it(shape_window, d
     picked = windows_for_roi(grid, window, lo, hi)
     assert picked == sorted(picked)  # raster order, D slowest
     everything = itertools.product(*[range(len(g)) for g in grid])
-    meets = [w for w in everything
-             if all(grid[a][w[a]] <= hi[a] and grid[a][w[a]] + window[a] - 1 >= lo[a] for a in range(3))]
+    meets = [
+        w
+        for w in everything
+        if all(grid[a][w[a]] <= hi[a] and grid[a][w[a]] + window[a] - 1 >= lo[a] for a in range(3))
+    ]
     assert picked == meets
     # together they cover every ROI voxel
     roi_shape = tuple(b - a + 1 for a, b in zip(lo, hi))
@@ -172,8 +175,9 @@ def test_row_by_row_stitching_equals_a_full_size_accumulator(shape_window, rever
     acc, cnt = _plain_stitch(shape, window, lo, hi, origins, outs)
     roi = tuple(slice(a, b + 1) for a, b in zip(lo, hi))
     # the coverage each voxel is divided by is the number of windows that added to it
-    expected_cnt = torch.from_numpy(np.einsum("i,j,k->ijk", *[_covers(g, r, a, b).astype(np.float32)
-                                                              for g, r, a, b in zip(grid, window, lo, hi)]))
+    expected_cnt = torch.from_numpy(
+        np.einsum("i,j,k->ijk", *[_covers(g, r, a, b).astype(np.float32) for g, r, a, b in zip(grid, window, lo, hi)])
+    )
     assert torch.equal(cnt[roi], expected_cnt)
     assert torch.equal(res.mask[roi], acc[roi] > 0)
     assert torch.equal(res.logits[roi], acc[roi] / cnt[roi])  # same order of additions: bit-identical

@@ -70,8 +70,14 @@ def _write_msd(root, n=2, channels=1):
         _save(root / "labelsTr" / f"case_{k}.nii.gz", lab)
         training.append({"image": f"./imagesTr/case_{k}.nii.gz", "label": f"./labelsTr/case_{k}.nii.gz"})
         arrays.append((img, lab))
-    desc = {"name": "Task99_Toy", "modality": {"0": "CT"}, "labels": {"0": "background", "1": "Liver", "2": "kidney_left"},
-            "numTraining": n, "training": training, "test": []}
+    desc = {
+        "name": "Task99_Toy",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "Liver", "2": "kidney_left"},
+        "numTraining": n,
+        "training": training,
+        "test": [],
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return arrays
 
@@ -85,8 +91,12 @@ def _write_nnunet(root, n=2):
         _save(root / "imagesTr" / f"toy_{k:03d}_0000.nii.gz", img)
         _save(root / "labelsTr" / f"toy_{k:03d}.nii.gz", lab)
         arrays.append((img, lab))
-    desc = {"channel_names": {"0": "T2"}, "labels": {"background": 0, "liver": 1, "kidney_right": 2},
-            "numTraining": n, "file_ending": ".nii.gz"}
+    desc = {
+        "channel_names": {"0": "T2"},
+        "labels": {"background": 0, "liver": 1, "kidney_right": 2},
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
     (root / "dataset.json").write_text(json.dumps(desc))
     return arrays
 
@@ -96,8 +106,14 @@ def _save_csr(path, masks):
     flat = masks.reshape(masks.shape[0], -1).astype(np.int32)
     rows, cols = np.nonzero(flat)
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=flat.shape[0]))]).astype(np.int32)
-    np.savez_compressed(path, indices=cols.astype(np.int32), indptr=indptr, format=b"csr",
-                        shape=np.array(flat.shape), data=flat[rows, cols])
+    np.savez_compressed(
+        path,
+        indices=cols.astype(np.int32),
+        indptr=indptr,
+        format=b"csr",
+        shape=np.array(flat.shape),
+        data=flat[rows, cols],
+    )
 
 
 def _write_m3d(root, code="0007", n=2):
@@ -113,11 +129,17 @@ def _write_m3d(root, code="0007", n=2):
         masks[2, 8:12, 5:9, 3:8] = True  # channel 1 (label 2) stays empty
         np.save(case / "image.npy", x[None])
         _save_csr(case / f"mask_{masks.shape}.npz", masks)
-        train.append({"image": f"{code}/case_{k:05d}/image.npy", "label": f"{code}/case_{k:05d}/mask_{masks.shape}.npz"})
+        train.append(
+            {"image": f"{code}/case_{k:05d}/image.npy", "label": f"{code}/case_{k:05d}/mask_{masks.shape}.npz"}
+        )
         arrays.append((x, masks))
-    desc = {"name": f"{code} Dataset", "modality": {"0": "CT"},
-            "labels": {"0": "background", "1": "liver", "2": "Right Kidney", "3": "gall bladder"},
-            "train": train, "test": []}
+    desc = {
+        "name": f"{code} Dataset",
+        "modality": {"0": "CT"},
+        "labels": {"0": "background", "1": "liver", "2": "Right Kidney", "3": "gall bladder"},
+        "train": train,
+        "test": [],
+    }
     (folder / f"{code}.json").write_text(json.dumps(desc))
     return arrays
 
@@ -125,19 +147,29 @@ def _write_m3d(root, code="0007", n=2):
 @pytest.fixture(scope="module")
 def shared_cases(data_dir):
     lm = json.loads((data_dir / "labels.json").read_text())
-    ct = cases_from_files([(data_dir / "ct_abdomen_sm.nii.gz", data_dir / "ct_abdomen_sm_labels.nii.gz")],
-                          lm["ct"], "ct", "totalseg-ct")
-    mr = cases_from_files([(data_dir / "mr_abdomen_sm.nii.gz", data_dir / "mr_abdomen_sm_labels.nii.gz")],
-                          lm["mr"], "MR", "totalseg-mr")
+    ct = cases_from_files(
+        [(data_dir / "ct_abdomen_sm.nii.gz", data_dir / "ct_abdomen_sm_labels.nii.gz")], lm["ct"], "ct", "totalseg-ct"
+    )
+    mr = cases_from_files(
+        [(data_dir / "mr_abdomen_sm.nii.gz", data_dir / "mr_abdomen_sm_labels.nii.gz")], lm["mr"], "MR", "totalseg-mr"
+    )
     return ct + mr
 
 
 # ------------------------------------------------------------------------------ names
-@pytest.mark.parametrize("raw, want", [
-    ("kidney_right", "right kidney"), ("inferior_vena_cava", "inferior vena cava"), ("Liver", "liver"),
-    ("adrenal_gland_left", "left adrenal gland"), ("vertebrae_L3", "vertebrae l3"), ("rib_left_7", "rib left 7"),
-    ("kidney left", "kidney left"), ("  Spleen ", "spleen"),
-])
+@pytest.mark.parametrize(
+    "raw, want",
+    [
+        ("kidney_right", "right kidney"),
+        ("inferior_vena_cava", "inferior vena cava"),
+        ("Liver", "liver"),
+        ("adrenal_gland_left", "left adrenal gland"),
+        ("vertebrae_L3", "vertebrae l3"),
+        ("rib_left_7", "rib left 7"),
+        ("kidney left", "kidney left"),
+        ("  Spleen ", "spleen"),
+    ],
+)
 def test_segvol_name(raw, want):
     assert segvol_name(raw) == want
 
@@ -145,8 +177,22 @@ def test_segvol_name(raw, want):
 def test_shared_label_names_are_segvol_names(data_dir):
     lm = json.loads((data_dir / "labels.json").read_text())
     names = {segvol_name(v) for v in lm["ct"].values()} | {segvol_name(v) for v in lm["mr"].values()}
-    known = {"liver", "spleen", "right kidney", "left kidney", "gallbladder", "stomach", "pancreas", "aorta",
-             "inferior vena cava", "esophagus", "duodenum", "right adrenal gland", "left adrenal gland", "trachea"}
+    known = {
+        "liver",
+        "spleen",
+        "right kidney",
+        "left kidney",
+        "gallbladder",
+        "stomach",
+        "pancreas",
+        "aorta",
+        "inferior vena cava",
+        "esophagus",
+        "duodenum",
+        "right adrenal gland",
+        "left adrenal gland",
+        "trachea",
+    }
     assert known <= names and known <= NAMES
 
 
@@ -209,8 +255,10 @@ def test_m3d_card_naming_ct_gt_folders(tmp_path):
     masks = np.random.default_rng().random((2, 6, 5, 4)) > 0.7
     np.save(tmp_path / "0000" / "ct" / "case_7.npy", x[None])
     _save_csr(tmp_path / "0000" / "gt" / f"case_7.{masks.shape}.npz", masks)
-    desc = {"labels": {"0": "background", "1": "liver", "2": "spleen"},
-            "train": [{"image": "0000/ct/case_7.npy", "label": f"0000/gt/case_7.{masks.shape}.npz"}]}
+    desc = {
+        "labels": {"0": "background", "1": "liver", "2": "spleen"},
+        "train": [{"image": "0000/ct/case_7.npy", "label": f"0000/gt/case_7.{masks.shape}.npz"}],
+    }
     (tmp_path / "0000" / "0000.json").write_text(json.dumps(desc))
     cases = cases_from_m3d(tmp_path, "0000")
     assert cases[0].case_id == "case_7" and cases[0].modality == "ct"
@@ -287,8 +335,15 @@ def test_different_epoch_different_crop(shared_cases):
 
 def test_rotation_zero_leaves_labels_exact(shared_cases):
     """Train samples without rotation, flips or intensity equal an independently resized one-hot."""
-    ds = SegmentationDataset(shared_cases[1:], SIZE, crop_mode="resize", rotation_deg=0.0, flip_prob=0.0,
-                             intensity_prob=0.0, seed=int(torch.randint(1000, ())))
+    ds = SegmentationDataset(
+        shared_cases[1:],
+        SIZE,
+        crop_mode="resize",
+        rotation_deg=0.0,
+        flip_prob=0.0,
+        intensity_prob=0.0,
+        seed=int(torch.randint(1000, ())),
+    )
     s = ds[int(torch.randint(100, ()))]
     c = shared_cases[1]
     img = nib.load(str(c.image)).get_fdata().astype(np.float32)
@@ -335,8 +390,9 @@ def test_rotate_non_square_180_is_double_flip():
 @pytest.mark.slow
 def test_shared_dicom_case(data_dir):
     lm = json.loads((data_dir / "labels.json").read_text())
-    cases = cases_from_files([(data_dir / "ct_abdomen_dicom", data_dir / "ct_abdomen_dicom_labels.nii.gz")],
-                             lm["ct"], "ct", "dicom")
+    cases = cases_from_files(
+        [(data_dir / "ct_abdomen_dicom", data_dir / "ct_abdomen_dicom_labels.nii.gz")], lm["ct"], "ct", "dicom"
+    )
     s = SegmentationDataset(cases, SIZE, train=False)[0]
     assert s["image"].shape == (1,) + SIZE and s["labels"].shape[0] == len(s["names"]) > 0
 
@@ -410,8 +466,9 @@ def test_missing_dataset_json_and_folders(tmp_path):
         discover_cases(tmp_path)
     with pytest.raises(VolumeNotFoundError, match="dataset.json"):
         cases_from_decathlon(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": {"a": 1},
-                                                        "file_ending": ".nii.gz"}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"channel_names": {"0": "CT"}, "labels": {"a": 1}, "file_ending": ".nii.gz"})
+    )
     with pytest.raises(VolumeNotFoundError, match="imagesTr"):
         cases_from_nnunet(tmp_path)
 
@@ -515,8 +572,15 @@ def test_augmented_labels_stay_on_their_structure(tmp_path, crop_mode):
     _save(tmp_path / "l.nii.gz", lab)
     cases = cases_from_files([(tmp_path / "i.nii.gz", tmp_path / "l.nii.gz")], {1: "liver"}, "ct", "x")
     size = (8, 16, 16) if crop_mode == "crop" else (16, 24, 32)  # resize: whole voxels, no blending
-    ds = SegmentationDataset(cases, size, crop_mode=crop_mode, flip_prob=0.5, intensity_prob=0.0, pos_fraction=1.0,
-                             seed=int(torch.randint(1000, ())))
+    ds = SegmentationDataset(
+        cases,
+        size,
+        crop_mode=crop_mode,
+        flip_prob=0.5,
+        intensity_prob=0.0,
+        pos_fraction=1.0,
+        seed=int(torch.randint(1000, ())),
+    )
     for i in range(8):
         s = ds[i]
         assert torch.equal(s["image"][0] > 0.5, s["labels"][0] > 0)

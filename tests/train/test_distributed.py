@@ -54,16 +54,56 @@ def test_bad_torchrun_environment_is_refused(monkeypatch):
 
 def _finetune(out, data_dir, nproc: int, seed: int) -> list[dict]:
     d = str(data_dir)
-    args = ["--image", f"{d}/ct_abdomen_sm.nii.gz", "--label", f"{d}/ct_abdomen_sm_labels.nii.gz",
-            "--image", f"{d}/ct_abdomen_sm.nii.gz", "--label", f"{d}/ct_abdomen_sm_labels.nii.gz",
-            "--label-map", f"{d}/labels.json", "--label-map-key", "ct", "--modality", "ct",
-            "--random-weights", "--config", "tiny", "--tokenizer", f"{d}/clip_tokenizer", "--steps", "3",
-            "--batch-size", "2", "--categories-per-image", "3", "--lora-rank", "4", "--lr", "1e-3",
-            "--seed", str(seed), "--device", "cpu", "-q", "--out", str(out)]
+    args = [
+        "--image",
+        f"{d}/ct_abdomen_sm.nii.gz",
+        "--label",
+        f"{d}/ct_abdomen_sm_labels.nii.gz",
+        "--image",
+        f"{d}/ct_abdomen_sm.nii.gz",
+        "--label",
+        f"{d}/ct_abdomen_sm_labels.nii.gz",
+        "--label-map",
+        f"{d}/labels.json",
+        "--label-map-key",
+        "ct",
+        "--modality",
+        "ct",
+        "--random-weights",
+        "--config",
+        "tiny",
+        "--tokenizer",
+        f"{d}/clip_tokenizer",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--categories-per-image",
+        "3",
+        "--lora-rank",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "-q",
+        "--out",
+        str(out),
+    ]
     launcher = [sys.executable, "-m", "segevol_fast.train.cli_finetune"]
     if nproc > 1:  # --standalone: torchrun picks a free port for the rendezvous itself
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-                    "-m", "segevol_fast.train.cli_finetune"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "-m",
+            "segevol_fast.train.cli_finetune",
+        ]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)

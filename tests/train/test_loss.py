@@ -109,8 +109,12 @@ def test_half_precision_inputs_are_computed_in_float32():
 
 @pytest.mark.parametrize(
     "logits_shape,target_shape",
-    [((2, 1, 3, 4, 5), (2, 1, 3, 4, 6)), ((2, 2, 3, 4, 5), (2, 2, 3, 4, 5)), ((3, 4, 5), (3, 4, 5)),
-     ((2, 1, 3, 4, 5), (1, 1, 3, 4, 5))],
+    [
+        ((2, 1, 3, 4, 5), (2, 1, 3, 4, 6)),
+        ((2, 2, 3, 4, 5), (2, 2, 3, 4, 5)),
+        ((3, 4, 5), (3, 4, 5)),
+        ((2, 1, 3, 4, 5), (1, 1, 3, 4, 5)),
+    ],
 )
 def test_bad_shapes_raise(logits_shape, target_shape):
     with pytest.raises(ShapeError):

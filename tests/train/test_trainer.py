@@ -23,10 +23,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def cases(data_dir):
     lm = json.loads((data_dir / "labels.json").read_text())
-    ct = cases_from_files([(data_dir / "ct_abdomen_sm.nii.gz", data_dir / "ct_abdomen_sm_labels.nii.gz")],
-                          lm["ct"], "ct", "ct_sm")
-    mr = cases_from_files([(data_dir / "mr_abdomen_sm.nii.gz", data_dir / "mr_abdomen_sm_labels.nii.gz")],
-                          lm["mr"], "mri", "mr_sm")
+    ct = cases_from_files(
+        [(data_dir / "ct_abdomen_sm.nii.gz", data_dir / "ct_abdomen_sm_labels.nii.gz")], lm["ct"], "ct", "ct_sm"
+    )
+    mr = cases_from_files(
+        [(data_dir / "mr_abdomen_sm.nii.gz", data_dir / "mr_abdomen_sm_labels.nii.gz")], lm["mr"], "mri", "mr_sm"
+    )
     return {"ct": ct, "mr": mr, "tokenizer": data_dir / "clip_tokenizer"}
 
 
@@ -71,8 +73,14 @@ def test_config_round_trip_and_validation():
     cfg = TrainConfig(steps=7, batch_size=2, amp="bf16", grad_clip=0.5, mixes=("text", "box"), out_dir="x")
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg
-    for bad in ({"steps": 0}, {"amp": "fp8"}, {"mixes": ("text", "nope")}, {"grad_clip": 0.0},
-                {"batch_size": 1.5}, {"categories_per_image": 0}):
+    for bad in (
+        {"steps": 0},
+        {"amp": "fp8"},
+        {"mixes": ("text", "nope")},
+        {"grad_clip": 0.0},
+        {"batch_size": 1.5},
+        {"categories_per_image": 0},
+    ):
         with pytest.raises(InvalidArgumentError):
             TrainConfig(**bad)
     with pytest.raises(InvalidArgumentError):
@@ -115,8 +123,9 @@ def test_loss_falls_on_the_real_ct(cases, ct_eval):
     # 20 steps: over random seeds the last-3 / first-3 mean ratio measured 0.75-0.90 (at 10 steps
     # 0.89-0.98, so about one seed in 25 missed the 0.97 bound without any fault)
     cfg = TrainConfig(steps=20, batch_size=1, lr=3e-3, seed=int(torch.randint(0, 10_000, ())))
-    losses = [r["loss"] for r in Trainer(_model(cases, seed=int(torch.randint(0, 100, ()))), cfg, ct_eval)
-              .fit(progress=False)]
+    losses = [
+        r["loss"] for r in Trainer(_model(cases, seed=int(torch.randint(0, 100, ()))), cfg, ct_eval).fit(progress=False)
+    ]
     assert len(losses) == 20 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.97 * sum(losses[:3]) / 3, losses
 
@@ -124,8 +133,7 @@ def test_loss_falls_on_the_real_ct(cases, ct_eval):
 def test_adapter_only_step_leaves_the_base_untouched(cases, mixed_train):
     model = _model(cases, lora=True)
     before = _params(model)
-    adapter_names = {n for n, p in model.named_parameters()
-                     if any(p is q for q in adapters.adapter_parameters(model))}
+    adapter_names = {n for n, p in model.named_parameters() if any(p is q for q in adapters.adapter_parameters(model))}
     tr = Trainer(model, TrainConfig(steps=1, batch_size=2, lr=1e-3, categories_per_image=2), mixed_train)
     assert {n for n in tr.param_names} == adapter_names
     tr.fit(progress=False)
@@ -143,7 +151,9 @@ def test_gradient_clipping_bounds_the_norm(cases, ct_eval):
     row = tr.fit(progress=False)[0]
     assert row["grad_norm"] > 10 * clip  # the logged norm is the one before clipping
     # gradients stay on the parameters after the step: their global norm is the clipped one
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in tr.params if p.grad is not None]))
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in tr.params if p.grad is not None])
+    )
     assert float(norm) <= clip * (1 + 1e-5)
     assert float(norm) == pytest.approx(clip, rel=1e-4)
 
@@ -151,7 +161,9 @@ def test_gradient_clipping_bounds_the_norm(cases, ct_eval):
 def test_unclipped_gradients_are_left_alone(cases, ct_eval):
     tr = Trainer(_model(cases), TrainConfig(steps=1, batch_size=1, categories_per_image=3), ct_eval)
     row = tr.fit(progress=False)[0]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in tr.params if p.grad is not None]))
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in tr.params if p.grad is not None])
+    )
     assert float(norm) == pytest.approx(row["grad_norm"], rel=1e-5)
 
 
@@ -160,14 +172,25 @@ def test_resume_is_bit_exact(cases, mixed_train, tmp_path):
     """N steps straight == k steps, checkpoint, a fresh model + trainer, resume, N - k steps; for
     k mid-epoch in epochs 0 and 1 and on the epoch edge (an epoch is 2 steps here)."""
     n = 4
-    cfg = {"steps": n, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "categories_per_image": 2, "box_jitter": 2,
-               "grad_clip": 1.0, "seed": int(torch.randint(0, 10_000, ()))}
-    straight = Trainer(_model(cases, lora=True, dropout=0.1), TrainConfig(**cfg, out_dir=str(tmp_path / "a")), mixed_train)
+    cfg = {
+        "steps": n,
+        "batch_size": 2,
+        "lr": 1e-3,
+        "warmup_steps": 1,
+        "categories_per_image": 2,
+        "box_jitter": 2,
+        "grad_clip": 1.0,
+        "seed": int(torch.randint(0, 10_000, ())),
+    }
+    straight = Trainer(
+        _model(cases, lora=True, dropout=0.1), TrainConfig(**cfg, out_dir=str(tmp_path / "a")), mixed_train
+    )
     straight_rows = straight.fit(progress=False)
     drop = ("step_time",)
     for k in (1, 2, 3):
-        first = Trainer(_model(cases, lora=True, dropout=0.1), TrainConfig(**cfg, out_dir=str(tmp_path / f"b{k}")),
-                        mixed_train)
+        first = Trainer(
+            _model(cases, lora=True, dropout=0.1), TrainConfig(**cfg, out_dir=str(tmp_path / f"b{k}")), mixed_train
+        )
         first.fit(progress=False, until=k)
         ckpt = first.save_checkpoint(tmp_path / f"b{k}" / "mid.pt")
         torch.manual_seed(int(torch.randint(0, 10_000, ())))  # scramble the global RNG: resume must restore it
@@ -176,8 +199,9 @@ def test_resume_is_bit_exact(cases, mixed_train, tmp_path):
         second = Trainer(fresh, TrainConfig(**cfg, out_dir=str(tmp_path / f"b{k}")), mixed_train).resume(ckpt)
         assert second.step == k
         resumed_rows = second.fit(progress=False)
-        assert [{a: v for a, v in r.items() if a not in drop} for r in resumed_rows] == \
-               [{a: v for a, v in r.items() if a not in drop} for r in straight_rows[k:]], k
+        assert [{a: v for a, v in r.items() if a not in drop} for r in resumed_rows] == [
+            {a: v for a, v in r.items() if a not in drop} for r in straight_rows[k:]
+        ], k
         for (name, p), (_, q) in zip(straight.model.named_parameters(), fresh.named_parameters()):
             assert torch.equal(p, q), (k, name)
         for sa, sb in zip(straight.optimizer.state.values(), second.optimizer.state.values()):
@@ -185,10 +209,13 @@ def test_resume_is_bit_exact(cases, mixed_train, tmp_path):
 
 
 def test_resume_refuses_another_data_stream_or_model(cases, mixed_train, tmp_path):
-    tr = Trainer(_model(cases, lora=True), TrainConfig(steps=2, batch_size=2, seed=1, categories_per_image=1), mixed_train)
+    tr = Trainer(
+        _model(cases, lora=True), TrainConfig(steps=2, batch_size=2, seed=1, categories_per_image=1), mixed_train
+    )
     path = tr.save_checkpoint(tmp_path / "c.pt")
-    other_seed = Trainer(_model(cases, lora=True), TrainConfig(steps=2, batch_size=2, seed=2, categories_per_image=1),
-                         mixed_train)
+    other_seed = Trainer(
+        _model(cases, lora=True), TrainConfig(steps=2, batch_size=2, seed=2, categories_per_image=1), mixed_train
+    )
     with pytest.raises(CheckpointError, match="seed"):
         other_seed.resume(path)
     no_lora = Trainer(_model(cases), TrainConfig(steps=2, batch_size=2, seed=1, categories_per_image=1), mixed_train)
@@ -207,7 +234,13 @@ def _rows(path):
 
 
 def test_metric_files_one_row_per_logged_step_and_resume_appends(cases, mixed_train, tmp_path):
-    base = {"batch_size": 2, "categories_per_image": 1, "log_every": 2, "out_dir": str(tmp_path), "mixes": ("text", "box")}
+    base = {
+        "batch_size": 2,
+        "categories_per_image": 1,
+        "log_every": 2,
+        "out_dir": str(tmp_path),
+        "mixes": ("text", "box"),
+    }
     first = Trainer(_model(cases), TrainConfig(steps=4, **base), mixed_train)
     first.fit(progress=False)
     assert (tmp_path / "checkpoint_0000004.pt").is_file()
@@ -217,7 +250,9 @@ def test_metric_files_one_row_per_logged_step_and_resume_appends(cases, mixed_tr
     header = csv_lines[0].split(",")
     assert {"step", "loss", "bce", "dice", "lr", "grad_norm", "step_time", "loss[text]", "loss[box]"} <= set(header)
 
-    second = Trainer(_model(cases), TrainConfig(steps=6, **base), mixed_train).resume(tmp_path / "checkpoint_0000004.pt")
+    second = Trainer(_model(cases), TrainConfig(steps=6, **base), mixed_train).resume(
+        tmp_path / "checkpoint_0000004.pt"
+    )
     second.fit(progress=False)
     csv_lines, jsonl = _rows(tmp_path / "train_log.csv"), _rows(tmp_path / "train_log.jsonl")
     assert len(csv_lines) == 1 + 3 and [json.loads(x)["step"] for x in jsonl] == [2, 4, 6]
@@ -272,6 +307,7 @@ def test_amp_bf16_on_cpu_trains_like_fp32(cases, ct_eval):
     parameter updates have a cosine similarity of 0.99; rows bit-equal to fp32 mean autocast was
     not applied, a gradient scaled under AMP (a loss scaler left on) moves the norms, and weights
     cast to bf16 show in their dtype."""
+
     def run(amp: str):
         model = _model(cases)
         before = _params(model)
@@ -294,8 +330,11 @@ def test_amp_bf16_on_cpu_trains_like_fp32(cases, ct_eval):
 def test_gradient_checkpointing_gives_the_same_gradients(cases, mixed_train):
     def grads(checkpointing: bool):
         model = _model(cases, lora=True)
-        tr = Trainer(model, TrainConfig(steps=1, batch_size=2, categories_per_image=2,
-                                        grad_checkpointing=checkpointing), mixed_train)
+        tr = Trainer(
+            model,
+            TrainConfig(steps=1, batch_size=2, categories_per_image=2, grad_checkpointing=checkpointing),
+            mixed_train,
+        )
         assert model.image_encoder.gradient_checkpointing is checkpointing
         batch = next(iter(tr.loader))
         loss, _, _ = tr.loss_on(batch)
@@ -322,11 +361,39 @@ def test_finetune_command_trains_evaluates_and_resumes(data_dir, tmp_path, capsy
     from segevol_fast.adapters.io import read_adapter_file
 
     d = str(data_dir)
-    common = ["--image", f"{d}/ct_abdomen_sm.nii.gz", "--label", f"{d}/ct_abdomen_sm_labels.nii.gz",
-              "--label-map", f"{d}/labels.json", "--label-map-key", "ct", "--modality", "ct",
-              "--eval-image", f"{d}/ct_abdomen_sm.nii.gz", "--eval-label", f"{d}/ct_abdomen_sm_labels.nii.gz",
-              "--random-weights", "--config", "tiny", "--tokenizer", f"{d}/clip_tokenizer", "--batch-size", "1",
-              "--categories-per-image", "2", "--lora-rank", "2", "--mixes", "text", "box", "-q", "--out", str(tmp_path)]
+    common = [
+        "--image",
+        f"{d}/ct_abdomen_sm.nii.gz",
+        "--label",
+        f"{d}/ct_abdomen_sm_labels.nii.gz",
+        "--label-map",
+        f"{d}/labels.json",
+        "--label-map-key",
+        "ct",
+        "--modality",
+        "ct",
+        "--eval-image",
+        f"{d}/ct_abdomen_sm.nii.gz",
+        "--eval-label",
+        f"{d}/ct_abdomen_sm_labels.nii.gz",
+        "--random-weights",
+        "--config",
+        "tiny",
+        "--tokenizer",
+        f"{d}/clip_tokenizer",
+        "--batch-size",
+        "1",
+        "--categories-per-image",
+        "2",
+        "--lora-rank",
+        "2",
+        "--mixes",
+        "text",
+        "box",
+        "-q",
+        "--out",
+        str(tmp_path),
+    ]
     assert _cli(common + ["--steps", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and set(summary["eval"]) >= {"dice_text", "dice_box", "dice_jittered_box"}
@@ -338,13 +405,16 @@ def test_finetune_command_trains_evaluates_and_resumes(data_dir, tmp_path, capsy
     assert (tmp_path / "checkpoint_0000003.pt").is_file()
 
 
-@pytest.mark.parametrize("argv, match", [
-    ([], "nothing to train on"),
-    (["--image", "a.nii.gz"], "pairs"),
-    (["--image", "a.nii.gz", "--label", "b.nii.gz", "--label-map", "x.json"], "modality"),
-    (["--image", "a.nii.gz", "--label", "b.nii.gz", "--modality", "ct"], "label-map"),
-    (["--image", "a.nii.gz", "--label", "b.nii.gz", "--modality", "ct", "--steps", "0"], "steps"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        ([], "nothing to train on"),
+        (["--image", "a.nii.gz"], "pairs"),
+        (["--image", "a.nii.gz", "--label", "b.nii.gz", "--label-map", "x.json"], "modality"),
+        (["--image", "a.nii.gz", "--label", "b.nii.gz", "--modality", "ct"], "label-map"),
+        (["--image", "a.nii.gz", "--label", "b.nii.gz", "--modality", "ct", "--steps", "0"], "steps"),
+    ],
+)
 def test_finetune_command_usage_errors(argv, match, tmp_path):
     from segevol_fast.errors import UsageError
 
@@ -356,8 +426,21 @@ def test_finetune_command_label_map_key_errors(data_dir, tmp_path):
     from segevol_fast.errors import UsageError
 
     d = str(data_dir)
-    base = ["--image", f"{d}/ct_abdomen_sm.nii.gz", "--label", f"{d}/ct_abdomen_sm_labels.nii.gz", "--modality", "ct",
-            "--random-weights", "--config", "tiny", "--out", str(tmp_path), "--label-map", f"{d}/labels.json"]
+    base = [
+        "--image",
+        f"{d}/ct_abdomen_sm.nii.gz",
+        "--label",
+        f"{d}/ct_abdomen_sm_labels.nii.gz",
+        "--modality",
+        "ct",
+        "--random-weights",
+        "--config",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--label-map",
+        f"{d}/labels.json",
+    ]
     with pytest.raises(UsageError, match="label-map-key"):
         _cli(base)
     with pytest.raises(UsageError, match="no key"):
@@ -365,7 +448,13 @@ def test_finetune_command_label_map_key_errors(data_dir, tmp_path):
 
 
 def test_loader_workers_do_not_change_the_run(cases, mixed_train):
-    cfg = {"steps": 2, "batch_size": 2, "categories_per_image": 1, "seed": int(torch.randint(0, 10_000, ())), "mixes": ("box",)}
+    cfg = {
+        "steps": 2,
+        "batch_size": 2,
+        "categories_per_image": 1,
+        "seed": int(torch.randint(0, 10_000, ())),
+        "mixes": ("box",),
+    }
     rows = []
     for workers in (0, 1):
         tr = Trainer(_model(cases), TrainConfig(**cfg, workers=workers), mixed_train)
@@ -378,8 +467,9 @@ def test_text_mixes_need_a_tokenizer(cases, ct_eval):
     model.tokenizer = None
     with pytest.raises(InvalidArgumentError, match="tokenizer"):
         Trainer(model, TrainConfig(steps=1, batch_size=1), ct_eval)
-    rows = Trainer(model, TrainConfig(steps=1, batch_size=1, mixes=("box", "points"), categories_per_image=1),
-                   ct_eval).fit(progress=False)
+    rows = Trainer(
+        model, TrainConfig(steps=1, batch_size=1, mixes=("box", "points"), categories_per_image=1), ct_eval
+    ).fit(progress=False)
     assert math.isfinite(rows[0]["loss"])
 
 
@@ -402,10 +492,38 @@ def test_finetune_command_full_from_saved_weights(data_dir, tmp_path, capsys):
     base.save_pretrained(tmp_path / "base")
     d = str(data_dir)
     out = tmp_path / "run"
-    assert _cli(["--image", f"{d}/ct_abdomen_sm.nii.gz", "--label", f"{d}/ct_abdomen_sm_labels.nii.gz",
-                 "--label-map", f"{d}/labels.json", "--label-map-key", "ct", "--modality", "ct",
-                 "--weights", str(tmp_path / "base"), "--method", "full", "--steps", "1", "--batch-size", "1",
-                 "--categories-per-image", "1", "--lr", "1e-2", "-q", "--out", str(out)]) == 0
+    assert (
+        _cli(
+            [
+                "--image",
+                f"{d}/ct_abdomen_sm.nii.gz",
+                "--label",
+                f"{d}/ct_abdomen_sm_labels.nii.gz",
+                "--label-map",
+                f"{d}/labels.json",
+                "--label-map-key",
+                "ct",
+                "--modality",
+                "ct",
+                "--weights",
+                str(tmp_path / "base"),
+                "--method",
+                "full",
+                "--steps",
+                "1",
+                "--batch-size",
+                "1",
+                "--categories-per-image",
+                "1",
+                "--lr",
+                "1e-2",
+                "-q",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     tuned = SegVol.from_pretrained(out / "model")
     old, new = dict(base.named_parameters()), dict(tuned.named_parameters())
     assert set(old) == set(new)

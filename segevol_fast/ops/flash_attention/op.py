@@ -62,6 +62,7 @@ def _layout(backend):
     def run(q, k, v, scale, kv_len):
         out, lse = backend(q, k, v, scale, kv_len)
         return _in_out_layout(out), lse
+
     return run
 
 
@@ -87,8 +88,16 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = _backend.select(OP_NAME, q.device.type)
 
 
-def _triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                     scale: float | None, kv_len: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+def _triton_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float | None,
+    kv_len: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     from .triton_kernel import flash_attention_triton_backward
 
     with device_guard(q.device):
@@ -99,9 +108,11 @@ def _triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
 # launches cannot run on the fake tensors AOTAutograd traces the backward formula with. (The CPU
 # backward needs none: ATen's kernels trace as they are.)
 _TRITON_GRAD = torch.library.custom_op(
-    "segevol_fast::flash_attention_triton_grad", _triton_backward, mutates_args=(),
+    "segevol_fast::flash_attention_triton_grad",
+    _triton_backward,
+    mutates_args=(),
     schema="(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float? scale, "
-           "Tensor? kv_len) -> (Tensor, Tensor, Tensor)",
+    "Tensor? kv_len) -> (Tensor, Tensor, Tensor)",
 )
 
 
@@ -143,10 +154,14 @@ def _backward(ctx, grad_out, grad_lse):
 
 # ---------------------------------------------------------------------------- registration
 _OP = define_op(
-    OP_NAME, SCHEMA,
-    ref=_layout(flash_attention_reference_with_lse), native_cpu=_layout(flash_attention_cpu), triton=_triton_impl,
+    OP_NAME,
+    SCHEMA,
+    ref=_layout(flash_attention_reference_with_lse),
+    native_cpu=_layout(flash_attention_cpu),
+    triton=_triton_impl,
     fake=_fake,
-    setup_context=_setup_context, backward=_backward,
+    setup_context=_setup_context,
+    backward=_backward,
 )
 
 

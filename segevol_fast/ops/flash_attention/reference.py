@@ -41,7 +41,9 @@ def check_attention_args(q, k, v, kv_len) -> None:
         if not isinstance(t, torch.Tensor):
             raise ArgumentTypeError(f"flash_attention: {name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ShapeError(f"flash_attention: {name} must be (B, H, S, D) like torch SDPA, got shape {tuple(t.shape)}")
+            raise ShapeError(
+                f"flash_attention: {name} must be (B, H, S, D) like torch SDPA, got shape {tuple(t.shape)}"
+            )
     if q.dtype not in _FLOATS or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ShapeError(f"flash_attention: q, k, v must share one float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -55,9 +57,13 @@ def check_attention_args(q, k, v, kv_len) -> None:
     if kv_len is None or isinstance(kv_len, int) and not isinstance(kv_len, bool):
         return
     if not isinstance(kv_len, torch.Tensor):
-        raise ArgumentTypeError(f"flash_attention: kv_len must be None, an int or a (B,) tensor, got {type(kv_len).__name__}")
+        raise ArgumentTypeError(
+            f"flash_attention: kv_len must be None, an int or a (B,) tensor, got {type(kv_len).__name__}"
+        )
     if kv_len.shape != (B,) or kv_len.dtype.is_floating_point or kv_len.dtype.is_complex or kv_len.dtype == torch.bool:
-        raise ShapeError(f"flash_attention: kv_len must be a ({B},) integer tensor, got {kv_len.dtype} {tuple(kv_len.shape)}")
+        raise ShapeError(
+            f"flash_attention: kv_len must be a ({B},) integer tensor, got {kv_len.dtype} {tuple(kv_len.shape)}"
+        )
 
 
 def kv_lengths(kv_len, batch: int, sk: int, device) -> torch.Tensor:
@@ -156,8 +162,9 @@ def flash_attention_cpu(q, k, v, scale: float | None = None, kv_len=None):
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     k, v, kv_len = _drop_unused_keys(k, v, kv_len)
     mask = key_mask(kv_len, B, k.shape[2], q.device)
-    out, lse = _ATEN_FORWARD(_unit_stride(q), _unit_stride(k), _unit_stride(v),
-                             attn_mask=_additive(mask, q.dtype), scale=scale)
+    out, lse = _ATEN_FORWARD(
+        _unit_stride(q), _unit_stride(k), _unit_stride(v), attn_mask=_additive(mask, q.dtype), scale=scale
+    )
     if mask is not None:
         # A row with no valid key: pin out 0 and lse -inf (the kernel reports lse 0 for it).
         has_key = mask.any(dim=-1)  # (B, 1, 1)
@@ -183,8 +190,16 @@ def flash_attention_cpu_backward(grad_out, q, k, v, out, lse, scale: float | Non
         # is -inf and lse -inf would give NaN, while any finite lse gives P = 0: zero gradients.
         lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype, device=lse.device), lse)
     dq, dk, dv = _ATEN_BACKWARD(
-        _unit_stride(grad_out.to(q.dtype)), _unit_stride(q), _unit_stride(k), _unit_stride(v),
-        _unit_stride(out), lse, 0.0, False, attn_mask=_additive(mask, q.dtype), scale=scale,
+        _unit_stride(grad_out.to(q.dtype)),
+        _unit_stride(q),
+        _unit_stride(k),
+        _unit_stride(v),
+        _unit_stride(out),
+        lse,
+        0.0,
+        False,
+        attn_mask=_additive(mask, q.dtype),
+        scale=scale,
     )
     if dk.shape[2] < Sk:  # keys sliced off by _drop_unused_keys: nobody saw them, zero gradient
         dk, dv = (F.pad(t, (0, 0, 0, Sk - t.shape[2])) for t in (dk, dv))

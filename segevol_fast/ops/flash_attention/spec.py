@@ -39,6 +39,7 @@ def _sdpa(kernel, mask):
 
         with sdpa_kernel([kernel]):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
     return attend
 
 
@@ -58,32 +59,50 @@ def workloads(device: str, size: str, dtypes, backends):
     for batch, sk, kv in cases:
         for dtype in dtypes:
             mk = seeded(dtype, device)
-            q, k, v, grad_out = mk(batch, heads, seq, hd), mk(batch, heads, sk, hd), mk(batch, heads, sk, hd), \
-                mk(batch, heads, seq, hd)
+            q, k, v, grad_out = (
+                mk(batch, heads, seq, hd),
+                mk(batch, heads, sk, hd),
+                mk(batch, heads, sk, hd),
+                mk(batch, heads, seq, hd),
+            )
             kv_len = None if kv is None else torch.full((batch,), kv, dtype=torch.int64, device=device)
-            expected = Expected(lambda dt, t=(q, k, v), kv_len=kv_len: flash_attention_ref(
-                *(x.to(dt) if dt else x for x in t), kv_len=kv_len))
-            mask = None if kv_len is None else (
-                torch.arange(sk, device=device)[None, :] < kv_len[:, None])[:, None, None, :]
+            expected = Expected(
+                lambda dt, t=(q, k, v), kv_len=kv_len: flash_attention_ref(
+                    *(x.to(dt) if dt else x for x in t), kv_len=kv_len
+                )
+            )
+            mask = (
+                None
+                if kv_len is None
+                else (torch.arange(sk, device=device)[None, :] < kv_len[:, None])[:, None, None, :]
+            )
             attends = {f"op_{bk}": _op_on(bk, kv_len) for bk in backends}
             if device.startswith("cuda"):
                 from torch.nn.attention import SDPBackend
 
-                attends.update({"sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION, mask),
-                                "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION, mask),
-                                "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, mask)})
+                attends.update(
+                    {
+                        "sdpa_flash": _sdpa(SDPBackend.FLASH_ATTENTION, mask),
+                        "sdpa_efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION, mask),
+                        "sdpa_cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION, mask),
+                    }
+                )
             else:
                 attends["sdpa"] = _sdpa(None, mask)
             if kv_len is None:
                 attends["monai_einsum"] = monai_einsum
             flops = 4.0 * batch * heads * seq * sk * hd
             for passes, mult in (("forward", 1.0), ("forward_backward", 3.5)):
-                providers = {name: Provider(_run(attend, passes, q, k, v, grad_out), expected)
-                             for name, attend in attends.items()}
+                providers = {
+                    name: Provider(_run(attend, passes, q, k, v, grad_out), expected)
+                    for name, attend in attends.items()
+                }
                 yield Workload(
                     row={"shape": [batch, heads, seq, sk, hd], "kv_len": kv, "dtype": str(dtype), "passes": passes},
-                    flops=mult * flops, min_bytes=(2 * q.numel() + k.numel() + v.numel()) * q.element_size(),
-                    providers=providers, rounds=5,
+                    flops=mult * flops,
+                    min_bytes=(2 * q.numel() + k.numel() + v.numel()) * q.element_size(),
+                    providers=providers,
+                    rounds=5,
                 )
 
 
@@ -91,11 +110,13 @@ def _op_on(backend, kv_len):
     def attend(q, k, v):
         with use_backend(backend):
             return flash_attention(q, k, v, kv_len=kv_len)
+
     return attend
 
 
 def _run(attend, passes, q, k, v, grad_out):
     """The attention output; for "forward_backward" after running the backward into q, k, v too."""
+
     def run():
         if passes == "forward":
             with torch.no_grad():
@@ -104,11 +125,20 @@ def _run(attend, passes, q, k, v, grad_out):
         out = attend(*leaves)
         out.backward(grad_out)
         return out.detach()
+
     return run
 
 
 SPEC = OpSpec(
-    name="flash_attention", fn=flash_attention, ref=flash_attention_ref, op=_OP,
-    cases=CASES, make_args=make_args, grad_args=(0, 1, 2), tiny_case=((2, 1, 3, 5, 4), None, [5, 2]),
-    workloads=workloads, baseline="sdpa_flash", cpu_threads=1,
+    name="flash_attention",
+    fn=flash_attention,
+    ref=flash_attention_ref,
+    op=_OP,
+    cases=CASES,
+    make_args=make_args,
+    grad_args=(0, 1, 2),
+    tiny_case=((2, 1, 3, 5, 4), None, [5, 2]),
+    workloads=workloads,
+    baseline="sdpa_flash",
+    cpu_threads=1,
 )

@@ -45,15 +45,37 @@ _MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, which carries batch x heads
 
 @triton.jit
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, kvlen_ptr,
-    H, Sq, Sk, D,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    sob, soh, sos, sod,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    kvlen_ptr,
+    H,
+    Sq,
+    Sk,
+    D,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sob,
+    soh,
+    sos,
+    sod,
     qk_scale,  # scale * log2(e)
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -66,8 +88,11 @@ def _fwd_kernel(
     m_ok = rm < Sq
     d_ok = rd < D
     rm64 = rm.to(tl.int64)
-    q = tl.load(q_ptr + b * sqb + h * sqh + rm64[:, None] * sqs + rd[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b * sqb + h * sqh + rm64[:, None] * sqs + rd[None, :] * sqd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
 
@@ -96,18 +121,32 @@ def _fwd_kernel(
     has_key = l_i > 0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.log2(tl.where(has_key, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
-    tl.store(o_ptr + b * sob + h * soh + rm64[:, None] * sos + rd[None, :] * sod,
-             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        o_ptr + b * sob + h * soh + rm64[:, None] * sos + rd[None, :] * sod,
+        out.to(o_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(lse_ptr + pid_bh.to(tl.int64) * Sq + rm64, lse, mask=m_ok)
 
 
 @triton.jit
 def _bwd_preprocess_kernel(
-    o_ptr, do_ptr, delta_ptr,
-    H, Sq, D,
-    sob, soh, sos, sod,
-    sdb, sdh, sds, sdd,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    o_ptr,
+    do_ptr,
+    delta_ptr,
+    H,
+    Sq,
+    D,
+    sob,
+    soh,
+    sos,
+    sod,
+    sdb,
+    sdh,
+    sds,
+    sdd,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # delta[i] = sum_d dO[i, d] * O[i, d] = sum_j P[i, j] * dP[i, j]: the softmax-backward row term.
     pid_m = tl.program_id(0)
@@ -138,15 +177,41 @@ def _tile_p_ds(a, b, c, d, lse2, delta, ok, qk_scale, PRECISION: tl.constexpr):
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, kvlen_ptr,
-    H, Sq, Sk, D,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    sdb, sdh, sds, sdd,  # strides of dO
-    sm_scale, qk_scale,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    kvlen_ptr,
+    H,
+    Sq,
+    Sk,
+    D,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sdb,
+    sdh,
+    sds,
+    sdd,  # strides of dO
+    sm_scale,
+    qk_scale,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program = BLOCK_N keys of one (batch, head); works in the transposed (key, query) frame
     # so P^T and dS^T feed the dots without transposing the accumulators.
@@ -182,8 +247,17 @@ def _bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + row_base + rm64, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + row_base + rm64, mask=m_ok, other=0.0)
         # (BLOCK_N, BLOCK_M) tiles: Pᵀ and dSᵀ
-        p_t, ds_t = _tile_p_ds(k, q, v, do, lse[None, :] * 1.4426950408889634, delta[None, :],
-                               n_ok[:, None] & m_ok[None, :], qk_scale, PRECISION)
+        p_t, ds_t = _tile_p_ds(
+            k,
+            q,
+            v,
+            do,
+            lse[None, :] * 1.4426950408889634,
+            delta[None, :],
+            n_ok[:, None] & m_ok[None, :],
+            qk_scale,
+            PRECISION,
+        )
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
 
@@ -196,15 +270,40 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, kvlen_ptr,
-    H, Sq, Sk, D,
-    sqb, sqh, sqs, sqd,
-    skb, skh, sks, skd,
-    svb, svh, svs, svd,
-    sdb, sdh, sds, sdd,
-    sm_scale, qk_scale,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    do_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    kvlen_ptr,
+    H,
+    Sq,
+    Sk,
+    D,
+    sqb,
+    sqh,
+    sqs,
+    sqd,
+    skb,
+    skh,
+    sks,
+    skd,
+    svb,
+    svh,
+    svs,
+    svd,
+    sdb,
+    sdh,
+    sds,
+    sdd,
+    sm_scale,
+    qk_scale,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -235,12 +334,16 @@ def _bwd_dq_kernel(
         k = tl.load(k_base + rn64[:, None] * sks + rd[None, :] * skd, mask=kv_mask, other=0.0)
         v = tl.load(v_base + rn64[:, None] * svs + rd[None, :] * svd, mask=kv_mask, other=0.0)
         # the mask is redundant here (masked keys load as 0, so their dS rows meet k = 0) but keeps P exact
-        _, ds = _tile_p_ds(q, k, do, v, lse2[:, None], delta[:, None], m_ok[:, None] & n_ok[None, :], qk_scale,
-                           PRECISION)
+        _, ds = _tile_p_ds(
+            q, k, do, v, lse2[:, None], delta[:, None], m_ok[:, None] & n_ok[None, :], qk_scale, PRECISION
+        )
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
 
-    tl.store(dq_ptr + pid_bh.to(tl.int64) * Sq * D + rm64[:, None] * D + rd[None, :],
-             (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(
+        dq_ptr + pid_bh.to(tl.int64) * Sq * D + rm64[:, None] * D + rd[None, :],
+        (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+        mask=q_mask,
+    )
 
 
 # ---------------------------------------------------------------------- launchers
@@ -265,8 +368,10 @@ def _check(q, k, v, kv_len, block_m, block_n) -> None:
     if q.shape[3] > _MAX_HEAD_DIM:
         raise ShapeError(f"the Triton flash_attention supports head dims up to {_MAX_HEAD_DIM}, got {q.shape[3]}")
     if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
-        raise ShapeError(f"the Triton flash_attention runs at most {_MAX_GRID_Y} batch x heads per call, "
-                         f"got {q.shape[0]} x {q.shape[1]}; split the batch")
+        raise ShapeError(
+            f"the Triton flash_attention runs at most {_MAX_GRID_Y} batch x heads per call, "
+            f"got {q.shape[0]} x {q.shape[1]}; split the batch"
+        )
     for name, blk in (("block_m", block_m), ("block_n", block_n)):
         if blk is not None and (blk < 16 or blk & (blk - 1)):
             raise ShapeError(f"flash_attention: {name} must be a power of two >= 16, got {blk}")
@@ -276,8 +381,17 @@ def _kv_len_tensor(kv_len, q, sk: int) -> torch.Tensor:
     return kv_lengths(kv_len, q.shape[0], sk, q.device).to(torch.int32)
 
 
-def flash_attention_triton(q, k, v, scale: float | None = None, kv_len=None, *, block_m: int | None = None,
-                           block_n: int | None = None, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def flash_attention_triton(
+    q,
+    k,
+    v,
+    scale: float | None = None,
+    kv_len=None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,H,Sq,D), (B,H,Sk,D) x2 -> (out (B,H,Sq,D) in q's dtype, lse (B,H,Sq) fp32, natural log).
     `out`: where to write (any strides; q's shape, dtype and device); default a new contiguous one."""
     _check(q, k, v, kv_len, block_m, block_n)
@@ -287,8 +401,10 @@ def flash_attention_triton(q, k, v, scale: float | None = None, kv_len=None, *, 
     if out is None:
         out = torch.empty((B, H, Sq, D), device=q.device, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ShapeError(f"flash_attention_triton: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ShapeError(
+            f"flash_attention_triton: out must be {tuple(q.shape)} {q.dtype} on {q.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -296,19 +412,44 @@ def flash_attention_triton(q, k, v, scale: float | None = None, kv_len=None, *, 
     # Query blocks on axis 0: programs launched together share one (batch, head)'s K and V in L2.
     grid = (triton.cdiv(Sq, bm), B * H)
     _fwd_kernel[grid](
-        q, k, v, out, lse, _kv_len_tensor(kv_len, q, Sk),
-        H, Sq, Sk, D,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        _kv_len_tensor(kv_len, q, Sk),
+        H,
+        Sq,
+        Sk,
+        D,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
         scale * _LOG2E,
         PRECISION=matmul_precision(q.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out, lse
 
 
-def flash_attention_triton_backward(grad_out, q, k, v, out, lse, scale: float | None = None, kv_len=None, *,
-                                    block_m: int | None = None, block_n: int | None = None):
+def flash_attention_triton_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    scale: float | None = None,
+    kv_len=None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
     """Gradients (dq, dk, dv) of flash attention, from the forward's out and lse; shapes of q, k, v."""
     _check(q, k, v, kv_len, block_m, block_n)
     if grad_out.shape != out.shape:
@@ -327,17 +468,39 @@ def flash_attention_triton_backward(grad_out, q, k, v, out, lse, scale: float | 
     lse = lse.contiguous()
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     _bwd_preprocess_kernel[(triton.cdiv(Sq, bm), B * H)](
-        out, grad_out, delta, H, Sq, D, *out.stride(), *grad_out.stride(),
-        BLOCK_M=bm, BLOCK_D=block_d, num_warps=warps,
+        out,
+        grad_out,
+        delta,
+        H,
+        Sq,
+        D,
+        *out.stride(),
+        *grad_out.stride(),
+        BLOCK_M=bm,
+        BLOCK_D=block_d,
+        num_warps=warps,
     )
     lengths = _kv_len_tensor(kv_len, q, Sk)
     common = (
-        H, Sq, Sk, D,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
-        scale, scale * _LOG2E,
+        H,
+        Sq,
+        Sk,
+        D,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *grad_out.stride(),
+        scale,
+        scale * _LOG2E,
     )
-    meta = {"PRECISION": matmul_precision(q.dtype), "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d,
-            "num_warps": warps, "num_stages": stages}
+    meta = {
+        "PRECISION": matmul_precision(q.dtype),
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_D": block_d,
+        "num_warps": warps,
+        "num_stages": stages,
+    }
     _bwd_dkdv_kernel[(triton.cdiv(Sk, bn), B * H)](q, k, v, grad_out, lse, delta, dk, dv, lengths, *common, **meta)
     _bwd_dq_kernel[(triton.cdiv(Sq, bm), B * H)](q, k, v, grad_out, lse, delta, dq, lengths, *common, **meta)
     return dq, dk, dv
@@ -357,6 +520,7 @@ class FlashAttentionTriton(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         block_m, block_n = ctx.blocks
-        dq, dk, dv = flash_attention_triton_backward(grad_out, q, k, v, out, lse, ctx.scale, ctx.kv_len,
-                                                     block_m=block_m, block_n=block_n)
+        dq, dk, dv = flash_attention_triton_backward(
+            grad_out, q, k, v, out, lse, ctx.scale, ctx.kv_len, block_m=block_m, block_n=block_n
+        )
         return dq, dk, dv, None, None, None, None

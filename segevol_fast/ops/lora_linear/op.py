@@ -84,7 +84,7 @@ def stack_lora_slices(
     for a, b, (s, e) in pieces:
         if b.shape != (int(e) - int(s), a.shape[0]):
             raise ShapeError(f"B of slice ({s}, {e}) must be ({int(e) - int(s)}, {a.shape[0]}), got {tuple(b.shape)}")
-        B[int(s) - lo: int(e) - lo, r0: r0 + a.shape[0]] = b
+        B[int(s) - lo : int(e) - lo, r0 : r0 + a.shape[0]] = b
         r0 += a.shape[0]
     return A, B, [lo, hi]
 
@@ -195,15 +195,17 @@ def _backward(ctx, grad_out):
 
 
 # ---------------------------------------------------------------------------- registration
-SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, "
-    "int[] out_slice) -> Tensor"
-)
+SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, int[] out_slice) -> Tensor"
 _OP = define_op(
-    OP_NAME, SCHEMA,
+    OP_NAME,
+    SCHEMA,
     # "native" on CPU is a composition of ATen GEMMs (no csrc/ op): define_op's native_cpu
-    ref=lora_linear_ref, native_cpu=_native_cpu, triton=_triton_impl, fake=_fake,
-    setup_context=_setup_context, backward=_backward,
+    ref=lora_linear_ref,
+    native_cpu=_native_cpu,
+    triton=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
 )
 
 

@@ -84,11 +84,15 @@ def _qkv_workloads(args, backends, train: bool):
         **{name: Provider(functools.partial(f, *args), expected) for name, f in ours.items()},
     }
     row = {"shape": [x.shape[0], x.shape[1], w.shape[0]], "rank": a.shape[0], "dtype": str(x.dtype)}
-    cost = {"flops": 2.0 * x.shape[0] * x.shape[1] * w.shape[0],
-            "min_bytes": (sum(t.numel() for t in (x, w, b, a, lb)) + x.shape[0] * w.shape[0]) * x.element_size()}
+    cost = {
+        "flops": 2.0 * x.shape[0] * x.shape[1] * w.shape[0],
+        "min_bytes": (sum(t.numel() for t in (x, w, b, a, lb)) + x.shape[0] * w.shape[0]) * x.element_size(),
+    }
     yield Workload(row={**row, "passes": "forward"}, providers=forward, rounds=30, **cost)
     if train:
-        steps = {name: Provider(_train_step(f, args), expected) for name, f in {"peft_unfused": peft_unfused, **ours}.items()}
+        steps = {
+            name: Provider(_train_step(f, args), expected) for name, f in {"peft_unfused": peft_unfused, **ours}.items()
+        }
         yield Workload(row={**row, "passes": "forward_backward"}, providers=steps, rounds=10, **cost)
 
 
@@ -106,11 +110,20 @@ def _train_step(f, args):
         out = f(leaves[0], w, b, leaves[1], leaves[2], scale)
         out.sum().backward()
         return out.detach()
+
     return step
 
 
 SPEC = OpSpec(
-    name="lora_linear", fn=lora_linear, ref=lora_linear_ref, op=_OP,
-    cases=CASES, make_args=make_args, grad_args=(0, 2, 3, 4), tiny_case=((2, 3), 5, 7, 2, (2, 6)),
-    workloads=workloads, baseline="base_gemm_only", speedup=False,
+    name="lora_linear",
+    fn=lora_linear,
+    ref=lora_linear_ref,
+    op=_OP,
+    cases=CASES,
+    make_args=make_args,
+    grad_args=(0, 2, 3, 4),
+    tiny_case=((2, 3), 5, 7, 2, (2, 6)),
+    workloads=workloads,
+    baseline="base_gemm_only",
+    speedup=False,
 )

@@ -26,16 +26,39 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _lora_linear_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, rw_ptr, out_ptr,
-    M, N, K, R, start, stop, scale, RANK,
-    sxm, sxk,  # x viewed as (M, K)
-    swn, swk,  # W (N, K)
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    a_ptr,
+    b_ptr,
+    rw_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    R,
+    start,
+    stop,
+    scale,
+    RANK,
+    sxm,
+    sxk,  # x viewed as (M, K)
+    swn,
+    swk,  # W (N, K)
     sbias,
-    sar, sak,  # A (r, K)
-    sbn, sbr,  # B (stop - start, r)
-    srwm, srwe,  # row weights (M, R // RANK): routed_lora_linear's per-row adapter weights
-    HAS_BIAS: tl.constexpr, HAS_ROW_WEIGHTS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    sar,
+    sak,  # A (r, K)
+    sbn,
+    sbr,  # B (stop - start, r)
+    srwm,
+    srwe,  # row weights (M, R // RANK): routed_lora_linear's per-row adapter weights
+    HAS_BIAS: tl.constexpr,
+    HAS_ROW_WEIGHTS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -58,23 +81,28 @@ def _lora_linear_kernel(
 
     if HAS_ROW_WEIGHTS:
         # rank column c belongs to adapter c // RANK; each row scales every adapter's block
-        rw = tl.load(rw_ptr + rm[:, None] * srwm + (rr // RANK)[None, :] * srwe,
-                     mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        rw = tl.load(
+            rw_ptr + rm[:, None] * srwm + (rr // RANK)[None, :] * srwe, mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
         t = t * rw.to(tl.float32)
     # Expand: output column n uses row n - start of B when start <= n < stop.
     in_slice = (rn >= start) & (rn < stop) & n_ok
-    bt = tl.load(b_ptr + (rn - start)[None, :] * sbn + rr[:, None] * sbr,
-                 mask=r_ok[:, None] & in_slice[None, :], other=0.0)
+    bt = tl.load(
+        b_ptr + (rn - start)[None, :] * sbn + rr[:, None] * sbr, mask=r_ok[:, None] & in_slice[None, :], other=0.0
+    )
     # t is rounded to the input dtype before the expand, as the unfused path does
     lora = tl.dot(t.to(b_ptr.dtype.element_ty), bt, input_precision=PRECISION)
     acc += scale * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn * sbias, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(
+        out_ptr + rm[:, None] * N + rn[None, :], acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :]
+    )
 
 
-_kernel = TiledKernel(_lora_linear_kernel, gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_ROW_WEIGHTS", "PRECISION"])
+_kernel = TiledKernel(
+    _lora_linear_kernel, gemm_configs(), key=["M", "N", "K", "BLOCK_R", "HAS_ROW_WEIGHTS", "PRECISION"]
+)
 
 
 def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale: float, out_slice, row_weights=None):
@@ -101,16 +129,37 @@ def lora_linear_triton(x, weight, bias, lora_a, lora_b, scale: float, out_slice,
     # tl.dot needs every dimension >= 16
     block_r = max(16, triton.next_power_of_2(R))
     _kernel(
-        M, N,
-        x2, weight, bias_arg, lora_a, lora_b, rw, out,
-        M, N, K, R, start, stop, float(scale), rank,
-        x2.stride(0), x2.stride(1),
-        weight.stride(0), weight.stride(1),
+        M,
+        N,
+        x2,
+        weight,
+        bias_arg,
+        lora_a,
+        lora_b,
+        rw,
+        out,
+        M,
+        N,
+        K,
+        R,
+        start,
+        stop,
+        float(scale),
+        rank,
+        x2.stride(0),
+        x2.stride(1),
+        weight.stride(0),
+        weight.stride(1),
         bias_arg.stride(0),
-        lora_a.stride(0), lora_a.stride(1),
-        lora_b.stride(0), lora_b.stride(1),
-        rw.stride(0), rw.stride(1),
-        HAS_BIAS=bias is not None, HAS_ROW_WEIGHTS=row_weights is not None,
-        PRECISION=matmul_precision(x.dtype), BLOCK_R=block_r,
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        rw.stride(0),
+        rw.stride(1),
+        HAS_BIAS=bias is not None,
+        HAS_ROW_WEIGHTS=row_weights is not None,
+        PRECISION=matmul_precision(x.dtype),
+        BLOCK_R=block_r,
     )
     return out.reshape(*x.shape[:-1], N)

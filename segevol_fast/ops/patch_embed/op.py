@@ -72,7 +72,9 @@ def patch_embed_ref(
 
 
 # ---------------------------------------------------------------------------- checks
-def _check(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor], patch_size) -> tuple[int, int, int]:
+def _check(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor], patch_size
+) -> tuple[int, int, int]:
     """Validate shapes/dtypes/devices; return (B, N, E)."""
     if len(patch_size) != 3 or any(int(p) <= 0 for p in patch_size):
         raise ShapeError(f"patch_size must be three positive ints (pd, ph, pw), got {tuple(patch_size)}")
@@ -163,13 +165,17 @@ def _backward(ctx, grad_out):
 
 # ---------------------------------------------------------------------------- registration
 SCHEMA = (
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, int[] patch_size, float scale, "
-    "float shift) -> Tensor"
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, int[] patch_size, float scale, float shift) -> Tensor"
 )
 _OP = define_op(
-    OP_NAME, SCHEMA,
-    ref=patch_embed_ref, native=_native_impl, triton=_triton_impl, fake=_fake,
-    setup_context=_setup_context, backward=_backward,
+    OP_NAME,
+    SCHEMA,
+    ref=patch_embed_ref,
+    native=_native_impl,
+    triton=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
 )
 
 

@@ -77,7 +77,8 @@ def workloads(device: str, size: str, dtypes, backends):
                 row={"shape": list(x.shape), "dtype": str(dtype)},
                 flops=2.0 * B * N * K * embed,
                 min_bytes=(x.numel() + w.numel() + b.numel() + pos.numel() + out) * x.element_size(),
-                providers=providers, rounds=15,
+                providers=providers,
+                rounds=15,
             )
 
 
@@ -87,7 +88,15 @@ def _on(backend, args):
 
 
 SPEC = OpSpec(
-    name="patch_embed", fn=patch_embed, ref=patch_embed_ref, op=_OP,
-    cases=CASES, make_args=make_args, grad_args=(0, 1, 2, 3), tiny_case=((2, 2, 5, 6, 7), (2, 3, 2), 6),
-    workloads=workloads, baseline="monai_rearrange_linear", native_in_csrc=True,
+    name="patch_embed",
+    fn=patch_embed,
+    ref=patch_embed_ref,
+    op=_OP,
+    cases=CASES,
+    make_args=make_args,
+    grad_args=(0, 1, 2, 3),
+    tiny_case=((2, 2, 5, 6, 7), (2, 3, 2), 6),
+    workloads=workloads,
+    baseline="monai_rearrange_linear",
+    native_in_csrc=True,
 )

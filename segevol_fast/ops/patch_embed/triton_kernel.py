@@ -21,17 +21,40 @@ _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _patch_embed_kernel(
-    x_ptr, w_ptr, b_ptr, pos_ptr, out_ptr,
-    M, N, E, K,
-    gh, gw, pd, ph, pw, C,
-    sxb, sxc, sxd, sxh, sxw,  # strides of x
-    swe, swk,  # strides of weight (E, K)
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    pos_ptr,
+    out_ptr,
+    M,
+    N,
+    E,
+    K,
+    gh,
+    gw,
+    pd,
+    ph,
+    pw,
+    C,
+    sxb,
+    sxc,
+    sxd,
+    sxh,
+    sxw,  # strides of x
+    swe,
+    swk,  # strides of weight (E, K)
     sb,  # stride of bias
-    spn, spe,  # strides of pos viewed as (N, E)
-    scale, shift,
-    AFFINE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    spn,
+    spe,  # strides of pos viewed as (N, E)
+    scale,
+    shift,
+    AFFINE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_POS: tl.constexpr,
     PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -68,8 +91,7 @@ def _patch_embed_kernel(
             a = tl.where(a_mask, a.to(tl.float32) * scale + shift, 0.0)
         a = a.to(w_ptr.dtype.element_ty)
         # weight tile as (BLOCK_K, BLOCK_N) = W^T slice
-        w = tl.load(w_ptr + rn[None, :] * swe + rk64[:, None] * swk,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rn[None, :] * swe + rk64[:, None] * swk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     # Epilogue: bias[e] + pos[n, e] in fp32, then one store in the output dtype.
@@ -106,16 +128,34 @@ def patch_embed_triton(x, weight, bias, pos_embed, patch_size, scale: float = 1.
     b = bias if bias is not None else out
     pos = pos_embed.reshape(N, E) if pos_embed is not None else out.view(M, E)
     _kernel(
-        M, E,
-        x, weight, b, pos, out,
-        M, N, E, K,
-        gh, gw, pd, ph, pw, C,
+        M,
+        E,
+        x,
+        weight,
+        b,
+        pos,
+        out,
+        M,
+        N,
+        E,
+        K,
+        gh,
+        gw,
+        pd,
+        ph,
+        pw,
+        C,
         *x.stride(),
-        weight.stride(0), weight.stride(1),
+        weight.stride(0),
+        weight.stride(1),
         b.stride(0),
-        pos.stride(0), pos.stride(1),
-        float(scale), float(shift),
-        AFFINE=(scale != 1.0 or shift != 0.0), HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None,
+        pos.stride(0),
+        pos.stride(1),
+        float(scale),
+        float(shift),
+        AFFINE=(scale != 1.0 or shift != 0.0),
+        HAS_BIAS=bias is not None,
+        HAS_POS=pos_embed is not None,
         PRECISION=matmul_precision(x.dtype),
     )
     return out

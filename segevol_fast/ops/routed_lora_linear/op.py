@@ -101,13 +101,16 @@ def _check(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates) -> Non
     if bias is not None and tuple(bias.shape) != (N,):
         raise ShapeError(f"bias must be ({N},), got {tuple(bias.shape)}")
     if segments.dim() != 1 or segments.shape[0] < 2 or segments.is_floating_point() or segments.is_complex():
-        raise ShapeError(f"segments must be (S+1,) integer offsets with S >= 1, got {segments.dtype} {tuple(segments.shape)}")
+        raise ShapeError(
+            f"segments must be (S+1,) integer offsets with S >= 1, got {segments.dtype} {tuple(segments.shape)}"
+        )
     S = segments.shape[0] - 1
     if (adapter_idx is None) == (gates is None):
         raise InvalidArgumentError("give exactly one of adapter_idx (hard routing) and gates (soft routing)")
     if adapter_idx is not None and (tuple(adapter_idx.shape) != (S,) or adapter_idx.is_floating_point()):
-        raise ShapeError(f"adapter_idx must be ({S},) integer (one per segment), "
-                         f"got {adapter_idx.dtype} {tuple(adapter_idx.shape)}")
+        raise ShapeError(
+            f"adapter_idx must be ({S},) integer (one per segment), got {adapter_idx.dtype} {tuple(adapter_idx.shape)}"
+        )
     if gates is not None and tuple(gates.shape) != (S, E):
         raise ShapeError(f"gates must be (S, E) = ({S}, {E}), got {tuple(gates.shape)}")
     floats = {"weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "gates": gates}
@@ -217,10 +220,15 @@ SCHEMA = (
     "Tensor? adapter_idx, Tensor? gates, float scale) -> Tensor"
 )
 _OP = define_op(
-    OP_NAME, SCHEMA,
+    OP_NAME,
+    SCHEMA,
     # "native" on CPU is a composition of ATen GEMMs (no csrc/ op)
-    ref=routed_lora_linear_ref, native_cpu=_native_cpu, triton=_triton_impl, fake=_fake,
-    setup_context=_setup_context, backward=_backward,
+    ref=routed_lora_linear_ref,
+    native_cpu=_native_cpu,
+    triton=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
 )
 
 

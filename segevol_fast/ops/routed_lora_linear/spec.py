@@ -49,7 +49,14 @@ def workloads(device: str, size: str, dtypes, backends):
     window (what serving without a routed op does) and the base GEMM alone; the last two compute
     other functions and are timed, not checked. Cost model: lora_linear's on all rows."""
     dims = {"tokens": 32, "k": 48, "n": 96, "rank": 4} if size == "tiny" else dict(LORA_QKV)
-    S, E, tokens, k, n, rank = ROUTED["segments"], ROUTED["adapters"], dims["tokens"], dims["k"], dims["n"], dims["rank"]
+    S, E, tokens, k, n, rank = (
+        ROUTED["segments"],
+        ROUTED["adapters"],
+        dims["tokens"],
+        dims["k"],
+        dims["n"],
+        dims["rank"],
+    )
     for dtype in dtypes:
         x, w, b, a0, b0, scale = qkv_inputs(S * tokens, k, n, rank, dtype, device)
         g = torch.Generator().manual_seed(1)
@@ -95,7 +102,8 @@ def _mixed_batch(layer, idx, gates, scale, first_adapter, backends) -> Workload:
         row={"shape": [M, K, N], "adapters": lora_a.shape[0], "dtype": str(x.dtype)},
         flops=2.0 * M * K * N,
         min_bytes=(sum(t.numel() for t in (x, w, b, a0, b0)) + M * N) * x.element_size(),
-        providers=providers, rounds=20,
+        providers=providers,
+        rounds=20,
     )
 
 
@@ -105,7 +113,15 @@ def _on(backend, args):
 
 
 SPEC = OpSpec(
-    name="routed_lora_linear", fn=routed_lora_linear, ref=routed_lora_linear_ref, op=_OP,
-    cases=CASES, make_args=make_args, grad_args=(0, 2, 3, 4, 7), tiny_case=((2, 0, 3), 5, 7, 2, 3, "soft"),
-    workloads=workloads, baseline="one_adapter_lora_linear", speedup=False,
+    name="routed_lora_linear",
+    fn=routed_lora_linear,
+    ref=routed_lora_linear_ref,
+    op=_OP,
+    cases=CASES,
+    make_args=make_args,
+    grad_args=(0, 2, 3, 4, 7),
+    tiny_case=((2, 0, 3), 5, 7, 2, 3, "soft"),
+    workloads=workloads,
+    baseline="one_adapter_lora_linear",
+    speedup=False,
 )
