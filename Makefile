@@ -59,13 +59,14 @@ lint: $(DEPS)
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEGEVOL_FAST_EXPECT_ISA=avx2
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
             tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py
+AVX2_PASS := $(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
-	$(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
+	$(AVX2_PASS)
 
 # Only the second pass above (AVX2 code paths forced).
 test-avx2: build
-	$(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
+	$(AVX2_PASS)
 
 bench: build
 	$(PY) -m pytest bench -o python_files='bench_*.py' --benchmark-only --benchmark-columns=min,median,mean,stddev,rounds
