@@ -11,12 +11,12 @@ from typing import Any
 import torch
 
 from . import _native
-from .ops import _backend
+from .ops import backend_report
 from .version import __version__
 
 
-def _triton_version() -> str | None:
-    if _backend.triton_import_error() is not None:
+def _triton_version(import_error: str | None) -> str | None:
+    if import_error is not None:
         return None
     import triton
 
@@ -44,16 +44,7 @@ def info() -> dict[str, Any]:
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
             gpus.append(f"{i}: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.1f} GiB)")
-    backends = {}
-    for op in _backend.registered_ops():
-        per_device = {}
-        for dev in devices:
-            try:
-                chosen = _backend.select(op, dev)
-            except Exception as exc:  # report, never raise, from a diagnostic
-                chosen = f"error: {exc}"
-            per_device[dev] = {"selected": chosen, "available": _backend.available_backends(op, dev)}
-        backends[op] = per_device
+    ops = backend_report(devices)
     return {
         "segevol_fast": __version__,
         "python": sys.version.split()[0],
@@ -70,14 +61,14 @@ def info() -> dict[str, Any]:
         "cuda_available": torch.cuda.is_available(),
         "gpus": gpus,
         "nvcc": shutil.which("nvcc"),
-        "triton": _triton_version(),
-        "triton_import_error": _backend.triton_import_error(),
-        "triton_interpret": _backend.triton_interpreter_on(),
+        "triton": _triton_version(ops["triton_import_error"]),
+        "triton_import_error": ops["triton_import_error"],
+        "triton_interpret": ops["triton_interpret"],
         "native_extension": build,
         "native_import_error": _native.native_import_error(),
-        "forced_backend": os.environ.get(_backend.ENV_VAR) or None,
+        "forced_backend": ops["forced_backend"],
         "devices": devices,
-        "ops": backends,
+        "ops": ops["ops"],
     }
 
 

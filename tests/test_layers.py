@@ -20,8 +20,6 @@ import ast
 import pathlib
 import sys
 
-import pytest
-
 PACKAGE = "segevol_fast"
 ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
 
@@ -50,15 +48,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("cli", "__main__")),
 ]
 SIBLINGS = [("inference", "train")]  # same layer, independent of each other
-
-# Private names still imported across modules; each is a debt to pay back, not a pattern to follow.
-PRIVATE_DEBTS = {
-    ("segevol_fast.info", "segevol_fast.ops._backend"),
-    ("segevol_fast.ops.flash_attention.spec", "segevol_fast.ops.flash_attention.op._OP"),
-    ("segevol_fast.ops.lora_linear.spec", "segevol_fast.ops.lora_linear.op._OP"),
-    ("segevol_fast.ops.patch_embed.spec", "segevol_fast.ops.patch_embed.op._OP"),
-    ("segevol_fast.ops.routed_lora_linear.spec", "segevol_fast.ops.routed_lora_linear.op._OP"),
-}
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -193,8 +182,7 @@ def _private_uses(graph) -> list[str]:
                 if module == owner or module.startswith(owner + "."):
                     continue
                 what = target
-            if (module, what) not in PRIVATE_DEBTS:
-                bad.append(f"{module}:{line} imports {what}")
+            bad.append(f"{module}:{line} imports {what}")
     return bad
 
 
@@ -203,14 +191,6 @@ def test_no_private_names_across_modules():
     (`budget._model_device`) only inside its own module."""
     bad = _private_uses(GRAPH)
     assert not bad, "private names used outside their module:\n" + "\n".join(bad)
-
-
-@pytest.mark.parametrize("debt", sorted(PRIVATE_DEBTS))
-def test_private_debts_are_still_owed(debt):
-    """A paid-back debt leaves the list (so the list never hides a new one)."""
-    module, what = debt
-    targets = {f"{t}.{n}" if n else t for t, n, _ in GRAPH[module]}
-    assert what in targets, f"{module} no longer imports {what}: remove it from PRIVATE_DEBTS"
 
 
 def test_the_contract_sees_what_it_forbids():

@@ -7,7 +7,7 @@ folder, ops/<op>/ (function, reference, autograd, Triton kernel, spec), built on
 `_op` (`define_op`); its import line below registers it. Adding an op: ops/README.md.
 """
 
-from ._backend import available_backends, forced_backend, registered_ops, select, use_backend
+from ._backend import available_backends, backend_report, forced_backend, registered_ops, select, use_backend
 from .flash_attention import flash_attention, flash_attention_ref, flash_attention_with_lse
 from .lora_linear import lora_linear, lora_linear_ref, stack_lora_slices
 from .patch_embed import patch_embed, patch_embed_ref
@@ -29,4 +29,5 @@ __all__ = [
     "available_backends",
     "forced_backend",
     "registered_ops",
+    "backend_report",
 ]

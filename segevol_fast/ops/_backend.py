@@ -169,5 +169,27 @@ def select(op: str, device_type: str) -> str:
     raise BackendUnavailableError(f"no backend of op {op!r} can run on device type {device_type!r}")
 
 
+def backend_report(devices: list[str]) -> dict:
+    """The op-backend part of `segevol_fast.info()`: Triton's state, the forced backend as the
+    environment spells it, and per op and device type the backend chosen and those available. It
+    feeds bug reports, so it never raises: a failing choice is reported as "error: ..."."""
+    ops = {}
+    for op in registered_ops():
+        per_device = {}
+        for dev in devices:
+            try:
+                chosen = select(op, dev)
+            except Exception as exc:
+                chosen = f"error: {exc}"
+            per_device[dev] = {"selected": chosen, "available": available_backends(op, dev)}
+        ops[op] = per_device
+    return {
+        "triton_import_error": triton_import_error(),
+        "triton_interpret": triton_interpreter_on(),
+        "forced_backend": os.environ.get(ENV_VAR) or None,
+        "ops": ops,
+    }
+
+
 def implementation(op: str, device_type: str) -> Callable:
     return _REGISTRY[op][select(op, device_type)].fn

@@ -153,7 +153,8 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 # ---------------------------------------------------------------------------- registration
-_OP = define_op(
+# the registered op (backends, torch custom op, autograd); spec.py hands it to the contract tests
+OP = define_op(
     OP_NAME,
     SCHEMA,
     ref=_layout(flash_attention_reference_with_lse),
@@ -204,4 +205,4 @@ def flash_attention_with_lse(
     check_attention_args(q, k, v, kv_len)
     if isinstance(kv_len, int):
         kv_len = torch.full((q.shape[0],), kv_len, dtype=torch.int64, device=q.device)
-    return _OP(q, k, v, None if scale is None else float(scale), kv_len)
+    return OP(q, k, v, None if scale is None else float(scale), kv_len)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .._backend import use_backend
 from .._spec import Expected, OpSpec, Provider, Workload, seeded
-from .op import _OP, flash_attention, flash_attention_ref
+from .op import OP, flash_attention, flash_attention_ref
 
 # ((B, H, Sq, Sk, D), scale, kv_len per row): tails of every 16-block, Sq < Sk and Sq > Sk, one
 # query, a row with no valid key (0) and one longer than Sk (clamped)
@@ -133,7 +133,7 @@ SPEC = OpSpec(
     name="flash_attention",
     fn=flash_attention,
     ref=flash_attention_ref,
-    op=_OP,
+    op=OP,
     cases=CASES,
     make_args=make_args,
     grad_args=(0, 1, 2),

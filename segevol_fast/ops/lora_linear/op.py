@@ -196,7 +196,8 @@ def _backward(ctx, grad_out):
 
 # ---------------------------------------------------------------------------- registration
 SCHEMA = "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, float scale, int[] out_slice) -> Tensor"
-_OP = define_op(
+# the registered op (backends, torch custom op, autograd); spec.py hands it to the contract tests
+OP = define_op(
     OP_NAME,
     SCHEMA,
     # "native" on CPU is a composition of ATen GEMMs (no csrc/ op): define_op's native_cpu
@@ -236,4 +237,4 @@ def lora_linear(
         torch.compile (`torch.ops.segevol_fast.lora_linear`).
     """
     sl = _check(x, weight, bias, lora_a, lora_b, out_slice)
-    return _OP(x, weight, bias, lora_a, lora_b, float(scale), sl)
+    return OP(x, weight, bias, lora_a, lora_b, float(scale), sl)

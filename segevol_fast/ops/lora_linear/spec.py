@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .._backend import use_backend
 from .._spec import Expected, OpSpec, Provider, Workload, cast_floats, seeded
-from .op import _OP, lora_linear, lora_linear_ref
+from .op import OP, lora_linear, lora_linear_ref
 
 # One ViT block's fused qkv projection on a SegVol window: 2048 tokens, 768 -> 2304, LoRA r=16.
 LORA_QKV = {"tokens": 2048, "k": 768, "n": 2304, "rank": 16}
@@ -118,7 +118,7 @@ SPEC = OpSpec(
     name="lora_linear",
     fn=lora_linear,
     ref=lora_linear_ref,
-    op=_OP,
+    op=OP,
     cases=CASES,
     make_args=make_args,
     grad_args=(0, 2, 3, 4),

@@ -167,7 +167,8 @@ def _backward(ctx, grad_out):
 SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? pos_embed, int[] patch_size, float scale, float shift) -> Tensor"
 )
-_OP = define_op(
+# the registered op (backends, torch custom op, autograd); spec.py hands it to the contract tests
+OP = define_op(
     OP_NAME,
     SCHEMA,
     ref=patch_embed_ref,
@@ -208,4 +209,4 @@ def patch_embed(
     (`torch.ops.segevol_fast.patch_embed`).
     """
     _check(x, weight, bias, pos_embed, patch_size)
-    return _OP(x, weight, bias, pos_embed, [int(p) for p in patch_size], float(scale), float(shift))
+    return OP(x, weight, bias, pos_embed, [int(p) for p in patch_size], float(scale), float(shift))

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .._backend import use_backend
 from .._spec import Expected, OpSpec, Provider, Workload, cast_floats, seeded
-from .op import _OP, patch_embed, patch_embed_ref
+from .op import OP, patch_embed, patch_embed_ref
 
 # SegVol's window: one 32x256x256 volume, 4x16x16 patches -> 2048 tokens of width 768.
 SEGVOL_WINDOW = {"shape": (1, 1, 32, 256, 256), "patch": (4, 16, 16), "embed": 768}
@@ -91,7 +91,7 @@ SPEC = OpSpec(
     name="patch_embed",
     fn=patch_embed,
     ref=patch_embed_ref,
-    op=_OP,
+    op=OP,
     cases=CASES,
     make_args=make_args,
     grad_args=(0, 1, 2, 3),

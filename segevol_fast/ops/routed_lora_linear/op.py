@@ -219,7 +219,8 @@ SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor segments, "
     "Tensor? adapter_idx, Tensor? gates, float scale) -> Tensor"
 )
-_OP = define_op(
+# the registered op (backends, torch custom op, autograd); spec.py hands it to the contract tests
+OP = define_op(
     OP_NAME,
     SCHEMA,
     # "native" on CPU is a composition of ATen GEMMs (no csrc/ op)
@@ -262,4 +263,4 @@ def routed_lora_linear(
         torch.compile (`torch.ops.segevol_fast.routed_lora_linear`).
     """
     _check(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates)
-    return _OP(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates, float(scale))
+    return OP(x, weight, bias, lora_a, lora_b, segments, adapter_idx, gates, float(scale))

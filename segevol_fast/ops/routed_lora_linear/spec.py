@@ -12,7 +12,7 @@ from .._backend import use_backend
 from .._spec import Expected, OpSpec, Provider, Workload, cast_floats
 from ..lora_linear.op import lora_linear
 from ..lora_linear.spec import LORA_QKV, qkv_inputs
-from .op import _OP, routed_lora_linear, routed_lora_linear_ref
+from .op import OP, routed_lora_linear, routed_lora_linear_ref
 
 # (segment lengths, K, N, r, E, "soft" or adapter per segment): soft mixtures (the first case and
 # the tiny case, so gates are a grad arg everywhere) and hard routing with a base-only (-1) and an
@@ -116,7 +116,7 @@ SPEC = OpSpec(
     name="routed_lora_linear",
     fn=routed_lora_linear,
     ref=routed_lora_linear_ref,
-    op=_OP,
+    op=OP,
     cases=CASES,
     make_args=make_args,
     grad_args=(0, 2, 3, 4, 7),
