@@ -4,7 +4,7 @@ Every op `<op>` has a plain-PyTorch twin `<op>_ref` that defines what correct me
 between native C++/CUDA, Triton and the reference (see `_backend`), and is registered as
 `torch.ops.segevol_fast.<op>` with a fake kernel so torch.compile can trace it. Each op is one
 folder, ops/<op>/ (function, reference, autograd, Triton kernel, spec), built on the one scaffold in
-`_op` (`define_op`); its import line below registers it. Adding an op: ops/README.md.
+`_op` (`define_op`); its import line below registers it. Adding an op: docs/ops.md.
 """
 
 from ._backend import available_backends, backend_report, forced_backend, registered_ops, select, use_backend

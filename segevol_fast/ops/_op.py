@@ -11,7 +11,7 @@ eager inference, see `plain_eager_call`) or through the registered custom op
   * under a CUDA device guard for CUDA tensors: Triton launches on the *current* device, so a
     tensor on cuda:1 must make cuda:1 current (the native CUDA kernels guard themselves as well).
 
-Adding an op `foo` (the folder layout and the checklist are in ops/README.md; each step below is
+Adding an op `foo` (the folder layout is in ops/README.md, the recipe in docs/ops.md; each step below is
 a few lines of ops/foo/op.py, and `patch_embed/op.py` is the worked example):
 
   1. `foo_ref(...)`: plain PyTorch, readable, the definition of correct. Its positional
