@@ -86,7 +86,9 @@ class ContextPriorConfig:
 
     tokens_per_modality / aux_modality_loss_weight default (None) to the variant's own values:
     1 and 0.0 for "additive", 10 and 0.01 for "hermes". posterior_dim is the hidden width of the
-    additive posterior MLP (SegEVOLution: 48).
+    additive posterior MLP (SegEVOLution: 48). null_task: a learned "no task" prior token for
+    prompts without a task (a box or points alone, task None), as Hermes has; priors saved before
+    it existed load without it (and refuse such prompts).
     """
 
     variant: str = "additive"
@@ -98,6 +100,7 @@ class ContextPriorConfig:
     posterior_dim: int = 48
     posterior_scale: float = 0.1
     aux_modality_loss_weight: float | None = None
+    null_task: bool = True
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -132,7 +135,14 @@ class ContextPriorConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise AdapterError(f"unknown context-prior config keys {sorted(unknown)}")
-        return cls(**{**d, "modalities": tuple(d.get("modalities", ("ct", "mri"))), "tasks": tuple(d.get("tasks", ()))})
+        return cls(
+            **{
+                **d,
+                "modalities": tuple(d.get("modalities", ("ct", "mri"))),
+                "tasks": tuple(d.get("tasks", ())),
+                "null_task": d.get("null_task", False),  # files from before it existed have no such token
+            }
+        )
 
 
 def _modality_names(names: Sequence[str]) -> tuple[str, ...]:
@@ -156,6 +166,11 @@ def _task_names(names: Sequence[str]) -> tuple[str, ...]:
 def _indices(rows: Sequence[str], known: tuple[str, ...], what: str, device) -> Tensor:
     """Row names -> (len(rows),) int64 indices into `known`; AdapterError naming the known ones."""
     bad = sorted({r for r in rows if r not in known}, key=str)
+    if bad == [None]:
+        raise AdapterError(
+            f"these context priors have no 'no {what}' prior (saved before it existed), so every prompt needs a "
+            f"{what}: give text, or train and save the priors again"
+        )
     if bad:
         raise AdapterError(f"context priors know no {what} {bad[0]!r}; known {what}s: {list(known)}")
     return torch.tensor([known.index(r) for r in rows], dtype=torch.int64, device=device)
@@ -332,7 +347,10 @@ class TaskPosterior(AdapterModule):
     The posterior of prompt row b comes from the prior token of its task
     (`prompt_context(tasks=...)`) after it attended to the image tokens of this decoder call
     (the decoder call's `image_embedding`, which the seam passes). `priors` is the task pool
-    (n_tasks, hidden), row i belonging to `config.tasks[i]`.
+    (n_tasks, hidden), row i belonging to `config.tasks[i]`; `null_prior` (hidden,) is the token of
+    a prompt without a task (task None: a box or points alone), None with `config.null_task` off.
+    Every token, the null one too, reaches the mask tokens only through the posterior's
+    zero-initialised last layer, so a fresh module is an exact identity for every prompt.
     """
 
     def __init__(self, hidden: int, num_mask_tokens: int, config: ContextPriorConfig):
@@ -354,14 +372,21 @@ class TaskPosterior(AdapterModule):
             self.posterior = nn.Sequential(
                 nn.Linear(hidden, config.posterior_dim), nn.ReLU(), _zero_linear(config.posterior_dim, M * hidden)
             )
+        # last, so that the layers above draw the same initial values with or without it
+        null = (torch.randn(hidden) * 0.02 if hermes else torch.zeros(hidden)) if config.null_task else None
+        self.null_prior = None if null is None else nn.Parameter(null)
 
     def cache_key(self) -> Any:
         ctx = current_context()
         return None if ctx is None else ctx.tasks
 
-    def task_tokens(self, image: Tensor, tasks: Sequence[str]) -> Tensor:
-        """image (1 or B, N, hidden) and one task per prompt row -> updated task tokens (B, hidden)."""
-        t = self.priors[_indices(tasks, self.config.tasks, "task", image.device)].unsqueeze(1)  # (B, 1, hidden)
+    def task_tokens(self, image: Tensor, tasks: Sequence[str | None]) -> Tensor:
+        """image (1 or B, N, hidden) and one task per prompt row (None: no task) -> updated task
+        tokens (B, hidden)."""
+        pool, known = self.priors, self.config.tasks
+        if self.null_prior is not None:
+            pool, known = torch.cat([pool, self.null_prior[None]]), (*known, None)
+        t = pool[_indices(tasks, known, "task", image.device)].unsqueeze(1)  # (B, 1, hidden)
         h = self.norm_image(image)
         t = t.to(h.dtype)
         t = t + self.attention(t, h)  # every image token is a valid key: no kv_len
