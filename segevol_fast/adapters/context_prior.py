@@ -87,7 +87,7 @@ class ContextPriorConfig:
     tokens_per_modality / aux_modality_loss_weight default (None) to the variant's own values:
     1 and 0.0 for "additive", 10 and 0.01 for "hermes". posterior_dim is the hidden width of the
     additive posterior MLP (SegEVOLution: 48). null_task: a learned "no task" prior token for
-    prompts without a task (a box or points alone, task None), as Hermes has; priors saved before
+    prompts without a task (a box or points alone, task None); priors saved before
     it existed load without it (and refuse such prompts).
     """
 
