@@ -185,7 +185,7 @@ def _write(result, out: pathlib.Path, volume, preview: bool, random_weights: boo
 def _input_stem(path: str) -> str:
     """Default output folder name: a NIfTI file's name without .nii(.gz), a DICOM series folder's
     name (also when one of its files is given), file-name safe; '.' gives the current folder's name."""
-    from .inference.result import safe_label
+    from .inference.result_files import safe_label
     from .io.paths import is_nifti_path
 
     p = pathlib.Path(os.path.abspath(path))

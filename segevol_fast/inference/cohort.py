@@ -48,7 +48,7 @@ from ..io import load_volume
 from ..io.dicom import is_dicom_folder
 from ..io.paths import is_nifti_path
 from .manifest import PROMPT_COLUMNS, CohortItem, check_item, column_of, item_prompts, read_manifest, stem, unique_names
-from .result import write_bytes_atomic
+from .result_files import write_bytes_atomic
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 SUMMARY = "cohort_summary.csv"

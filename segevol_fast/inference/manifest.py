@@ -35,7 +35,7 @@ from ..errors import (
     SegVolFastError,
     VolumeNotFoundError,
 )
-from .result import safe_label
+from .result_files import safe_label
 
 PROMPT_COLUMNS = ("text", "box", "points", "point_labels")
 NUMBER_COLUMNS = {

@@ -1,141 +1,40 @@
-"""`SegmentationResult`: what `segment()` returns, and how it is written to disk.
+"""`SegmentationResult`: what `segment()` returns: the masks, how they were made, and what they measure.
 
 One mask per prompt, in prompt order, keyed by the prompt's label ("liver", "box 0", ...), each on
 the *input* voxel grid (X, Y, Z) of the volume with the input's affine, so a mask saved here lines
 up with the scan in any viewer.
 
-Saving is all-or-nothing (`segevol_fast.io.output`): a result folder, or a label map with its
-sidecar, is always one complete result, the new one or the old one, whatever interrupts the write;
-concurrent saves to one output serialise on a lock. Every output records where it came from: the
-input, the prompts, the package version, the weights (summary.json / sidecar fields, the NIfTI
-header's `descrip`), and random weights are flagged in each file, the preview image included.
-
 Label-map rule (`save("x.nii.gz")`, `label_map()`): ids 1..N follow prompt order and on overlap the
-*later* prompt wins. The sidecar says what that cost: `voxels` (each mask), `map_voxels` (each id
-in the map; equal to the map's own counts) and `overlaps` (every pair of masks that share voxels,
-with how many). Probabilities, when present, go to `<name>_prob.nii.gz`, one 4-D float32 file whose
-4th axis is the id minus one; they are never dropped.
+*later* prompt wins; `label_map_report()` says what that cost (`map_voxels`, `overlaps`).
+
+Writing it (`save()`) is `result_files`' job: a result folder, or a label map with its sidecar JSON
+and 4-D probability file, all or nothing, with provenance in every file. `preview()` draws the
+montage with `segevol_fast.io.preview`.
 """
 
 from __future__ import annotations
 
 import io
-import json
-import os
 import pathlib
-import re
-import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
-from ..errors import MissingDependencyError, OutputWarning, ResultError, VolumeFileError
-from ..io.nifti import save_nifti
-from ..io.output import (
-    LOCK_TIMEOUT_S,
-    WRITER,
-    check_output_path,
-    label_map_names,
-    replace_files,
-    replace_folder,
-    write_file_atomic,
-)
+from ..errors import ResultError
+from ..io.output import LOCK_TIMEOUT_S, WRITER
 from ..io.paths import is_nifti_path
+from ..io.preview import BANNER_TEXT, render_montage
 from ..io.volume import spacing_from_affine
 from ..totalseg_names import totalseg_legend
 from ..version import __version__
+from .result_files import PathLike, write_bytes_atomic, write_label_map, write_result_folder
 
-PathLike = Union[str, os.PathLike]
-
-# preview layout (pixels); public so callers and tests can predict the PNG size
-TILE_PX = 256  # longer side of one slice tile
-PAD_PX = 4  # gap between tiles and around the montage
-LEGEND_ROW_PX = 18  # height of one legend line
-MAX_COLS = 3
-OVERLAY_ALPHA = 0.45
-# distinguishable on grey CT: red, green, blue, yellow, magenta, cyan, orange, purple, ...
-BANNER_PX = 20  # height of the red "random weights" banner on top of a preview (only then)
-BANNER_TEXT = "RANDOM WEIGHTS - MASKS ARE MEANINGLESS"
-BANNER_RGB = (200, 0, 0)
 OVERLAP_RULE = "later prompt wins: a voxel in several masks gets the id of the last of them in prompt order"
-PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (255, 225, 25),
-    (240, 50, 230),
-    (70, 240, 240),
-    (245, 130, 48),
-    (145, 30, 180),
-    (210, 245, 60),
-    (250, 190, 212),
-]
-
-
-def write_bytes_atomic(path: PathLike, data: bytes) -> pathlib.Path:
-    """Write `data` to `path` so that the file appears complete or not at all (`write_file_atomic`:
-    a normal file's mode, OutputError naming `path` when it cannot be written)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-
-    return write_file_atomic(path, write)
-
-
-def safe_label(label: str) -> str:
-    """A file-name-safe form of a label: 'left kidney' -> 'left_kidney', '../x' -> 'x'."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(label)).strip("._")
-    return s or "mask"
-
-
-# stems of the files a result folder holds besides the masks: a mask may not take them
-RESERVED_STEMS = {"label_map", "summary", "preview", "segmentation"}
-
-
-def _unique_names(labels: list[str]) -> dict[str, str]:
-    """label -> safe file stem, made unique ('a b' and 'a_b' both map to 'a_b' otherwise) and
-    never one of the folder's own files (a prompt called "label map" gets label_map_2)."""
-    out, used = {}, set(RESERVED_STEMS)
-    for label in labels:
-        base = stem = safe_label(label)
-        n = 2
-        while stem.lower() in used:  # case-insensitive: macOS / Windows file systems
-            stem, n = f"{base}_{n}", n + 1
-        used.add(stem.lower())
-        out[label] = stem
-    return out
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode()
 
 
 def _package_version() -> str:
     return __version__
-
-
-def _jsonable(value):
-    """numpy / torch values -> plain lists and numbers (None stays None)."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if hasattr(value, "detach"):  # torch tensor
-        value = value.detach().cpu().numpy()
-    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-        return list(value)
-    return np.asarray(value).tolist()
-
-
-def describe_prompts(text=None, box=None, points=None, point_labels=None, coords: str = "voxel") -> dict:
-    """The prompts as the user gave them, JSON-ready (recorded in summary.json as "prompts")."""
-    return {
-        "text": _jsonable(text),
-        "box": _jsonable(box),
-        "points": _jsonable(points),
-        "point_labels": _jsonable(point_labels),
-        "coords": coords,
-    }
 
 
 @dataclass
@@ -323,97 +222,10 @@ class SegmentationResult:
         """
         p = pathlib.Path(path_or_dir)
         if is_nifti_path(p):
-            self._save_label_map(p, preview, volume, lock_timeout)
-            return p
-        check_output_path(p)  # before the lock: a path that cannot work fails without waiting
-        with replace_folder(p, lock_timeout=lock_timeout) as stage:
-            self._save_into(stage, preview, volume)
+            write_label_map(self, p, preview=preview, volume=volume, lock_timeout=lock_timeout)
+        else:
+            write_result_folder(self, p, preview=preview, volume=volume, lock_timeout=lock_timeout)
         return p
-
-    def _save_into(self, folder: pathlib.Path, preview: bool, volume) -> None:
-        stems = _unique_names(self.labels)
-        descrip = self.description()
-        files, prob_files = {}, {}
-        for label, mask in self.masks.items():
-            files[label] = save_nifti(
-                folder / f"{stems[label]}.nii.gz", mask, self.affine, dtype=np.uint8, description=descrip
-            ).name
-            if self.probabilities is not None:
-                prob_files[label] = save_nifti(
-                    folder / f"{stems[label]}_prob.nii.gz", self.probabilities[label], self.affine, description=descrip
-                ).name
-        if preview:
-            self.preview(folder / "preview.png", volume)
-        # every mask in one map too (ids in prompt order, the legend in summary.json), for viewers
-        # that load one label volume
-        lm = self.label_map()
-        save_nifti(folder / "label_map.nii.gz", lm, self.affine, description=descrip)
-        dicom_seg, dicom_seg_missing = self._save_dicom_seg(folder)
-        summary = self.summary()
-        summary["files"] = files
-        summary["probability_files"] = prob_files or None
-        summary["preview"] = "preview.png" if preview else None
-        summary["label_map"] = {"file": "label_map.nii.gz", **self.label_map_report(lm)}
-        summary["dicom_seg"] = dicom_seg
-        if dicom_seg_missing:
-            summary["dicom_seg_not_written"] = dicom_seg_missing
-            summary["notes"].append(dicom_seg_missing)
-        write_bytes_atomic(folder / "summary.json", _json_bytes(summary))
-
-    def _save_dicom_seg(self, folder: pathlib.Path) -> tuple[Optional[str], Optional[str]]:
-        """(file name, None) when segmentation.dcm was written (a DICOM-SEG referencing the slices
-        of exactly the series the masks were computed on); (None, None) for a non-DICOM input;
-        (None, why) when a DICOM input's SEG could not be written: highdicom missing, the source
-        folder moved or deleted, the series no longer in it or no longer on the masks' grid.
-
-        That last case warns (OutputWarning) and the save goes on. Raising instead would throw
-        away the masks with the whole save (a save is all or nothing), and they stand on their own
-        as NIfTI files; rereading the source is unavoidable, since a SEG copies every source slice's
-        patient, study and instance identifiers and positions, which the result does not keep. The
-        warning names the folder and summary.json records why ("dicom_seg_not_written" and a note);
-        warnings.simplefilter("error", OutputWarning) makes it an error."""
-        from ..io.dicom_seg import is_dicom_source, write_dicom_seg
-
-        if not self.masks or (self.series is None and not is_dicom_source(self.source)):
-            return None, None
-        try:
-            write_dicom_seg(
-                folder / "segmentation.dcm",
-                self.masks,
-                self.source,
-                series=self.series,
-                software_version=self.package_version,
-            )
-        except (MissingDependencyError, VolumeFileError, ResultError) as exc:
-            why = f"segmentation.dcm (DICOM-SEG) was not written: {exc}"
-            warnings.warn(why, OutputWarning, stacklevel=4)  # at the caller of save()
-            return None, why
-        return "segmentation.dcm", None
-
-    def _save_label_map(self, p: pathlib.Path, preview: bool, volume, lock_timeout: float) -> None:
-        gz = p.name.lower().endswith(".nii.gz")
-        name, sidecar = label_map_names(p)
-        check_output_path(p)  # and again under the lock: the sidecar may have appeared meanwhile
-        with replace_files(p, lock_timeout=lock_timeout, guard=lambda folder: check_output_path(p)) as group:
-            lm = self.label_map()
-            save_nifti(group.dir / p.name, lm, self.affine, description=self.description())
-            files = {"label_map": p.name, "sidecar": sidecar, "probabilities": None, "preview": None}
-            if self.probabilities is not None:
-                files["probabilities"] = name + ("_prob.nii.gz" if gz else "_prob.nii")
-                _save_probabilities_4d(
-                    group.dir / files["probabilities"],
-                    list(self.probabilities.values()),
-                    self.affine,
-                    self.description(),
-                )
-            if preview:
-                files["preview"] = name + ".png"
-                self.preview(group.dir / files["preview"], volume)
-            side = self.summary()
-            side.update(self.label_map_report(lm))
-            side["files"] = files
-            write_bytes_atomic(group.dir / sidecar, _json_bytes(side))
-            group.remove = _stale_files(p.parent / sidecar, set(files.values()))
 
     def label_map_report(self, label_map: Optional[np.ndarray] = None) -> dict:
         """What the label map keeps of each mask: {"labels": {id: label}, "totalsegmentator_total":
@@ -452,8 +264,8 @@ class SegmentationResult:
         to its 0.5 / 99.5 percentiles); None (default) uses the scan kept in `self.volume`;
         False draws on black. With `random_weights` a red banner (BANNER_PX high) saying the
         masks are meaningless is added on top. A path that cannot be written raises OutputError
-        naming it and why. Tiles show i to the right
-        and j upwards, scaled so their longer side is TILE_PX with the in-plane spacing's aspect.
+        naming it and why. Tiles show i to the right and j upwards, scaled so their longer side
+        is TILE_PX with the in-plane spacing's aspect (the sizes are `segevol_fast.io.preview`'s).
         Size: cols = min(n, MAX_COLS), rows = ceil(n / cols) for n distinct slices; width =
         cols*tile_w + (cols+1)*PAD_PX; height = rows*tile_h + (rows+1)*PAD_PX +
         len(labels)*LEGEND_ROW_PX + PAD_PX (+ BANNER_PX with the banner).
@@ -465,7 +277,7 @@ class SegmentationResult:
             raise ResultError(f"preview volume has shape {arr.shape}, masks have {self.shape}")
         if not self.masks:
             raise ResultError("nothing to preview: the result has no masks")
-        image = _render_montage(
+        image = render_montage(
             arr, self.masks, self.spacing, n_slices, banner=BANNER_TEXT if self.random_weights else None
         )
         buf = io.BytesIO()
@@ -489,31 +301,7 @@ class SegmentationResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- saving helpers
-def _save_probabilities_4d(path: pathlib.Path, probs: list, affine: np.ndarray, description: str) -> None:
-    """One (X, Y, Z, N) float32 NIfTI at `path` (in the caller's staging folder)."""
-    import nibabel as nib
-
-    arr = np.stack([np.asarray(p, dtype=np.float32) for p in probs], axis=-1)
-    img = nib.Nifti1Image(arr, affine)
-    img.header.set_xyzt_units("mm")
-    img.header["descrip"] = description.encode("ascii", "replace")[:80]
-    write_file_atomic(path, lambda tmp: nib.save(img, tmp), suffix=".nii.gz" if path.name.endswith(".gz") else ".nii")
-
-
-def _stale_files(old_sidecar: pathlib.Path, keep: set) -> list[str]:
-    """Files the previous label map of this name listed (in its sidecar) that the new one lacks."""
-    try:
-        old = json.loads(old_sidecar.read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(old, dict) or old.get("writer") != WRITER or not isinstance(old.get("files"), dict):
-        return []
-    names = {n for n in old["files"].values() if isinstance(n, str)}
-    # plain names in the same folder only: a tampered sidecar cannot make us delete elsewhere
-    return sorted(n for n in names - keep if n and pathlib.PurePath(n).name == n and not n.startswith("."))
-
-
+# ---------------------------------------------------------------------- label-map overlaps
 def _bbox(m: np.ndarray):
     """Per-axis (lo, hi) of the set voxels, None when the mask is empty."""
     out = []
@@ -530,84 +318,3 @@ def _intersect(a, b):
         return None
     sl = tuple(slice(max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
     return None if any(s.start >= s.stop for s in sl) else sl
-
-
-# ---------------------------------------------------------------------- preview rendering
-def _pick_slices(masks: dict[str, np.ndarray], depth: int, n: int) -> list[int]:
-    """Up to n distinct k indices spread evenly over the slices where any mask is set
-    (over the whole depth when every mask is empty)."""
-    any_k = np.zeros(depth, dtype=bool)
-    for m in masks.values():
-        any_k |= m.any(axis=(0, 1))
-    ks = np.flatnonzero(any_k)
-    lo, hi = (int(ks[0]), int(ks[-1])) if ks.size else (0, depth - 1)
-    return sorted({int(round(v)) for v in np.linspace(lo, hi, max(1, int(n)))})
-
-
-def _window(arr: np.ndarray) -> tuple[float, float]:
-    """0.5 / 99.5 percentiles of the volume; strided so a 512×512×300 CT costs milliseconds."""
-    step = max(1, int(np.ceil((arr.size / 4_000_000) ** (1 / 3))))
-    lo, hi = np.percentile(arr[::step, ::step, ::step], [0.5, 99.5])
-    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
-
-
-def _outline(m: np.ndarray) -> np.ndarray:
-    """Pixels of a 2-D mask with a 4-neighbour outside it: drawn opaque so small masks show."""
-    pad = np.pad(m, 1)
-    inner = pad[:-2, 1:-1] & pad[2:, 1:-1] & pad[1:-1, :-2] & pad[1:-1, 2:]
-    return m & ~inner
-
-
-def _tile_size(shape_xy: tuple[int, int], spacing: tuple[float, ...]) -> tuple[int, int]:
-    """(width, height) px of one tile: physical aspect, longer side TILE_PX."""
-    w_mm, h_mm = shape_xy[0] * spacing[0], shape_xy[1] * spacing[1]
-    s = TILE_PX / max(w_mm, h_mm)
-    return max(1, int(round(w_mm * s))), max(1, int(round(h_mm * s)))
-
-
-def _render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, banner: Optional[str] = None):
-    """PIL RGB image: an optional red banner, the slice tiles in a grid, then one legend line per mask."""
-    try:
-        from PIL import Image, ImageDraw
-    except ImportError as exc:
-        raise MissingDependencyError("preview images need Pillow: pip install pillow") from exc
-    shape = next(iter(masks.values())).shape
-    ks = _pick_slices(masks, shape[2], n_slices)
-    tw, th = _tile_size(shape[:2], spacing)
-    cols = min(len(ks), MAX_COLS)
-    rows = -(-len(ks) // cols)
-    width = cols * tw + (cols + 1) * PAD_PX
-    top = BANNER_PX if banner else 0
-    height = top + rows * th + (rows + 1) * PAD_PX + len(masks) * LEGEND_ROW_PX + PAD_PX
-    canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    if banner:
-        draw = ImageDraw.Draw(canvas)
-        draw.rectangle([0, 0, width - 1, BANNER_PX - 1], fill=BANNER_RGB)
-        draw.text((PAD_PX, 4), banner, fill=(255, 255, 255))
-    lo, hi = _window(arr) if arr is not None else (0.0, 1.0)
-    for idx, k in enumerate(ks):
-        if arr is None:
-            grey = np.zeros(shape[:2], dtype=np.float32)
-        else:
-            grey = np.clip((arr[:, :, k].astype(np.float32) - lo) / (hi - lo), 0, 1) * 255
-        rgb = np.repeat(grey[..., None], 3, axis=2)
-        for c, m in enumerate(masks.values()):
-            colour = np.asarray(PALETTE[c % len(PALETTE)], dtype=np.float32)
-            sl = m[:, :, k]
-            rgb[sl] = (1 - OVERLAY_ALPHA) * rgb[sl] + OVERLAY_ALPHA * colour
-            rgb[_outline(sl)] = colour
-        # (X, Y) -> image rows = j flipped (j up), columns = i
-        img = Image.fromarray(np.ascontiguousarray(rgb.transpose(1, 0, 2)[::-1]).astype(np.uint8), "RGB")
-        img = img.resize((tw, th), Image.Resampling.NEAREST)  # keep voxel edges crisp
-        x0 = PAD_PX + (idx % cols) * (tw + PAD_PX)
-        y0 = top + PAD_PX + (idx // cols) * (th + PAD_PX)
-        canvas.paste(img, (x0, y0))
-        ImageDraw.Draw(canvas).text((x0 + 3, y0 + 2), f"k={k}", fill=(255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    y = top + rows * th + (rows + 1) * PAD_PX
-    for c, label in enumerate(masks):
-        colour = PALETTE[c % len(PALETTE)]
-        draw.rectangle([PAD_PX, y + 3, PAD_PX + 12, y + 15], fill=colour)
-        draw.text((PAD_PX + 18, y + 3), str(label), fill=(255, 255, 255))
-        y += LEGEND_ROW_PX
-    return canvas

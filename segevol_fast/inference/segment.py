@@ -32,7 +32,8 @@ from .memory import PeakMemory
 from .precision import inference_state, resolve_precision
 from .progress import display_for
 from .prompts import build_prompts
-from .result import SegmentationResult, describe_prompts
+from .result import SegmentationResult
+from .result_files import describe_prompts
 from .scan import PreparedScan
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from segevol_fast.errors import OutputError, OutputLockedError, SegVolFastError
-from segevol_fast.inference import result as result_mod
+from segevol_fast.inference import result_files
 from segevol_fast.inference.result import SegmentationResult
 from segevol_fast.io import output
 
@@ -69,7 +69,7 @@ def test_failure_mid_write_keeps_the_old_result(tmp_path, monkeypatch, exc):
     out = tmp_path / "out"
     _result(labels=("a", "b")).save(out)
     before = _snapshot(out)
-    real, calls = result_mod.save_nifti, []
+    real, calls = result_files.save_nifti, []
 
     def failing(path, *a, **kw):
         calls.append(path)
@@ -77,7 +77,7 @@ def test_failure_mid_write_keeps_the_old_result(tmp_path, monkeypatch, exc):
             raise exc
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(result_mod, "save_nifti", failing)
+    monkeypatch.setattr(result_files, "save_nifti", failing)
     with pytest.raises(type(exc)):
         _result(labels=("x", "y", "z")).save(out)
     assert len(calls) == 2  # it did fail in the middle of the new result
@@ -170,7 +170,7 @@ def test_two_rename_fallback_swaps_too(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- real processes
 def _slow_save(started, seconds):
     """In a child: every save_nifti sleeps; the first one tells the parent the write is under way."""
-    real = result_mod.save_nifti
+    real = result_files.save_nifti
 
     def slow(path, *a, **kw):
         p = real(path, *a, **kw)
@@ -178,7 +178,7 @@ def _slow_save(started, seconds):
         time.sleep(seconds)
         return p
 
-    result_mod.save_nifti = slow
+    result_files.save_nifti = slow
 
 
 @pytest.fixture(autouse=True)

@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 
 from segevol_fast.errors import OutputError, ResultError, SegVolFastError
-from segevol_fast.inference import result as result_mod
-from segevol_fast.inference.result import (
-    LEGEND_ROW_PX,
-    MAX_COLS,
-    PAD_PX,
-    TILE_PX,
-    SegmentationResult,
-    safe_label,
-    write_bytes_atomic,
-)
+from segevol_fast.inference import result_files
+from segevol_fast.inference.result import SegmentationResult
+from segevol_fast.inference.result_files import safe_label, write_bytes_atomic
+from segevol_fast.io.preview import LEGEND_ROW_PX, MAX_COLS, PAD_PX, TILE_PX
 
 SHAPE = (20, 16, 12)
 
@@ -155,7 +149,7 @@ def test_write_bytes_atomic_leaves_nothing_on_failure(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(result_mod.os, "replace", boom)
+    monkeypatch.setattr(result_files.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_bytes_atomic(tmp_path / "x.json", b"{}")
     assert os.listdir(tmp_path) == []

@@ -14,15 +14,10 @@ import torch
 
 from segevol_fast import cli
 from segevol_fast.errors import OutputError, ResultError
-from segevol_fast.inference import result as result_mod
-from segevol_fast.inference.result import (
-    BANNER_PX,
-    BANNER_RGB,
-    OVERLAP_RULE,
-    PAD_PX,
-    SegmentationResult,
-    describe_prompts,
-)
+from segevol_fast.inference import result_files
+from segevol_fast.inference.result import OVERLAP_RULE, SegmentationResult
+from segevol_fast.inference.result_files import describe_prompts
+from segevol_fast.io.preview import BANNER_PX, BANNER_RGB, PAD_PX
 
 SHAPE = (18, 15, 10)
 
@@ -93,7 +88,7 @@ def test_label_map_and_sidecar_are_written_together_or_not_at_all(tmp_path, monk
     def boom(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(result_mod, "_save_probabilities_4d", boom)  # after the map, before the sidecar
+    monkeypatch.setattr(result_files, "_save_probabilities_4d", boom)  # after the map, before the sidecar
     with pytest.raises(KeyboardInterrupt):
         _three_overlapping(probabilities=True, random_weights=True).save(tmp_path / "seg.nii.gz")
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
