@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from segevol_fast import __version__, cli
+from segevol_fast.cli.segment import prompt_arguments
 
 CT = "ct_abdomen_sm.nii.gz"
 FAST = ["--random-weights", "--config", "tiny", "-q", "--no-zoom-in", "--device", "cpu"]
@@ -200,7 +201,7 @@ def test_official_float_point_labels_accepted():
     args = cli.build_parser().parse_args(
         ["segment", "x.nii.gz", "--points", "1", "2", "3", "--points", "4", "5", "6", "--point-labels", "1.0", "0"]
     )
-    prompts = cli._prompt_arguments(args)
+    prompts = prompt_arguments(args)
     assert prompts["point_labels"].tolist() == [1.0, 0.0]
 
 

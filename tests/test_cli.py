@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from segevol_fast import cli
+from segevol_fast.cli.common import build_model
+from segevol_fast.cli.segment import run_segment
 from segevol_fast.errors import PromptError
 from segevol_fast.inference.result import SegmentationResult
 from segevol_fast.io import save_nifti
@@ -170,7 +172,7 @@ def test_segment_arguments_parse():
     assert args.box == [[1, 2, 3, 4, 5, 6], [0, 0, 0, 9, 9, 9]] and args.points == [[1, 2, 3], [4, 5, 6]]
     assert args.point_labels == [1, 0] and args.coords == "world" and args.modality == "mri"
     assert args.max_memory == 2 * 10**9 and args.mode == "exact" and args.no_zoom_in
-    assert args.preview and args.probabilities and args.func is cli._cmd_segment
+    assert args.preview and args.probabilities and args.func is run_segment
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["segment", "x", "--box", "1", "2", "3"])
 
@@ -392,7 +394,7 @@ def test_demo_explicit_bad_weights_is_an_error(tmp_path, fake_segment, no_weight
 def test_adapter_file_is_applied(ct, tmp_path, no_weights, capsys):
     from tests.inference.test_cohort import save_test_lora
 
-    lora = save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
+    lora = save_test_lora(build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
     base = [
         "segment",
         str(ct),
@@ -427,7 +429,7 @@ def test_cohort_manifest_row_with_an_adapter_file(ct, tmp_path, no_weights):
     from segevol_fast.inference.cohort import SUMMARY, iter_rows
     from tests.inference.test_cohort import save_test_lora
 
-    save_test_lora(cli._build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
+    save_test_lora(build_model(None, "tiny", None, "cpu"), tmp_path / "lora.safetensors")
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"input,name,adapter\n{ct.name},with,lora.safetensors\n{ct.name},without,\n")
     out = tmp_path / "out"

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from segevol_fast import cli
+from segevol_fast.cli import demo as cli_demo
+from segevol_fast.cli import segment as cli_segment
 from segevol_fast.errors import OutputError, ResultError
 from segevol_fast.inference import result_files
 from segevol_fast.inference.result import OVERLAP_RULE, SegmentationResult
@@ -193,8 +195,9 @@ def nothing_slow(monkeypatch):
     def never(*a, **kw):
         raise AssertionError("the output path must be checked before any slow step")
 
-    monkeypatch.setattr(cli, "_build_model", never)
-    monkeypatch.setattr(cli, "_demo_input", never)
+    monkeypatch.setattr(cli_segment, "build_model", never)
+    monkeypatch.setattr(cli_demo, "build_model", never)
+    monkeypatch.setattr(cli_demo, "demo_input", never)
     monkeypatch.setattr("segevol_fast.io.load_volume", never)
     monkeypatch.setattr("segevol_fast.model.weights.find_weights", never)
 
@@ -217,11 +220,11 @@ def test_default_output_names(tmp_path, monkeypatch):
     (tmp_path / "series 7").mkdir()
     (tmp_path / "series 7" / "IM0001.dcm").write_bytes(b"")
     (tmp_path / "ct.NII.GZ").write_bytes(b"")
-    assert cli._input_stem(str(tmp_path / "ct.NII.GZ")) == "ct"
-    assert cli._input_stem(str(tmp_path / "series 7")) == "series_7"
-    assert cli._input_stem(str(tmp_path / "series 7" / "IM0001.dcm")) == "series_7"  # a file of the series
+    assert cli_segment.input_stem(str(tmp_path / "ct.NII.GZ")) == "ct"
+    assert cli_segment.input_stem(str(tmp_path / "series 7")) == "series_7"
+    assert cli_segment.input_stem(str(tmp_path / "series 7" / "IM0001.dcm")) == "series_7"  # a file of the series
     monkeypatch.chdir(tmp_path / "series 7")
-    assert cli._input_stem(".") == "series_7"  # not '', which would make the output segevol_out itself
+    assert cli_segment.input_stem(".") == "series_7"  # not '', which would make the output segevol_out itself
 
 
 # ---------------------------------------------------------------------- output path forms

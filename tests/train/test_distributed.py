@@ -92,7 +92,7 @@ def _finetune(out, data_dir, nproc: int, seed: int) -> list[dict]:
         "--out",
         str(out),
     ]
-    launcher = [sys.executable, "-m", "segevol_fast.train.cli_finetune"]
+    launcher = [sys.executable, "-m", "segevol_fast.cli.finetune"]
     if nproc > 1:  # --standalone: torchrun picks a free port for the rendezvous itself
         launcher = [
             sys.executable,
@@ -102,7 +102,7 @@ def _finetune(out, data_dir, nproc: int, seed: int) -> list[dict]:
             "--nproc-per-node",
             str(nproc),
             "-m",
-            "segevol_fast.train.cli_finetune",
+            "segevol_fast.cli.finetune",
         ]
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))

@@ -351,7 +351,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(cases, mixed_train):
 def _cli(argv):
     import argparse
 
-    from segevol_fast.train.cli_finetune import add_finetune_arguments, run_finetune
+    from segevol_fast.cli.finetune import add_finetune_arguments, run_finetune
 
     args = add_finetune_arguments(argparse.ArgumentParser()).parse_args(argv)
     return run_finetune(args)

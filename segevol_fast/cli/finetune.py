@@ -11,8 +11,8 @@ Writes into --out: train_log.csv/.jsonl, eval_log.* (with --eval-data / --eval-i
 checkpoint_<step>.pt (resume with --resume), and the result: adapter_<name>.safetensors (LoRA)
 or model/ (full fine-tuning, `SegVol.from_pretrained` reads it).
 
-`cli.py` wires `add_finetune_arguments` and `run_finetune` as the `finetune` subcommand;
-`python -m segevol_fast.train.cli_finetune` runs the same thing directly.
+`python -m segevol_fast.cli.finetune` runs the same command directly (the torchrun target of the
+distributed tests).
 """
 
 from __future__ import annotations
@@ -91,6 +91,18 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     return p
 
 
+def add_subcommand(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="adapt SegVol to new data (LoRA or full fine-tuning; runs under torchrun)",
+        description="Fine-tune on Decathlon / nnU-Net / M3D-Seg folders or image+label pairs with the "
+        "official loss and prompt mix; `torchrun --nproc-per-node N segevol-fast finetune ...` "
+        "runs the same command data-parallel.",
+    )
+    add_finetune_arguments(p)
+    p.set_defaults(func=run_finetune)
+
+
 # ------------------------------------------------------------------------------ building blocks
 def _label_map(args) -> dict:
     if not args.label_map:
@@ -110,7 +122,7 @@ def _label_map(args) -> dict:
 
 
 def _cases(args, roots, images, labels, what: str) -> list:
-    from .cases import cases_from_files, discover_cases
+    from ..train.cases import cases_from_files, discover_cases
 
     if len(images) != len(labels):
         raise UsageError(f"{what}: {len(images)} images but {len(labels)} label maps; give them in pairs")
@@ -145,7 +157,7 @@ def _model(args, device):
 
 
 def _train_config(args):
-    from .trainer import TrainConfig
+    from ..train.trainer import TrainConfig
 
     fields = {
         "steps": args.steps,
@@ -180,8 +192,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     """Run `segevol-fast finetune`; returns the exit code (0). Errors are segevol_fast errors
     (UsageError for bad arguments), reported by the caller."""
     from .. import adapters, distributed
-    from .datasets import SegmentationDataset
-    from .trainer import Trainer
+    from ..train.datasets import SegmentationDataset
+    from ..train.trainer import Trainer
 
     if not args.data and not args.image:
         raise UsageError("nothing to train on: give --data ROOT or --image/--label pairs")
