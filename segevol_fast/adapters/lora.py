@@ -136,6 +136,22 @@ class LoraLinear(nn.Linear):
         self._fold(self.merged, -1)
         self.merged = None
 
+    def unload_merged(self, name: str) -> None:
+        """Keep adapter `name` in the weight for good (merging it first if it is not) and drop its
+        tensors: the layer's weight is then simply the adapted weight."""
+        if self.merged not in (None, name):
+            raise AdapterError(f"adapter {self.merged!r} is merged into this layer; unmerge it first")
+        if self.merged is None:
+            self.merge(name)
+        self.merged = None  # the fold now belongs to the weight: nothing left to unmerge
+        self.remove_adapter(name)
+
+    def plain(self) -> nn.Linear:
+        """An nn.Linear over this layer's own weight and bias Parameters (the same objects)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
     def _fold(self, name: str, sign: int) -> None:
         w = self.lora[name]
         _, _, (lo, hi) = w.stacked()
@@ -285,6 +301,20 @@ def _unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
+def _unload_merged(model: nn.Module, name: str) -> None:
+    """Fold adapter `name` into the weights for good and take its tensors off; a layer left with
+    no adapter becomes a plain nn.Linear again (same Parameters), so `state_dict()` has the plain
+    model's keys there."""
+    layers = [(path, layer) for path, layer in lora_layers(model) if name in layer.lora]
+    others = sorted({layer.merged for _, layer in layers} - {None, name})
+    if others:  # checked before any layer changes
+        raise AdapterError(f"adapter {others[0]!r} is merged into layers that {name!r} adapts: unmerge it first")
+    for path, layer in layers:
+        layer.unload_merged(name)
+        if not len(layer.lora):
+            _replace(model, path, layer.plain())
+
+
 register(
     AdapterKind(
         name=KIND,
@@ -296,5 +326,6 @@ register(
         holders=_holders,
         merge=_merge,
         unmerge=_unmerge,
+        unload_merged=_unload_merged,
     )
 )

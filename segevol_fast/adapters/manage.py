@@ -140,6 +140,25 @@ def unmerge(model: nn.Module) -> None:
             spec.unmerge(model)
 
 
+def merge_and_unload(model: nn.Module, name: str) -> None:
+    """Fold LoRA adapter `name` into the base weights for good and take it off the model (peft's
+    merge_and_unload): its layers become plain nn.Linear again where no other adapter sits on them,
+    so `model.save_pretrained(dir)` writes an ordinary SegVol checkpoint that
+    `SegVol.from_pretrained(dir)` loads and that segments as the adapted model did (up to the
+    rounding of the fold). Works on a merged or an unmerged adapter; cannot be undone. Other
+    adapters stay attached (remove them before exporting), and the model's base weights are now
+    the merged ones, so adapters saved against the old base no longer load onto it."""
+    entry = entry_of(model, name)
+    spec = registry.get(entry.kind)
+    if spec.unload_merged is None:
+        raise AdapterError(f"only LoRA adapters can be merged; {name!r} is a {entry.kind} adapter")
+    owners = [m for m in routed_adapters(model) if name in get_entry(model, m).layers]
+    if owners:
+        raise AdapterError(f"{name!r} is an expert of mixture {owners[0]!r}: a routed expert cannot be merged for good")
+    spec.unload_merged(model, name)
+    drop_entry(model, name)
+
+
 # ---------------------------------------------------------------------------- training helpers
 def batch_route(model: nn.Module, images, modalities) -> Optional[Route]:
     """The route of the model's mixture of adapters for a batch (None when it has none): what the

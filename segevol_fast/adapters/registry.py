@@ -48,6 +48,8 @@ class AdapterKind:
         holders.
     route(model, name, images=, modalities=) -> Route: the per-image choice of a routed kind.
     merge(model, name) / unmerge(model): fold into the base weights and back, where possible.
+    unload_merged(model, name): fold into the base weights for good and take the adapter's modules
+        off, leaving a plain model where it was (`manage.merge_and_unload`).
     aux_loss(model, entry) -> the auxiliary loss the last forward left (or None).
     keeps_saved_name: its files load only under the name they were saved with (their tensor
         names contain it).
@@ -64,6 +66,7 @@ class AdapterKind:
     route: Optional[Callable[..., Any]] = None
     merge: Optional[Callable[[nn.Module, str], None]] = None
     unmerge: Optional[Callable[[nn.Module], None]] = None
+    unload_merged: Optional[Callable[[nn.Module, str], None]] = None
     aux_loss: Optional[Callable[[nn.Module, AdapterEntry], Optional[Tensor]]] = None
     keeps_saved_name: bool = False
 
