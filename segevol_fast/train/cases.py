@@ -419,6 +419,27 @@ def _prepare_m3d(case: Case) -> PreparedCase:
     )
 
 
+def original_arrays(case: Case) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray | None]:
+    """The case as stored, before any preprocessing: what a user would segment and score against.
+
+    Returns image (X, Y, Z) (a 4-D NIfTI: channel 0; M3D-Seg: image.npy's only channel), {label id:
+    bool mask (X, Y, Z)} for the ids of the label map that occur, and the annotated voxels (bool
+    (X, Y, Z); None when every voxel is, i.e. the case has no ignore label)."""
+    if case.kind == "m3d":
+        image = np.load(case.image, allow_pickle=False)
+        image = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
+        masks = read_m3d_mask(case.label)
+        found = {c + 1: masks[c] for c in range(masks.shape[0]) if (c + 1) in case.label_map and masks[c].any()}
+        return image, found, None
+    image, ids = _load_image(case.image), _load_label_map(case)
+    if image.shape != ids.shape:
+        raise ShapeError(f"case {case.case_id}: image {image.shape} and labels {ids.shape} differ in shape")
+    present = set(np.unique(ids).tolist())
+    found = {i: ids == i for i in sorted(case.label_map) if i in present}
+    annotated = ~np.isin(ids, list(case.ignore_ids)) if case.ignore_ids else None
+    return image, found, annotated
+
+
 def prepare_case(case: Case, unknown_labels: str = "error") -> PreparedCase:
     """Load and preprocess one case (official pipeline, docs/official-pipeline.md §5.1 / §6)."""
     return _prepare_m3d(case) if case.kind == "m3d" else _prepare_volume(case, unknown_labels)

@@ -23,6 +23,19 @@ DDP: with world_size > 1 (see `distributed.py`) each rank takes batch_size / wor
 the global batch (rank r the positions r, r + W, ...); the loss of a rank is scaled so that DDP's
 gradient average equals the gradient of the global mean; only rank 0 logs, shows progress and
 writes files.
+
+Gradient accumulation (`accumulate` A): a rank's share of the step's batch runs as A micro-batches
+of batch_size / (world_size * A) images, each backward adding to the gradients, DDP synchronising
+only after the last (`no_sync` before). Every micro-batch's loss is scaled by the step's global
+pair count, so the gradient is the one of the whole batch's mean; the samples and prompts are
+those of the same run without accumulation (only float summation order differs).
+
+Validation (`validation.py`), every eval_every steps and at the end: "segment" scores
+`model.segment()` on whole held-out cases, "resized" decodes them resized to the window. A
+validation whose `best_metric` beats the best so far by more than `min_delta` is written to
+out_dir/best/ (`save_best`); `patience` validations in a row without one stop the run early
+(`selection.py`). Metrics go to CSV / JSONL and, when asked, TensorBoard (`logs.py`); a progress bar
+shows the loss and the last validation Dice (`progress.py`).
 """
 
 from __future__ import annotations
@@ -30,42 +43,41 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import math
 import os
 import pathlib
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
 from .. import adapters
 from .. import distributed as dist_utils
-from ..errors import CheckpointError, InvalidArgumentError, OutputError
+from ..errors import CheckpointError, InvalidArgumentError
 from ..io.output import write_file_atomic
 from ..model.network import model_device
+from . import validation
+from .checkpoint import FORMAT as CHECKPOINT_FORMAT
+from .checkpoint import read_checkpoint, rng_state, seed_global_rngs, set_rng_state, write_checkpoint
 from .datasets import sample_seed
+from .encode import encode_names, routed
 from .loader import ModalityBalancedSampler, make_loader
+from .logs import RunLogs, tensorboard_writer_class
 from .loss import bce_dice_loss
-from .metrics import MetricLog, dice
-from .prompts import (
-    PROMPT_MIXES,
-    box_from_mask,
-    collate_prompts,
-    restrict_to_mix,
-    sample_prompts,
-)
+from .progress import TrainProgress
+from .prompts import PROMPT_MIXES, collate_prompts, restrict_to_mix, sample_prompts
 from .schedule import warmup_cosine
+from .selection import BestTracker
+
+__all__ = ["TrainConfig", "Trainer", "encode_names", "CHECKPOINT_FORMAT"]
 
 AMP_MODES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-EVAL_PROMPTS = ("text", "box", "jittered_box")
-EVAL_SEED = 0x5E6E  # jittered-box evaluation draws from (EVAL_SEED, case index): same boxes for every run
-CHECKPOINT_FORMAT = "segevol_fast.trainer/1"
+EVAL_PROMPTS = validation.RESIZED_PROMPTS  # `evaluate`'s prompt types
 # config fields that decide which samples and prompts each step sees: a resumed run must keep them
 _STREAM_FIELDS = ("seed", "batch_size", "categories_per_image", "mixes", "box_jitter")
 
@@ -87,6 +99,20 @@ class TrainConfig:
     the jittered-box evaluation. out_dir: where logs and checkpoints go (None: no files).
     workers: DataLoader workers. find_unused_parameters: passed to DDP (True is safe when some
     adapter parameters get no gradient in a step, e.g. unrouted experts).
+
+    accumulate: micro-batches per optimizer step (batch_size must be a multiple of world size *
+    accumulate): batch_size 4, accumulate 4 on one GPU holds one image at a time and steps like
+    batch 4. eval_mode: "resized" (whole cases resized to the window, one decode: cheap) or
+    "segment" (`model.segment()` zoom-out-zoom-in on the cases as stored: what users run; see
+    `validation.py`). eval_prompts: prompt types to validate with (None: the mode's all: resized
+    text, box, jittered_box; segment text, box, point). eval_points: positive clicks per organ of
+    the segment "point" prompt. eval_zoom_in: segment validation runs the zoom-in (False: zoom-out
+    only, faster). best_metric: the eval row's column that decides the best validation: "dice"
+    (mean over organs and prompt types) or "dice_<prompt>". save_best: write out_dir/best/ at
+    every new best. patience: stop after this many validations in a row without a new best (0:
+    never). min_delta: how much a validation must beat the best by. tensorboard: also log to
+    out_dir/tensorboard (needs the tensorboard package; off by default, so what a run writes never
+    depends on what else is installed).
     """
 
     steps: int = 1000
@@ -109,9 +135,21 @@ class TrainConfig:
     out_dir: str | None = None
     workers: int = 0
     find_unused_parameters: bool = True
+    accumulate: int = 1
+    eval_mode: str = "resized"
+    eval_prompts: tuple[str, ...] | None = None
+    eval_points: int = 1
+    eval_zoom_in: bool = True
+    best_metric: str = "dice"
+    save_best: bool = True
+    patience: int = 0
+    min_delta: float = 0.0
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         self.mixes = tuple(self.mixes)
+        if self.eval_prompts is not None and not isinstance(self.eval_prompts, str):
+            self.eval_prompts = tuple(self.eval_prompts)
         if self.out_dir is not None:
             self.out_dir = os.fspath(self.out_dir)
         self.validate()
@@ -122,10 +160,32 @@ class TrainConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if allow_zero else 1):
                 raise InvalidArgumentError(f"TrainConfig.{name} must be an int >= {0 if allow_zero else 1}, got {v!r}")
 
-        for name in ("steps", "batch_size", "log_every"):
+        for name in ("steps", "batch_size", "log_every", "accumulate", "eval_points"):
             positive_int(name)
-        for name in ("warmup_steps", "eval_every", "save_every", "box_jitter", "eval_jitter", "workers", "seed"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "save_every",
+            "box_jitter",
+            "eval_jitter",
+            "workers",
+            "seed",
+            "patience",
+        ):
             positive_int(name, allow_zero=True)
+        if self.batch_size % self.accumulate:
+            raise InvalidArgumentError(
+                f"TrainConfig.batch_size {self.batch_size} must be a multiple of accumulate {self.accumulate}"
+            )
+        prompts = validation.check_prompts(self.eval_mode, self.eval_prompts)
+        metrics = ["dice"] + [f"dice_{p}" for p in prompts]
+        if self.best_metric not in metrics:
+            raise InvalidArgumentError(f"TrainConfig.best_metric must be one of {metrics}, got {self.best_metric!r}")
+        if not (isinstance(self.min_delta, (int, float)) and math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise InvalidArgumentError(f"TrainConfig.min_delta must be a finite number >= 0, got {self.min_delta!r}")
+        for name in ("eval_zoom_in", "save_best", "tensorboard", "grad_checkpointing", "find_unused_parameters"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidArgumentError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.categories_per_image is not None:
             positive_int("categories_per_image")
         if self.amp not in AMP_MODES:
@@ -143,6 +203,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["mixes"] = list(self.mixes)
+        if self.eval_prompts is not None:
+            d["eval_prompts"] = list(self.eval_prompts)
         return d
 
     @classmethod
@@ -172,16 +234,6 @@ class _ResumableSampler(Sampler):
 
 
 # ---------------------------------------------------------------------------------- one step
-def encode_names(model: nn.Module, names: Sequence[str], modality: str) -> Tensor:
-    """Text embeddings (N, hidden) of `names`, each name encoded on its own.
-
-    `encode_text` runs the names missing from its cache as one padded batch, and a name's
-    embedding then differs in the last bits with the batch it first came in (padding length,
-    batched matmuls). One name per call makes every cached embedding independent of history, which
-    bit-exact resume and history-independent evaluation need; the cache makes it cheap."""
-    return torch.cat([model.encode_text([n], modality) for n in names])
-
-
 class _StepModule(nn.Module):
     """The forward of one training step as a module, so that DDP can wrap it (DDP synchronises
     gradients only for work done inside its forward).
@@ -208,7 +260,7 @@ class _StepModule(nn.Module):
             return sum(p.reshape(-1)[0] * 0.0 for p in self._params), torch.stack(parts)
         modalities = [p["modality"] for p in plans]
         route = adapters.batch_route(model, images, modalities)  # a mixture's choice per image, or None
-        with adapters.prompt_context(modalities=modalities), _routed(route):
+        with adapters.prompt_context(modalities=modalities), routed(route):
             emb = model.encode_image(images)
         total = images.new_zeros((), dtype=torch.float32)
         for i, plan in enumerate(plans):
@@ -217,7 +269,7 @@ class _StepModule(nn.Module):
                 continue
             with (
                 adapters.prompt_context(modalities=[plan["modality"]], tasks=plan["names"]),
-                _routed(None if route is None else route.row(i)),
+                routed(None if route is None else route.row(i)),
             ):
                 text = encode_names(model, plan["names"], plan["modality"]) if plan["needs_text"] else None
                 for k, prompt in enumerate(plan["prompts"]):
@@ -237,13 +289,14 @@ class _StepModule(nn.Module):
         return total, torch.stack(parts)
 
 
-def _routed(route):
-    return contextlib.nullcontext() if route is None else adapters.route(route)
-
-
 # ---------------------------------------------------------------------------------- trainer
 def _mix_uses_text(name: str) -> bool:
     return next(m for m in PROMPT_MIXES if m.name == name).text
+
+
+def _nonempty(labels: Tensor) -> list[int]:
+    """Categories of a (C, D, H, W) target with a voxel > 0."""
+    return [c for c in range(labels.shape[0]) if bool(labels[c].amax() > 0)]
 
 
 def _default_params(model: nn.Module) -> list[nn.Parameter]:
@@ -273,36 +326,6 @@ def _wrap_ddp(module: nn.Module, device: torch.device, find_unused: bool) -> nn.
     )
 
 
-def _seed_global_rngs(seed: int) -> None:
-    """Seed torch, numpy and Python's global generators (what e.g. LoRA dropout draws from), so a
-    run is the same every time; `resume` replaces them with the checkpoint's states."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Trainer:
     """Fine-tune `model` (a SegVol, with or without adapters) on `train_dataset`.
 
@@ -311,14 +334,17 @@ class Trainer:
         config: a TrainConfig.
         train_dataset: a `SegmentationDataset` (train=True); batches come from a
             ModalityBalancedSampler over it, batch_size * ceil(len / batch_size) draws an epoch.
-        eval_dataset: optional `SegmentationDataset` (train=False) for `evaluate` every eval_every.
+        eval_dataset: optional held-out data, validated every eval_every steps and at the end:
+            a `SegmentationDataset` (train=False; eval_mode "segment" uses its `cases`), or for
+            eval_mode "segment" also a list of `Case` records.
         params: what to train; default `_default_params` (adapter parameters if any, else every
             requires_grad parameter). Every other parameter of the model is set
             requires_grad=False, so that autograd and DDP track only what is trained.
 
     Construction seeds the global torch / numpy / Python generators from (config.seed, rank).
 
-    Attributes: step (optimizer steps done), history (logged train rows), eval_history.
+    Attributes: step (optimizer steps done), history (logged train rows), eval_history (one row
+    per validation), best (a `selection.BestTracker`: best score and step), stopped_early.
     """
 
     def __init__(
@@ -334,11 +360,18 @@ class Trainer:
         self.model, self.config = model, config
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.rank, self.world_size = dist_utils.rank(), dist_utils.world_size()
-        if config.batch_size % self.world_size:
+        if config.batch_size % (self.world_size * config.accumulate):
             raise InvalidArgumentError(
-                f"batch_size {config.batch_size} (global) must be a multiple of the world size {self.world_size}"
+                f"batch_size {config.batch_size} (global) must be a multiple of the world size {self.world_size} "
+                f"times accumulate {config.accumulate}"
             )
         self.local_batch = config.batch_size // self.world_size
+        if config.tensorboard:
+            if config.out_dir is None:
+                raise InvalidArgumentError("TensorBoard logging writes to out_dir: set TrainConfig.out_dir")
+            tensorboard_writer_class()  # a missing package fails now, not after the first steps
+        if eval_dataset is not None and config.eval_mode == "resized" and not hasattr(eval_dataset, "spatial_size"):
+            raise InvalidArgumentError("eval_mode 'resized' needs a SegmentationDataset(train=False) as eval_dataset")
         self.device = model_device(model)
         if getattr(model, "tokenizer", True) is None and any(_mix_uses_text(m) for m in config.mixes):
             raise InvalidArgumentError(
@@ -354,9 +387,11 @@ class Trainer:
             self.device.type, enabled=config.amp == "fp16" and self.device.type == "cuda"
         )
         self.step = 0
-        _seed_global_rngs(sample_seed(config.seed, self.rank, 0x61D))
+        seed_global_rngs(sample_seed(config.seed, self.rank, 0x61D))
         self.history: list[dict] = []
         self.eval_history: list[dict] = []
+        self.best = BestTracker(patience=config.patience, min_delta=float(config.min_delta))
+        self.stopped_early = False
         self.steps_per_epoch = max(1, math.ceil(len(train_dataset) / config.batch_size))
         self.sampler = _ResumableSampler(
             ModalityBalancedSampler(
@@ -395,15 +430,16 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ one step
-    def _plan(self, batch: dict, step: int) -> list[dict]:
+    def _plan(self, batch: dict, step: int, offset: int = 0) -> list[dict]:
         """Per image of this rank's batch: chosen categories, their targets and the prompts of
-        every mix (collated for one decode call). All draws from (seed, step, global position)."""
+        every mix (collated for one decode call). All draws from (seed, step, global position).
+        offset: where `batch` starts in this rank's share of the step (a micro-batch)."""
         cfg = self.config
         plans = []
-        for j, labels in enumerate(batch["labels"]):
+        for j, labels in enumerate(batch["labels"], start=offset):
             position = j * self.world_size + self.rank  # place in the global batch (see the sampler)
             g = torch.Generator().manual_seed(sample_seed(cfg.seed, step, position))
-            nonempty = [c for c in range(labels.shape[0]) if bool(labels[c].amax() > 0)]  # official: skip empty
+            nonempty = _nonempty(labels)  # official: skip empty categories
             if cfg.categories_per_image is not None and len(nonempty) > cfg.categories_per_image:
                 pick = torch.randperm(len(nonempty), generator=g)[: cfg.categories_per_image]
                 nonempty = sorted(nonempty[int(i)] for i in pick)
@@ -421,8 +457,8 @@ class Trainer:
                     )
             plans.append(
                 {
-                    "names": [batch["names"][j][c] for c in nonempty],
-                    "modality": batch["modality"][j],
+                    "names": [batch["names"][j - offset][c] for c in nonempty],
+                    "modality": batch["modality"][j - offset],
                     "target": labels[nonempty].to(self.device),
                     "prompts": prompts,
                     "needs_text": any(p["text"] for p in prompts),
@@ -430,8 +466,17 @@ class Trainer:
             )
         return plans
 
-    def loss_on(self, batch: dict, step: int | None = None) -> tuple[Tensor, Tensor, float]:
-        """Forward of one step on this rank's batch (no optimizer work).
+    def _global_pairs(self, batch: dict) -> float:
+        """The step's number of (image, category) pairs over all ranks (what `_plan` will choose)."""
+        cap = self.config.categories_per_image or math.inf
+        mine = sum(min(len(_nonempty(labels)), cap) for labels in batch["labels"])
+        return float(dist_utils.all_reduce_sum(torch.tensor([mine], dtype=torch.float64, device=self.device)).item())
+
+    def loss_on(
+        self, batch: dict, step: int | None = None, *, offset: int = 0, count: float | None = None
+    ) -> tuple[Tensor, Tensor, float]:
+        """Forward of one step on this rank's batch (no optimizer work); with `offset` and `count`
+        (the whole step's global pairs), of one micro-batch starting `offset` images into it.
 
         Returns:
             loss: 0-d float32 to call backward on: this rank's loss sum * world_size / global
@@ -441,12 +486,9 @@ class Trainer:
             count: the global number of (image, category) pairs (0: nothing to learn).
         """
         step = self.step if step is None else step
-        plans = self._plan(batch, step)
-        count = float(
-            dist_utils.all_reduce_sum(
-                torch.tensor([sum(len(p["names"]) for p in plans)], dtype=torch.float64, device=self.device)
-            ).item()
-        )
+        plans = self._plan(batch, step, offset)
+        if count is None:
+            count = self._global_pairs(batch)
         if count == 0:  # no rank has a non-empty category: no forward at all (keeps DDP's ranks in step)
             return (
                 torch.zeros((), device=self.device),
@@ -458,16 +500,35 @@ class Trainer:
         parts = dist_utils.all_reduce_sum(parts.to(self.device)).cpu() / count
         return total * (self.world_size / count), parts, count
 
+    def backward(self, batch: dict) -> tuple[Tensor, float]:
+        """Zero the gradients, then forward and backward of this rank's batch as `accumulate`
+        micro-batches; DDP all-reduces only in the last one's backward (`no_sync` before). The
+        gradients are those of the global batch's mean loss (each micro-batch's loss is divided by
+        the whole step's pair count). Returns (parts, count) as `loss_on` for the whole step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = torch.zeros(2 + len(self.config.mixes), dtype=torch.float64)
+        count = self._global_pairs(batch)
+        if count == 0:  # no rank has a non-empty category: no forward at all (keeps DDP's ranks in step)
+            return parts, 0.0
+        size = self.local_batch // self.config.accumulate
+        for offset in range(0, self.local_batch, size):
+            micro = {k: v[offset : offset + size] for k, v in batch.items()}
+            last = offset + size >= self.local_batch
+            hold = getattr(self._engine, "no_sync", None)
+            with contextlib.nullcontext() if last or hold is None else hold():
+                loss, micro_parts, _ = self.loss_on(micro, offset=offset, count=count)
+                self.scaler.scale(loss).backward()
+            parts += micro_parts
+        return parts, count
+
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on this rank's share of the global batch; returns the metric row."""
         cfg = self.config
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.zero_grad(set_to_none=True)
-        loss, parts, count = self.loss_on(batch)
+        parts, count = self.backward(batch)
         grad_norm = float("nan")
         if count > 0:  # the same on every rank (all-reduced): ranks stay in step
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
             # max_norm inf measures without changing the gradients (the clip factor clamps to 1)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf")))
@@ -488,162 +549,136 @@ class Trainer:
         return row
 
     # ------------------------------------------------------------------ the loop
-    def _logs(self) -> tuple[MetricLog | None, MetricLog | None]:
-        if self.config.out_dir is None or not dist_utils.is_main():
-            return None, None
-        out = pathlib.Path(self.config.out_dir)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the output folder {out}: {exc}") from exc
-        train = MetricLog(out / "train_log.csv", out / "train_log.jsonl")
-        evals = MetricLog(out / "eval_log.csv", out / "eval_log.jsonl") if self.eval_dataset is not None else None
-        return train, evals
-
     def checkpoint_path(self, step: int | None = None) -> pathlib.Path | None:
         if self.config.out_dir is None:
             return None
         return pathlib.Path(self.config.out_dir) / f"checkpoint_{self.step if step is None else step:07d}.pt"
 
+    def best_dir(self) -> pathlib.Path | None:
+        """out_dir/best: the best validation's checkpoint.pt, best.json and adapter files."""
+        return None if self.config.out_dir is None else pathlib.Path(self.config.out_dir) / "best"
+
     def fit(self, progress: bool = True, until: int | None = None) -> list[dict]:
         """Train until config.steps optimizer steps are done (from `self.step`, e.g. after resume),
         or only until step `until` (< config.steps: stop early with the schedule of the full run;
-        no final evaluation or checkpoint then).
+        no final validation or checkpoint then), or until early stopping (`patience`).
 
-        Logs every log_every steps (rank 0, to out_dir/train_log.{csv,jsonl}), evaluates every
-        eval_every steps (out_dir/eval_log.*), checkpoints every save_every steps and at the end
-        (out_dir/checkpoint_<step>.pt). Returns `history` (the logged rows of all fit calls)."""
-        from tqdm.auto import tqdm
-
+        Logs every log_every steps (rank 0, to out_dir/train_log.{csv,jsonl}), validates every
+        eval_every steps and at the end (out_dir/eval_log.*, eval_labels.*; a new best goes to
+        out_dir/best/), checkpoints every save_every steps and at the end
+        (out_dir/checkpoint_<step>.pt). progress: show the bar (rank 0, on a terminal or in a
+        notebook only). Returns `history` (the logged rows of all fit calls)."""
         cfg = self.config
         stop = cfg.steps if until is None else int(until)
         if not self.step <= stop <= cfg.steps:
             raise InvalidArgumentError(f"until must be in [{self.step}, {cfg.steps}], got {until!r}")
-        train_log, eval_log = self._logs()
-        bar = tqdm(
-            total=cfg.steps,
-            initial=self.step,
-            desc="finetune",
-            unit="step",
-            disable=not (progress and dist_utils.is_main()),
-            dynamic_ncols=True,
-        )
+        logs = None
+        if cfg.out_dir is not None and dist_utils.is_main():
+            logs = RunLogs(cfg.out_dir, validating=self.eval_dataset is not None, tensorboard=cfg.tensorboard)
+        bar = TrainProgress(cfg.steps, self.step, enabled=progress)
         last_saved = last_eval = None
+        self.stopped_early = False
         self.model.train()
         try:
-            while self.step < stop:
+            while self.step < stop and not self.stopped_early:
                 epoch, within = divmod(self.step, self.steps_per_epoch)
                 self.sampler.skip = within * self.local_batch
                 self.loader.set_epoch(epoch)
                 for batch in self.loader:
                     row = self.train_step(batch)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+                    bar.step(row)
                     if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                         self.history.append(row)
-                        if train_log is not None:
-                            train_log.log(row)
+                        if logs is not None:
+                            logs.train(row)
                     if self.eval_dataset is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
-                        self._evaluate_and_log(eval_log)
+                        self._validate_and_log(logs, bar)
                         last_eval = self.step
+                        self.stopped_early = self.best.should_stop
                     if cfg.save_every and self.step % cfg.save_every == 0 and cfg.out_dir is not None:
                         self.save_checkpoint(self.checkpoint_path())
                         last_saved = self.step
-                    if self.step >= stop:
+                    if self.step >= stop or self.stopped_early:
                         break
-            if stop < cfg.steps:
+            if stop < cfg.steps and not self.stopped_early:
                 return self.history
             if self.eval_dataset is not None and last_eval != self.step:
-                self._evaluate_and_log(eval_log)
+                self._validate_and_log(logs, bar)
             if cfg.out_dir is not None and last_saved != self.step:
                 self.save_checkpoint(self.checkpoint_path())
         finally:
             bar.close()
-            for log in (train_log, eval_log):
-                if log is not None:
-                    log.close()
+            if logs is not None:
+                logs.close()
         return self.history
 
-    def _evaluate_and_log(self, eval_log: MetricLog | None) -> None:
-        result = self.evaluate(self.eval_dataset, jitter=self.config.eval_jitter)
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> dict:
+        """Validate on the eval data as config.eval_mode says (`validation.py`); every rank gets
+        the whole result: {"dice", "mean": {prompt: Dice}, "per_organ", "per_label"}."""
+        cfg = self.config
+        prompts = validation.check_prompts(cfg.eval_mode, cfg.eval_prompts)
+        if self.eval_dataset is None:
+            raise InvalidArgumentError("validate needs the Trainer's eval_dataset")
+        if cfg.eval_mode == "resized":
+            return self.evaluate(self.eval_dataset, prompts, jitter=cfg.eval_jitter)
+        cases = getattr(self.eval_dataset, "cases", self.eval_dataset)
+        return validation.segment_validation(
+            self.model, list(cases), prompts, points=cfg.eval_points, zoom_in=cfg.eval_zoom_in
+        )
+
+    def _validate_and_log(self, logs: RunLogs | None, bar: TrainProgress) -> None:
+        bar.validating()
+        result = self.validate()
         row = {
             "step": self.step,
+            "dice": result["dice"],
             **{f"dice_{k}": v for k, v in result["mean"].items()},
             "labels": len(result["per_label"]),
         }
         self.eval_history.append(row)
-        if eval_log is not None:
-            eval_log.log(row)
+        if logs is not None:
+            logs.validation(row, result, list(result["mean"]))
+        bar.validated(row[self.config.best_metric])
+        if self.best.update(row[self.config.best_metric], self.step) and self.config.save_best:
+            self._save_best(row)
 
-    # ------------------------------------------------------------------ evaluation
+    def _save_best(self, row: dict) -> None:
+        """out_dir/best/: checkpoint.pt (this trainer's format: `load_weights` or `resume` it),
+        best.json (the eval row and the metric) and, for a model with adapters, each adapter's
+        file as `adapters.save_adapter` writes it (ready for segment(adapter=...))."""
+        best = self.best_dir()
+        if best is None:
+            return
+        self.save_checkpoint(best / "checkpoint.pt")  # collective: every rank takes part
+        if dist_utils.is_main():
+            for name in adapters.adapter_names(self.model):
+                adapters.save_adapter(self.model, name, best / f"adapter_{name}.safetensors")
+            summary = {"metric": self.config.best_metric, "value": row[self.config.best_metric], **row}
+            text = json.dumps(summary, indent=2, allow_nan=True) + "\n"
+            write_file_atomic(best / "best.json", lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+
+    def load_weights(self, path) -> Trainer:
+        """Put the trained parameters of a checkpoint (e.g. out_dir/best/checkpoint.pt) into the
+        model, nothing else (no optimizer, step or RNG): to use or export the best weights."""
+        self._load_trainable(read_checkpoint(path)["trainable"], path)
+        return self
+
     def evaluate(self, dataset, prompts: Sequence[str] = EVAL_PROMPTS, jitter: int = 5) -> dict:
-        """Dice of (logits > 0) vs the label, per case and label, for each prompt kind.
-
-        Args:
-            dataset: a SegmentationDataset, normally train=False (whole case resized, no
-                augmentation); case i is dataset[i]. With DDP the cases are split over the ranks
-                and the results gathered, so every rank gets the whole answer.
-            prompts: among "text" (the label's name, the sample's modality template), "box" (the
-                ground-truth box) and "jittered_box" (each corner moved by up to `jitter` voxels,
-                drawn from a generator seeded by (EVAL_SEED, case index): the same boxes every call).
-
-        Returns:
-            {"mean": {kind: mean Dice over all (case, label)}, "per_label": [{"case", "index",
-             "label", kind: Dice...}, ...]} ordered by case index then label; labels that are
-             empty after resizing are skipped. The model is evaluated in eval mode under no_grad
-             and put back in its previous mode.
-        """
-        unknown = [p for p in prompts if p not in EVAL_PROMPTS]
-        if unknown or not prompts:
-            raise InvalidArgumentError(f"evaluate prompts must be among {EVAL_PROMPTS}, got {tuple(prompts)}")
-        was_training = self.model.training
-        self.model.eval()
-        rows: list[dict] = []
-        try:
-            with torch.no_grad(), self._autocast():
-                for i in range(self.rank, len(dataset), self.world_size):
-                    rows.extend(self._evaluate_case(dataset, i, tuple(prompts), jitter))
-        finally:
-            self.model.train(was_training)
-        rows = sorted(
-            (r for part in dist_utils.all_gather_objects(rows) for r in part), key=lambda r: (r["index"], r["position"])
-        )
-        mean = {k: (float(np.mean([r[k] for r in rows])) if rows else float("nan")) for k in prompts}
-        return {"mean": mean, "per_label": rows}
-
-    def _evaluate_case(self, dataset, index: int, prompts: tuple[str, ...], jitter: int) -> list[dict]:
-        sample = dataset[index]
-        labels = sample["labels"] > 0.5  # (C, D, H, W) bool
-        keep = [c for c in range(labels.shape[0]) if bool(labels[c].any())]
-        if not keep:
-            return []
-        names, modality = [sample["names"][c] for c in keep], sample["modality"]
-        model = self.model
-        image = sample["image"][None].to(self.device)
-        route = adapters.batch_route(model, image, [modality])
-        with adapters.prompt_context(modalities=[modality]), _routed(route):
-            emb = model.encode_image(image)
-        scores: dict[str, list[float]] = {}
-        with adapters.prompt_context(modalities=[modality], tasks=names), _routed(route):
-            for kind in prompts:
-                if kind == "text":
-                    logits = model.decode(emb, text_embedding=encode_names(model, names, modality))
-                else:
-                    g = torch.Generator().manual_seed(sample_seed(EVAL_SEED, index))
-                    shift = jitter if kind == "jittered_box" else 0
-                    boxes = torch.stack([box_from_mask(labels[c], shift, g) for c in keep]).to(self.device)
-                    logits = model.decode(emb, boxes=boxes)
-                scores[kind] = [dice(logits[n, 0] > 0, labels[c].to(logits.device)) for n, c in enumerate(keep)]
-        return [
-            {"case": sample["case"], "index": index, "position": n, "label": name, **{k: scores[k][n] for k in prompts}}
-            for n, name in enumerate(names)
-        ]
+        """The cheap validation (`validation.resized_validation`) on `dataset` (a SegmentationDataset,
+        normally train=False; case i is dataset[i]): Dice of (logits > 0) per case and label for
+        each of prompts "text", "box", "jittered_box" (corners moved by up to `jitter` voxels, the
+        same boxes every call). With DDP the cases are split over the ranks and the results
+        gathered. Returns {"dice", "mean": {kind: Dice}, "per_organ", "per_label": [{"case",
+        "index", "position", "label", kind: Dice...}]}; labels empty after resizing are skipped."""
+        return validation.resized_validation(self.model, dataset, prompts, jitter=jitter, autocast=self._autocast)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """What resume needs: trainable parameters (only), optimizer, scheduler, scaler, step,
-        RNG states of every rank, config. Collective under DDP (every rank must call it)."""
-        rngs = dist_utils.all_gather_objects(_rng_state())
+        RNG states of every rank, config, the best validation so far. Collective under DDP
+        (every rank must call it)."""
+        rngs = dist_utils.all_gather_objects(rng_state())
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
@@ -655,6 +690,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rngs,
+            "best": self.best.state_dict(),
         }
 
     def save_checkpoint(self, path) -> pathlib.Path | None:
@@ -663,14 +699,7 @@ class Trainer:
         state = self.state_dict()
         path = pathlib.Path(path)
         if dist_utils.is_main():
-
-            def write(tmp: str) -> None:
-                with open(tmp, "wb") as f:
-                    torch.save(state, f)
-                    f.flush()
-                    os.fsync(f.fileno())  # a checkpoint must survive the crash it exists for
-
-            write_file_atomic(path, write)
+            write_checkpoint(path, state)
         dist_utils.barrier()
         return path if dist_utils.is_main() else None
 
@@ -680,14 +709,7 @@ class Trainer:
 
         Raises CheckpointError for a foreign or mismatched file."""
         path = pathlib.Path(path)
-        if not path.is_file():
-            raise CheckpointError(f"no checkpoint at {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many kinds for damaged files
-            raise CheckpointError(f"{path} cannot be read as a trainer checkpoint: {exc}") from exc
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} is not a segevol_fast trainer checkpoint")
+        state = read_checkpoint(path)
         saved = state["config"]
         changed = [k for k in _STREAM_FIELDS if TrainConfig.from_dict(saved).to_dict()[k] != self.config.to_dict()[k]]
         if changed:
@@ -697,8 +719,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        if "best" in state:  # checkpoints from before best-checkpoint tracking have none
+            self.best.load_state_dict(state["best"])
         rngs = state["rng"]
-        _set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
+        set_rng_state(rngs[self.rank] if len(rngs) == self.world_size else rngs[0])
         return self
 
     def _load_trainable(self, tensors: dict, path) -> None:
