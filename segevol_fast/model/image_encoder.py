@@ -9,6 +9,7 @@ Parameter names equal MONAI's, so `state_dict()` keys equal the official checkpo
 
 from __future__ import annotations
 
+import contextvars
 from typing import Optional
 
 import torch
@@ -106,7 +107,9 @@ class ImageEncoder(nn.Module):
     (B, 1, 32, 256, 256) -> (B, 768, 8, 16, 16).
 
     Set `gradient_checkpointing = True` to recompute each block in the backward pass instead of
-    storing its activations (only while autograd is recording).
+    storing its activations (only while autograd is recording). The recompute runs in the context
+    variables of the forward call, so what adapters read from them (a mixture's route, the prompt
+    context) is the same in both passes although backward runs after the caller's `with` blocks.
     """
 
     def __init__(self, config: SegVolConfig):
@@ -146,7 +149,8 @@ class ImageEncoder(nn.Module):
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
-                tokens = checkpoint(block, tokens, use_reentrant=False)
+                # each block runs (now and in its recompute) in a snapshot of this call's context
+                tokens = checkpoint(contextvars.copy_context().run, block, tokens, use_reentrant=False)
             else:
                 tokens = block(tokens)
         tokens = self.norm(tokens)
