@@ -1,5 +1,6 @@
-"""`segevol-fast finetune`: fine-tune SegVol (LoRA by default) on a dataset folder or image/label
-files, on one process or under torchrun.
+"""`segevol-fast finetune`: fine-tune SegVol (LoRA by default; bottleneck adapters, a mixture of
+adapters, context priors or the whole model with --method, see finetune_methods.py) on a dataset
+folder or image/label files, on one process or under torchrun.
 
     segevol-fast finetune --data /data/Task07_Pancreas --weights BAAI/SegVol --steps 2000 --out runs/p
     segevol-fast finetune --image mr.nii.gz --label mr_labels.nii.gz --label-map labels.json \\
@@ -8,8 +9,9 @@ files, on one process or under torchrun.
     torchrun --nproc-per-node 4 -m segevol_fast finetune ...            # DDP: the same command
 
 Writes into --out: train_log.csv/.jsonl, eval_log.* (with --eval-data / --eval-image),
-checkpoint_<step>.pt (resume with --resume), and the result: adapter_<name>.safetensors (LoRA)
-or model/ (full fine-tuning, `SegVol.from_pretrained` reads it).
+checkpoint_<step>.pt (resume with --resume), and the result: adapter_<name>.safetensors (every
+adapter method; `adapters.load_adapter` and `segment --adapter` read it) or model/ (full
+fine-tuning, `SegVol.from_pretrained` reads it).
 
 `python -m segevol_fast.cli.finetune` runs the same command directly (the torchrun target of the
 distributed tests).
@@ -23,8 +25,8 @@ import pathlib
 import sys
 
 from ..errors import SegVolFastError, UsageError
+from .finetune_methods import add_method_arguments, attach_method, save_method
 
-METHODS = ("lora", "full")
 CONFIGS = ("official", "tiny", "small")
 
 
@@ -57,13 +59,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     src.add_argument("--random-weights", action="store_true", help="start from a random model (tests, toy runs)")
     m.add_argument("--config", choices=CONFIGS, default="official", help="architecture for --random-weights")
     m.add_argument("--tokenizer", metavar="DIR", help="CLIP tokenizer folder (default: next to the weights)")
-    m.add_argument("--method", choices=METHODS, default="lora", help="lora (default) or full fine-tuning")
-    m.add_argument("--adapter-name", default="default", help="name of the LoRA adapter (default 'default')")
-    m.add_argument("--lora-rank", type=int, default=16)
-    m.add_argument("--lora-alpha", type=float, default=16.0)
-    m.add_argument("--rslora", action="store_true", help="scale alpha / sqrt(rank)")
-    m.add_argument("--lora-dropout", type=float, default=0.0)
     m.add_argument("--model-seed", type=int, default=0, help="seed of --random-weights")
+    add_method_arguments(p)
 
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
@@ -94,7 +91,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
 def add_subcommand(sub) -> None:
     p = sub.add_parser(
         "finetune",
-        help="adapt SegVol to new data (LoRA or full fine-tuning; runs under torchrun)",
+        help="adapt SegVol to new data (LoRA, bottleneck, mixture, context priors or full fine-tuning; "
+        "runs under torchrun)",
         description="Fine-tune on Decathlon / nnU-Net / M3D-Seg folders or image+label pairs with the "
         "official loss and prompt mix; `torchrun --nproc-per-node N segevol-fast finetune ...` "
         "runs the same command data-parallel.",
@@ -191,7 +189,7 @@ def _train_config(args):
 def run_finetune(args: argparse.Namespace) -> int:
     """Run `segevol-fast finetune`; returns the exit code (0). Errors are segevol_fast errors
     (UsageError for bad arguments), reported by the caller."""
-    from .. import adapters, distributed
+    from .. import distributed
     from ..train.datasets import SegmentationDataset
     from ..train.trainer import Trainer
 
@@ -203,14 +201,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         train_cases = _cases(args, args.data, args.image, args.label, "training data")
         eval_cases = _cases(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
         model = _model(args, env.device)
-        if args.method == "lora":
-            adapters.add_lora(
-                model,
-                args.adapter_name,
-                adapters.LoraConfig(
-                    rank=args.lora_rank, alpha=args.lora_alpha, rslora=args.rslora, dropout=args.lora_dropout
-                ),
-            )
+        attach_method(args, model, train_cases + eval_cases)
         size = model.config.spatial_size
         train = SegmentationDataset(train_cases, size, train=True, seed=args.seed, rotation_deg=args.rotation_deg)
         evals = SegmentationDataset(eval_cases, size, train=False) if eval_cases else None
@@ -226,14 +217,7 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _write_result(args, model, trainer) -> None:
-    from .. import adapters
-
-    out = pathlib.Path(args.out)
-    if args.method == "lora":
-        result = adapters.save_adapter(model, args.adapter_name, out / f"adapter_{args.adapter_name}.safetensors")
-    else:
-        result = str(out / "model")
-        model.save_pretrained(result)
+    result = save_method(args, model, pathlib.Path(args.out))
     summary = {
         "steps": trainer.step,
         "result": str(result),
