@@ -124,7 +124,10 @@ def _segment_case(model, case: Case, index: int, prompts, points: int, zoom_in: 
     predicted: dict[str, list[np.ndarray]] = {}
     for kind in prompts:
         if kind == "text":
-            res = session.segment(text=[case.label_map[i] for i in ids], zoom_in=zoom_in)
+            names = [case.label_map[i] for i in ids]
+            with torch.no_grad():  # cache them as training does, one at a time, in float32 (see encode_names)
+                encode_names(model, names, case.modality)
+            res = session.segment(text=names, zoom_in=zoom_in)
             predicted[kind] = list(res.masks.values())
         elif kind == "box":
             res = session.segment(box=np.stack([_box(masks[i]) for i in ids]), zoom_in=zoom_in)

@@ -183,3 +183,34 @@ def test_resized_validation_keeps_its_rows_and_adds_the_summary(model, small_ct)
     res = validation.resized_validation(model, data, ("text", "box"))
     assert res["per_label"] and set(res["mean"]) == {"text", "box"}
     assert res["dice"] == pytest.approx((res["mean"]["text"] + res["mean"]["box"]) / 2)
+
+
+def test_segment_validation_leaves_the_training_untouched(data_dir, small_ct):
+    """A run validated with segment() every step trains bit for bit like one never validated: the
+    validation draws nothing from the global RNG (LoRA dropout does), puts the model back in train
+    mode, and the names it meets first enter the text cache as training would encode them."""
+    from segevol_fast import adapters
+
+    train = SegmentationDataset(small_ct, SegVolConfig.tiny().spatial_size, train=True, unknown_labels="ignore")
+    rows = []
+    for eval_every in (0, 1):
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            model = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
+            adapters.add_lora(model, "ct", adapters.LoraConfig(rank=2, alpha=4, dropout=0.2))
+            for p in adapters.adapter_parameters(model):
+                p.data.normal_(0, 0.05)
+        cfg = TrainConfig(
+            steps=4,
+            batch_size=1,
+            categories_per_image=1,  # names first met in validation: its text cache entries are used later
+            mixes=("text", "box"),
+            eval_every=eval_every,
+            eval_mode="segment",
+            eval_zoom_in=False,
+            lr=1e-3,
+        )
+        tr = Trainer(model, cfg, train, eval_dataset=small_ct if eval_every else None)
+        rows.append([{k: v for k, v in r.items() if k != "step_time"} for r in tr.fit(progress=False)])
+        assert len(tr.eval_history) == (4 if eval_every else 0)
+    assert rows[0] == rows[1]
