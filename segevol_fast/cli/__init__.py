@@ -4,7 +4,8 @@ Subcommands, one module each:
     segment     segment organs in a NIfTI file or DICOM folder by text, boxes and/or points (segment.py)
     demo        segment liver, spleen and kidneys in the shared real CT (or a synthetic phantom) (demo.py)
     vocabulary  the structure names SegVol is known to have been trained on (text prompts) (vocabulary.py)
-    finetune    adapt SegVol to new data, on one process or under torchrun (finetune.py)
+    finetune    adapt SegVol to new data, on one process or under torchrun (finetune.py; what --method
+                trains and its flags: finetune_methods.py)
     info        versions, build flags, devices and selected kernel backends (paste into bug reports) (info.py)
 What they share (model, device, file checks, warnings) is in common.py; a run's output in report.py.
 
