@@ -135,8 +135,8 @@ def route_for(
     if images is None:
         raise AdapterError(f"{config.routing} routing of {name!r} needs the images (B, 1, D, H, W)")
     router: Router = model.mixture_routers[_key(name)]
-    tokens = model.image_encoder.patch_embedding(images.to(router.proj.weight.dtype))  # (B, N, hidden)
-    return learned_route(router, names, config.routing, config.balance_weight, tokens)
+    embed = model.image_encoder.patch_embedding
+    return learned_route(router, names, config.routing, config.balance_weight, images, embed)
 
 
 def routes_on_images(model: nn.Module, name: str) -> bool:

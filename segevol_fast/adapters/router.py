@@ -52,10 +52,14 @@ class Router(AdapterModule):
         return self.proj(((x - mean) / torch.sqrt(var + 1e-5)).to(self.proj.weight.dtype))
 
 
-def learned_route(router: Router, names: tuple[str, ...], routing: str, balance_weight: float, tokens: Tensor) -> Route:
-    """The Route a learned router picks from the images' patch tokens (B, N, hidden): "soft" gates
-    every expert by its probability; "top1" sends each image to its most probable expert and
-    leaves the load-balancing loss on `router.aux_loss`."""
+def learned_route(
+    router: Router, names: tuple[str, ...], routing: str, balance_weight: float, images: Tensor, embed: nn.Module
+) -> Route:
+    """The Route a learned router picks for images (B, 1, D, H, W), read through the base model's
+    patch embedding `embed` (one cheap pass, so the choice is known before the first adapted
+    block): "soft" gates every expert by its probability; "top1" sends each image to its most
+    probable expert and leaves the load-balancing loss on `router.aux_loss`."""
+    tokens = embed(images.to(router.proj.weight.dtype))  # (B, N, hidden)
     probs = torch.softmax(router(tokens.mean(dim=1)).float(), dim=-1)  # (B, K + 1)
     if routing == "soft":
         router.aux_loss = None
