@@ -22,7 +22,7 @@ import re
 from ..errors import MissingDependencyError, OutputError
 from .metrics import MetricLog
 
-TENSORBOARD_INSTALL = "pip install tensorboard  (or: pip install 'segevol-fast[tensorboard]')"
+TENSORBOARD_INSTALL = "pip install tensorboard  (or: pip install 'segevol_fast[tensorboard]')"
 _NOT_SCALARS = ("step", "epoch")
 
 
