@@ -257,7 +257,7 @@ class _StepModule(nn.Module):
         if not any(p["names"] for p in plans):
             # nothing to learn on this rank this step; still touch every parameter so DDP's
             # gradient all-reduce sees the same parameters on every rank
-            return sum(p.reshape(-1)[0] * 0.0 for p in self._params), torch.stack(parts)
+            return self._zero_on_every_param(), torch.stack(parts)
         modalities = [p["modality"] for p in plans]
         route = adapters.batch_route(model, images, modalities)  # a mixture's choice per image, or None
         with adapters.prompt_context(modalities=modalities), routed(route):
@@ -286,7 +286,17 @@ class _StepModule(nn.Module):
         aux = adapters.aux_loss(model)  # router load balancing / prior modality loss of this forward
         if aux is not None:  # weighted by this rank's pairs: the step's scaling turns it into a mean
             total = total + aux * sum(len(p["names"]) for p in plans)
+        if not total.requires_grad:
+            # No trained parameter is on this batch's graph (every image routed to a mixture's
+            # identity expert, e.g. an all-CT batch): their gradient is exactly zero. Adding a
+            # zero-weighted term gives backward a graph and every parameter that zero gradient, so
+            # this rank runs the same backward and all-reduce as the others.
+            total = total + self._zero_on_every_param()
         return total, torch.stack(parts)
+
+    def _zero_on_every_param(self) -> Tensor:
+        """0.0, as a function of every trained parameter (their gradients from it are zeros)."""
+        return sum(p.reshape(-1)[0] * 0.0 for p in self._params)
 
 
 # ---------------------------------------------------------------------------------- trainer
