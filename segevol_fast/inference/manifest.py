@@ -8,12 +8,12 @@ and `name` (the output folder; default the input's stem). Numbers are separated 
 (in a CSV, a field with commas must be quoted); JSONL may give them as lists. A UTF-8 byte-order
 mark (spreadsheet exports) is ignored.
 
-Every row is checked with `segment()`'s own argument checks (`check_prompt_arguments`,
-`check_modality`) once the command's prompts have filled its empty columns (`check_item`), and the
-adapter file it names must exist. A row that fails keeps its error in `CohortItem.error`: a typed
-error whose message names the manifest, the row (1-based, counting data rows, with its line in the
-file) and the column. A problem with the whole file (missing, not UTF-8 text, no `input` column, no
-rows) raises at once.
+Every row is checked once, with `segment()`'s own argument checks (`check_prompt_arguments`, which
+names the prompt argument at fault, and `check_modality`), after the command's prompts have filled
+its empty columns (`check_item`), and the adapter file it names must exist. A row that fails keeps
+its error in `CohortItem.error`: a typed error whose message names the manifest, the row (1-based,
+counting data rows, with its line in the file) and the column. A problem with the whole file
+(missing, not UTF-8 text, no `input` column, no rows) raises at once.
 """
 
 from __future__ import annotations
@@ -252,15 +252,10 @@ def check_item(item: CohortItem) -> None:
             + ("the row's text, box and points columns are empty and " if item.where else "")
             + "the command gives none (text=, box=, points=; --text / --box / --points)"
         )
-    given = {}
-    for column in PROMPT_COLUMNS:  # one column more each time: the first failing check names its column
-        if prompts[column] is None:
-            continue
-        given[column] = prompts[column]
-        try:
-            check_prompt_arguments(**given)
-        except (PromptError, ArgumentTypeError) as exc:
-            raise type(exc)(f"{column_of(item, column)}: {exc}") from None
+    try:
+        check_prompt_arguments(**prompts)
+    except (PromptError, ArgumentTypeError) as exc:  # exc.argument: the prompt argument at fault, i.e. its column
+        raise type(exc)(f"{column_of(item, exc.argument)}: {exc}") from None
     try:
         check_modality(item.modality)
     except (ArgumentTypeError, InvalidArgumentError) as exc:

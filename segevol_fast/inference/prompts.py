@@ -13,8 +13,9 @@ official `generate_box`.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -157,17 +158,30 @@ def _as_boxes(box, n: Optional[int]) -> list[Optional[np.ndarray]]:
 def checked_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     """(P, 3) float64 points and (P,) int64 labels (1 / 0), checked; (None, None) without points.
     Whether the points can stand alone (a positive one) is `_check_target`'s question."""
+    pts = _points(points)
+    return pts, _point_labels(pts, point_labels)
+
+
+def _points(points) -> Optional[np.ndarray]:
+    """(P, 3) float64, or None without points."""
     if points is None:
-        if point_labels is not None:
-            raise PromptError("point_labels given without points")
-        return None, None
+        return None
     pts = _numbers(points, "points")
     if pts.shape == (3,):
         pts = pts[None]
     if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) == 0:
         raise PromptError(f"points must be (P, 3) = (i, j, k) rows, got shape {pts.shape}")
+    return pts
+
+
+def _point_labels(pts: Optional[np.ndarray], point_labels) -> Optional[np.ndarray]:
+    """(P,) int64 labels for the checked points `pts` (default all positive), None without points."""
+    if pts is None:
+        if point_labels is not None:
+            raise PromptError("point_labels given without points")
+        return None
     if point_labels is None:
-        return pts, np.ones(len(pts), np.int64)
+        return np.ones(len(pts), np.int64)
     raw = np.atleast_1d(_numbers(point_labels, "point_labels"))
     if raw.shape != (len(pts),):
         raise PromptError(
@@ -187,7 +201,7 @@ def checked_points(points, point_labels) -> tuple[Optional[np.ndarray], Optional
         raise PromptError(
             f"point_labels must be 1 (positive) or 0 (negative), one per point; got {wrong:g} in {raw.tolist()}"
         )
-    return pts, raw.astype(np.int64)
+    return raw.astype(np.int64)
 
 
 def _check_target(names: Sequence[str], box, labels: Optional[np.ndarray]) -> None:
@@ -206,11 +220,35 @@ def _check_target(names: Sequence[str], box, labels: Optional[np.ndarray]) -> No
 
 def check_prompt_arguments(text=None, box=None, points=None, point_labels=None) -> None:
     """Check `segment()`'s prompt arguments without a volume (types, shapes, finiteness, labels),
-    so a bad prompt fails before the scan is read. `build_prompts` repeats the same checks."""
-    names = _text_names(text)
-    _as_boxes(box, len(names) or None)
-    _, labels = checked_points(points, point_labels)
-    _check_target(names, box, labels)
+    so a bad prompt fails before the scan is read. `build_prompts` repeats the same checks.
+
+    The PromptError / ArgumentTypeError raised carries `argument`: the one at fault, "text",
+    "box", "points" or "point_labels" (None when no prompt is given at all), for callers that
+    report where the value came from (a cohort manifest names the column). An argument is at
+    fault when the ones before it, in that order, pass without it: a box count that does not
+    match the names is the box's fault, a negative-only point set the labels'.
+    """
+    with _at_fault("text"):
+        names = _text_names(text)
+    with _at_fault("box"):
+        _as_boxes(box, len(names) or None)
+    with _at_fault("points"):
+        pts = _points(points)
+    with _at_fault("point_labels"):
+        labels = _point_labels(pts, point_labels)
+    # without labels, points are all positive: only labels can leave points without a target
+    with _at_fault("point_labels" if point_labels is not None else None):
+        _check_target(names, box, labels)
+
+
+@contextlib.contextmanager
+def _at_fault(argument: Optional[str]) -> Iterator[None]:
+    """Tag a prompt error raised in the block with the argument at fault (`exc.argument`)."""
+    try:
+        yield
+    except (PromptError, ArgumentTypeError) as exc:
+        exc.argument = argument
+        raise
 
 
 def build_prompts(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from segevol_fast.errors import PromptError
+from segevol_fast.errors import ArgumentTypeError, PromptError
 from segevol_fast.inference import segment
 from segevol_fast.inference.prompts import build_prompts, check_prompt_arguments, crop_to_input, input_to_crop
 
@@ -126,3 +126,48 @@ def test_exact_mode_point_map_of_negative_only_clicks_is_empty():
     assert zp.points[1].tolist() == [[0]] and not zp.point_map.any()
     coords, labels = select_points(zp.point_map, torch.Generator().manual_seed(0))
     assert labels.tolist() == [-1] and coords.tolist() == [[-1.0, -1.0, -1.0]]
+
+
+# ------------------------------------------------------------------ the argument at fault
+BAD_PROMPTS = [
+    # (prompt arguments, the argument at fault)
+    (dict(text=5), "text"),
+    (dict(text=["liver", ""], box=[1, 2, 3]), "text"),  # the first at fault, in argument order
+    (dict(box="1,2,3,4,5,6"), "box"),
+    (dict(box=[0, 0, 0, np.nan, 4, 4], points=[[1, 2, 3, 4]]), "box"),
+    (dict(text=["a", "b", "c"], box=[[0] * 6, [1] * 6]), "box"),  # the count is the boxes' fault
+    (dict(text="liver", points=[[1, 2, 3, 4]]), "points"),
+    (dict(text="liver", points=torch.tensor([[1.0, 2.0, float("inf")]])), "points"),
+    (dict(points=[[1, 2, 3]], point_labels=[1, 1]), "point_labels"),
+    (dict(points=[[1, 2, 3]], point_labels="1"), "point_labels"),
+    (dict(text="liver", point_labels=[1]), "point_labels"),  # labels without points
+    (dict(points=[[1, 2, 3], [4, 5, 6]], point_labels=[0, 0]), "point_labels"),  # no positive point alone
+    (dict(), None),  # no prompt at all: no one argument is at fault
+]
+
+
+def _first_failing_prefix(prompts: dict):
+    """The argument at fault by definition: adding the given arguments one at a time in argument
+    order, the one whose addition makes the check fail."""
+    given = {}
+    for name in ("text", "box", "points", "point_labels"):
+        if prompts.get(name) is None:
+            continue
+        given[name] = prompts[name]
+        try:
+            check_prompt_arguments(**given)
+        except (PromptError, ArgumentTypeError):
+            return name
+    return None
+
+
+@pytest.mark.parametrize("prompts,argument", BAD_PROMPTS, ids=[str(i) for i in range(len(BAD_PROMPTS))])
+def test_a_prompt_error_names_the_argument_at_fault(prompts, argument):
+    with pytest.raises((PromptError, ArgumentTypeError)) as info:
+        check_prompt_arguments(**prompts)
+    assert info.value.argument == argument
+    if prompts:
+        assert _first_failing_prefix(prompts) == argument
+    with pytest.raises(type(info.value)) as again:  # build_prompts says the same
+        build_prompts(shape=SHAPE, start=START, **prompts)
+    assert str(again.value) == str(info.value)
