@@ -77,6 +77,7 @@ ARGUMENT_CASES = [
     ("device-int", dict(device=5), ArgumentTypeError, "device must be"),
     ("device-meta", dict(device="meta"), InvalidArgumentError, "'cpu' or 'cuda"),
     ("series-int", dict(series=5), ArgumentTypeError, "SeriesInstanceUID"),
+    ("adapter-int", dict(adapter=5), ArgumentTypeError, "adapter must be None or a name"),
     ("text-int", dict(text=5), ArgumentTypeError, "text must be a name or a list"),
     ("text-list-with-int", dict(text=["liver", 3]), ArgumentTypeError, "3 is of type int"),
     ("text-set", dict(text={"liver"}), ArgumentTypeError, "text must be a name or a list"),

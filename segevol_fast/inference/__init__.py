@@ -1,5 +1,6 @@
 """Zoom-out-zoom-in inference: prompts, the exact (official) and fast modes, memory planning."""
 
+from .arguments import SegmentOptions
 from .batch import segment_batch
 from .budget import Plan, parse_memory, plan_fast
 from .exact import run_exact
@@ -11,6 +12,7 @@ from .session import Session
 
 __all__ = [
     "segment",
+    "SegmentOptions",
     "segment_batch",
     "Session",
     "SegmentationResult",

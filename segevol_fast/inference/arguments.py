@@ -5,13 +5,19 @@ by a torch assertion. Each check raises a `segevol_fast.errors` class: ArgumentT
 TypeError) for a wrong type, InvalidArgumentError (a ValueError) for a value that cannot be used,
 PromptError for prompts, MemorySpecError for an unreadable memory size. Messages say what is
 accepted.
+
+`SegmentOptions` holds a call's settings (everything but the model, the volume and the prompts)
+and checks them when it is made: `segment()` and a session's calls build one from their keyword
+arguments, and the layers below take it as it is. `check_segment_arguments` adds what needs the
+model, the volume or the prompts.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 
@@ -19,6 +25,10 @@ from ..adapters.manage import adapter_names
 from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io.volume import MODALITY_ALIASES
 from .precision import PRECISION_REQUESTS
+from .progress import Progress
+
+if TYPE_CHECKING:
+    import torch
 
 MODES = ("fast", "exact")
 COORDS = ("voxel", "world")
@@ -151,14 +161,17 @@ def check_volume(volume) -> None:
         raise InvalidArgumentError("volume is an empty string; give the path of a NIfTI file or DICOM folder")
 
 
-def check_series(series, volume) -> None:
-    if series is None:
-        return
-    if not isinstance(series, str):  # "" is fine: it names a series whose files have no UID
+def check_series_type(series) -> None:
+    if series is not None and not isinstance(series, str):  # "" is fine: it names a series whose files have no UID
         raise ArgumentTypeError(
             f"series must be a SeriesInstanceUID string, got {type(series).__name__} {series!r:.60}"
         )
-    if not isinstance(volume, (str, os.PathLike)):
+
+
+def check_series(series, volume) -> None:
+    """A series (checked by `check_series_type`) can only be picked from a path."""
+    check_series_type(series)
+    if series is not None and not isinstance(volume, (str, os.PathLike)):
         raise InvalidArgumentError("series= picks a DICOM series from a folder; the volume given is not a path")
 
 
@@ -171,30 +184,51 @@ def check_progress(progress) -> None:
         )
 
 
-def check_segment_arguments(
-    model,
-    volume,
-    text=None,
-    box=None,
-    points=None,
-    point_labels=None,
-    *,
-    coords="voxel",
-    modality=None,
-    mode="fast",
-    zoom_in=True,
-    max_memory=None,
-    device=None,
-    progress=True,
-    return_probabilities=False,
-    seed=0,
-    precision: Optional[str] = "auto",
-    series=None,
-    adapter=None,
-) -> None:
-    """Check every `segment()` argument that can be checked without reading the volume.
+@dataclass(frozen=True)
+class SegmentOptions:
+    """The settings of one `segment()` call, checked once, when made (see `segment()` for each).
 
-    Raises ArgumentTypeError / InvalidArgumentError / PromptError / MemorySpecError; returns None.
+    Everything but the model, the volume and the prompts. A bad setting raises, as `segment()`
+    does, ArgumentTypeError (type), InvalidArgumentError (value) or MemorySpecError (max_memory).
+    What needs the model or the volume (an adapter's name, series= on a non-path) is
+    `check_segment_arguments`' part. Frozen: a variant is `dataclasses.replace(options, ...)`,
+    which checks again.
+    """
+
+    coords: str = "voxel"
+    modality: Optional[str] = None
+    mode: str = "fast"
+    zoom_in: bool = True
+    max_memory: Union[int, str, None] = None
+    device: Union[str, torch.device, None] = None
+    progress: Union[bool, Progress] = True
+    return_probabilities: bool = False
+    seed: int = 0
+    precision: Optional[str] = "auto"
+    series: Optional[str] = None
+    adapter: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _choice(self.mode, "mode", MODES)
+        _choice(self.coords, "coords", COORDS)
+        _choice(self.precision, "precision", PRECISION_REQUESTS, optional=True)
+        check_modality(self.modality)
+        _flag(self.zoom_in, "zoom_in")
+        _flag(self.return_probabilities, "return_probabilities")
+        check_progress(self.progress)
+        check_seed(self.seed)
+        check_max_memory(self.max_memory)
+        check_device(self.device)
+        check_series_type(self.series)
+        check_adapter_type(self.adapter)
+
+
+def check_segment_arguments(model, volume, text, box, points, point_labels, options: SegmentOptions) -> None:
+    """Check what `segment()` can check without reading the volume, beyond `options` (a
+    `SegmentOptions`, checked when it was made): the model, the kind of volume, the prompts, and
+    the options that depend on the model or the volume (series, text prompts, adapter name).
+
+    Raises ArgumentTypeError / InvalidArgumentError / PromptError / AdapterError; returns None.
     Prompt coordinates are checked against the volume later (`build_prompts`), once its shape and
     affine are known.
     """
@@ -202,50 +236,31 @@ def check_segment_arguments(
 
     check_model(model)
     check_volume(volume)
-    _choice(mode, "mode", MODES)
-    _choice(coords, "coords", COORDS)
-    _choice(precision, "precision", PRECISION_REQUESTS, optional=True)
-    check_modality(modality)
-    _flag(zoom_in, "zoom_in")
-    _flag(return_probabilities, "return_probabilities")
-    check_progress(progress)
-    check_seed(seed)
-    check_max_memory(max_memory)
-    check_device(device)
-    check_series(series, volume)
+    check_series(options.series, volume)
     check_prompt_arguments(text, box, points, point_labels)
     check_text_support(model, text)
-    check_adapter(model, adapter)
+    check_adapter(model, options.adapter)
 
 
-def check_session_arguments(
-    model,
-    volume,
-    *,
-    modality=None,
-    max_memory=None,
-    device=None,
-    series=None,
-    precision: Optional[str] = "auto",
-    adapter=None,
-) -> None:
-    """`model.session(...)`'s arguments: segment()'s checks except the prompts, which come later."""
+def check_session_arguments(model, volume, options: SegmentOptions) -> None:
+    """`model.session(...)`'s arguments beyond its `SegmentOptions`: segment()'s checks except
+    the prompts, which come later."""
     check_model(model)
     check_volume(volume)
-    _choice(precision, "precision", PRECISION_REQUESTS, optional=True)
-    check_modality(modality)
-    check_max_memory(max_memory)
-    check_device(device)
-    check_series(series, volume)
-    check_adapter(model, adapter)
+    check_series(options.series, volume)
+    check_adapter(model, options.adapter)
+
+
+def check_adapter_type(adapter) -> None:
+    if adapter is not None and not isinstance(adapter, str):
+        raise ArgumentTypeError(f"adapter must be None or a name (str), got {type(adapter).__name__}")
 
 
 def check_adapter(model, adapter) -> None:
     """adapter: None, "base", "auto" or the name of one of the model's adapters."""
     if adapter is None:
         return
-    if not isinstance(adapter, str):
-        raise ArgumentTypeError(f"adapter must be None or a name (str), got {type(adapter).__name__}")
+    check_adapter_type(adapter)
     names = adapter_names(model)
     if adapter not in ("base", "auto") and adapter not in names:
         raise AdapterError(f"no adapter named {adapter!r}; this model has {names or 'none'} (or use 'base' / 'auto')")

@@ -15,17 +15,18 @@ GEMMs sum in another order than one adapter's (tested: probabilities within 1e-4
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from .. import adapters as _adapters
-from ..errors import AdapterError, InvalidArgumentError
+from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import mixture_for, scan_route
-from .arguments import check_adapter, check_segment_arguments
+from .arguments import SegmentOptions, check_adapter, check_segment_arguments
 from .result import SegmentationResult
 from .scan import PreparedScan
 from .segment import run_segment
@@ -93,6 +94,9 @@ def segment_batch(
         raise AdapterError(f"give one adapter entry per scan: {len(volumes)} scans, {len(adapters)} entries")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidArgumentError(f"batch_size must be a positive int, got {batch_size!r}")
+    if "adapter" in kwargs:
+        raise ArgumentTypeError("segment_batch takes one adapter per scan, adapters=[...], not adapter=")
+    common = SegmentOptions(**kwargs)  # the settings every scan shares, checked before any is read
     for a in adapters:
         check_adapter(model, a)
     mods = [modality] * len(volumes) if modality is None or isinstance(modality, str) else list(modality)
@@ -125,7 +129,7 @@ def segment_batch(
         for j, i in enumerate(part):
             # segment() on the scan as prepared here: its zoom-out embedding comes from the routed pass
             scan = PreparedScan(vols[i], preps[i], zoom_out_embedding=embs[j : j + 1])
-            options = dict(modality=mods[i], adapter=adapters[i], **kwargs)
-            check_segment_arguments(model, vols[i], text, box, points, point_labels, **options)
-            results.append(run_segment(model, scan, text, box, points, point_labels, **options))
+            options = dataclasses.replace(common, modality=mods[i], adapter=adapters[i])
+            check_segment_arguments(model, vols[i], text, box, points, point_labels, options)
+            results.append(run_segment(model, scan, text, box, points, point_labels, options))
     return results

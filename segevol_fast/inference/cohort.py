@@ -192,7 +192,7 @@ def _in_order(rows: Iterable[dict], order: dict[str, int]) -> list[dict]:
 def _check_items(model, items: Sequence[CohortItem], attached: dict, kwargs: dict) -> list[tuple]:
     """(item, adapter name for segment(), error or None) per item, from the checks that need the model."""
     from .adapter_scope import adapter_for
-    from .arguments import check_segment_arguments, check_text_support
+    from .arguments import SegmentOptions, check_segment_arguments, check_text_support
 
     checked = []
     for item in items:
@@ -206,15 +206,8 @@ def _check_items(model, items: Sequence[CohortItem], attached: dict, kwargs: dic
         checked.append((item, adapter, error))
     first = next(((item, adapter) for item, adapter, error in checked if error is None), None)
     if first is not None:  # its own values passed above: what fails here is the call's (mode, device...)
-        check_segment_arguments(
-            model,
-            first[0].input,
-            **item_prompts(first[0]),
-            modality=first[0].modality,
-            adapter=first[1],
-            progress=False,
-            **kwargs,
-        )
+        options = SegmentOptions(modality=first[0].modality, adapter=first[1], progress=False, **kwargs)
+        check_segment_arguments(model, first[0].input, **item_prompts(first[0]), options=options)
     return checked
 
 

@@ -26,7 +26,7 @@ from ..model.network import model_device
 from ..preprocess import paste_back, preprocess, zoom_out_crop
 from ..vocabulary import check_names
 from .adapter_scope import adapter_scope
-from .arguments import check_segment_arguments
+from .arguments import SegmentOptions, check_segment_arguments
 from .budget import same_device
 from .memory import PeakMemory
 from .precision import inference_state, resolve_precision
@@ -99,7 +99,7 @@ def segment(
         NonFiniteOutputError: the model gave NaN / inf logits for some prompts (named in the message
             and in `.prompts`), never turned into empty masks; no result is returned.
     """
-    options = dict(
+    options = SegmentOptions(  # checks every setting, before anything is read
         coords=coords,
         modality=modality,
         mode=mode,
@@ -113,51 +113,32 @@ def segment(
         series=series,
         adapter=adapter,
     )
-    check_segment_arguments(model, volume, text, box, points, point_labels, **options)  # before anything is read
-    return run_segment(model, volume, text, box, points, point_labels, **options)
+    check_segment_arguments(model, volume, text, box, points, point_labels, options)
+    return run_segment(model, volume, text, box, points, point_labels, options)
 
 
-def run_segment(
-    model,
-    volume,
-    text: Union[str, Sequence[str], None] = None,
-    box=None,
-    points=None,
-    point_labels=None,
-    *,
-    coords: str = "voxel",
-    modality: Optional[str] = None,
-    mode: str = "fast",
-    zoom_in: bool = True,
-    max_memory: Union[int, str, None] = None,
-    device: Union[str, torch.device, None] = None,
-    progress: bool = True,
-    return_probabilities: bool = False,
-    seed: int = 0,
-    precision: Optional[str] = "auto",
-    series: Optional[str] = None,
-    adapter: Optional[str] = None,
-) -> SegmentationResult:
-    """`segment()` once its arguments are checked (`check_segment_arguments`). `volume` may also be
-    a `PreparedScan`, as a session keeps it: its preprocessing, zoom-out embedding and window cache
-    are used instead of being recomputed."""
-    if device is not None and not same_device(model_device(model), device):
-        model.to(device)
+def run_segment(model, volume, text, box, points, point_labels, options: SegmentOptions) -> SegmentationResult:
+    """`segment()` once its arguments are checked (`check_segment_arguments`; `options` checked
+    itself when made). `volume` may also be a `PreparedScan`, as a session keeps it: its
+    preprocessing, zoom-out embedding and window cache are used instead of being recomputed."""
+    mode = options.mode
+    if options.device is not None and not same_device(model_device(model), options.device):
+        model.to(options.device)
     dev = model_device(model)
-    run_precision = resolve_precision(precision, model.precision, dev, mode)
+    run_precision = resolve_precision(options.precision, model.precision, dev, mode)
     timings: dict[str, float] = {}
 
-    # `progress` becomes the call's one display (a Progress) and is handed down to _run as such
-    with PeakMemory(dev) as pm, display_for(progress) as progress:  # the whole call, reading the scan included
+    # `options.progress` becomes the call's one display (a Progress), handed down to _run as such
+    with PeakMemory(dev) as pm, display_for(options.progress) as progress:  # the whole call, reading the scan included
         t = time.perf_counter()
         scan = volume if isinstance(volume, PreparedScan) else None
         if scan is not None:
             volume = scan.volume
         if not isinstance(volume, Volume):  # a Volume was loaded by the caller (the CLI times that itself)
             progress.stage("load scan")
-        vol = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
-        warn_if_mri(vol, modality, has_text=text is not None)  # before the default: None means "not given"
-        modality = modality or vol.modality or "ct"
+        vol = volume if isinstance(volume, Volume) else load_volume(volume, series=options.series)
+        warn_if_mri(vol, options.modality, has_text=text is not None)  # before the default: None means "not given"
+        modality = options.modality or vol.modality or "ct"
         timings["load"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -168,7 +149,7 @@ def run_segment(
             scan = PreparedScan(vol, preprocess(vol.array, lazy=(mode == "fast")))
         prep = scan.prep
         prompts = build_prompts(
-            text, box, points, point_labels, shape=vol.shape, start=prep.start, coords=coords, affine=vol.affine
+            text, box, points, point_labels, shape=vol.shape, start=prep.start, coords=options.coords, affine=vol.affine
         )
         check_names([p.text for p in prompts if p.text is not None])  # a warning, never an error
         timings["preprocess"] = time.perf_counter() - t
@@ -178,33 +159,21 @@ def run_segment(
         with (
             inference_state(model, run_precision),
             torch.inference_mode(),
-            adapter_scope(model, adapter, modality, zoom_image) as adapter_used,
+            adapter_scope(model, options.adapter, modality, zoom_image) as adapter_used,
         ):
             crop_masks, crop_probs, run_info = _run(
-                model,
-                prep,
-                prompts,
-                modality,
-                mode,
-                zoom_in,
-                max_memory,
-                dev,
-                progress,
-                return_probabilities,
-                seed,
-                math.prod(vol.shape),
-                scan.zoom_out_embedding,
-                scan.window_cache,
+                model, scan, prompts, options, modality=modality, device=dev, progress=progress
             )
         timings["inference"] = time.perf_counter() - t
 
         t = time.perf_counter()
         progress.stage("paste back")
-        masks, probs = {}, ({} if return_probabilities else None)
+        want_probs = options.return_probabilities
+        masks, probs = {}, ({} if want_probs else None)
         for i, p in enumerate(prompts):  # one prompt at a time: its crop-frame copies go as it is pasted
             masks[p.label] = paste_back(crop_masks[i].numpy(), prep).astype(bool, copy=False)
             crop_masks[i] = None
-            if return_probabilities:
+            if want_probs:
                 # fixed-chunk sigmoid: torch.sigmoid's last bit depends on the thread count
                 probs[p.label] = paste_back(sigmoid(crop_probs[i].float()).numpy(), prep)
                 crop_probs[i] = None
@@ -232,32 +201,20 @@ def run_segment(
         **run_info,
         source=str(vol.source) if vol.source is not None else "array",
         series=vol.series,
-        prompts=describe_prompts(text, box, points, point_labels, coords),
+        prompts=describe_prompts(text, box, points, point_labels, options.coords),
         weights_source=None if weights_source is None else str(weights_source),
         random_weights=weights_source is None,
         volume=vol.array,
     )
 
 
-def _run(
-    model,
-    prep,
-    prompts,
-    modality,
-    mode,
-    zoom_in,
-    max_memory,
-    device,
-    progress,
-    want_probs,
-    seed,
-    output_voxels,
-    zoom_out_embedding=None,
-    window_cache=None,
-):
+def _run(model, scan: PreparedScan, prompts, options: SegmentOptions, *, modality: str, device, progress):
     """Crop-frame masks (bool) and, when asked, logits (sigmoid is taken while pasting back), one
-    per prompt; and the SegmentationResult fields describing the run (plan, windows)."""
-    if mode == "exact":
+    per prompt; and the SegmentationResult fields describing the run (plan, windows). `modality`
+    is the scan's (options.modality resolved), `progress` the call's display."""
+    prep, zoom_in, max_memory, want_probs = scan.prep, options.zoom_in, options.max_memory, options.return_probabilities
+    output_voxels = math.prod(scan.volume.shape)
+    if options.mode == "exact":
         from .budget import plan_exact
         from .exact import run_exact
 
@@ -274,7 +231,14 @@ def _run(
         )
         windows: list[int] = []
         logits = run_exact(
-            model, prep, prompts, modality=modality, zoom_in=zoom_in, seed=seed, progress=progress, windows=windows
+            model,
+            prep,
+            prompts,
+            modality=modality,
+            zoom_in=zoom_in,
+            seed=options.seed,
+            progress=progress,
+            windows=windows,
         )
         # The official mask is sigmoid > 0.5, which differs from logits > 0 for logits below ~6e-8.
         info = {"plan": plan.summary(), "zoom_in_windows": {p.label: n for p, n in zip(prompts, windows)}}
@@ -296,8 +260,8 @@ def _run(
         progress=progress,
         return_logits=want_probs,
         oom_retries=retries,
-        zoom_out_embedding=zoom_out_embedding,
-        window_cache=window_cache,
+        zoom_out_embedding=scan.zoom_out_embedding,
+        window_cache=scan.window_cache,
     )
     info = {
         "plan": {**plan.summary(), "oom_retries": retries},

@@ -32,7 +32,7 @@ from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
-from .arguments import check_segment_arguments, check_session_arguments
+from .arguments import SegmentOptions, check_segment_arguments, check_session_arguments
 from .budget import parse_memory, plan_fast, same_device
 from .fast import WindowCache
 from .precision import inference_state, resolve_precision
@@ -47,7 +47,9 @@ class Session:
 
     Attributes: volume (the loaded `Volume`), modality, cache (the `WindowCache`: `len`, `hits`,
     `misses`, `capacity`), history ({mask name: the prompt arguments it was made with}), scan (the
-    `PreparedScan` every call reuses: the volume, its preprocessing, zoom-out embedding and cache).
+    `PreparedScan` every call reuses: the volume, its preprocessing, zoom-out embedding and cache),
+    options (the `SegmentOptions` every call starts from: fast mode, the session's modality,
+    adapter, precision and memory budget; each call sets its own coords, zoom_in, ...).
     """
 
     def __init__(
@@ -63,21 +65,24 @@ class Session:
         precision: Optional[str] = "auto",
         cache_windows: Optional[int] = None,
     ):
-        check_session_arguments(
-            model,
-            volume,
+        given = SegmentOptions(
             modality=modality,
+            mode="fast",
             max_memory=max_memory,
             device=device,
-            series=series,
+            progress=False,
             precision=precision,
+            series=series,
             adapter=adapter,
         )
+        check_session_arguments(model, volume, given)
         if device is not None and not same_device(model_device(model), device):
             model.to(device)
-        self.model, self.adapter, self.max_memory, self.precision = model, adapter, max_memory, precision
+        self.model = model
         self.volume = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
         self.modality = modality or self.volume.modality or "ct"
+        # what every call starts from: the scan is loaded and the model placed (no series, no device)
+        self.options = dataclasses.replace(given, modality=self.modality, device=None, series=None)
         self.scan = PreparedScan(self.volume, preprocess(self.volume.array, lazy=True))
         dev = model_device(model)
         size = model.config.spatial_size
@@ -101,12 +106,13 @@ class Session:
     def _capacity(self, n_windows: int, dev) -> int:
         """Windows the budget leaves room for after one call's plan and the session's own zoom-out
         embedding, which outlives the calls (all of them without a budget)."""
-        if self.max_memory is None:
+        max_memory = self.options.max_memory
+        if max_memory is None:
             return n_windows
-        plan = plan_fast(self.model, self.scan.prep.crop.shape, 1, self.max_memory, dev)
+        plan = plan_fast(self.model, self.scan.prep.crop.shape, 1, max_memory, dev)
         cfg = self.model.config
         per_window = cfg.hidden_size * int(np.prod(cfg.grid_size)) * 4  # a zoom-out embedding is one too
-        spare = parse_memory(self.max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
+        spare = parse_memory(max_memory) - plan.estimated_peak_bytes + plan.breakdown.get("embedding_cache", 0)
         return max(0, min(n_windows, (spare - per_window) // per_window))
 
     def segment(
@@ -122,27 +128,23 @@ class Session:
         progress: bool = False,
     ) -> SegmentationResult:
         """`segment()` on the session's scan with these prompts (fast mode); see it for arguments."""
-        res = self._run(
-            text,
-            box,
-            points,
-            point_labels,
-            coords=coords,
-            zoom_in=zoom_in,
-            return_probabilities=return_probabilities,
-            progress=progress,
+        options = dataclasses.replace(
+            self.options, coords=coords, zoom_in=zoom_in, return_probabilities=return_probabilities, progress=progress
         )
+        res = self._run(text, box, points, point_labels, options)
         args = dict(text=text, box=box, points=points, point_labels=point_labels, coords=coords, zoom_in=zoom_in)
         for i, name in enumerate(res.labels):
             self.history[name] = _one_prompt(args, i, len(res.labels))
         return res
 
-    def refine(self, name: str, points, point_labels=None, **kwargs) -> SegmentationResult:
+    def refine(
+        self, name: str, points, point_labels=None, *, return_probabilities: bool = False, progress: bool = False
+    ) -> SegmentationResult:
         """Prompt `name` again (its text / box / earlier points) with `points` (P, 3) and
         `point_labels` (P,) added (default all positive); returns a result holding the refined
         mask under `name`, whose history it updates (no other name's). Negative-only clicks are
         fine when the prompt has a text, a box or earlier positive points. The points are checked
-        like segment()'s. Other keyword arguments go to `segment` (return_probabilities, ...)."""
+        like segment()'s. return_probabilities and progress as in `segment`."""
         if not isinstance(name, str) or name not in self.history:
             raise PromptError(f"nothing to refine called {name!r}; this session has {sorted(self.history) or 'none'}")
         if points is None:
@@ -155,27 +157,23 @@ class Session:
         old_pts, old_lbl = checked_points(prev["points"], prev["point_labels"])
         if old_pts is not None:
             new_pts, new_lbl = np.concatenate([old_pts, new_pts]), np.concatenate([old_lbl, new_lbl])
-        res = self._run(
-            prev["text"], prev["box"], new_pts, new_lbl, coords=prev["coords"], zoom_in=prev["zoom_in"], **kwargs
+        options = dataclasses.replace(
+            self.options,
+            coords=prev["coords"],
+            zoom_in=prev["zoom_in"],
+            return_probabilities=return_probabilities,
+            progress=progress,
         )
+        res = self._run(prev["text"], prev["box"], new_pts, new_lbl, options)
         res = _renamed(res, name)
         self.history[name] = dict(prev, points=new_pts, point_labels=new_lbl)
         return res
 
-    def _run(self, text, box, points, point_labels, **kwargs) -> SegmentationResult:
-        """One fast-mode `segment()` on the session's prepared scan (`segment.run_segment`);
-        quiet unless progress=True (a session answers many small calls)."""
-        kwargs.setdefault("progress", False)
-        options = dict(
-            modality=self.modality,
-            mode="fast",
-            max_memory=self.max_memory,
-            precision=self.precision,
-            adapter=self.adapter,
-            **kwargs,
-        )
-        check_segment_arguments(self.model, self.volume, text, box, points, point_labels, **options)
-        return run_segment(self.model, self.scan, text, box, points, point_labels, **options)
+    def _run(self, text, box, points, point_labels, options: SegmentOptions) -> SegmentationResult:
+        """One fast-mode `segment()` on the session's prepared scan (`segment.run_segment`); its
+        options are the session's (`self.options`) with the call's own."""
+        check_segment_arguments(self.model, self.volume, text, box, points, point_labels, options)
+        return run_segment(self.model, self.scan, text, box, points, point_labels, options)
 
 
 def _renamed(res: SegmentationResult, name: str) -> SegmentationResult:
