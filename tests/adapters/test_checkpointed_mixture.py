@@ -82,3 +82,40 @@ def test_checkpointed_mixture_gives_the_gradients_of_a_plain_run(kind, routing):
     assert plain.keys() == recomputed.keys()
     for name, g in plain.items():
         torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("kind", ("lora", "bottleneck"))
+def test_trainer_with_checkpointing_trains_a_mixture_like_without(data_dir, kind):
+    import json
+
+    from segevol_fast.train.cases import cases_from_files
+    from segevol_fast.train.datasets import SegmentationDataset
+    from segevol_fast.train.loader import collate_samples
+    from segevol_fast.train.trainer import TrainConfig, Trainer
+
+    lm = json.loads((data_dir / "labels.json").read_text())
+    pairs = [("ct_abdomen_sm", "ct", "ct"), ("mr_abdomen_sm", "mr", "mri")]
+    cases = [
+        c
+        for stem, key, modality in pairs
+        for c in cases_from_files(
+            [(data_dir / f"{stem}.nii.gz", data_dir / f"{stem}_labels.nii.gz")], lm[key], modality, stem
+        )
+    ]
+    ds = SegmentationDataset(cases, SegVolConfig.tiny().spatial_size, train=False)
+    batch = collate_samples([ds[0], ds[1]])  # a CT (identity) and an MR (expert "mr")
+
+    def step(checkpointing: bool) -> dict:
+        model = _model(kind, "tag")
+        config = TrainConfig(
+            steps=1, batch_size=2, categories_per_image=2, mixes=("box", "points"), grad_checkpointing=checkpointing
+        )
+        tr = Trainer(model, config, ds, params=adapters.adapter_parameters(model))
+        tr.backward(batch)
+        return {n: p.grad for n, p in zip(tr.param_names, tr.params) if p.grad is not None}
+
+    plain, recomputed = step(False), step(True)
+    assert any(g.abs().sum() > 0 for g in plain.values())
+    assert plain.keys() == recomputed.keys()
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=1e-5, atol=1e-7, msg=name)
