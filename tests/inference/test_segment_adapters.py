@@ -1,5 +1,6 @@
 """segment(adapter=...): a named adapter, the base model, a mixture routed per scan; the model's
-own adapter state is restored after the call."""
+own adapter state is restored after the call. segment_batch: each scan as segment() alone with
+its adapter, the zoom-out of all scans in one routed pass; the adapter state is restored too."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from segevol_fast import SegVol, SegVolConfig, adapters
 from segevol_fast.adapters import LoraConfig, MixtureConfig
 from segevol_fast.adapters.lora import lora_layers
-from segevol_fast.errors import AdapterError
+from segevol_fast.errors import AdapterError, PromptError
 from segevol_fast.inference import segment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,11 +85,16 @@ def test_bad_adapter_arguments(model, ct):
         segment(model, ct, text="liver", adapter=3, progress=False)
 
 
-def test_batch_of_scans_each_with_its_adapter_equals_separate_calls(model, ct, data_dir):
-    from segevol_fast import load_volume
-    from segevol_fast.inference import segment_batch
+# segment_batch vs segment alone: the batched, routed encoder sums in another order (batch.py);
+# measured <= 2e-7 apart, while a scan's zoom-out under another adapter moves them by 3e-2 to 9e-2
+BATCH_ATOL = 1e-4
+SCAN_ADAPTERS = ["a", "b", "base", "moa", "auto"]  # named LoRAs, the base model, a mixture by name and as auto
+SCAN_MODALITIES = ["ct", "mri", "ct", "mri", "ct"]
 
-    mr = load_volume(data_dir / "mr_abdomen_sm.nii.gz")
+
+def _serving(model, ct, mr) -> list:
+    """Attach two LoRAs and a modality-tagged mixture with non-zero weights (each changes what the
+    model computes), all inactive; returns the scans that go with SCAN_ADAPTERS."""
     adapters.add_lora(model, "a", LoraConfig(rank=4, targets=TARGETS))
     adapters.add_lora(model, "b", LoraConfig(rank=4, alpha=8, targets=TARGETS))
     cfg = MixtureConfig(experts=("mr",), tags={"ct": "identity", "mri": "mr"}, lora=LoraConfig(rank=4, targets=TARGETS))
@@ -96,23 +102,88 @@ def test_batch_of_scans_each_with_its_adapter_equals_separate_calls(model, ct, d
     for n in ("a", "b", "moa/mr"):
         _perturb(model, n)
     adapters.set_active(model, None)
-    scans = [ct, mr, ct, mr, ct]
-    chosen = ["a", "b", "base", "moa", "auto"]
-    mods = ["ct", "mri", "ct", "mri", "ct"]
+    return [ct, mr, ct, mr, ct]
+
+
+def _assert_same_result(res, alone, what) -> None:
+    assert res.adapter == alone.adapter, what
+    for label in ("liver", "spleen"):
+        torch.testing.assert_close(
+            torch.from_numpy(res.probabilities[label]),
+            torch.from_numpy(alone.probabilities[label]),
+            rtol=0,
+            atol=BATCH_ATOL,
+            msg=lambda m: f"{what} {label}: {m}",
+        )
+        agree = (res.masks[label] == alone.masks[label]).mean()
+        assert agree > 0.999, (what, label, agree)
+
+
+def test_batch_of_scans_each_with_its_adapter_equals_separate_calls(model, ct, data_dir):
+    from segevol_fast import load_volume
+    from segevol_fast.inference import segment_batch
+
+    scans = _serving(model, ct, load_volume(data_dir / "mr_abdomen_sm.nii.gz"))
     kw = dict(text=["liver", "spleen"], progress=False, return_probabilities=True)
-    batch = segment_batch(model, scans, chosen, modality=mods, batch_size=3, **kw)
-    for res, scan, a, m in zip(batch, scans, chosen, mods):
-        alone = segment(model, scan, adapter=a, modality=m, **kw)
-        assert res.adapter == alone.adapter
-        for label in ("liver", "spleen"):
-            torch.testing.assert_close(
-                torch.from_numpy(res.probabilities[label]),
-                torch.from_numpy(alone.probabilities[label]),
-                rtol=0,
-                atol=1e-4,
-            )
-            agree = (res.masks[label] == alone.masks[label]).mean()
-            assert agree > 0.999, (a, label, agree)
+    batch = segment_batch(model, scans, SCAN_ADAPTERS, modality=SCAN_MODALITIES, batch_size=3, **kw)
+    for res, scan, a, m in zip(batch, scans, SCAN_ADAPTERS, SCAN_MODALITIES):
+        _assert_same_result(res, segment(model, scan, adapter=a, modality=m, **kw), a)
     assert [r.adapter for r in batch] == ["a", "b", "base", "moa: moa/mr", "moa: identity (base model)"]
     with pytest.raises(AdapterError, match="one adapter entry per scan"):
-        segment_batch(model, scans, chosen[:2], **kw)
+        segment_batch(model, scans, SCAN_ADAPTERS[:2], **kw)
+
+
+def test_batch_zoom_out_pass_runs_each_scan_under_its_adapter(model, ct, data_dir, monkeypatch):
+    """Without zoom-in a result is the decode of the zoom-out embedding alone, which segment_batch
+    computes for all scans in one routed pass: a scan encoded under another adapter than its own
+    (no route, a wrong row), or the pass skipped, shows here. (With zoom-in on the tiny random
+    model the zoom-out picks the whole crop as the region of interest, and the zoom-in windows,
+    encoded per scan, overwrite it.)"""
+    from segevol_fast import load_volume
+    from segevol_fast.inference import segment_batch
+
+    scans = _serving(model, ct, load_volume(data_dir / "mr_abdomen_sm.nii.gz"))
+    kw = dict(text=["liver", "spleen"], progress=False, return_probabilities=True, zoom_in=False)
+    alone = [segment(model, s, adapter=a, modality=m, **kw) for s, a, m in zip(scans, SCAN_ADAPTERS, SCAN_MODALITIES)]
+    # the adapters matter: each adapted scan's zoom-out result is far from the base model's
+    for res, scan, a, m in zip(alone, scans, SCAN_ADAPTERS, SCAN_MODALITIES):
+        if res.adapter not in ("base", "moa: identity (base model)"):
+            base = segment(model, scan, adapter="base", modality=m, **kw)
+            gap = max(float(abs(res.probabilities[k] - base.probabilities[k]).max()) for k in ("liver", "spleen"))
+            assert gap > 10 * BATCH_ATOL, (a, gap)
+
+    encoded = []  # images per encoder call during segment_batch
+    encode = model.encode_image
+
+    def counting_encode(images, *args, **kwargs):
+        encoded.append(images.shape[0])
+        return encode(images, *args, **kwargs)
+
+    monkeypatch.setattr(model, "encode_image", counting_encode)
+    batch = segment_batch(model, scans, SCAN_ADAPTERS, modality=SCAN_MODALITIES, batch_size=3, **kw)
+    assert encoded == [3, 2]  # one routed zoom-out pass per 3 scans; no scan encoded again alone
+    for res, one, a in zip(batch, alone, SCAN_ADAPTERS):
+        _assert_same_result(res, one, a)
+
+
+def _active_names(model) -> list:
+    """The active adapter of every adapted layer, in module order."""
+    return [name for _, name in adapters.active_state(model)]
+
+
+def test_batch_restores_the_active_adapter(model, ct, data_dir):
+    from segevol_fast import load_volume
+    from segevol_fast.inference import segment_batch
+
+    scans = _serving(model, ct, load_volume(data_dir / "mr_abdomen_sm.nii.gz"))
+    kw = dict(progress=False, zoom_in=False, modality=SCAN_MODALITIES, batch_size=2)
+    for active in ("b", None):
+        adapters.set_active(model, active)
+        before = _active_names(model)
+        segment_batch(model, scans, SCAN_ADAPTERS, text="liver", **kw)
+        assert _active_names(model) == before
+        assert adapters.active_adapter(model) == active
+        # and a call that fails (the prompts are checked per scan, after its zoom-out pass) as well
+        with pytest.raises(PromptError):
+            segment_batch(model, scans, SCAN_ADAPTERS, text="liver", box=[1, 2], **kw)
+        assert _active_names(model) == before
