@@ -419,12 +419,34 @@ def _prepare_m3d(case: Case) -> PreparedCase:
     )
 
 
-def original_arrays(case: Case) -> tuple[np.ndarray, dict[int, np.ndarray], np.ndarray | None]:
+class LabelMasks(Mapping):
+    """{label id: bool mask (X, Y, Z)} of one stored label volume, for the ids of the label map that
+    occur in it (increasing), each mask made when asked: a TotalSegmentator map has over 100 ids, and
+    all their masks at once would take 100 times the scan's size."""
+
+    def __init__(self, ids: np.ndarray, wanted: Iterable[int]):
+        self._ids = ids
+        present = set(np.unique(ids).tolist())
+        self._keys = [int(i) for i in sorted(wanted) if i in present]
+
+    def __getitem__(self, key: int) -> np.ndarray:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._ids == key
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def original_arrays(case: Case) -> tuple[np.ndarray, Mapping[int, np.ndarray], np.ndarray | None]:
     """The case as stored, before any preprocessing: what a user would segment and score against.
 
     Returns image (X, Y, Z) (a 4-D NIfTI: channel 0; M3D-Seg: image.npy's only channel), {label id:
-    bool mask (X, Y, Z)} for the ids of the label map that occur, and the annotated voxels (bool
-    (X, Y, Z); None when every voxel is, i.e. the case has no ignore label)."""
+    bool mask (X, Y, Z)} for the ids of the label map that occur (`LabelMasks` for a label volume),
+    and the annotated voxels (bool (X, Y, Z); None when every voxel is: no ignore label)."""
     if case.kind == "m3d":
         image = np.load(case.image, allow_pickle=False)
         image = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
@@ -434,10 +456,8 @@ def original_arrays(case: Case) -> tuple[np.ndarray, dict[int, np.ndarray], np.n
     image, ids = _load_image(case.image), _load_label_map(case)
     if image.shape != ids.shape:
         raise ShapeError(f"case {case.case_id}: image {image.shape} and labels {ids.shape} differ in shape")
-    present = set(np.unique(ids).tolist())
-    found = {i: ids == i for i in sorted(case.label_map) if i in present}
     annotated = ~np.isin(ids, list(case.ignore_ids)) if case.ignore_ids else None
-    return image, found, annotated
+    return image, LabelMasks(ids, case.label_map), annotated
 
 
 def prepare_case(case: Case, unknown_labels: str = "error") -> PreparedCase:

@@ -42,6 +42,7 @@ SEGMENT_PROMPTS = ("text", "box", "point")
 RESIZED_PROMPTS = ("text", "box", "jittered_box")
 MODES = {"segment": SEGMENT_PROMPTS, "resized": RESIZED_PROMPTS}
 EVAL_SEED = 0x5E6E  # jittered boxes and clicks draw from (EVAL_SEED, case index, ...): the same every call
+ORGANS_PER_CALL = 8  # organs segmented in one call: its masks are held at once, each the size of the scan
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -117,36 +118,48 @@ def segment_validation(
 
 def _segment_case(model, case: Case, index: int, prompts, points: int, zoom_in: bool, adapter, precision) -> list:
     image, masks, annotated = original_arrays(case)
-    if not masks:
-        return []
     ids = list(masks)
+    if not ids:
+        return []
     session = model.session(image, modality=case.modality, adapter=adapter, precision=precision)
-    predicted: dict[str, list[np.ndarray]] = {}
-    for kind in prompts:
-        if kind == "text":
-            names = [case.label_map[i] for i in ids]
-            with torch.no_grad():  # cache them as training does, one at a time, in float32 (see encode_names)
-                encode_names(model, names, case.modality)
-            res = session.segment(text=names, zoom_in=zoom_in)
-            predicted[kind] = list(res.masks.values())
-        elif kind == "box":
-            res = session.segment(box=np.stack([_box(masks[i]) for i in ids]), zoom_in=zoom_in)
-            predicted[kind] = list(res.masks.values())
-        else:
-            predicted[kind] = []
-            for i in ids:
-                g = np.random.default_rng(sample_seed(EVAL_SEED, index, i))
-                clicks = _clicks(masks[i], points, g)
-                res = session.segment(points=clicks, point_labels=[1] * len(clicks), zoom_in=zoom_in)
-                predicted[kind].extend(res.masks.values())
-    rows = []
-    for n, i in enumerate(ids):
-        truth = masks[i] if annotated is None else masks[i] & annotated
-        scores = {
-            k: dice(predicted[k][n] if annotated is None else predicted[k][n] & annotated, truth) for k in prompts
+    scores: dict[str, list[float]] = {k: [] for k in prompts}
+    for start in range(0, len(ids), ORGANS_PER_CALL):
+        chunk = ids[start : start + ORGANS_PER_CALL]
+        truths = [_scored(masks[i], annotated) for i in chunk]
+        for kind in prompts:
+            predicted = _predict(session, model, case, index, kind, {i: masks[i] for i in chunk}, points, zoom_in)
+            scores[kind] += [dice(_scored(p, annotated), t) for p, t in zip(predicted, truths)]
+    return [
+        {
+            "case": case.case_id,
+            "index": index,
+            "position": n,
+            "label": case.label_map[i],
+            **{k: scores[k][n] for k in prompts},
         }
-        rows.append({"case": case.case_id, "index": index, "position": n, "label": case.label_map[i], **scores})
-    return rows
+        for n, i in enumerate(ids)
+    ]
+
+
+def _scored(mask: np.ndarray, annotated: np.ndarray | None) -> np.ndarray:
+    """The part of a mask that counts: all of it, or its annotated voxels."""
+    return mask if annotated is None else mask & annotated
+
+
+def _predict(session, model, case: Case, index: int, kind: str, masks: dict, points: int, zoom_in: bool) -> list:
+    """segment()'s masks for the organs of `masks` ({label id: truth}) prompted by `kind`, in order."""
+    if kind == "text":
+        names = [case.label_map[i] for i in masks]
+        with torch.no_grad():  # cache them as training does, one at a time, in float32 (see encode_names)
+            encode_names(model, names, case.modality)
+        return list(session.segment(text=names, zoom_in=zoom_in).masks.values())
+    if kind == "box":
+        return list(session.segment(box=np.stack([_box(m) for m in masks.values()]), zoom_in=zoom_in).masks.values())
+    predicted = []
+    for i, truth in masks.items():
+        clicks = _clicks(truth, points, np.random.default_rng(sample_seed(EVAL_SEED, index, i)))
+        predicted += session.segment(points=clicks, point_labels=[1] * len(clicks), zoom_in=zoom_in).masks.values()
+    return predicted
 
 
 def _box(mask: np.ndarray) -> np.ndarray:

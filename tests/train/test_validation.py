@@ -214,3 +214,20 @@ def test_segment_validation_leaves_the_training_untouched(data_dir, small_ct):
         rows.append([{k: v for k, v in r.items() if k != "step_time"} for r in tr.fit(progress=False)])
         assert len(tr.eval_history) == (4 if eval_every else 0)
     assert rows[0] == rows[1]
+
+
+def test_organs_in_chunks_score_as_in_one_call(model, small_ct, monkeypatch):
+    """Many organs (TotalSegmentator: over 100) are segmented a few per call, so that only a few
+    scan-sized masks are held at a time; the scores are those of one call with all of them."""
+    whole = validation.segment_validation(model, small_ct, zoom_in=False)
+    monkeypatch.setattr(validation, "ORGANS_PER_CALL", 2)
+    assert validation.segment_validation(model, small_ct, zoom_in=False) == whole
+
+
+def test_label_masks_are_made_when_asked(small_ct):
+    _, masks, _ = original_arrays(small_ct[0])
+    assert list(masks) == [1, 2, 5] and len(masks) == 3 and 3 not in masks
+    assert masks[5].dtype == bool and masks[5].shape == nib.load(small_ct[0].label).shape
+    assert masks[5] is not masks[5]  # a new array each time: none is kept
+    with pytest.raises(KeyError):
+        masks[4]
