@@ -135,6 +135,17 @@ def test_progress_bar_shows_loss_and_validation_dice_on_a_terminal():
         assert stream.getvalue() == ""
 
 
+def test_progress_bar_only_on_rank_0(monkeypatch):
+    import segevol_fast.train.progress as progress
+
+    monkeypatch.setattr(progress.dist_utils, "is_main", lambda: False)
+    screen = _Terminal()
+    bar = TrainProgress(total=5, enabled=True, file=screen)
+    bar.step({"loss": 0.5, "lr": 1e-3})
+    bar.close()
+    assert screen.getvalue() == ""
+
+
 def test_fit_draws_on_a_terminal_only(data_dir, ct, monkeypatch):
     cfg = TrainConfig(steps=1, **FAST)
     screen = _Terminal()
