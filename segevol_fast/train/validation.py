@@ -4,8 +4,8 @@
   (`cases.original_arrays`: NIfTI / DICOM, MSD / nnU-Net / M3D-Seg layouts) and segmented with the
   model's own zoom-out-zoom-in (`model.session(...)`, whose every call equals a fresh
   `model.segment()` on the scan), then scored on the scan's own grid against its labels. Prompts:
-      text   every organ's name in one call (the case's modality template);
-      box    every organ's ground-truth bounding box (input voxels, inclusive) in one call;
+      text   the organs' names (the case's modality template), `ORGANS_PER_CALL` per call;
+      box    the organs' ground-truth bounding boxes (input voxels, inclusive), as many per call;
       point  per organ, `points` positive clicks drawn inside it (voxels whose six neighbours are
              in the organ too, when there are any), from a generator seeded by (seed, case index,
              label id): the same clicks in every validation of every run.

@@ -24,6 +24,7 @@ pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:model weights are random"),
     pytest.mark.filterwarnings("ignore:.*are not in the label map"),
+    pytest.mark.filterwarnings("ignore:text prompt"),
 ]
 
 ORGANS = {1: "spleen", 5: "liver", 2: "kidney_right"}
@@ -231,3 +232,31 @@ def test_label_masks_are_made_when_asked(small_ct):
     assert masks[5] is not masks[5]  # a new array each time: none is kept
     with pytest.raises(KeyError):
         masks[4]
+
+
+def test_a_mixture_is_routed_per_scan_as_in_training(data_dir, abdomen_cases):
+    """A model holding one mixture of adapters is validated with segment(adapter="auto"): the MR
+    scan goes through its expert, as its training steps did, not the adapter that happens to be set."""
+    from segevol_fast import adapters
+
+    with torch.random.fork_rng():
+        torch.manual_seed(2)
+        model = SegVol(SegVolConfig.tiny(), tokenizer=data_dir / "clip_tokenizer")
+        cfg = adapters.MixtureConfig(
+            experts=("mr",), routing="tag", tags={"ct": "identity", "mri": "mr"}, lora=adapters.LoraConfig(rank=2)
+        )
+        adapters.add_mixture(model, "moa", cfg)
+        for p in adapters.adapter_parameters(model):
+            p.data.normal_(0, 0.5)
+    (mr,) = abdomen_cases["mri"]
+    (row,) = validation.segment_validation(model, [mr], ("text",), zoom_in=False)["per_label"][:1]
+    name, label_id = row["label"], next(i for i, n in mr.label_map.items() if n == row["label"])
+    truth = np.asarray(nib.load(mr.label).dataobj) == label_id
+
+    def scored(adapter):
+        res = model.segment(mr.image, text=name, modality="mri", zoom_in=False, progress=False, adapter=adapter)
+        return res.masks[name]
+
+    routed, base = scored("auto"), scored("base")
+    assert not np.array_equal(routed, base)  # the expert changes the masks: the comparison means something
+    assert row["text"] == pytest.approx(dice(routed, truth))
