@@ -109,7 +109,8 @@ class BottleneckSlot(nn.Module):
         w = w.expand(B, -1) if r.rows == 1 else w
         out = x.new_zeros(())
         for e, name in enumerate(r.names):
-            if name in self.experts and bool((w[:, e] != 0).any()):
+            # a zero gate that requires grad still runs its expert: the router learns from it
+            if name in self.experts and (w.requires_grad or bool((w[:, e] != 0).any())):
                 out = out + w[:, e].view(B, *([1] * (x.dim() - 1))) * self.experts[name](x)
         return out
 

@@ -85,6 +85,7 @@ def load_adapter(
                 f"{path} adapts {len(meta['layers'])} places, but its config matches {len(layers)} here"
             )
         for holder, m in adapter_modules(model, name):
+            _refuse_retired(path, holder, m, tensors)
             own = {k: tensors.pop(f"{holder}.{k}", None) for k in m.state_dict()}
             missing = [k for k, v in own.items() if v is None]
             if missing:
@@ -98,6 +99,14 @@ def load_adapter(
     if activate and spec.selectable:  # mixtures route, priors always apply
         set_active(model, name)
     return name
+
+
+def _refuse_retired(path, holder: str, module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """CheckpointError with the module's own reason for a tensor that an earlier layout of it saved
+    (its `retired_tensors`: {tensor name: why a file holding it no longer loads})."""
+    for key, why in getattr(module, "retired_tensors", {}).items():
+        if f"{holder}.{key}" in tensors:
+            raise CheckpointError(f"{path} holds {holder}.{key}: {why}")
 
 
 def _config_dict(model: nn.Module) -> Optional[dict]:

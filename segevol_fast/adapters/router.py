@@ -1,7 +1,32 @@
 """The learned router of a mixture of adapters: which expert (or the identity) each image takes.
 
-It reads the mean of the image's patch tokens and gives logits over the K + 1 experts (column 0
-the identity); `learned_route` turns them into a `Route` (top-1 or soft), see `mixture`.
+What the router reads of an image (`scan_features`) is its mean patch token measured from a fixed
+origin: minus the mean token of a blank (all-zero) image, divided by how far a uniform unit image
+lies from that blank one (one number, the RMS over the hidden width). Both references come from
+the base model's patch embedding alone, not from the data, so
+
+  * training and inference, one image or a batch, see the same input for the same image;
+  * nothing needs saving beside the router's parameters, restoring on resume or syncing across
+    ranks: the base weights fix the references, and an adapter file is tied to them by hash.
+
+Why not standardise with batch or running statistics (BatchNorm-style, as this router once did):
+at one image per rank the statistics never update, at two every feature is +-1, and training
+then sees other inputs than inference. Why not a per-image LayerNorm: it divides each image by its
+own scale, so scans that differ mostly in brightness (a CT and an MRI after preprocessing) come
+out nearly alike, and it keeps the large scan-independent part (position embedding and bias, cosine
+~0.999 between a CT's and an MRI's mean token on a trained base) that hides the differences. The
+blank image's token is exactly that scan-independent part: what is left is what the scan adds.
+
+Training (top-1): the chosen expert runs alone (the forward is the inference forward), and the
+router learns from the task loss through the straight-through gates `onehot + (p - p.detach())`,
+which equal the one-hot choice in the forward and have the soft mixture's gradient: dL/dp_e is the
+first-order effect on the loss of blending in a little of expert e, for every expert e, chosen or
+not. The identity expert adds no delta, so its probability has no gradient of its own; it learns
+through the softmax all the same: when blending in the experts would raise the loss, their
+probabilities fall and the identity's rises (dL/dlogit_identity = -p_identity * sum_e p_e dL/dp_e),
+and the other way round. So an image routed to the identity still teaches the router whether an
+expert would have served it better, which a gate on the chosen expert alone (zero for the
+identity) cannot.
 """
 
 from __future__ import annotations
@@ -15,41 +40,47 @@ from torch import Tensor, nn
 from .registry import AdapterModule
 from .routing import Route
 
+_RETIRED = (
+    "the file was saved by an earlier router that standardised its input with running batch statistics; "
+    "this version reads scans on a fixed scale instead (see adapters/router.py), so the saved router "
+    "weights would route differently. Train the mixture again with this version."
+)
+
 
 class Router(AdapterModule):
-    """Mean patch token (B, hidden) -> logits (B, K + 1), column 0 the identity expert.
+    """Router features (B, hidden) -> logits (B, K + 1), column 0 the identity expert.
 
-    The mean patch tokens of different scans are nearly parallel (cosine ~0.999 between a CT and
-    an MRI on the study's base: the position embedding and bias dominate), so a Linear on them
-    sees almost one input and sends every scan to the same expert. The features are therefore
-    standardised first with running statistics (batch statistics while training on more than one
-    image, BatchNorm-style; the running ones otherwise, so inference routes each scan alone and
-    deterministically), which turns the small differences between scans into O(1) features.
-    The model is still the base model at step 0 whatever the router picks: experts start at zero.
-    """
+    At step 0 the model is the base model whatever the router picks: experts start at zero."""
 
-    def __init__(self, hidden: int, experts: int, momentum: float = 0.1):
+    # tensors of the earlier layout: a file holding them is refused with this reason (adapters.io)
+    retired_tensors = dict.fromkeys(("running_mean", "running_var", "batches_seen"), _RETIRED)
+
+    def __init__(self, hidden: int, experts: int):
         super().__init__()
+        # a learned centre of the scans' features (it starts at the blank image): an offset the
+        # Linear's bias could express too, but Adam moves each coordinate of it as fast as a weight,
+        # so the router soon splits scans on both sides of their middle instead of waiting on the
+        # bias (scans all lie on one side of the blank image: with the bias alone every scan long
+        # goes to the same expert)
+        self.centre = nn.Parameter(torch.zeros(hidden))
         self.proj = nn.Linear(hidden, experts + 1)
-        self.momentum = momentum
-        self.register_buffer("running_mean", torch.zeros(hidden))
-        self.register_buffer("running_var", torch.ones(hidden))
-        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.int64))
         self.aux_loss: Optional[Tensor] = None
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        x = pooled.float()
-        if self.training and x.shape[0] > 1:
-            mean, var = x.mean(0), x.var(0, unbiased=False)
-            with torch.no_grad():
-                first = int(self.batches_seen) == 0  # start from the first batch, not from 0 / 1
-                m = 1.0 if first else self.momentum
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach(), m)
-                self.batches_seen += 1
-        else:
-            mean, var = self.running_mean, self.running_var
-        return self.proj(((x - mean) / torch.sqrt(var + 1e-5)).to(self.proj.weight.dtype))
+    def forward(self, features: Tensor) -> Tensor:
+        return self.proj((features - self.centre.float()).to(self.proj.weight.dtype))
+
+
+def scan_features(images: Tensor, embed: nn.Module, dtype: torch.dtype = torch.float32) -> Tensor:
+    """(B, hidden) float32: each image's mean patch token minus a blank image's, over the RMS
+    distance of a uniform unit image's from the blank one (see the module docstring). The
+    references are computed alone, so an image's features do not depend on its batch."""
+    pooled = embed(images.to(dtype)).float().mean(dim=1)
+    with torch.no_grad():
+        refs = torch.zeros((2, *images.shape[1:]), device=images.device, dtype=dtype)
+        refs[1] = 1
+        blank, unit = embed(refs).float().mean(dim=1)
+        scale = (unit - blank).pow(2).mean().sqrt().clamp_min(torch.finfo(torch.float32).tiny)
+    return (pooled - blank) / scale
 
 
 def learned_route(
@@ -58,9 +89,10 @@ def learned_route(
     """The Route a learned router picks for images (B, 1, D, H, W), read through the base model's
     patch embedding `embed` (one cheap pass, so the choice is known before the first adapted
     block): "soft" gates every expert by its probability; "top1" sends each image to its most
-    probable expert and leaves the load-balancing loss on `router.aux_loss`."""
-    tokens = embed(images.to(router.proj.weight.dtype))  # (B, N, hidden)
-    probs = torch.softmax(router(tokens.mean(dim=1)).float(), dim=-1)  # (B, K + 1)
+    probable expert and leaves the load-balancing loss on `router.aux_loss`. With autograd on,
+    top-1 gates are straight-through (module docstring), so the router learns whichever expert
+    each image took, the identity included."""
+    probs = torch.softmax(router(scan_features(images, embed, router.proj.weight.dtype)).float(), dim=-1)
     if routing == "soft":
         router.aux_loss = None
         return Route(names, gates=probs[:, 1:])
@@ -70,6 +102,6 @@ def learned_route(
     router.aux_loss = balance_weight * K1 * (f * probs.mean(dim=0)).sum()
     if not torch.is_grad_enabled():
         return Route(names, index=choice - 1)
-    chosen = probs.gather(1, choice[:, None])  # (B, 1)
-    gates = F.one_hot(choice, K1)[:, 1:].to(probs.dtype) * (chosen / chosen.detach())
+    soft = probs[:, 1:]
+    gates = F.one_hot(choice, K1)[:, 1:].to(probs.dtype) + (soft - soft.detach())  # = the one-hot choice
     return Route(names, gates=gates)
