@@ -5,18 +5,20 @@ The identity expert is the base model itself: an image routed there gets exactly
 
   * "tag": a fixed map from the image's modality (from `prompt_context`) to an expert name or
     "identity" (SegEVOLution's on/off switch is the map {"ct": "identity", "mri": <expert>});
-  * "top1": a learned router (a Linear on the mean of the image's patch tokens) picks one of the
-    K + 1 experts. Training uses the straight-through gate p / p.detach() (= 1 in the forward, so
-    the chosen expert runs at full strength, while the router gets p's gradient) and a Switch-style
-    load-balancing loss `(K+1) * sum_e f_e * P_e` (f: fraction of images sent to e, P: mean router
-    probability of e), left on the router as `aux_loss` for the trainer to add;
+  * "top1": a learned router (`router.py`: a Linear on the image's mean patch token, read on a
+    fixed scale) picks one of the K + 1 experts. Training uses straight-through gates (the
+    one-hot choice in the forward, so the chosen expert runs alone at full strength, and the soft
+    mixture's gradient, so the router learns whichever expert was chosen, the identity included)
+    and a Switch-style load-balancing loss `(K+1) * sum_e f_e * P_e` (f: fraction of images sent
+    to e, P: mean router probability of e), left on the router as `aux_loss` for the trainer to add;
   * "soft": every expert weighted by the router's softmax (the identity's share adds nothing).
 
 Routing is decided once per image batch by `route_for(model, name, images)` and applied to every
 call under it (`with route: encode ... decode`): the encoder's adapted layers route per window row,
 the decoder per image (`Route.row(i)`), so the experts run in one `routed_lora_linear` call per
 layer, never a Python loop over experts. The router reads the patch embedding (one cheap extra
-pass of `patch_embed`), so the choice is known before the first adapted block.
+pass of `patch_embed`, plus two reference images), so the choice is known before the first
+adapted block.
 """
 
 from __future__ import annotations
