@@ -6,7 +6,7 @@ Each case runs in a fresh Python process that builds the model, reads its reside
 ONE call (an encode of B windows, or a decode of N prompts against a random image embedding, so
 the encoder's own peak cannot hide the decoder's) and reports ru_maxrss minus the RSS before the
 call: the bytes that call added at its peak, allocator and library overheads included. The cost
-model's term in segevol_fast/inference/budget.py plus its fixed slack must not be below the
+model's term in segevol_fast/inference/cost_model.py plus its fixed slack must not be below the
 measurement (the slack covers the first call's allocator and library overheads, which a
 single-call process sees in full). The check that matters, the estimate of whole `segment()`
 calls against their measured peaks, is `bench/calibrate_segment.py`.
@@ -96,9 +96,9 @@ def main() -> int:
         )
     out = environment(config="SegVolConfig() official size, random weights, float32", cases=rows)
     write_results(out, args.out, "cpu-memory-terms")
-    from segevol_fast.inference.budget import _FIXED_SLACK
+    from segevol_fast.inference.cost_model import FIXED_SLACK
 
-    under = [r for r in rows if r["model_bytes"] + _FIXED_SLACK < r["measured_bytes"]]
+    under = [r for r in rows if r["model_bytes"] + FIXED_SLACK < r["measured_bytes"]]
     if under:
         print(f"COST MODEL BELOW MEASUREMENT for {[(r['kind'], r['n']) for r in under]}", file=sys.stderr)
     return 1 if under else 0
