@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from segevol_fast import SegVol, SegVolConfig
+from segevol_fast.geometry.crop_map import CropMap
+from segevol_fast.geometry.grid_windows import windows_for_roi
 from segevol_fast.geometry.prompt_frames import box_to_zoom_out, points_to_zoom_out
 from segevol_fast.geometry.sliding_window import global_grid, pad_widths, window_starts
 from segevol_fast.inference.budget import Plan
 from segevol_fast.inference.exact import roi_from_logits, run_exact
-from segevol_fast.inference.fast import _CropMap, run_fast, windows_for_roi
+from segevol_fast.inference.fast import run_fast
 from segevol_fast.inference.prompts import Prompt
 from segevol_fast.preprocess import Preprocessed, preprocess, resize_logits_back, zoom_out_resize
 
@@ -115,7 +117,7 @@ def test_global_grid_is_monai_grid_in_the_crop_frame(shape):
 
 @pytest.mark.parametrize("shape", [(20, 70, 90), (6, 20, 90), (5, 31, 33)])
 def test_roi_from_zoom_out_projections_equals_official(shape):
-    cmap = _CropMap(SIZE, shape, torch.device("cpu"))
+    cmap = CropMap(SIZE, shape, torch.device("cpu"))
     logits = torch.full(SIZE, -1.0)
     logits[torch.rand(SIZE) > 0.995] = 1.0  # a few scattered positives, some skipped by the resize
     ref = roi_from_logits(resize_logits_back(logits, shape), SIZE)
@@ -230,16 +232,16 @@ def test_a_lazy_crop_gives_results_identical_to_the_stored_crop(model, monkeypat
 def test_row_sums_alive_never_exceed_one_window_depth(model, monkeypatch):
     # a crop five windows deep, two full-depth prompts stitched one after the other: the second
     # group walks the grid backwards (cache reuse), and rows must be finished in both directions
-    import segevol_fast.inference.fast as fast
+    import segevol_fast.inference.stitch as stitch
 
     alive = []
-    add = fast._Stitch.add
+    add = stitch.Stitch.add
 
     def counting_add(self, logits, origin):
         add(self, logits, origin)
         alive.append(len(self.rows))
 
-    monkeypatch.setattr(fast._Stitch, "add", counting_add)
+    monkeypatch.setattr(stitch.Stitch, "add", counting_add)
     shape = (40, 64, 96)
     prompts = [
         Prompt("left", box=np.array([0.0, 0, 0, 39, 63, 50])),

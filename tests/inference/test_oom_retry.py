@@ -13,7 +13,7 @@ import torch
 
 from segevol_fast import SegVol, SegVolConfig
 from segevol_fast.errors import DeviceOutOfMemoryError, SegVolFastError
-from segevol_fast.inference import fast
+from segevol_fast.inference import stitch
 from segevol_fast.inference.budget import Plan
 from segevol_fast.inference.fast import run_fast
 from segevol_fast.inference.oom import OutOfMemoryError
@@ -126,7 +126,7 @@ def test_decoder_oom_halves_the_decode_batch(model, prep, clean, monkeypatch, fa
 
 
 def test_stitching_oom_restarts_on_the_host_at_batch_one(model, prep, clean, monkeypatch):
-    real, calls = fast._Stitch.add, []
+    real, calls = stitch.Stitch.add, []
 
     def add(self, logits, origin):
         calls.append(origin)
@@ -134,7 +134,7 @@ def test_stitching_oom_restarts_on_the_host_at_batch_one(model, prep, clean, mon
             raise torch.OutOfMemoryError("CUDA out of memory (injected in stitching)")
         return real(self, logits, origin)
 
-    monkeypatch.setattr(fast._Stitch, "add", add)
+    monkeypatch.setattr(stitch.Stitch, "add", add)
     log: list = []
     got = run_fast(model, prep, PROMPTS, plan=_plan(), return_logits=True, oom_retries=log)
     assert len(log) == 1 and log[0]["stage"] == "stitching" and "host" in log[0]["change"]

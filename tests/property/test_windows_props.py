@@ -5,7 +5,7 @@ multiples, off by one):
 * the official sliding-window grid (padded frame) and the fast mode's global grid (crop frame)
   cover every voxel, never leave the zero-padded volume, and are the same grid;
 * `windows_for_roi` picks exactly the grid windows that meet the ROI, and together they cover it;
-* the row-by-row `_Stitch` gives the same sums, coverage counts, means and masks as a plain
+* the row-by-row `Stitch` gives the same sums, coverage counts, means and masks as a plain
   full-size accumulator written here, walking the windows in either direction, with at most one
   window depth of rows alive;
 * `sliding_window_average` (exact mode) equals the same plain accumulator in the padded frame.
@@ -21,6 +21,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from segevol_fast.geometry.grid_windows import window_origin, windows_for_roi
 from segevol_fast.geometry.sliding_window import (
     global_grid,
     pad_widths,
@@ -30,7 +31,7 @@ from segevol_fast.geometry.sliding_window import (
     window_slices,
     window_starts,
 )
-from segevol_fast.inference.fast import _Stitch, windows_for_roi
+from segevol_fast.inference.stitch import Stitch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,20 +157,20 @@ def test_row_by_row_stitching_equals_a_full_size_accumulator(shape_window, rever
     picked = windows_for_roi(grid, window, lo, hi)
     if reverse:  # the zoom-in walks alternate prompt groups backwards (cache reuse)
         picked = picked[::-1]
-    origins = [tuple(grid[a][w[a]] for a in range(3)) for w in picked]
+    origins = [window_origin(grid, w) for w in picked]
     gen = torch.Generator().manual_seed(seed)
     outs = [torch.randn(window, generator=gen) for _ in origins]
 
     coarse_mask = torch.rand(shape, generator=gen) > 0.5
     coarse_logits = torch.randn(shape, generator=gen)
     mask, logits = coarse_mask.clone(), coarse_logits.clone()
-    stitch = _Stitch((lo, hi), origins, window, grid, mask, logits, torch.float32, torch.device("cpu"))
+    stitch = Stitch((lo, hi), origins, window, grid, mask, logits, torch.float32, torch.device("cpu"))
     alive = 0
     for o, out in zip(origins, outs):
         stitch.add(out, o)
         alive = max(alive, len(stitch.rows))
-    res = stitch.result(len(origins))
-    assert res.windows == len(origins) and res.roi == (lo, hi)
+    mask, logits, roi_box = stitch.result()
+    assert roi_box == (lo, hi)
     assert alive <= window[0]  # at most one window depth of row sums at any time
 
     acc, cnt = _plain_stitch(shape, window, lo, hi, origins, outs)
@@ -179,12 +180,12 @@ def test_row_by_row_stitching_equals_a_full_size_accumulator(shape_window, rever
         np.einsum("i,j,k->ijk", *[_covers(g, r, a, b).astype(np.float32) for g, r, a, b in zip(grid, window, lo, hi)])
     )
     assert torch.equal(cnt[roi], expected_cnt)
-    assert torch.equal(res.mask[roi], acc[roi] > 0)
-    assert torch.equal(res.logits[roi], acc[roi] / cnt[roi])  # same order of additions: bit-identical
+    assert torch.equal(mask[roi], acc[roi] > 0)
+    assert torch.equal(logits[roi], acc[roi] / cnt[roi])  # same order of additions: bit-identical
     outside = torch.ones(shape, dtype=torch.bool)
     outside[roi] = False
-    assert torch.equal(res.mask[outside], coarse_mask[outside])  # the coarse result is kept there
-    assert torch.equal(res.logits[outside], coarse_logits[outside])
+    assert torch.equal(mask[outside], coarse_mask[outside])  # the coarse result is kept there
+    assert torch.equal(logits[outside], coarse_logits[outside])
 
 
 @given(crops_and_windows(max_window=10, max_multiple=3), st.integers(0, 2**31 - 1))

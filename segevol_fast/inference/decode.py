@@ -1,0 +1,61 @@
+"""Decoding many prompts against one image embedding: decoder inputs grouped by what they carry
+(text / box / points) and decoded in batches, the batch halved on device out-of-memory."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..adapters.context import prompt_context
+from .oom import Retries
+
+
+@dataclass
+class DecodeItem:
+    """One decoder input: prompt index k, and its box (6,) / points ((P, 3), (P,)) in the window
+    (or zoom-out) frame; the text comes from the prompt."""
+
+    k: int
+    box: Optional[Tensor]
+    points: Optional[tuple[Tensor, Tensor]]
+
+    def signature(self, has_text: bool) -> tuple:
+        return has_text, self.box is not None, None if self.points is None else len(self.points[0])
+
+
+def decode_items(model, emb: Tensor, items: Sequence[DecodeItem], texts: dict[int, Tensor], chunk, tasks: Sequence):
+    """Decode items against emb (1, hidden, *grid), batching items with the same signature in
+    chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
+    the same items then decoded again). tasks[k]: prompt k's structure name (or None), declared to
+    adapters per decode batch (`adapters.prompt_context`). Yields (item, logits (1, *spatial)
+    float32 on the model's device)."""
+    retry = chunk if isinstance(chunk, Retries) else None
+    dev = emb.device
+    groups: dict[tuple, list[DecodeItem]] = {}
+    for it in items:
+        groups.setdefault(it.signature(it.k in texts), []).append(it)
+    for (has_text, has_box, n_points), group in groups.items():
+        s = 0
+        while s < len(group):
+            part = group[s : s + (retry.plan.decode_batch if retry is not None else chunk)]
+            text = torch.cat([texts[it.k] for it in part]) if has_text else None
+            boxes = torch.stack([it.box for it in part]).to(dev) if has_box else None
+            points = None
+            if n_points is not None:
+                points = (
+                    torch.stack([it.points[0] for it in part]).to(dev),
+                    torch.stack([it.points[1] for it in part]).to(dev),
+                )
+
+            def call(part=part, text=text, boxes=boxes, points=points):
+                with prompt_context(tasks=[tasks[it.k] for it in part]):
+                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points)
+
+            logits = call() if retry is None else retry.attempt("decoder", call)
+            if logits is None:
+                continue  # the decode batch was halved: the same items again
+            s += len(part)
+            yield from zip(part, logits[:, 0])
