@@ -13,6 +13,9 @@ box+text, text, box, points, box+points) for all chosen categories of the image 
 A category's loss is the sum over mixes of BCE + Dice (official); the step's loss is its mean over
 all (image, category) pairs of the global batch. (Officially one step is taken per category with
 the encoder re-run each time; here all categories of a step share one encoder pass and one step.)
+Adapters that read each prompt's task (context priors) get it as `segment()` gives it: the
+structure's name in mixes with text, none in box / points mixes when the priors have a "no task"
+prior, which those mixes train.
 
 Randomness: the prompts and category choice of sample j of the global batch at step s come from a
 generator seeded by (seed, s, j) only, and the samples themselves from (seed, epoch, index)
@@ -134,12 +137,13 @@ class _StepModule(nn.Module):
             ):
                 text = encode_names(model, plan["names"], plan["modality"]) if plan["needs_text"] else None
                 for k, prompt in enumerate(plan["prompts"]):
-                    logits = model.decode(
-                        emb[i : i + 1],
-                        text_embedding=text if prompt["text"] else None,
-                        boxes=prompt["boxes"],
-                        points=prompt["points"],
-                    )
+                    with adapters.prompt_context(tasks=prompt["tasks"]):
+                        logits = model.decode(
+                            emb[i : i + 1],
+                            text_embedding=text if prompt["text"] else None,
+                            boxes=prompt["boxes"],
+                            points=prompt["points"],
+                        )
                     loss, bce, dc = bce_dice_loss(logits, plan["target"], return_parts=True)
                     total = total + n * loss  # loss is a mean over the n categories
                     for slot, value in ((0, bce), (1, dc), (2 + k, loss)):
@@ -163,6 +167,14 @@ class _StepModule(nn.Module):
 # ---------------------------------------------------------------------------------- trainer
 def _mix_uses_text(name: str) -> bool:
     return next(m for m in PROMPT_MIXES if m.name == name).text
+
+
+def _trains_no_task(model: nn.Module) -> bool:
+    """Whether the model's context priors have a "no task" prior: segment() gives a prompt without
+    text (a box or points alone) task None, so the trainer does the same for mixes without text and
+    that prior learns from them. Priors without one keep the structure's task for every mix."""
+    priors = adapters.get_context_priors(model)
+    return priors is not None and priors.config.null_task
 
 
 def _nonempty(labels: Tensor) -> list[int]:
@@ -306,6 +318,7 @@ class Trainer:
         every mix (collated for one decode call). All draws from (seed, step, global position).
         offset: where `batch` starts in this rank's share of the step (a micro-batch)."""
         cfg = self.config
+        untasked = _trains_no_task(self.model)
         plans = []
         for j, labels in enumerate(batch["labels"], start=offset):
             position = j * self.world_size + self.rank  # place in the global batch (see the sampler)
@@ -315,6 +328,7 @@ class Trainer:
                 pick = torch.randperm(len(nonempty), generator=g)[: cfg.categories_per_image]
                 nonempty = sorted(nonempty[int(i)] for i in pick)
             drawn = [sample_prompts(labels[c], None, g, jitter=cfg.box_jitter) for c in nonempty]
+            names = [batch["names"][j - offset][c] for c in nonempty]
             prompts = []
             if nonempty:
                 for mix in cfg.mixes:
@@ -322,13 +336,15 @@ class Trainer:
                     prompts.append(
                         {
                             "text": p["text"],
+                            # inference gives a prompt without text no task: train that prior on such mixes
+                            "tasks": names if p["text"] or not untasked else [None] * len(names),
                             "boxes": None if p["boxes"] is None else p["boxes"].to(self.device),
                             "points": None if p["points"] is None else tuple(t.to(self.device) for t in p["points"]),
                         }
                     )
             plans.append(
                 {
-                    "names": [batch["names"][j - offset][c] for c in nonempty],
+                    "names": names,
                     "modality": batch["modality"][j - offset],
                     "target": labels[nonempty].to(self.device),
                     "prompts": prompts,
