@@ -168,6 +168,10 @@ class LoraLinear(nn.Linear):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if x.dtype != self.weight.dtype and torch.is_autocast_enabled(x.device.type):
+            # the ops compute in one dtype with autocast off: narrow x as autocast does for a Linear
+            # (weights cast to bf16 by the caller meet the float32 output of a LayerNorm here)
+            x = x.to(self.weight.dtype)
         r = current_route()
         if r is not None and self._routed(r):
             return self._forward_routed(x, r)

@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..errors import InvalidArgumentError
-from ..model.network import PRECISIONS
+from ..model.network import PRECISIONS, check_weights_precision
 
 # What a call may ask for: the network's own precisions, or "auto" (resolved below).
 PRECISION_REQUESTS = ("auto", *PRECISIONS)
@@ -75,8 +75,14 @@ def inference_state(model, precision: str) -> Iterator[None]:
         model.set_precision(previous)
 
 
-def resolve_precision(requested: Optional[str], model_precision: str, device: torch.device, mode: str) -> str:
+def resolve_precision(
+    requested: Optional[str], model_precision: str, device: torch.device, mode: str, weights: str = "fp32"
+) -> str:
     """The autocast precision a segment() call runs under.
+
+    `weights` is the model's `weights_precision`: weights the caller cast to bf16 / fp16 compute in
+    that dtype only, so "auto" resolves to it and any other request is an InvalidArgumentError
+    (raised here, before the scan is read).
 
     "auto" (or None):
       * the model's own precision when it was set to bf16/fp16;
@@ -92,7 +98,10 @@ def resolve_precision(requested: Optional[str], model_precision: str, device: to
     if requested not in PRECISION_REQUESTS:
         raise InvalidArgumentError(f"precision must be one of {PRECISION_REQUESTS}, got {requested!r}")
     if requested != "auto":
+        check_weights_precision(requested, weights)
         return requested
+    if weights != "fp32":
+        return weights
     kind = torch.device(device).type
     if model_precision != "fp32" or mode != "fast":
         return model_precision

@@ -125,7 +125,7 @@ def run_segment(model, volume, text, box, points, point_labels, options: Segment
     if options.device is not None and not same_device(model_device(model), options.device):
         model.to(options.device)
     dev = model_device(model)
-    run_precision = resolve_precision(options.precision, model.precision, dev, mode)
+    run_precision = resolve_precision(options.precision, model.precision, dev, mode, weights=model.weights_precision)
     timings: dict[str, float] = {}
 
     # `options.progress` becomes the call's one display (a Progress), handed down to _run as such

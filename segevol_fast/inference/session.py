@@ -78,6 +78,10 @@ class Session:
         check_session_arguments(model, volume, given)
         if device is not None and not same_device(model_device(model), device):
             model.to(device)
+        # before the scan is read: a precision the weights cannot run is refused up front
+        run_precision = resolve_precision(
+            precision, model.precision, model_device(model), "fast", weights=model.weights_precision
+        )
         self.model = model
         self.volume = volume if isinstance(volume, Volume) else load_volume(volume, series=series)
         self.modality = modality or self.volume.modality or "ct"
@@ -94,7 +98,6 @@ class Session:
         self.cache = self.scan.window_cache = WindowCache(min(cache_windows, n_windows))
         self.history: dict[str, dict] = {}
         # the zoom-out embedding, under the session's adapter and precision, as segment() makes it
-        run_precision = resolve_precision(precision, model.precision, dev, "fast")
         image = zoom_out_crop(self.scan.prep.crop, size).to(dev)
         with (
             inference_state(model, run_precision),

@@ -21,7 +21,7 @@ from .. import ops
 from ..errors import ShapeError
 from .attention import attention
 from .config import SegVolConfig
-from .layers import LayerNorm32
+from .layers import LayerNorm32, wide_dtype
 
 
 class PatchEmbedding(nn.Module):
@@ -42,7 +42,12 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: Tensor, scale: float = 1.0, shift: float = 0.0) -> Tensor:
         """x (B, C, D, H, W) -> tokens (B, N, hidden), with x*scale+shift applied first."""
         proj = self.patch_embeddings[1]
-        return ops.patch_embed(x, proj.weight, proj.bias, self.position_embeddings, self.patch_size, scale, shift)
+        # tokens start the residual stream: float32 under autocast whatever the weights' dtype
+        # (the op takes one dtype for all its inputs: x comes in the same `wide_dtype`)
+        dtype = wide_dtype(proj.weight)
+        bias = None if proj.bias is None else proj.bias.to(dtype)
+        pos = self.position_embeddings.to(dtype)
+        return ops.patch_embed(x.to(dtype), proj.weight.to(dtype), bias, pos, self.patch_size, scale, shift)
 
 
 class SelfAttention(nn.Module):
@@ -129,7 +134,7 @@ class ImageEncoder(nn.Module):
         Args:
             x: (B, in_channels, D, H, W) with (D, H, W) == config.spatial_size exactly (the
                 position embedding has a fixed token count and is never interpolated).
-                Converted to the encoder's parameter dtype.
+                Converted to the encoder's parameter dtype (float32 under autocast).
             input_scale, input_shift: optional affine x*scale+shift fused into the patch
                 embedding (e.g. an intensity normalisation), so it is never materialised.
 
@@ -144,7 +149,7 @@ class ImageEncoder(nn.Module):
                 f"image encoder expects a (B, {cfg.in_channels}, {', '.join(map(str, cfg.spatial_size))}) volume, "
                 f"got shape {tuple(x.shape)}; resize or crop to config.spatial_size first"
             )
-        x = x.to(self.norm.weight.dtype)
+        x = x.to(wide_dtype(self.norm.weight))
         tokens = self.patch_embedding(x, input_scale, input_shift)  # (B, N, hidden)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:

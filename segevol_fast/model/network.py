@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError, PromptError, ShapeError
+from ..errors import CheckpointError, InvalidArgumentError, PromptError, ShapeError
 from . import checkpoint as ckpt
 from .config import SegVolConfig
 from .image_encoder import ImageEncoder
@@ -62,6 +62,18 @@ def _integer_labels(points):
     return coords, labels.long()
 
 
+def check_weights_precision(precision: str, weights: str) -> None:
+    """Refuse arithmetic `precision` for weights stored as `weights` (both PRECISIONS names) when
+    it cannot be honoured: bf16 / fp16 weights compute in their own dtype only."""
+    if weights == "fp32" or precision == weights:
+        return
+    raise InvalidArgumentError(
+        f"precision={precision!r} cannot run on weights stored in {weights}: they compute in {weights} only. "
+        f"Use precision='auto' or {weights!r}, or keep float32 weights (model.float()) and ask for "
+        "precision='bf16' (autocast) to save activation memory"
+    )
+
+
 class SegVolNetwork(nn.Module):
     """SegVol's network: image encoder, text encoder, prompt encoder and mask decoder.
 
@@ -70,6 +82,12 @@ class SegVolNetwork(nn.Module):
         tokenizer: a `ClipTokenizer` or a folder holding its files; needed for text prompts.
         precision: "fp32" (default), or "bf16"/"fp16" to run encode_image/decode under autocast
             (weights stay fp32; autocast keeps LayerNorm and softmax accumulation in fp32).
+
+    Weights cast by the caller (`model.to(torch.bfloat16)` or `.half()`, half the weight memory)
+    compute in their own dtype only: `precision` then reads "bf16" / "fp16" whatever was set,
+    encode_image/decode run under that autocast (LayerNorm statistics, positional encodings and
+    residual streams stay float32 as with float32 weights; see `layers.wide_dtype`), and asking
+    for another precision is an InvalidArgumentError. `model.float()` restores the set precision.
     """
 
     def __init__(self, config: Optional[SegVolConfig] = None, tokenizer=None, precision: str = "fp32"):
@@ -80,7 +98,9 @@ class SegVolNetwork(nn.Module):
         self.prompt_encoder = PromptEncoder(self.config)
         self.mask_decoder = MaskDecoder(self.config)
         self.tokenizer = tokenizer
-        self.set_precision(precision)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self._precision = precision  # not checked against the weights: a bf16 default dtype reads as "bf16"
         # Where the weights came from (set by from_pretrained); None means random initialisation,
         # which segment() reports loudly: masks from random weights are meaningless.
         self.weights_source: Optional[str] = None
@@ -96,10 +116,38 @@ class SegVolNetwork(nn.Module):
             value = ClipTokenizer(value)
         self.text_encoder.tokenizer = value
 
+    @property
+    def weights_precision(self) -> str:
+        """The dtype the weights are stored in, by precision name: "bf16" / "fp16" when the caller
+        cast them, else "fp32" (float64 weights count as "fp32": they run as before, without
+        autocast). Weights of several floating dtypes (part of the model cast) are an
+        InvalidArgumentError."""
+        dtypes = {p.dtype for p in self.parameters() if p.is_floating_point()}
+        low = [name for name, dtype in PRECISIONS.items() if dtype in dtypes and name != "fp32"]
+        if len(dtypes) > 1:
+            raise InvalidArgumentError(
+                f"the model's weights mix dtypes {sorted(str(d) for d in dtypes)}: cast the whole model at once "
+                "(model.to(torch.bfloat16), or model.float() to run at any precision)"
+            )
+        return low[0] if low else "fp32"
+
+    @property
+    def precision(self) -> str:
+        """The autocast precision encode_image/decode run under: the set one, or the weights' own
+        dtype when they are bf16 / fp16."""
+        weights = self.weights_precision
+        return self._precision if weights == "fp32" else weights
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self.set_precision(value)
+
     def set_precision(self, precision: str) -> "SegVolNetwork":
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-        self.precision = precision
+        check_weights_precision(precision, self.weights_precision)
+        if self.weights_precision == "fp32":  # cast weights imply their precision; float() restores this one
+            self._precision = precision
         return self
 
     def _autocast(self, device: torch.device):

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import ShapeError
 from .config import SegVolConfig
+from .layers import wide_dtype
 
 
 class PositionEmbeddingRandom(nn.Module):
@@ -93,7 +94,8 @@ class PromptEncoder(nn.Module):
 
     # ------------------------------------------------------------------ positional encodings
     def get_dense_pe(self) -> Tensor:
-        """Positional encoding of every image token: (1, hidden, gd, gh, gw), module dtype.
+        """Positional encoding of every image token: (1, hidden, gd, gh, gw), module dtype
+        (float32 under autocast).
 
         Cell (i, j, k) is encoded from [(j+.5)/gh, (i+.5)/gd, (k+.5)/gw] (official axis order).
         """
@@ -104,7 +106,7 @@ class PromptEncoder(nn.Module):
         k = (torch.arange(gw, device=dev, dtype=torch.float32) + 0.5) / gw
         ii, jj, kk = torch.meshgrid(i, j, k, indexing="ij")
         pe = self.pe_layer.encode(torch.stack([jj, ii, kk], dim=-1))  # (gd, gh, gw, hidden)
-        return pe.permute(3, 0, 1, 2).unsqueeze(0).to(self.no_mask_embed.weight.dtype)
+        return pe.permute(3, 0, 1, 2).unsqueeze(0).to(wide_dtype(self.no_mask_embed.weight))
 
     def _encode_coords(self, coords: Tensor) -> Tensor:
         """Voxel indices (B, N, 3) in (d, h, w) -> PE (B, N, hidden) float32, with the +0.5 shift
@@ -120,7 +122,8 @@ class PromptEncoder(nn.Module):
         Label -1 (padding): PE zeroed, not_a_point added; 0: + point_embeddings[0]; 1: +
         point_embeddings[1]; any other label keeps the bare PE, as officially.
         """
-        pe = self._encode_coords(coords).to(self.not_a_point_embed.weight.dtype)
+        dtype = wide_dtype(self.not_a_point_embed.weight)
+        pe = self._encode_coords(coords).to(dtype)
         if pad:
             # A not-a-point token keeps the decoder's token count the same with or without a box.
             # Its coordinate never matters: the PE of label -1 is zeroed below.
@@ -130,9 +133,9 @@ class PromptEncoder(nn.Module):
         pe = pe.masked_fill(is_pad, 0.0)
         return (
             pe
-            + is_pad * self.not_a_point_embed.weight
-            + neg * self.point_embeddings[0].weight
-            + pos * self.point_embeddings[1].weight
+            + is_pad * self.not_a_point_embed.weight.to(dtype)
+            + neg * self.point_embeddings[0].weight.to(dtype)
+            + pos * self.point_embeddings[1].weight.to(dtype)
         )
 
     def _embed_boxes(self, boxes: Tensor) -> Tensor:
@@ -140,8 +143,9 @@ class PromptEncoder(nn.Module):
 
         An all -1 "empty" box is encoded like any other (corners at -0.5), as officially.
         """
-        pe = self._encode_coords(boxes.reshape(-1, 2, 3)).to(self.no_mask_embed.weight.dtype)
-        corner = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0)
+        dtype = wide_dtype(self.no_mask_embed.weight)
+        pe = self._encode_coords(boxes.reshape(-1, 2, 3)).to(dtype)
+        corner = torch.cat([self.point_embeddings[2].weight, self.point_embeddings[3].weight], dim=0).to(dtype)
         return pe + corner  # (B, 2, hidden) + (2, hidden)
 
     def forward(
@@ -166,7 +170,9 @@ class PromptEncoder(nn.Module):
             B comes from points, else boxes, else text, else 1.
         """
         hidden = self.hidden_size
+        # prompt tokens start the decoder's residual streams: float32 under autocast (`wide_dtype`)
         weight = self.no_mask_embed.weight
+        weight = weight.to(wide_dtype(weight))
         batch = self._check(points, boxes, text_embedding)
         parts = []
         if points is not None:
