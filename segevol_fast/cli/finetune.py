@@ -8,10 +8,13 @@ folder or image/label files, on one process or under torchrun.
         --steps 50 --out runs/toy
     torchrun --nproc-per-node 4 -m segevol_fast finetune ...            # DDP: the same command
 
-Writes into --out: train_log.csv/.jsonl, eval_log.* (with --eval-data / --eval-image),
+Writes into --out: train_log.csv/.jsonl, eval_log.* and best/ (the best validation's checkpoint,
+best.json and adapter file; with --eval-data / --eval-image, flags in finetune_validation.py),
 checkpoint_<step>.pt (resume with --resume), and the result: adapter_<name>.safetensors (every
 adapter method; `adapters.load_adapter` and `segment --adapter` read it) or model/ (full
-fine-tuning, `SegVol.from_pretrained` reads it).
+fine-tuning, `SegVol.from_pretrained` reads it); with --export merged also merged/, the LoRA folded
+into a plain model. It prints where the best validation's weights are, and whether the run stopped
+early, then the run's summary as one JSON line.
 
 `python -m segevol_fast.cli.finetune` runs the same command directly (the torchrun target of the
 distributed tests).
@@ -25,7 +28,15 @@ import pathlib
 import sys
 
 from ..errors import SegVolFastError, UsageError
-from .finetune_methods import add_method_arguments, attach_method, save_method
+from .finetune_methods import add_method_arguments, attach_method, check_export, export_merged, save_method
+from .finetune_validation import (
+    add_validation_arguments,
+    best_line,
+    best_summary,
+    positive_int,
+    result_name,
+    validation_fields,
+)
 
 CONFIGS = ("official", "tiny", "small")
 
@@ -65,6 +76,14 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1000, help="optimizer steps")
     t.add_argument("--batch-size", type=int, default=4, help="images per step, across all processes")
+    t.add_argument(
+        "--accumulate",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="micro-batches per step: each process holds batch-size / (processes * N) images at a time and "
+        "the step's gradient is the whole batch's (default 1)",
+    )
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--weight-decay", type=float, default=1e-5)
     t.add_argument("--warmup-steps", type=int, default=0)
@@ -76,15 +95,19 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     t.add_argument("--categories-per-image", type=int, default=None, help="default all non-empty (official)")
     t.add_argument("--mixes", nargs="+", metavar="MIX", help="prompt mixes (default the official six)")
     t.add_argument("--box-jitter", type=int, default=0, help="box jitter in training prompts (voxels)")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: at the end only)")
-    t.add_argument("--eval-jitter", type=int, default=5, help="voxels of the jittered-box evaluation")
     t.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end only)")
     t.add_argument("--log-every", type=int, default=1)
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log to OUT/tensorboard (needs the tensorboard package: pip install 'segevol_fast[tensorboard]')",
+    )
     t.add_argument("--workers", type=int, default=0, help="DataLoader workers per process")
     t.add_argument("--device", choices=["cpu", "cuda"], help="default CUDA when available")
     t.add_argument("--out", required=True, metavar="DIR", help="output folder (logs, checkpoints, the adapter)")
     t.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint_<step>.pt")
     t.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_validation_arguments(p)
     return p
 
 
@@ -139,16 +162,17 @@ def _cases(args, roots, images, labels, what: str) -> list:
 def _model(args, device):
     import torch
 
-    from ..model import SegVolConfig, SegVolNetwork
+    from ..model import SegVolConfig
+    from ..segvol import SegVol  # the network with segment(): what segment validation runs
 
     if args.random_weights:
         if args.config == "small" and not hasattr(SegVolConfig, "small"):
             raise UsageError("--config small is not available in this version; use tiny or official")
         config = SegVolConfig() if args.config == "official" else getattr(SegVolConfig, args.config)()
         torch.manual_seed(args.model_seed)
-        model = SegVolNetwork(config, tokenizer=args.tokenizer)
+        model = SegVol(config, tokenizer=args.tokenizer)
     elif args.weights:
-        model = SegVolNetwork.from_pretrained(args.weights, tokenizer=args.tokenizer)
+        model = SegVol.from_pretrained(args.weights, tokenizer=args.tokenizer)
     else:
         raise UsageError("give --weights PATH (the base model) or --random-weights")
     return model.to(device)
@@ -170,12 +194,13 @@ def _train_config(args):
         "seed": args.seed,
         "categories_per_image": args.categories_per_image,
         "box_jitter": args.box_jitter,
-        "eval_every": args.eval_every,
+        "accumulate": args.accumulate,
         "save_every": args.save_every,
         "log_every": args.log_every,
-        "eval_jitter": args.eval_jitter,
+        "tensorboard": args.tensorboard,
         "out_dir": args.out,
         "workers": args.workers,
+        **validation_fields(args),
     }
     if args.mixes:
         fields["mixes"] = tuple(args.mixes)
@@ -196,6 +221,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     if not args.data and not args.image:
         raise UsageError("nothing to train on: give --data ROOT or --image/--label pairs")
     config = _train_config(args)
+    check_export(args)
     env = distributed.init_from_env(device=args.device)
     try:
         train_cases = _cases(args, args.data, args.image, args.label, "training data")
@@ -217,13 +243,23 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 def _write_result(args, model, trainer) -> None:
-    result = save_method(args, model, pathlib.Path(args.out))
+    """Write the result (and the merged model with --export merged), then print a line for a person
+    about the best validation and, last, the run's summary as one JSON line."""
+    out = pathlib.Path(args.out)
+    result = save_method(args, model, out)
+    best = best_summary(trainer, result_name(result))
     summary = {
         "steps": trainer.step,
         "result": str(result),
         "last_loss": trainer.history[-1]["loss"] if trainer.history else None,
         "eval": trainer.eval_history[-1] if trainer.eval_history else None,
+        "best": best,
+        "stopped_early": trainer.stopped_early,
     }
+    if args.export == "merged":
+        summary["merged"] = export_merged(args, model, out)
+    if best is not None:
+        print(best_line(best, trainer.stopped_early, trainer.step))
     print(json.dumps(summary))
 
 

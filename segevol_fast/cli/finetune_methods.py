@@ -10,6 +10,8 @@ public API of `segevol_fast.adapters` (docs/adapters.md); "full" trains the whol
                 structure names of the training and evaluation label maps
     full        every weight of the model
 
+--export merged (LoRA only) also folds the trained LoRA into the weights and writes a plain model.
+
 The flags' defaults are None where they fall back to the config class's own default, so the two
 never disagree.
 """
@@ -22,6 +24,7 @@ import pathlib
 from ..errors import SegVolFastError, UsageError
 
 METHODS = ("lora", "bottleneck", "mixture", "priors", "full")
+EXPORTS = ("adapter", "merged")
 MODALITIES = ("ct", "mri")
 IDENTITY = "identity"  # the mixture's base-model expert (adapters.mixture)
 
@@ -37,6 +40,13 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
     )
     m.add_argument(
         "--adapter-name", default="default", help="name of the adapter (and of its file, adapter_<name>.safetensors)"
+    )
+    m.add_argument(
+        "--export",
+        choices=EXPORTS,
+        default="adapter",
+        help="adapter (default): the adapter file alone; merged (--method lora): also fold the trained LoRA into "
+        "the weights and write OUT/merged, a plain model SegVol.from_pretrained loads with no adapter code",
     )
 
     lora = p.add_argument_group("LoRA (--method lora, and the experts of --method mixture)")
@@ -141,6 +151,29 @@ def save_method(args: argparse.Namespace, model, out: pathlib.Path) -> str:
         model.save_pretrained(path)
         return path
     return adapters.save_adapter(model, args.adapter_name, out / f"adapter_{args.adapter_name}.safetensors")
+
+
+def check_export(args: argparse.Namespace) -> None:
+    """UsageError, before any training, for an --export the method cannot give."""
+    if args.export == "merged" and args.method != "lora":
+        why = (
+            "--method full already writes the whole model (OUT/model)"
+            if args.method == "full"
+            else f"a {args.method} adapter cannot be folded into the weights"
+        )
+        raise UsageError(f"--export merged needs --method lora: {why}")
+
+
+def export_merged(args: argparse.Namespace, model, out: pathlib.Path) -> str:
+    """Fold the trained LoRA into the weights for good (`adapters.merge_and_unload`) and write the
+    model to out/merged (`save_pretrained`, read by `SegVol.from_pretrained`). Call it after the
+    adapter file is written: the model has no adapter afterwards. Returns the folder."""
+    from .. import adapters
+
+    adapters.merge_and_unload(model, args.adapter_name)
+    path = str(out / "merged")
+    model.save_pretrained(path)
+    return path
 
 
 def _lora_config(args: argparse.Namespace):
