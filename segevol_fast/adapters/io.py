@@ -227,8 +227,13 @@ def check_base_weights(model: nn.Module, meta: dict, path, check: bool, base_has
     want = meta.get("base_weights_sha256")
     have = base_hash or base_weights_hash(model)
     if want != have:
+        # weights cast to 16 bits hash differently from the float32 weights the adapter was trained on
+        cast = sorted(
+            {str(t.dtype) for t in base_state_dict(model).values() if t.dtype in (torch.bfloat16, torch.float16)}
+        )
+        hint = f" (this model's weights are cast to {cast[0]}: load the adapter before casting them)" if cast else ""
         raise AdapterMismatchError(
             f"{path} was trained on base weights with SHA-256 {str(want)[:16]}..., but this model's are "
-            f"{have[:16]}...: load the base checkpoint it was trained on (its metadata names "
+            f"{have[:16]}...{hint}: load the base checkpoint it was trained on (its metadata names "
             f"{meta.get('base_weights_source') or 'no source'}), or pass check_base=False to load it anyway"
         )

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from segevol_fast.adapters import add_bottleneck, add_lora
-from segevol_fast.errors import InvalidArgumentError
+from segevol_fast.adapters import add_bottleneck, add_lora, load_adapter, remove_adapter, save_adapter
+from segevol_fast.errors import AdapterMismatchError, InvalidArgumentError
 from segevol_fast.inference.precision import inference_state, resolve_precision
 from segevol_fast.model.layers import LayerNorm32
 
@@ -177,3 +177,15 @@ def test_weights_of_mixed_dtypes_are_refused(tiny_model):
     tiny_model.image_encoder.to(torch.bfloat16)
     with pytest.raises(InvalidArgumentError, match="mix dtypes"):
         tiny_model.encode_image(torch.rand(1, 1, *tiny_model.config.spatial_size))
+
+
+def test_saved_adapter_loads_before_the_cast_and_says_so_after_it(tiny_model, crop, tmp_path):
+    add_lora(tiny_model, "saved")
+    save_adapter(tiny_model, "saved", tmp_path / "saved")
+    remove_adapter(tiny_model, "saved")
+    low = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    with pytest.raises(AdapterMismatchError, match="cast to torch.bfloat16: load the adapter before casting"):
+        load_adapter(low, tmp_path / "saved")
+    load_adapter(tiny_model, tmp_path / "saved")
+    tiny_model.to(torch.bfloat16)
+    assert _segment(tiny_model, crop, adapter="saved").adapter == "saved"
