@@ -36,6 +36,18 @@ class PositionEmbeddingRandom(nn.Module):
         super().__init__()
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, num_feats))
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` must not round the frequencies: a phase of tens of radians
+        # moves by a tenth of a radian when G loses its low bits. The matrix follows every device
+        # move and `.double()`; a cast to 16 bits leaves it float32, taken from the tensor before.
+        before = self.positional_encoding_gaussian_matrix
+        super()._apply(fn, recurse)
+        after = self.positional_encoding_gaussian_matrix
+        wide = torch.promote_types(after.dtype, torch.float32)
+        if after.dtype != wide:
+            self.positional_encoding_gaussian_matrix = before.to(device=after.device, dtype=wide)
+        return self
+
     def encode(self, coords: Tensor) -> Tensor:
         """coords (..., 3) already normalised (nominally to [0, 1]) -> (..., 2*num_feats) float32.
 

@@ -189,3 +189,15 @@ def test_saved_adapter_loads_before_the_cast_and_says_so_after_it(tiny_model, cr
     load_adapter(tiny_model, tmp_path / "saved")
     tiny_model.to(torch.bfloat16)
     assert _segment(tiny_model, crop, adapter="saved").adapter == "saved"
+
+
+def test_cast_keeps_the_fourier_frequencies_float32(tiny_model):
+    pe = tiny_model.prompt_encoder.pe_layer
+    exact = pe.positional_encoding_gaussian_matrix.clone()
+    tiny_model.to(torch.bfloat16)
+    assert torch.equal(pe.positional_encoding_gaussian_matrix, exact)  # not rounded to 8 bits
+    tiny_model.double()
+    assert pe.positional_encoding_gaussian_matrix.dtype == torch.float64
+    tiny_model.float()
+    assert torch.equal(pe.positional_encoding_gaussian_matrix, exact)
+    assert tiny_model.state_dict()["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].dtype == torch.float32
