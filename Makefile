@@ -86,7 +86,7 @@ bench-session: build
 bench-adapters: build
 	$(PY) bench/adapter_bench.py
 
-# The adaptation study on the shared CT/MRI (small config, 3 seeds, ~35 min on 2 cores); docs/benchmarks.md.
+# The adaptation study on the shared CT/MRI (small config, 3 seeds, ~37 min on 2 cores); docs/benchmarks.md.
 study: build
 	$(PY) bench/adaptation_study.py
 

@@ -1,7 +1,7 @@
 """The adaptation study in miniature: a base trained on CT, adapted to MRI by every method, scored
 on MRI volumes no adaptation step saw, over several seeds.
 
-    python bench/adaptation_study.py                      # small config, shared data, 3 seeds (estimate printed)
+    python bench/adaptation_study.py                      # small config, shared data, 3 seeds, ~37 min on 2 cores
     python bench/adaptation_study.py --quick              # a few steps, one seed: checks the pipeline
     python bench/adaptation_study.py --base-only          # (re)train and save only the CT base
     python bench/adaptation_study.py --config official --weights SegVol_v1.pth \
@@ -26,8 +26,8 @@ on MRI volumes no adaptation step saw, over several seeds.
    window, logits > 0 against the label, text / ground-truth box / jittered box prompts, on CT,
    mr_fit and mr_heldout. Real inference on the held-out volumes (`validation.segment_validation`,
    what TrainConfig(eval_mode="segment") runs): `model.segment()` zoom-out-zoom-in on the volumes
-   as stored, text / box / point prompts, scored on the stored grid (10-14 s a volume measured on
-   the small config on the busy 2-core VM, less when it is idle; --no-segment-eval skips it).
+   as stored, text / box / point prompts, scored on the stored grid (1-2 s a volume on the small
+   config with one thread on the shared 2-core VM; --no-segment-eval skips it).
 5. Every cell over the seeds: mean, std, min, max and the values. The base is one (first seed);
    the seeds vary the adapters' initialisation, the samples and the prompts, not the base.
    A model with a mixture also reports its router's decisions: the fraction of each modality's
@@ -64,11 +64,11 @@ from segevol_fast.train.validation import segment_validation  # noqa: E402
 DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 PROMPTS = ("text", "box", "jittered_box")  # resized evaluation
 SEGMENT_PROMPTS = ("text", "box", "point")  # real inference on the held-out volumes
-# the 2-core VM otherwise idle, small config, batch 2 (the estimate printed at the start; a busy
-# machine is slower: the measured rate of the first run is printed with a new estimate)
-SECONDS_PER_STEP = 0.6
-SECONDS_PER_SEGMENT_VOLUME = 6.0
-SECONDS_PER_RESIZED_SET = 1.5
+# measured on the shared 2-core VM with one thread, small config, batch 2: for the estimate printed
+# at the start (the measured rate of the first run is printed with a new estimate)
+SECONDS_PER_STEP = 0.7
+SECONDS_PER_SEGMENT_VOLUME = 2.0
+SECONDS_PER_RESIZED_SET = 1.0
 
 
 def task_names(cases) -> tuple[str, ...]:
@@ -245,6 +245,13 @@ def parse_args(argv=None):
     p.add_argument("--no-segment-eval", dest="segment_eval", action="store_false", help="resized evaluation only")
     p.add_argument("--quick", action="store_true", help="2 base and 2 adaptation steps, one seed: a pipeline check")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0: torch's default). 1 because the 2-core VM is shared: there a training step "
+        "took 0.7 s on one thread and 3 s on two",
+    )
     p.add_argument("--base-only", action="store_true")
     p.add_argument("--retrain-base", action="store_true")
     p.add_argument(
@@ -263,6 +270,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     # the label files hold many more TotalSegmentator ids than the five organs studied: dropped on purpose
     warnings.filterwarnings("ignore", message=".*are not in the label map.*", category=UserWarning)
     # gray / white matter and spinal cord are not among SegVol's trained names: known, and said in the docs
