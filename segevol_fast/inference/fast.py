@@ -58,7 +58,7 @@ from .oom import HostStitchNeeded, OutOfMemoryError, Retries
 from .progress import stage, steps
 from .prompts import Prompt
 from .stitch import Stitch
-from .window_cache import WindowCache  # session.py and scan.py import it from here too
+from .window_cache import WindowCache
 from .window_prompts import window_item
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..io import Volume
 from ..preprocess import Preprocessed
-from .fast import WindowCache
+from .window_cache import WindowCache
 
 
 @dataclass

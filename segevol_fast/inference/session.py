@@ -34,12 +34,12 @@ from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
 from .arguments import SegmentOptions, check_segment_arguments, check_session_arguments
 from .budget import parse_memory, plan_fast, same_device
-from .fast import WindowCache
 from .precision import inference_state, resolve_precision
 from .prompts import checked_points
 from .result import SegmentationResult
 from .scan import PreparedScan
 from .segment import run_segment
+from .window_cache import WindowCache
 
 
 class Session:
