@@ -186,6 +186,10 @@ def _call(model, crop_shape, n: int, device, output_voxels, return_logits: bool)
     )
 
 
+def _fp32_weights(model) -> bool:
+    return getattr(model, "weights_precision", "fp32") == "fp32"
+
+
 def _peak(
     model, call: _Call, baseline_bytes: Optional[int], window_batch: int, decode_batch: int, own: dict[str, int]
 ) -> tuple[int, dict[str, int]]:
@@ -195,7 +199,8 @@ def _peak(
     items = {
         "weights": _weight_bytes(model),
         "baseline": measured_baseline(call.device, model) if baseline_bytes is None else int(baseline_bytes),
-        "autocast_weights": _encoder_side_bytes(model) // 2 if call.a == 2 else 0,
+        # 16-bit copies autocast makes of fp32 weights; weights cast by the user have none
+        "autocast_weights": _encoder_side_bytes(model) // 2 if call.a == 2 and _fp32_weights(model) else 0,
         "encoder": encoder_bytes(call.cfg, window_batch, call.a, host),
         "decoder": decoder_bytes(call.cfg, decode_batch),
         "masks": call.N * call.Vc if host else 0,

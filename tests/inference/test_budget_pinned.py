@@ -98,3 +98,13 @@ def test_exact_estimate_is_pinned(official, call, kw, total, values, tail):
     crop, n, official.precision = call
     got = estimate_exact(official, crop, n, baseline_bytes=1_000_000, **kw)
     assert got == (total, _expected(EXACT_ITEMS, values, tail))
+
+
+def test_weights_cast_by_the_user_have_no_autocast_copies(official):
+    """Autocast copies fp32 weights into 16 bits; weights already in bf16 are used as they are."""
+    official.precision = "bf16"
+    _, fp32 = estimate(official, (40, 200, 180), 2, baseline_bytes=1_000_000, device="cpu")
+    official.to(torch.bfloat16)
+    _, cast = estimate(official, (40, 200, 180), 2, baseline_bytes=1_000_000, device="cpu")
+    assert fp32["autocast_weights"] == AUTOCAST and cast["autocast_weights"] == 0
+    assert cast["weights"] < 0.51 * fp32["weights"]  # halved, but for a few buffers kept in float32
