@@ -27,6 +27,7 @@ from .context_prior import (
     ContextPriors,
     add_context_priors,
     get_context_priors,
+    prompts_without_text_are_untasked,
 )
 from .io import base_state_dict, base_weights_hash, load_adapter, save_adapter
 from .lora import LoraConfig, LoraLinear, LoraWeights, add_lora
@@ -74,6 +75,7 @@ __all__ = [
     "ContextPriors",
     "add_context_priors",
     "get_context_priors",
+    "prompts_without_text_are_untasked",
     "batch_route",
     "aux_loss",
     "adapter_modules",

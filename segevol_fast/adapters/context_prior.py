@@ -442,6 +442,15 @@ def get_context_priors(model: nn.Module) -> ContextPriors | None:
     return next((e.priors for e in entries(model) if e.kind == KIND), None)
 
 
+def prompts_without_text_are_untasked(model: nn.Module) -> bool:
+    """Whether a prompt without text (a box or points alone) reaches the model's priors as task
+    None, through their "no task" prior, as it does in `segment()`. Training and validation follow
+    the same rule so that prior learns and is scored as it will be used; priors without one (files
+    from before it existed) keep the structure's task for every prompt."""
+    priors = get_context_priors(model)
+    return priors is not None and priors.config.null_task
+
+
 def add_context_priors(
     model: nn.Module, name: str = "default", config: ContextPriorConfig | None = None, *, freeze_base: bool = True
 ) -> ContextPriors:

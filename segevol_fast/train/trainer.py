@@ -169,14 +169,6 @@ def _mix_uses_text(name: str) -> bool:
     return next(m for m in PROMPT_MIXES if m.name == name).text
 
 
-def _trains_no_task(model: nn.Module) -> bool:
-    """Whether the model's context priors have a "no task" prior: segment() gives a prompt without
-    text (a box or points alone) task None, so the trainer does the same for mixes without text and
-    that prior learns from them. Priors without one keep the structure's task for every mix."""
-    priors = adapters.get_context_priors(model)
-    return priors is not None and priors.config.null_task
-
-
 def _nonempty(labels: Tensor) -> list[int]:
     """Categories of a (C, D, H, W) target with a voxel > 0."""
     return [c for c in range(labels.shape[0]) if bool(labels[c].amax() > 0)]
@@ -318,7 +310,7 @@ class Trainer:
         every mix (collated for one decode call). All draws from (seed, step, global position).
         offset: where `batch` starts in this rank's share of the step (a micro-batch)."""
         cfg = self.config
-        untasked = _trains_no_task(self.model)
+        untasked = adapters.prompts_without_text_are_untasked(self.model)
         plans = []
         for j, labels in enumerate(batch["labels"], start=offset):
             position = j * self.world_size + self.rank  # place in the global batch (see the sampler)

@@ -223,16 +223,20 @@ def _resized_case(model, dataset, index: int, prompts, jitter: int, device) -> l
     with adapters.prompt_context(modalities=[modality]), routed(route):
         emb = model.encode_image(image)
     scores: dict[str, list[float]] = {}
-    with adapters.prompt_context(modalities=[modality], tasks=names), routed(route):
-        for kind in prompts:
-            if kind == "text":
+    # a box alone reaches context priors as it does in segment(): without a task when they have a
+    # "no task" prior
+    box_tasks = [None] * len(names) if adapters.prompts_without_text_are_untasked(model) else names
+    for kind in prompts:
+        if kind == "text":
+            with adapters.prompt_context(modalities=[modality], tasks=names), routed(route):
                 logits = model.decode(emb, text_embedding=encode_names(model, names, modality))
-            else:
-                g = torch.Generator().manual_seed(sample_seed(EVAL_SEED, index))
-                shift = jitter if kind == "jittered_box" else 0
-                boxes = torch.stack([box_from_mask(labels[c], shift, g) for c in keep]).to(device)
+        else:
+            g = torch.Generator().manual_seed(sample_seed(EVAL_SEED, index))
+            shift = jitter if kind == "jittered_box" else 0
+            boxes = torch.stack([box_from_mask(labels[c], shift, g) for c in keep]).to(device)
+            with adapters.prompt_context(modalities=[modality], tasks=box_tasks), routed(route):
                 logits = model.decode(emb, boxes=boxes)
-            scores[kind] = [dice(logits[n, 0] > 0, labels[c].to(logits.device)) for n, c in enumerate(keep)]
+        scores[kind] = [dice(logits[n, 0] > 0, labels[c].to(logits.device)) for n, c in enumerate(keep)]
     return [
         {"case": sample["case"], "index": index, "position": n, "label": name, **{k: scores[k][n] for k in prompts}}
         for n, name in enumerate(names)

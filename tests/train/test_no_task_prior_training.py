@@ -80,3 +80,24 @@ def test_priors_without_a_no_task_prior_keep_the_structure_task(data_dir, abdome
     assert adapters.get_context_priors(model).decoder_side.null_prior is None
     rows = _trainer(model, ct_train, ("box",), steps=2).fit(progress=False)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+
+
+@pytest.mark.parametrize("null_task", [True, False])
+def test_resized_validation_scores_a_box_as_segment_gives_it(data_dir, abdomen_cases, ct_train, monkeypatch, null_task):
+    """Validation's box prompts reach the priors as segment() gives them: task None through the
+    no-task prior when there is one, the structure's task otherwise; text keeps its task."""
+    from segevol_fast.train import validation
+
+    model = _model(data_dir, abdomen_cases["ct"], null_task=null_task)
+    seen = []
+    real = validation.adapters.prompt_context
+
+    def spy(**kw):
+        seen.append(kw.get("tasks"))
+        return real(**kw)
+
+    monkeypatch.setattr(validation.adapters, "prompt_context", spy)
+    validation.resized_validation(model, ct_train, ("text", "box"))
+    text_tasks, box_tasks = [t for t in seen if t is not None][-2:]
+    assert all(t is not None for t in text_tasks)
+    assert box_tasks == ([None] * len(text_tasks) if null_task else text_tasks)
