@@ -1,12 +1,20 @@
 """Bottleneck adapters of the SAM-for-medicine family (Medical SAM Adapter): down-projection,
 GELU, up-projection, beside each encoder block's attention and MLP.
 
-In a block with both places adapted:
+Two layouts place the attention-side ("space") adapter. In a block with both places adapted:
 
-    x = x + attn(norm1(x))
-    x = x + after_attn(x)                       # the "space" adapter, with its skip connection
-    h = norm2(x)
-    x = x + mlp(h) + scale * beside_mlp(h)      # the MLP adapter in parallel (scale 0.5 in MSA)
+    layout "stream" (the default)                   layout "msa" (Medical SAM Adapter's own)
+    x = x + attn(norm1(x))                          a = attn(norm1(x))
+    x = x + space(x)                                x = x + (a + space(a))
+    h = norm2(x)                                    h = norm2(x)
+    x = x + mlp(h) + scale * mlp_adapter(h)         x = x + mlp(h) + scale * mlp_adapter(h)
+
+The space adapter (config place "after_attn") reads the residual stream after the attention's
+residual add under "stream" (block seam `after_attn`), and the attention output before it under
+"msa" (block seam `on_attn_out`), as MSA's space adapter with its own skip connection does. The
+MLP adapter (place "beside_mlp") is the same in both. MSA's width is a quarter of the hidden size
+(dim=192 for SegVol's 768); the default here is 64. MSA's 3-D depth branch is not offered:
+SegVol's ViT already attends over 3-D patches (docs/adapters.md, "Where we differ from the papers").
 
 The up-projection starts at zero (weight and bias), so a new adapter adds exact zeros: the model
 is the base model bit for bit until the first step. Several named adapters may sit at one place
@@ -31,19 +39,34 @@ from .routing import Route, current_route
 
 KIND = "bottleneck"
 PLACES = ("after_attn", "beside_mlp")
+LAYOUTS = ("stream", "msa")
+# the block seams a bottleneck may sit at: the attention-side place has one per layout
+SEAMS = ("after_attn", "on_attn_out", "beside_mlp")
+
+
+def _seam(place: str, layout: str) -> str:
+    """The block seam of config place `place` under `layout`."""
+    return "on_attn_out" if place == "after_attn" and layout == "msa" else place
 
 
 @dataclass(frozen=True)
 class BottleneckConfig:
-    """dim: bottleneck width; scale: factor on the MLP-side adapter (MSA uses 0.5; the attention
-    side has none); places: which seams of each block; blocks: encoder block indices (None: all)."""
+    """dim: bottleneck width (MSA: a quarter of the hidden size, 192 for SegVol); scale: factor on
+    the MLP-side adapter (MSA uses 0.5; the attention side has none); places: the attention-side
+    ("after_attn") and/or MLP-side ("beside_mlp") adapter of each block; blocks: encoder block
+    indices (None: all); layout: where the attention-side adapter reads, "stream" (the residual
+    stream after the attention's residual add) or "msa" (the attention output before it, as
+    Medical SAM Adapter). Files saved without a layout are "stream"."""
 
     dim: int = 64
     scale: float = 0.5
     places: tuple[str, ...] = PLACES
     blocks: Optional[tuple[int, ...]] = None
+    layout: str = "stream"
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise AdapterError(f"bottleneck layout must be one of {LAYOUTS}, got {self.layout!r}")
         if not isinstance(self.dim, int) or self.dim < 1:
             raise AdapterError(f"bottleneck dim must be a positive int, got {self.dim!r}")
         bad = [p for p in self.places if p not in PLACES]
@@ -119,13 +142,13 @@ class BottleneckSlot(nn.Module):
         return self.active, (r.key() if r is not None and any(n in self.experts for n in r.names) else None)
 
 
-def _slot(block: nn.Module, place: str) -> BottleneckSlot:
-    current = getattr(block, place)
+def _slot(block: nn.Module, seam: str) -> BottleneckSlot:
+    current = getattr(block, seam)
     if current is None:
         current = BottleneckSlot()
-        setattr(block, place, current)
+        setattr(block, seam, current)
     elif not isinstance(current, BottleneckSlot):
-        raise AdapterError(f"the {place} seam of this block is taken by a {type(current).__name__}")
+        raise AdapterError(f"the {seam} seam of this block is taken by a {type(current).__name__}")
     return current
 
 
@@ -139,7 +162,7 @@ def add_bottleneck(
     activate: bool = True,
 ) -> list[str]:
     """Attach a bottleneck adapter (Medical SAM Adapter style) called `name` beside the attention
-    and/or MLP of the chosen encoder blocks; returns the module paths."""
+    and/or MLP of the chosen encoder blocks, in `config.layout`; returns the module paths."""
     entry = add(model, KIND, name, config or BottleneckConfig(), freeze_base=freeze_base, activate=activate)
     return list(entry.layers)
 
@@ -161,28 +184,29 @@ def _attach(model: nn.Module, name: str, config: BottleneckConfig) -> AdapterEnt
         if not 0 <= i < len(blocks):
             raise AdapterError(f"block index {i} out of range: the encoder has {len(blocks)} blocks")
         for place in config.places:
-            slot = _slot(blocks[i], place)
+            seam = _seam(place, config.layout)
+            slot = _slot(blocks[i], seam)
             if name in slot.experts:
-                raise AdapterError(f"image_encoder.blocks.{i}.{place} already has an adapter named {name!r}")
+                raise AdapterError(f"image_encoder.blocks.{i}.{seam} already has an adapter named {name!r}")
             ref = blocks[i].norm1.weight
             slot.experts[name] = Bottleneck(hidden, config.dim, 1.0 if place == "after_attn" else config.scale).to(
                 device=ref.device, dtype=ref.dtype
             )
-            paths.append(f"image_encoder.blocks.{i}.{place}.experts.{name}")
+            paths.append(f"image_encoder.blocks.{i}.{seam}.experts.{name}")
     return AdapterEntry(name, KIND, config, paths)
 
 
 def _detach(model: nn.Module, entry: AdapterEntry) -> None:
     """Remove the adapter everywhere; a slot left empty is taken off its seam."""
     for block in model.image_encoder.blocks:
-        for place in PLACES:
-            slot = getattr(block, place)
+        for seam in SEAMS:
+            slot = getattr(block, seam)
             if isinstance(slot, BottleneckSlot) and entry.name in slot.experts:
                 del slot.experts[entry.name]
                 if slot.active == entry.name:
                     slot.active = None
                 if not len(slot.experts):
-                    setattr(block, place, None)
+                    setattr(block, seam, None)
 
 
 def _modules(model: nn.Module, entry: AdapterEntry) -> list[tuple[str, nn.Module]]:

@@ -92,12 +92,17 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm32(hidden, eps=eps)
         self.mlp = MLP(hidden, config.mlp_dim)
         # Adapter seams (segevol_fast.adapters): residual side branches, None = the official block.
+        self.on_attn_out: Optional[nn.Module] = None  # a -> a + on_attn_out(a), a the attention output
         self.after_attn: Optional[nn.Module] = None  # x -> x + after_attn(x), after the attention residual
         self.beside_mlp: Optional[nn.Module] = None  # parallel to the MLP, on the same normed input
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, S, hidden) -> (B, S, hidden)."""
-        x = x + self.attn(self.norm1(x))
+        if self.on_attn_out is None:
+            x = x + self.attn(self.norm1(x))
+        else:
+            a = self.attn(self.norm1(x))
+            x = x + (a + self.on_attn_out(a))
         if self.after_attn is not None:
             x = x + self.after_attn(x)
         h = self.norm2(x)

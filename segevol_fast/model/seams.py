@@ -6,6 +6,8 @@ default, so the official model runs unchanged, bit for bit):
   * every nn.Linear may be replaced by a subclass that keeps its `weight`/`bias` names (LoRA:
     `adapters.lora.LoraLinear`), so checkpoint keys do not move; a fused `attn.qkv` is adapted
     per q / k / v slice by that layer;
+  * `ImageEncoder.blocks[i].on_attn_out`: a -> a + on_attn_out(a) on the attention output a,
+    before the attention residual (Medical SAM Adapter's place);
   * `ImageEncoder.blocks[i].after_attn`: x -> x + after_attn(x) after the attention residual;
   * `ImageEncoder.blocks[i].beside_mlp`: + beside_mlp(norm2(x)) next to the MLP;
   * `ImageEncoder.after_encoder`: tokens (B, N, hidden) -> tokens after the final norm;

@@ -34,12 +34,15 @@ def _perturb(model, name, std=0.3):
                     p.normal_(0, std)
 
 
-def test_bottleneck_is_an_identity_then_the_msa_formula(model):
+@pytest.mark.parametrize("layout", ["stream", "msa"])
+def test_bottleneck_is_an_identity_then_the_msa_formula(model, layout):
     x = _x(model, 2)
     with torch.no_grad():
         base = model.encode_image(x)
-    paths = adapters.add_bottleneck(model, "msa", BottleneckConfig(dim=8, scale=0.5))
+    paths = adapters.add_bottleneck(model, "msa", BottleneckConfig(dim=8, scale=0.5, layout=layout))
     assert len(paths) == 2 * len(model.image_encoder.blocks)
+    space_seam = "on_attn_out" if layout == "msa" else "after_attn"
+    assert all(p.split(".")[3] in (space_seam, "beside_mlp") for p in paths)
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), base)
     _perturb(model, "msa")
@@ -47,9 +50,11 @@ def test_bottleneck_is_an_identity_then_the_msa_formula(model):
     t = torch.randn(2, 5, model.config.hidden_size)
     with torch.no_grad():
         got = blk(t)
-        a = t + blk.attn(blk.norm1(t))
-        sa = blk.after_attn.experts["msa"]
-        a = a + sa.up(F.gelu(sa.down(a)))
+        attn = blk.attn(blk.norm1(t))
+        sa = getattr(blk, space_seam).experts["msa"]
+        # the space adapter reads the stream after the attention residual ("stream") or the
+        # attention output before it ("msa", Medical SAM Adapter's Adapter with its own skip)
+        a = t + attn + sa.up(F.gelu(sa.down(t + attn if layout == "stream" else attn)))
         h = blk.norm2(a)
         mlp_ad = blk.beside_mlp.experts["msa"]
         want = a + blk.mlp(h) + 0.5 * mlp_ad.up(F.gelu(mlp_ad.down(h)))
@@ -58,7 +63,9 @@ def test_bottleneck_is_an_identity_then_the_msa_formula(model):
     with torch.no_grad():
         assert torch.equal(model.encode_image(x), base)
     adapters.remove_adapter(model, "msa")
-    assert all(b.after_attn is None and b.beside_mlp is None for b in model.image_encoder.blocks)
+    assert all(
+        b.after_attn is None and b.on_attn_out is None and b.beside_mlp is None for b in model.image_encoder.blocks
+    )
     with pytest.raises(AdapterError, match="merged"):
         adapters.add_bottleneck(model, "b2", BottleneckConfig(dim=4))
         adapters.merge(model, "b2")
