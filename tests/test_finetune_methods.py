@@ -97,6 +97,19 @@ def test_lora_defaults_are_segevolutions(data_dir, tmp_path, capsys):
     assert args.rslora is False
 
 
+def test_bottleneck_layout_flag_reaches_the_adapter(data_dir, tmp_path, capsys):
+    """--bottleneck-layout msa: Medical SAM Adapter's layout, recorded in the file; stream by default."""
+    _finetune(
+        data_dir, tmp_path, capsys, "--method", "bottleneck", "--bottleneck-dim", "8", "--bottleneck-layout", "msa"
+    )
+    _, meta = read_adapter_file(tmp_path / "adapter_default.safetensors")
+    assert meta["config"]["layout"] == "msa"
+    model = _tiny()
+    adapters.load_adapter(model, tmp_path / "adapter_default.safetensors")
+    assert all(b.on_attn_out is not None and b.after_attn is None for b in model.image_encoder.blocks)
+    assert cli.build_parser().parse_args(_argv(data_dir, tmp_path)).bottleneck_layout is None
+
+
 def test_mixture_defaults_to_segevolutions_switch(data_dir, tmp_path, capsys):
     """CT keeps the base model (the identity expert), MRI goes to the one expert."""
     _finetune(data_dir, tmp_path, capsys, "--method", "mixture", "--lora-rank", "2")

@@ -70,6 +70,13 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="factor on the adapter beside the MLP (default 0.5, as in Medical SAM Adapter)",
     )
+    bottleneck.add_argument(
+        "--bottleneck-layout",
+        choices=["stream", "msa"],
+        help="where the attention-side adapter reads: stream (default; the residual stream after the attention's "
+        "residual add) or msa (the attention output before it, as Medical SAM Adapter; MSA's width is "
+        "--bottleneck-dim 192)",
+    )
 
     mixture = p.add_argument_group("mixture (--method mixture)")
     mixture.add_argument(
@@ -185,7 +192,7 @@ def _lora_config(args: argparse.Namespace):
 def _bottleneck_config(args: argparse.Namespace):
     from ..adapters import BottleneckConfig
 
-    given = {"dim": args.bottleneck_dim, "scale": args.bottleneck_scale}
+    given = {"dim": args.bottleneck_dim, "scale": args.bottleneck_scale, "layout": args.bottleneck_layout}
     return BottleneckConfig(**{k: v for k, v in given.items() if v is not None})
 
 
