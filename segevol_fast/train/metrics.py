@@ -31,6 +31,7 @@ from ..errors import (
     ResultError,
     ShapeError,
 )
+from ..io.output import write_file_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -116,7 +117,9 @@ class MetricLog:
 
     Args:
         csv_path: CSV file; its columns are the first row's keys (or the existing header on
-            resume). Later rows may omit columns (empty cells) but not add new ones.
+            resume). Later rows may omit columns (empty cells); a row with a new column widens
+            the file (a run resumed with other metrics, or by a newer release): the header and the
+            rows so far are rewritten at once with an empty cell in the new column.
         jsonl_path: JSON Lines file; any keys per row.
 
     Use as a context manager, or call `close()`.
@@ -129,7 +132,7 @@ class MetricLog:
         self.columns: Optional[list[str]] = None
         try:
             if csv_path is not None:
-                csv_path = os.fspath(csv_path)
+                csv_path = self._csv_path = os.fspath(csv_path)
                 self.columns = _read_csv_header(csv_path)
                 _end_with_newline(csv_path)
                 self._csv = open(csv_path, "a", newline="", encoding="utf-8")
@@ -157,10 +160,27 @@ class MetricLog:
         if self.columns is None:  # a new file: this row fixes the columns
             self.columns = list(record)
             self._write_csv_line(self.columns)
-        unknown = [k for k in record if k not in self.columns]
-        if unknown:
-            raise InvalidArgumentError(f"CSV columns are fixed to {self.columns}; unknown fields {unknown}")
+        new = [k for k in record if k not in self.columns]
+        if new:
+            self._widen(self.columns + new)
         self._write_csv_line(["" if record.get(c) is None else record[c] for c in self.columns])
+
+    def _widen(self, columns: list[str]) -> None:
+        """Rewrite the CSV under a header with more columns, old rows padded with empty cells; the
+        file is replaced in one step, so a crash leaves the old file or the new one."""
+        self._csv.close()
+        with open(self._csv_path, newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f))[1:]
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                out = csv.writer(f, lineterminator="\n")
+                out.writerow(columns)
+                out.writerows(row + [""] * (len(columns) - len(row)) for row in rows)
+
+        write_file_atomic(self._csv_path, write)
+        self._csv = open(self._csv_path, "a", newline="", encoding="utf-8")
+        self.columns = columns
 
     def _write_csv_line(self, values: list) -> None:
         buf = io.StringIO()  # one write per line: a crash never leaves half of a header and a row
