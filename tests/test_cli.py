@@ -509,3 +509,42 @@ def test_warnings_print_as_one_line(ct, tmp_path, data_dir, no_weights, capsys):
     assert any("masks are meaningless" in line for line in shown)  # the other: segment()'s random-weights one
     assert "warnings.warn" not in err and "VocabularyWarning" not in err and ".py:" not in err
     assert warnings.showwarning is before  # the one-line form is the command line's only
+
+
+def _save_trained_priors(model, path):
+    """Context priors with every parameter moved off its initial value (so they change the output)."""
+    import torch
+
+    from segevol_fast import adapters
+
+    adapters.add_context_priors(model, "pri", adapters.ContextPriorConfig(tasks=("liver",), ffn_dim=8))
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model, "pri"):
+            p.normal_(0.0, 0.5)
+    adapters.save_adapter(model, "pri", path)
+    return path
+
+
+@pytest.mark.parametrize("cohort", [False, True])
+def test_context_priors_file_applies_to_the_whole_run(ct, tmp_path, no_weights, cohort):
+    """`--adapter priors.safetensors` attaches the priors for every scan of the run (they are not
+    chosen per call); a box alone reaches them through their no-task prior."""
+    priors = _save_trained_priors(build_model(None, "tiny", None, "cpu"), tmp_path / "priors.safetensors")
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "ct.nii.gz").symlink_to(ct)
+    source = folder if cohort else folder / "ct.nii.gz"
+    base = [
+        "segment",
+        str(source),
+        *("--box", "1", "2", "1", "20", "17", "8"),
+        *("--random-weights", "--config", "tiny", "--no-zoom-in", "--device", "cpu", "-q", "--probabilities"),
+    ]
+    for name, extra in (("with", ["--adapter", str(priors)]), ("without", [])):
+        assert cli.main([*base, "--out", str(tmp_path / name), *extra]) == 0
+    where = "ct/" if cohort else ""
+    summary = json.loads((tmp_path / "with" / f"{where}summary.json").read_text())
+    if not cohort:
+        assert f"adapter 'pri' loaded from {priors}" in summary["notes"]
+    prob = {n: np.asarray(nib.load(tmp_path / n / f"{where}box_0_prob.nii.gz").dataobj) for n in ("with", "without")}
+    assert not np.array_equal(prob["with"], prob["without"])

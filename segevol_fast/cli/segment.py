@@ -58,7 +58,7 @@ def prompt_arguments(args: argparse.Namespace) -> dict:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from ..inference.adapter_scope import adapter_for, file_note
+    from ..inference.adapter_scope import attach_for_every_scan, file_note
     from ..inference.cohort import MANIFEST_SUFFIXES, is_cohort_input
     from ..io import load_volume
 
@@ -82,7 +82,7 @@ def run_segment(args: argparse.Namespace) -> int:
         loud_random_notice(args.config)
     display.stage("load model")
     model = build_model(weights, args.config, tok_dir, device)
-    active = adapter_for(model, adapter, {})
+    active, attached = attach_for_every_scan(model, adapter)
     result = segment_fn()(
         model,
         volume,
@@ -99,7 +99,7 @@ def run_segment(args: argparse.Namespace) -> int:
         adapter=active,
     )
     if adapter is not None:
-        result.notes.append(file_note(active, adapter))
+        result.notes.append(file_note(attached, adapter))
     if weights is None and not any("meaningless" in n for n in result.notes):
         result.notes.append(RANDOM_NOTE)
     display.stage("save")
@@ -113,9 +113,13 @@ def run_cohort(args: argparse.Namespace, prompts: dict) -> int:
     """`segevol-fast segment FOLDER|GLOB|MANIFEST`: every scan into <out>/<name>/, resumable, with
     <out>/cohort_summary.csv; exit 1 when some scan failed (all the others are still done)."""
     from .. import distributed
+    from ..inference.adapter_scope import applies_to_every_scan
     from ..inference.cohort import SUMMARY, cohort_items, segment_cohort
 
-    items = cohort_items(args.input, **prompts, modality=args.modality, adapter=adapter_file(args))
+    adapter = adapter_file(args)
+    # context priors apply to every scan while attached: attached once below, not chosen per row
+    for_every_scan = adapter is not None and applies_to_every_scan(adapter)
+    items = cohort_items(args.input, **prompts, modality=args.modality, adapter=None if for_every_scan else adapter)
     out = pathlib.Path(args.out) if args.out else pathlib.Path("segevol_out") / "cohort"
     device = resolve_device(args.device)
     weights, tok_dir = model_files(args, text=any(it.text for it in items if it.error is None))
@@ -131,6 +135,10 @@ def run_cohort(args: argparse.Namespace, prompts: dict) -> int:
     if weights is None:
         loud_random_notice(args.config)
     model = build_model(weights, args.config, tok_dir, device)
+    if for_every_scan:
+        from .. import adapters
+
+        adapters.load_adapter(model, adapter)
     rows = segment_cohort(
         model,
         items,
@@ -222,8 +230,9 @@ def add_subcommand(sub) -> None:
         "--adapter",
         metavar="FILE",
         help="an adapter file written by segevol_fast.adapters.save_adapter "
-        "(LoRA, bottleneck or mixture; .safetensors) to run with; in a cohort, a manifest row's adapter "
-        "column (a file, relative to the manifest's folder) replaces it for that scan",
+        "(LoRA, bottleneck, mixture or context priors; .safetensors) to run with; in a cohort, a manifest "
+        "row's adapter column (a file, relative to the manifest's folder) replaces it for that scan, "
+        "except context priors, which apply to every scan (a row's adapter then runs with them)",
     )
     p.add_argument("--preview", action="store_true", help="also write a PNG slice montage")
     p.add_argument("--probabilities", action="store_true", help="also write per-mask probability maps (float32)")

@@ -7,7 +7,10 @@
                       learned router on the zoom-out image)
 
 The command line and cohort manifests may also name an adapter file: `adapter_for` attaches it
-once (inactive) and gives the name to pass as `adapter=`.
+once (inactive) and gives the name to pass as `adapter=`. A file of a kind that applies to every
+call while attached (context priors) cannot be chosen per scan, so a manifest row may not name one;
+the command's own `--adapter`, which is for every scan of the run, attaches it for good
+(`attach_for_every_scan`).
 
 A mixture routes per scan: one choice (an expert, the identity, or soft gates) for all of the
 scan's windows and decodes, a one-row `Route` that every adapted layer broadcasts. The call also
@@ -103,6 +106,25 @@ def adapter_for(model, spec: Optional[str], attached: dict[str, str]) -> Optiona
     if key not in attached:
         attached[key] = _attach_file(model, spec)
     return attached[key]
+
+
+def applies_to_every_scan(path: str) -> bool:
+    """Whether the adapter file at `path` holds a kind that applies to every call while attached
+    (context priors) rather than one chosen per call."""
+    kind = registry.find(read_adapter_file(path)[1].get("kind"))
+    return kind is not None and kind.always_on
+
+
+def attach_for_every_scan(model, path: Optional[str]) -> tuple[Optional[str], Optional[str]]:
+    """A run's own adapter file, for all its scans: (the `segment(adapter=...)` value, the name it
+    is attached under). A kind that applies while attached is attached for good and the call
+    chooses nothing (None); any other kind goes through `adapter_for`."""
+    if path is None:
+        return None, None
+    if applies_to_every_scan(path):
+        return None, adapters.load_adapter(model, path)
+    name = adapter_for(model, path, {})
+    return name, name
 
 
 def file_note(name: str, path: str) -> str:
