@@ -55,10 +55,11 @@ lint: $(DEPS)
 # kernels, MKL's GEMMs and oneDNN, as on AVX2-only laptops and cloud VMs, where sums round
 # differently: a guarantee (bit identity, a tolerance) that holds on one instruction set only fails
 # here. The second pass skips what cannot depend on the instruction set (docs, command-line
-# plumbing, CUDA compiles); tests/test_isa.py checks the forcing took effect.
+# plumbing, the study's pipeline check, CUDA compiles); tests/test_isa.py checks the forcing took effect.
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEGEVOL_FAST_EXPECT_ISA=avx2
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
-            tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py
+            tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py \
+            tests/test_finetune_cli.py tests/test_finetune_methods.py tests/test_adaptation_study.py
 AVX2_PASS := $(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
