@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -53,6 +52,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.environment import environment, write_results  # noqa: E402
+from bench.shared_data import DATA  # noqa: E402
 from bench.study_data import study_data  # noqa: E402
 from bench.study_report import kept, over_seeds, router_decisions, table  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, adapters  # noqa: E402
@@ -61,7 +61,6 @@ from segevol_fast.train.datasets import SegmentationDataset  # noqa: E402
 from segevol_fast.train.trainer import TrainConfig, Trainer  # noqa: E402
 from segevol_fast.train.validation import segment_validation  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 PROMPTS = ("text", "box", "jittered_box")  # resized evaluation
 SEGMENT_PROMPTS = ("text", "box", "point")  # real inference on the held-out volumes
 # measured on the shared 2-core VM with one thread, small config, batch 2: for the estimate printed

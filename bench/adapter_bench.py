@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import statistics
@@ -30,8 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+from bench.shared_data import DATA  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 TARGETS = (
     "image_encoder.blocks.*.attn.qkv",
     "image_encoder.blocks.*.mlp.linear1",

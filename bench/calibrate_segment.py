@@ -19,7 +19,6 @@ Cases run one at a time: on a shared 2-core machine each takes 10-40 s.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
 import sys
 
@@ -28,20 +27,9 @@ sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, chi
 
 from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+from bench.shared_data import ABDOMINAL_ORGANS, DATA  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-ORGANS = [
-    "liver",
-    "spleen",
-    "left kidney",
-    "right kidney",
-    "stomach",
-    "pancreas",
-    "gallbladder",
-    "aorta",
-    "inferior vena cava",
-    "esophagus",
-]
+ORGANS = ABDOMINAL_ORGANS[:10]
 CT = "ct_abdomen_sm.nii.gz"  # 122 x 101 x 30 int16: one zoom-in window per prompt at most
 BOXES = [[30, 20, 5, 80, 70, 25], [10, 10, 2, 60, 50, 20]]  # input voxels, inclusive
 LOW, HIGH = 1.0, 1.25

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -30,8 +29,8 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.environment import environment, write_results  # noqa: E402
+from bench.shared_data import DATA  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 CASES = {  # name: (file, prompts, modality)
     "ct_abdomen": ("ct_abdomen_sm.nii.gz", ["liver", "spleen", "left kidney", "right kidney"], "ct"),
     "mr_abdomen": ("mr_abdomen_sm.nii.gz", ["liver", "spleen", "left kidney", "right kidney"], "mri"),

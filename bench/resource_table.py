@@ -31,25 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.environment import device_slug, environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+from bench.shared_data import ABDOMINAL_ORGANS, DATA  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-ORGANS = [
-    "liver",
-    "spleen",
-    "left kidney",
-    "right kidney",
-    "stomach",
-    "pancreas",
-    "gallbladder",
-    "aorta",
-    "inferior vena cava",
-    "esophagus",
-    "duodenum",
-    "colon",
-    "urinary bladder",
-    "left adrenal gland",
-    "right adrenal gland",
-]
+ORGANS = ABDOMINAL_ORGANS
 SIZES = {"S": None, "M": (512, 512, 300), "L": (512, 512, 800)}
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import subprocess
@@ -26,20 +25,9 @@ sys.path.insert(0, str(REPO))  # the package and bench.* from this checkout, chi
 
 from bench.environment import environment, write_results  # noqa: E402
 from bench.fresh_process import report, run_child  # noqa: E402
+from bench.shared_data import ABDOMINAL_ORGANS, DATA  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
-CT_ORGANS = [
-    "liver",
-    "spleen",
-    "left kidney",
-    "right kidney",
-    "stomach",
-    "pancreas",
-    "gallbladder",
-    "aorta",
-    "inferior vena cava",
-    "esophagus",
-]
+CT_ORGANS = ABDOMINAL_ORGANS[:10]
 
 
 def _model(seed: int = 0):

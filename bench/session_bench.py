@@ -24,10 +24,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.environment import device_slug, environment, write_results  # noqa: E402
+from bench.shared_data import DATA  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, load_volume  # noqa: E402
 from segevol_fast.inference import segment  # noqa: E402
 
-DATA = pathlib.Path(os.environ.get("SEGEVOL_DATA", REPO.parent / "shared" / "data"))
 ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas"]
 
 
