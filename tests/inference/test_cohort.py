@@ -99,11 +99,7 @@ def test_cli_runs_a_cohort(scans, tmp_path, data_dir):
 
 
 def _cohort_cli(scans, out, data_dir, nproc: int):
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
+    from tests.launch import run_python
 
     args = [
         "segment",
@@ -123,25 +119,7 @@ def _cohort_cli(scans, out, data_dir, nproc: int):
         "--tokenizer",
         str(data_dir / "clip_tokenizer"),
     ]
-    launcher = [sys.executable, "-m", "segevol_fast"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "segevol_fast",
-        ]
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(["-m", "segevol_fast"], args, nproc)
 
 
 @pytest.mark.slow  # two torchrun processes start, each building the model (~20 s)

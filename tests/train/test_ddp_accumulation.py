@@ -4,14 +4,11 @@ process on the whole batch, and segment validation shared over the ranks gives i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+from tests.launch import run_python
+
 # one process vs two differ in float summation order only (measured ~1e-7 relative)
 RTOL = 1e-5
 
@@ -51,13 +48,7 @@ if env.rank == 0:
 def _run(tmp_path, data_dir, nproc: int, accumulate: int) -> dict:
     script, out = tmp_path / "run.py", tmp_path / f"out_{nproc}_{accumulate}.json"
     script.write_text(SCRIPT)
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
-    args = [str(script), str(data_dir), str(out), str(accumulate)]
-    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_python([str(script)], [str(data_dir), str(out), str(accumulate)], nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 

@@ -5,18 +5,14 @@ global batch."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from segevol_fast import distributed
 from segevol_fast.errors import InvalidArgumentError
+from tests.launch import TORCHRUN_VARS, run_python
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # 1 vs 2 processes differ only in float summation order (a batch of 2 encoded together vs two of
 # 1; gloo's gradient sum): measured ~1e-8 relative over 3 steps, asserted with margin
 LOSS_RTOL = 1e-5
@@ -93,21 +89,7 @@ def _finetune(out, data_dir, nproc: int, seed: int, cases: list[tuple], extra: t
         str(out),
         *extra,
     ]
-    launcher = [sys.executable, "-m", "segevol_fast.cli.finetune"]
-    if nproc > 1:  # --standalone: torchrun picks a free port for the rendezvous itself
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node",
-            str(nproc),
-            "-m",
-            "segevol_fast.cli.finetune",
-        ]
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
-    proc = subprocess.run(launcher + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+    proc = run_python(["-m", "segevol_fast.cli.finetune"], args, nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
 
