@@ -14,8 +14,9 @@ saved apart from it (`io.py`). Every cache keys on the adapter state, so switchi
 returns stale embeddings.
 
 Each kind lives in its own module and registers itself once (`registry.py`): `lora.py`,
-`bottleneck.py`, `mixture.py`, `context_prior.py`. The operations that work on any kind (select,
-merge, remove, parameters) are in `manage.py`, files in `io.py`; this package only gathers them.
+`bottleneck.py`, `mixture.py`, `context_prior.py`, `rotation_branch.py`. The operations that work
+on any kind (select, merge, remove, parameters) are in `manage.py`, files in `io.py`; this package
+only gathers them.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .manage import (
 )
 from .mixture import MixtureConfig, add_mixture, route_for
 from .registry import AdapterModule
+from .rotation_branch import RotationBranchConfig, add_rotation_branch
 from .routing import Route, current_route, no_route, route
 from .targets import SEGEVOLUTION_TARGETS
 
@@ -68,6 +70,8 @@ __all__ = [
     "add_mixture",
     "MixtureConfig",
     "route_for",
+    "add_rotation_branch",
+    "RotationBranchConfig",
     "active_state",
     "restore_active",
     "active_adapter",

@@ -129,8 +129,10 @@ class ImageEncoder(nn.Module):
         self.patch_embedding = PatchEmbedding(config)
         self.blocks = nn.ModuleList(TransformerBlock(config) for _ in range(config.num_layers))
         self.norm = LayerNorm32(config.hidden_size, eps=config.layer_norm_eps)
-        # Adapter seam: tokens (B, N, hidden) -> tokens, after the final norm (context priors fuse
-        # here); None = the official encoder.
+        # Adapter seams, None = the official encoder. beside_patch_embed: (window, input_scale,
+        # input_shift) -> (B, N, hidden) added to the patch tokens (a rotation-robust branch);
+        # after_encoder: tokens (B, N, hidden) -> tokens, after the final norm (context priors).
+        self.beside_patch_embed: Optional[nn.Module] = None
         self.after_encoder: Optional[nn.Module] = None
 
     def forward(self, x: Tensor, input_scale: float = 1.0, input_shift: float = 0.0) -> Tensor:
@@ -156,6 +158,10 @@ class ImageEncoder(nn.Module):
             )
         x = x.to(wide_dtype(self.norm.weight))
         tokens = self.patch_embedding(x, input_scale, input_shift)  # (B, N, hidden)
+        if self.beside_patch_embed is not None:
+            # added after the fused position embedding: the sum is the same in either order, and
+            # the patch embedding stays one fused op
+            tokens = tokens + self.beside_patch_embed(x, input_scale, input_shift)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:

@@ -10,6 +10,9 @@ default, so the official model runs unchanged, bit for bit):
     before the attention residual (Medical SAM Adapter's place);
   * `ImageEncoder.blocks[i].after_attn`: x -> x + after_attn(x) after the attention residual;
   * `ImageEncoder.blocks[i].beside_mlp`: + beside_mlp(norm2(x)) next to the MLP;
+  * `ImageEncoder.beside_patch_embed`: (window (B, C, D, H, W), input_scale, input_shift) ->
+    (B, N, hidden) added to the patch tokens, after their position embedding (the
+    rotation-robust branch reads the window as the patch embedding does);
   * `ImageEncoder.after_encoder`: tokens (B, N, hidden) -> tokens after the final norm;
   * `MaskDecoder.after_transformer`: (decoder output tokens (B, 1 + M + T, hidden), the call's
     image embedding) -> tokens, before the hypernetwork reads mask token 0.
