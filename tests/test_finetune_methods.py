@@ -22,12 +22,14 @@ CONFIGS = {
     "bottleneck": adapters.BottleneckConfig,
     "mixture": adapters.MixtureConfig,
     "context_prior": adapters.ContextPriorConfig,
+    "rotation_branch": adapters.RotationBranchConfig,
 }
 ATTACH = {
     "lora": adapters.add_lora,
     "bottleneck": adapters.add_bottleneck,
     "mixture": adapters.add_mixture,
     "context_prior": adapters.add_context_priors,
+    "rotation_branch": adapters.add_rotation_branch,
 }
 
 
@@ -66,8 +68,13 @@ def _finetune(data_dir, out, capsys, *extra: str) -> dict:
         ("mixture", ["--lora-rank", "2"], "mixture"),
         ("mixture", ["--expert-kind", "bottleneck", "--experts", "a", "b", "--routing", "top1"], "mixture"),
         ("priors", [], "context_prior"),
+        (
+            "rotation",
+            ["--rotation-group", "box", "--rotation-features", "4", "--rotation-deg", "30"],
+            "rotation_branch",
+        ),
     ],
-    ids=["lora", "bottleneck", "mixture-tag-lora", "mixture-top1-bottleneck", "priors"],
+    ids=["lora", "bottleneck", "mixture-tag-lora", "mixture-top1-bottleneck", "priors", "rotation"],
 )
 def test_each_adapter_method_trains_and_loads_back(data_dir, tmp_path, capsys, method, extra, kind):
     summary = _finetune(data_dir, tmp_path, capsys, "--method", method, *extra)

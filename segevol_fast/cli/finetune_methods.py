@@ -8,6 +8,7 @@ public API of `segevol_fast.adapters` (docs/adapters.md); "full" trains the whol
                 (default: SegEVOLution's switch, CT -> identity, MRI -> one expert) or learned
     priors      context priors, one per modality and one per task; the tasks default to the
                 structure names of the training and evaluation label maps
+    rotation    a rotation-robust branch beside the patch embedding (pair it with --rotation-deg)
     full        every weight of the model
 
 --export merged (LoRA only) also folds the trained LoRA into the weights and writes a plain model.
@@ -23,7 +24,7 @@ import pathlib
 
 from ..errors import SegVolFastError, UsageError
 
-METHODS = ("lora", "bottleneck", "mixture", "priors", "full")
+METHODS = ("lora", "bottleneck", "mixture", "priors", "rotation", "full")
 EXPORTS = ("adapter", "merged")
 MODALITIES = ("ct", "mri")
 IDENTITY = "identity"  # the mixture's base-model expert (adapters.mixture)
@@ -36,7 +37,8 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="lora",
-        help="what to train: lora (default), bottleneck, mixture, priors (context priors), or full fine-tuning",
+        help="what to train: lora (default), bottleneck, mixture, priors (context priors), rotation (a rotation-robust "
+        "patch branch), or full fine-tuning",
     )
     m.add_argument(
         "--adapter-name", default="default", help="name of the adapter (and of its file, adapter_<name>.safetensors)"
@@ -124,6 +126,17 @@ def add_method_arguments(p: argparse.ArgumentParser) -> None:
         "evaluation label maps)",
     )
 
+    rotation = p.add_argument_group("rotation-robust branch (--method rotation)")
+    rotation.add_argument(
+        "--rotation-group",
+        choices=["c4", "box"],
+        help="rotations the branch's features ignore: c4 (default; the 90-degree turns about the scan's long "
+        "axis) or box (every rotation of the patch box)",
+    )
+    rotation.add_argument(
+        "--rotation-features", type=int, metavar="F", help="invariant features per token (default 32)"
+    )
+
 
 def attach_method(args: argparse.Namespace, model, cases: list) -> None:
     """Attach what --method trains to `model` (nothing for full fine-tuning); `cases` are the
@@ -141,6 +154,8 @@ def attach_method(args: argparse.Namespace, model, cases: list) -> None:
             adapters.add_mixture(model, name, _mixture_config(args, cases))
         elif args.method == "priors":
             adapters.add_context_priors(model, name, _priors_config(args, cases))
+        elif args.method == "rotation":
+            adapters.add_rotation_branch(model, name, _rotation_config(args))
     except SegVolFastError as exc:
         if isinstance(exc, UsageError):
             raise
@@ -241,3 +256,10 @@ def _priors_config(args: argparse.Namespace, cases: list):
             f"--tasks has no {missing[0]!r}, a structure of the training data; add it or leave --tasks out"
         )
     return ContextPriorConfig(variant=args.priors_variant, tasks=tuple(args.tasks or names))
+
+
+def _rotation_config(args: argparse.Namespace):
+    from ..adapters import RotationBranchConfig
+
+    given = {"group": args.rotation_group, "features": args.rotation_features}
+    return RotationBranchConfig(**{k: v for k, v in given.items() if v is not None})
