@@ -10,7 +10,7 @@ Layers, bottom to top (a module may import its own layer and the layers below it
     model       the network; knows nothing of adapters or inference
     adapters    the adapter kinds, attached at the network's seams
     use         inference | train: siblings, neither imports the other
-    api         segevol_fast (the package), SegVol (network + segment/session), info, optimize
+    api         segevol_fast (the package), SegVol (network + segment/session), info, optimize, eval
     cli         the command line
 """
 
@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("model", ("model",)),
     ("adapters", ("adapters",)),
     ("use", ("inference", "train")),
-    ("api", ("", "segvol", "info", "optimize")),
+    ("api", ("", "segvol", "info", "optimize", "eval")),
     ("cli", ("cli", "__main__")),
 ]
 SIBLINGS = [("inference", "train")]  # same layer, independent of each other
