@@ -28,6 +28,7 @@ import pathlib
 import sys
 
 from ..errors import SegVolFastError, UsageError
+from .cases import add_case_arguments, add_model_arguments, cases_from_arguments, model_from_arguments
 from .finetune_methods import add_method_arguments, attach_method, check_export, export_merged, save_method
 from .finetune_validation import (
     add_validation_arguments,
@@ -38,25 +39,10 @@ from .finetune_validation import (
     validation_fields,
 )
 
-CONFIGS = ("official", "tiny", "small")
-
 
 def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the finetune options to a (sub)parser and return it."""
-    d = p.add_argument_group("data")
-    d.add_argument(
-        "--data",
-        nargs="+",
-        action="extend",
-        metavar="ROOT",
-        default=[],
-        help="dataset folders (MSD / nnU-Net v2 dataset.json, or an M3D-Seg code folder)",
-    )
-    d.add_argument("--image", action="append", default=[], metavar="PATH", help="an image (repeat; pairs with --label)")
-    d.add_argument("--label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
-    d.add_argument("--label-map", metavar="JSON", help="label id -> name for --image/--label, a JSON file")
-    d.add_argument("--label-map-key", metavar="KEY", help="take the map under this key of the JSON (e.g. ct, mr)")
-    d.add_argument("--modality", choices=["ct", "mri"], help="modality of --image cases (and an override for --data)")
+    d = add_case_arguments(p)
     d.add_argument(
         "--eval-data", nargs="+", action="extend", metavar="ROOT", default=[], help="held-out dataset folders"
     )
@@ -64,13 +50,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     d.add_argument("--eval-label", action="append", default=[], metavar="PATH", help="its label map (repeat)")
     d.add_argument("--rotation-deg", type=float, default=0.0, help="random rotation augmentation (degrees)")
 
-    m = p.add_argument_group("model")
-    src = m.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="PATH", help="base weights (a folder, .pth, safetensors, or BAAI/SegVol)")
-    src.add_argument("--random-weights", action="store_true", help="start from a random model (tests, toy runs)")
-    m.add_argument("--config", choices=CONFIGS, default="official", help="architecture for --random-weights")
-    m.add_argument("--tokenizer", metavar="DIR", help="CLIP tokenizer folder (default: next to the weights)")
-    m.add_argument("--model-seed", type=int, default=0, help="seed of --random-weights")
+    add_model_arguments(p)
     add_method_arguments(p)
 
     t = p.add_argument_group("training")
@@ -125,59 +105,6 @@ def add_subcommand(sub) -> None:
 
 
 # ------------------------------------------------------------------------------ building blocks
-def _label_map(args) -> dict:
-    if not args.label_map:
-        raise UsageError("--image/--label cases need --label-map JSON (label id -> name)")
-    path = pathlib.Path(args.label_map)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--label-map {path}: cannot read a JSON object ({exc})") from exc
-    if args.label_map_key is not None:
-        if args.label_map_key not in data:
-            raise UsageError(f"--label-map {path} has no key {args.label_map_key!r}; it has {sorted(data)[:10]}")
-        data = data[args.label_map_key]
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise UsageError(f"--label-map {path} must map label ids to names (use --label-map-key for nested maps)")
-    return data
-
-
-def _cases(args, roots, images, labels, what: str) -> list:
-    from ..train.cases import cases_from_files, discover_cases
-
-    if len(images) != len(labels):
-        raise UsageError(f"{what}: {len(images)} images but {len(labels)} label maps; give them in pairs")
-    cases = []
-    for root in roots:
-        cases += discover_cases(root, **({"modality": args.modality} if args.modality else {}))
-    if images:
-        if args.modality is None:
-            raise UsageError("--image cases need --modality ct|mri")
-        cases += cases_from_files(
-            list(zip(images, labels)), _label_map(args), args.modality, pathlib.Path(images[0]).parent.name or "files"
-        )
-    return cases
-
-
-def _model(args, device):
-    import torch
-
-    from ..model import SegVolConfig
-    from ..segvol import SegVol  # the network with segment(): what segment validation runs
-
-    if args.random_weights:
-        if args.config == "small" and not hasattr(SegVolConfig, "small"):
-            raise UsageError("--config small is not available in this version; use tiny or official")
-        config = SegVolConfig() if args.config == "official" else getattr(SegVolConfig, args.config)()
-        torch.manual_seed(args.model_seed)
-        model = SegVol(config, tokenizer=args.tokenizer)
-    elif args.weights:
-        model = SegVol.from_pretrained(args.weights, tokenizer=args.tokenizer)
-    else:
-        raise UsageError("give --weights PATH (the base model) or --random-weights")
-    return model.to(device)
-
-
 def _train_config(args):
     from ..train.trainer import TrainConfig
 
@@ -224,9 +151,9 @@ def run_finetune(args: argparse.Namespace) -> int:
     check_export(args)
     env = distributed.init_from_env(device=args.device)
     try:
-        train_cases = _cases(args, args.data, args.image, args.label, "training data")
-        eval_cases = _cases(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
-        model = _model(args, env.device)
+        train_cases = cases_from_arguments(args, args.data, args.image, args.label, "training data")
+        eval_cases = cases_from_arguments(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
+        model = model_from_arguments(args, env.device)
         attach_method(args, model, train_cases + eval_cases)
         size = model.config.spatial_size
         train = SegmentationDataset(train_cases, size, train=True, seed=args.seed, rotation_deg=args.rotation_deg)
