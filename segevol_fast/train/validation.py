@@ -154,21 +154,23 @@ def _predict(session, model, case: Case, index: int, kind: str, masks: dict, poi
             encode_names(model, names, case.modality)
         return list(session.segment(text=names, zoom_in=zoom_in).masks.values())
     if kind == "box":
-        return list(session.segment(box=np.stack([_box(m) for m in masks.values()]), zoom_in=zoom_in).masks.values())
+        return list(
+            session.segment(box=np.stack([organ_box(m) for m in masks.values()]), zoom_in=zoom_in).masks.values()
+        )
     predicted = []
     for i, truth in masks.items():
-        clicks = _clicks(truth, points, np.random.default_rng(sample_seed(EVAL_SEED, index, i)))
+        clicks = organ_clicks(truth, points, np.random.default_rng(sample_seed(EVAL_SEED, index, i)))
         predicted += session.segment(points=clicks, point_labels=[1] * len(clicks), zoom_in=zoom_in).masks.values()
     return predicted
 
 
-def _box(mask: np.ndarray) -> np.ndarray:
+def organ_box(mask: np.ndarray) -> np.ndarray:
     """(i0, j0, k0, i1, j1, k1) inclusive voxel bounds of a non-empty mask: segment()'s box."""
     where = np.nonzero(mask)
     return np.array([w.min() for w in where] + [w.max() for w in where], dtype=np.int64)
 
 
-def _clicks(mask: np.ndarray, n: int, g: np.random.Generator) -> np.ndarray:
+def organ_clicks(mask: np.ndarray, n: int, g: np.random.Generator) -> np.ndarray:
     """n voxels (n, 3) inside `mask`, distinct while there are enough, preferring the interior
     (six neighbours inside too): where a user clicks, not on the organ's edge."""
     inner = mask.copy()

@@ -95,12 +95,12 @@ def test_segment_validation_runs_the_zoom_in(model, small_ct):
 def test_clicks_lie_inside_the_organ_and_prefer_its_interior():
     mask = np.zeros((9, 9, 9), dtype=bool)
     mask[2:7, 2:7, 2:7] = True
-    clicks = validation._clicks(mask, 5, np.random.default_rng(0))
+    clicks = validation.organ_clicks(mask, 5, np.random.default_rng(0))
     assert clicks.shape == (5, 3) and len({tuple(c) for c in clicks}) == 5
     assert all(((c >= 3) & (c <= 5)).all() for c in clicks)  # interior: not on the cube's faces
     thin = np.zeros((5, 5, 5), dtype=bool)
     thin[2, 2, 1:4] = True  # no interior voxel: any voxel of the organ
-    assert all(thin[tuple(c)] for c in validation._clicks(thin, 2, np.random.default_rng(0)))
+    assert all(thin[tuple(c)] for c in validation.organ_clicks(thin, 2, np.random.default_rng(0)))
 
 
 def test_ignore_label_voxels_count_for_neither_side(model, small_ct, tmp_path):
