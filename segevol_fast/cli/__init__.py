@@ -6,8 +6,10 @@ Subcommands, one module each:
     vocabulary  the structure names SegVol is known to have been trained on (text prompts) (vocabulary.py)
     finetune    adapt SegVol to new data, on one process or under torchrun (finetune.py; what --method
                 trains and its flags: finetune_methods.py)
+    eval-robustness  Dice under rotated scans and jittered prompts (robustness.py)
     info        versions, build flags, devices and selected kernel backends (paste into bug reports) (info.py)
-What they share (model, device, file checks, warnings) is in common.py; a run's output in report.py.
+What they share (model, device, file checks, warnings) is in common.py, the labelled-case and base-model
+flags of finetune and eval-robustness in cases.py; a run's output in report.py.
 
 Exit codes: 0 success; 1 the input or the run failed (unreadable volume, prompt outside the
 volume, memory budget cannot be met, ...); 2 usage or setup error (bad arguments, no weights,
@@ -46,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     # imported here, not at the top: `python -m segevol_fast.cli.finetune` (the torchrun target) then
     # runs that module once, as __main__, instead of after a first import by this package
-    from . import demo, finetune, info, segment, vocabulary
+    from . import demo, finetune, info, robustness, segment, vocabulary
 
     parser = _Parser(
         prog="segevol-fast",
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"segevol-fast {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (segment, demo, vocabulary, finetune, info):  # the order `--help` lists them in
+    for command in (segment, demo, vocabulary, finetune, robustness, info):  # the order `--help` lists them in
         command.add_subcommand(sub)
     return parser
 
