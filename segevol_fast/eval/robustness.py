@@ -297,7 +297,9 @@ def case_affine(case: Case) -> np.ndarray:
 
 
 def _id_map(masks, annotated: Optional[np.ndarray], shape) -> np.ndarray:
-    """One int32 map of the organs' ids (and `_UNANNOTATED`), rotated once for all organs."""
+    """One int32 map of the organs' ids (and `_UNANNOTATED`): one nearest-neighbour resampling
+    rotates every organ, where a mask per organ would hold a scan-sized array each. Where masks
+    overlap (M3D-Seg channels may), the higher id keeps the voxel."""
     ids = np.zeros(shape, dtype=np.int32)
     for i in masks:
         ids[masks[i]] = i

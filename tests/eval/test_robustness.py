@@ -268,6 +268,14 @@ def test_tta_of_one_view_equals_no_tta(model, cases):
     assert robustness(model, cases[:1], tta=1, **settings).rows == robustness(model, cases[:1], **settings).rows
 
 
+def test_tta_opens_a_session_per_view_and_scores_every_prompt(model, cases, opened):
+    settings = dict(rotations=[_z(30)], box_jitter=(2,), point_jitter=(2,), prompts=["box", "text+points"], **FAST)
+    report = robustness(model, cases[:1], tta=3, **settings)
+    assert len(opened) == 3 * 2  # three views of the scan as stored, three of the rotated one
+    assert len(report.rows) == len(ORGANS) * (2 + 2 + 1 + 1) and all(0 <= r["dice"] <= 1 for r in report.rows)
+    assert report.settings["tta"] == 3
+
+
 def test_tta_averages_the_views_turned_back(model, cases):
     image = np.asarray(nib.load(cases[0].image).dataobj)
     fused = segment_with_tta(model, image, AFFINE, text=["liver", "spleen"], k=2, zoom_in=False, modality="ct")
