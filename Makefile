@@ -59,7 +59,8 @@ lint: $(DEPS)
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEGEVOL_FAST_EXPECT_ISA=avx2
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
             tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py \
-            tests/test_finetune_cli.py tests/test_finetune_methods.py tests/test_adaptation_study.py
+            tests/test_finetune_cli.py tests/test_finetune_methods.py tests/test_adaptation_study.py \
+            tests/eval/test_robustness_cli.py tests/test_robustness_study.py
 AVX2_PASS := $(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
@@ -90,6 +91,15 @@ bench-adapters: build
 # The adaptation study on the shared CT/MRI (small config, 3 seeds, ~37 min on 2 cores); docs/benchmarks.md.
 study: build
 	$(PY) bench/adaptation_study.py
+
+# The small trained model (small config, the shared CT, DICOM CT and MR; ~25 min on 2 cores), and
+# with LOO=1 one model per left-out volume as well (3x longer); docs/benchmarks.md.
+small-model: build
+	$(PY) bench/small_model.py $(if $(LOO),--leave-one-out)
+
+# Rotation and prompt-jitter robustness of the small model, and of TTA, LoRA and the rotation branch; docs/robustness.md.
+robustness-study: build
+	$(PY) bench/robustness_study.py
 
 bench-encoder: build
 	$(PY) bench/cpu_encoder.py

@@ -44,7 +44,6 @@ import json
 import pathlib
 import sys
 import time
-import warnings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -55,8 +54,8 @@ from bench.environment import environment, write_results  # noqa: E402
 from bench.shared_data import DATA  # noqa: E402
 from bench.study_data import study_data  # noqa: E402
 from bench.study_report import kept, over_seeds, router_decisions, table  # noqa: E402
+from bench.study_setup import study_process, study_train_config  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig, adapters  # noqa: E402
-from segevol_fast.errors import VocabularyWarning  # noqa: E402
 from segevol_fast.train.datasets import SegmentationDataset  # noqa: E402
 from segevol_fast.train.trainer import TrainConfig, Trainer  # noqa: E402
 from segevol_fast.train.validation import segment_validation  # noqa: E402
@@ -79,19 +78,15 @@ def _dataset(cases, size, seed, train=True):
 
 
 def _config(args, steps: int, lr: float, seed: int, out: pathlib.Path) -> TrainConfig:
-    return TrainConfig(
-        steps=steps,
+    return study_train_config(
+        steps,
+        lr,
+        seed,
+        out,
         batch_size=args.batch_size,
-        lr=lr,
-        weight_decay=1e-5,
-        warmup_steps=max(1, steps // 20),
         min_lr_ratio=0.1,
-        grad_clip=1.0,
-        seed=seed,
         box_jitter=args.train_jitter,
         eval_jitter=args.eval_jitter,
-        out_dir=str(out),
-        log_every=10,
     )
 
 
@@ -269,12 +264,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    # the label files hold many more TotalSegmentator ids than the five organs studied: dropped on purpose
-    warnings.filterwarnings("ignore", message=".*are not in the label map.*", category=UserWarning)
-    # gray / white matter and spinal cord are not among SegVol's trained names: known, and said in the docs
-    warnings.filterwarnings("ignore", category=VocabularyWarning)
+    study_process(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
