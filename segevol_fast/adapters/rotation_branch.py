@@ -45,7 +45,7 @@ GROUPS = ("c4", "box")
 SEAM = "beside_patch_embed"
 
 
-class Rotation(NamedTuple):
+class GridRotation(NamedTuple):
     """A rotation of a (D, H, W) box that maps voxels onto voxels: permute the axes by `perm`,
     then reverse the axes in `flips` (both in the permuted order)."""
 
@@ -53,7 +53,7 @@ class Rotation(NamedTuple):
     flips: tuple[int, ...]
 
 
-def rotate(t: Tensor, rotation: Rotation) -> Tensor:
+def rotate(t: Tensor, rotation: GridRotation) -> Tensor:
     """`t` rotated by `rotation` over its last three axes (D, H, W)."""
     lead = t.dim() - 3
     out = t.permute(*range(lead), *(lead + p for p in rotation.perm))
@@ -66,7 +66,7 @@ def _is_proper(perm: Sequence[int], flips: Sequence[int]) -> bool:
     return (inversions + len(flips)) % 2 == 0
 
 
-def rotation_group(group: str, patch_size: Sequence[int]) -> tuple[Rotation, ...]:
+def rotation_group(group: str, patch_size: Sequence[int]) -> tuple[GridRotation, ...]:
     """The rotations of `group` for patches of `patch_size` (D, H, W), the identity first.
     AdapterError when the group is unknown or does not map this patch box onto itself."""
     if group not in GROUPS:
@@ -86,7 +86,7 @@ def rotation_group(group: str, patch_size: Sequence[int]) -> tuple[Rotation, ...
         for n in range(4):
             for flips in itertools.combinations(range(3), n):
                 if _is_proper(perm, flips) and not (group == "c4" and 0 in flips):
-                    found.append(Rotation(perm, flips))
+                    found.append(GridRotation(perm, flips))
     return tuple(found)
 
 
