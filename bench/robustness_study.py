@@ -16,6 +16,10 @@ the Dice measures how a fitted model's masks change under the perturbations, not
 Costs per variant: trainable parameters, training seconds, and the median seconds of one
 `model.segment()` call (text, 4 organs, the shared CT) over --timing-runs runs.
 
+Resumable: a variant's trained adapter and every finished case are kept under <out>/<variant>/ and
+reused by a rerun, so variants may also run in separate processes (--variants) and a last run with
+all of them assembles the report.
+
 -> <out>/<variant>/robustness.{csv,json,png}, <out>/comparison.png, <out>/study.json and
 bench/results/cpu-robustness-study-<date>.json (with the base's table beside it as
 cpu-robustness-base-<date>.{csv,png}).
@@ -65,8 +69,14 @@ def load_base(args) -> SegVol:
 
 
 def adapt(name: str, cases, args, out: pathlib.Path) -> tuple[SegVol, dict]:
-    """A fresh copy of the base with the variant's adapter, trained with rotation augmentation."""
+    """A fresh copy of the base with the variant's adapter, trained with rotation augmentation;
+    an adapter this study saved before (out/adapter.safetensors and its costs) is loaded instead."""
     model = load_base(args)
+    adapter, costs_file = out / "adapter.safetensors", out / "costs.json"
+    if adapter.exists() and costs_file.exists():
+        adapters.load_adapter(model, adapter)  # and makes it the active one
+        model.eval()
+        return model, json.loads(costs_file.read_text())
     torch.manual_seed(args.seed)
     ADAPTERS[name](model)
     size = model.config.spatial_size
@@ -83,13 +93,14 @@ def adapt(name: str, cases, args, out: pathlib.Path) -> tuple[SegVol, dict]:
     )
     t = time.perf_counter()
     Trainer(model, config, data).fit(progress=not args.quiet)
-    seconds = time.perf_counter() - t
-    model.eval()
-    adapters.save_adapter(model, "rot", out / "adapter.safetensors")
-    return model, {
+    costs = {
         "trainable_parameters": sum(p.numel() for p in adapters.adapter_parameters(model)),
-        "train_seconds": seconds,
+        "train_seconds": time.perf_counter() - t,
     }
+    model.eval()
+    adapters.save_adapter(model, "rot", adapter)
+    costs_file.write_text(json.dumps(costs))
+    return model, costs
 
 
 def segment_seconds(model: SegVol, tta: int | None, runs: int, zoom_in: bool) -> float:

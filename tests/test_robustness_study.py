@@ -88,3 +88,8 @@ def test_study_pipeline_at_quick_size_on_a_tiny_model(tmp_path, data_dir):
     assert variants["branch_rot"]["trainable_parameters"] > 0
     assert (out / "branch_rot" / "adapter.safetensors").exists()
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a rerun reuses the trained adapter and the finished cases: same costs, same Dice
+    assert robustness_study.main(argv + ["--variants", "branch_rot"]) == 0
+    again = json.loads((out / "study.json").read_text())["variants"]["branch_rot"]
+    assert again["train_seconds"] == variants["branch_rot"]["train_seconds"]
+    assert again["summary"] == variants["branch_rot"]["summary"]
