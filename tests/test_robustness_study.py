@@ -48,6 +48,8 @@ def test_training_record_reads_every_phase(tmp_path):
     assert record["phase1"]["seconds"] == 100.0 and record["phase2"]["seconds"] == 200.0
     assert [r["step"] for r in record["phase1"]["curve"]] == [250.0, 500.0]
     assert record["phase2"]["curve"][0]["dice_text"] == 0.4
+    small_model.curve_plot(record, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_headline_separates_none_published_sweep_and_jitter():
