@@ -74,8 +74,8 @@ def _rotation_panel(ax, summary, colours, none, angles: dict) -> None:
             line = sorted((s["angle_deg"], s["dice"]) for s in rotations if s["prompt"] == prompt and s["axis"] == axis)
             if line and prompt in none:  # the sweep passes through the unperturbed scan at 0 degrees
                 line = sorted(line + [(0.0, none[prompt])])
-            if line:
-                ax.plot(*zip(*line), style, color=colour, marker=".", label=f"{prompt}, about {axis}")
+            if line:  # colour says the prompt, line style the axis: one legend entry each, not one per pair
+                ax.plot(*zip(*line), style, color=colour, marker=".")
         if prompt in none:
             ax.plot([0.0], [none[prompt]], "o", color=colour, markeredgecolor="black")
     named = set()
@@ -86,6 +86,12 @@ def _rotation_panel(ax, summary, colours, none, angles: dict) -> None:
             if s["setting"] not in named:
                 named.add(s["setting"])
                 ax.annotate(s["setting"], (angle, s["dice"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for prompt, colour in colours.items():
+        if any(s["prompt"] == prompt for s in rotations):
+            ax.plot([], [], "-", color=colour, label=prompt)
+    for axis, style in AXIS_STYLES.items():
+        if any(s["axis"] == axis for s in rotations):
+            ax.plot([], [], style, color="black", label=f"about {axis}")
     if none:
         ax.plot([], [], "o", color="white", markeredgecolor="black", label="none (as stored)")
     if named:
@@ -98,7 +104,7 @@ def _rotation_panel(ax, summary, colours, none, angles: dict) -> None:
             markersize=12,
             label="several axes, at the largest angle",
         )
-    _legend_or_note(ax, "no rotations")
+    _legend_or_note(ax, "no rotations", below=True)
 
 
 def _jitter_panel(ax, summary, colours, none, perturbation: str, xlabel: str) -> None:
@@ -117,8 +123,10 @@ def _jitter_panel(ax, summary, colours, none, perturbation: str, xlabel: str) ->
     _legend_or_note(ax, f"no {perturbation.replace('_', ' ')} settings")
 
 
-def _legend_or_note(ax, note: str) -> None:
-    if ax.get_legend_handles_labels()[0]:
+def _legend_or_note(ax, note: str, below: bool = False) -> None:
+    if ax.get_legend_handles_labels()[0] and below:  # many entries: under the panel, off the lines
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4)
+    elif ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, color="grey")
