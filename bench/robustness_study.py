@@ -135,7 +135,7 @@ def headline(report) -> dict:
     return out
 
 
-def comparison_plot(results: dict, path: pathlib.Path, prompt: str = "text") -> None:
+def comparison_plot(results: dict, path: pathlib.Path, prompt: str = "text+box") -> None:
     """Dice vs angle about the long axis (z), one line per variant, for one prompt type."""
     import matplotlib
 
