@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from bench import small_model  # noqa: E402
 from bench.environment import environment, write_results  # noqa: E402
 from bench.shared_data import DATA  # noqa: E402
-from bench.study_setup import study_process, study_train_config  # noqa: E402
+from bench.study_setup import line_chart, study_process, study_train_config  # noqa: E402
 from segevol_fast import SegVol, adapters  # noqa: E402
 from segevol_fast.eval import robustness  # noqa: E402
 from segevol_fast.eval.rotation import PUBLISHED, sweep  # noqa: E402
@@ -137,29 +137,16 @@ def headline(report) -> dict:
 
 def comparison_plot(results: dict, path: pathlib.Path, prompt: str = "text+box") -> None:
     """Dice vs angle about the long axis (z), one line per variant, for one prompt type."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in results.items():
-        points = sorted(
-            (s["angle_deg"], s["dice"])
-            for s in r["summary"]
-            if s["prompt"] == prompt and s["perturbation"] == "rotation" and s["axis"] == "z"
-        )
-        none = [s["dice"] for s in r["summary"] if s["prompt"] == prompt and s["perturbation"] == "none"]
-        points = sorted(points + [(0.0, none[0])]) if none else points
-        ax.plot([a for a, _ in points], [d for _, d in points], marker="o", label=name)
-    ax.set_xlabel("rotation about the long axis (degrees)")
-    ax.set_ylabel(f"mean Dice ({prompt} prompt)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with line_chart(path, "rotation about the long axis (degrees)", f"mean Dice ({prompt} prompt)") as ax:
+        for name, r in results.items():
+            points = sorted(
+                (s["angle_deg"], s["dice"])
+                for s in r["summary"]
+                if s["prompt"] == prompt and s["perturbation"] == "rotation" and s["axis"] == "z"
+            )
+            none = [s["dice"] for s in r["summary"] if s["prompt"] == prompt and s["perturbation"] == "none"]
+            points = sorted(points + [(0.0, none[0])]) if none else points
+            ax.plot([a for a, _ in points], [d for _, d in points], marker="o", label=name)
 
 
 def parse_args(argv=None):
@@ -225,10 +212,10 @@ def main(argv=None) -> int:
     results = {}
     for name in args.variants:
         folder = out / name
-        costs: dict = {"trainable_parameters": 0, "train_seconds": 0.0}
-        model = load_base(args)
         if name in ADAPTERS:
-            model, costs = adapt(name, cases, args, folder)
+            model, costs = adapt(name, cases, args, folder)  # loads its own copy of the base
+        else:
+            model, costs = load_base(args), {"trainable_parameters": 0, "train_seconds": 0.0}
         tta = args.tta if name == "tta" else None
         t = time.perf_counter()
         # TTA answers rotations: its views multiply the cost (4x, more on the 512x512 DICOM), so no jitter

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 
 from bench.environment import environment, write_results  # noqa: E402
 from bench.shared_data import DATA  # noqa: E402
-from bench.study_setup import study_process, study_train_config  # noqa: E402
+from bench.study_setup import line_chart, study_process, study_train_config  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig  # noqa: E402
 from segevol_fast.train.cases import Case, cases_from_files  # noqa: E402
 from segevol_fast.train.datasets import SegmentationDataset  # noqa: E402
@@ -163,27 +163,15 @@ def training_record(out: pathlib.Path) -> dict:
 
 def curve_plot(record: dict, path: pathlib.Path) -> None:
     """The validation curve over every phase (resized Dice on the training volumes per prompt)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    offset, rows = 0.0, []
-    for phase in record.values():
-        rows += [{**r, "step": r["step"] + offset} for r in phase["curve"]]
-        offset = rows[-1]["step"] if rows else offset
-        ax.axvline(offset, color="grey", lw=0.5)
-    for key in ("dice_text", "dice_box", "dice_jittered_box"):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key.removeprefix("dice_"))
-    ax.set_xlabel("optimiser step (phases end at the grey lines)")
-    ax.set_ylabel("mean Dice, training volumes (resized)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    xlabel, ylabel = "optimiser step (phases end at the grey lines)", "mean Dice, training volumes (resized)"
+    with line_chart(path, xlabel, ylabel, size=(6, 3.5)) as ax:
+        offset, rows = 0.0, []
+        for phase in record.values():
+            rows += [{**r, "step": r["step"] + offset} for r in phase["curve"]]
+            offset = rows[-1]["step"] if rows else offset
+            ax.axvline(offset, color="grey", lw=0.5)
+        for key in ("dice_text", "dice_box", "dice_jittered_box"):
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker=".", label=key.removeprefix("dice_"))
 
 
 def markdown(report: dict) -> str:
