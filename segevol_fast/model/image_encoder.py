@@ -5,12 +5,16 @@ blocks (qkv without bias, exact-erf GELU MLP), a final LayerNorm, no class token
 Parameter names equal MONAI's, so `state_dict()` keys equal the official checkpoint's
 `image_encoder.*` keys. The forward fuses patchify + Linear + bias + position embedding into one
 `ops.patch_embed` call and routes attention through `model.attention.attention`.
+
+`ImageEncoder.encode_box` encodes only a box of the token grid (the tokens of a zoom-in window
+that hold image, when the window is mostly zero padding): the same embedding and blocks, with the
+position embeddings of the box's true grid positions, over fewer tokens.
 """
 
 from __future__ import annotations
 
 import contextvars
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +22,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..errors import ShapeError
+from ..errors import AdapterError, ShapeError
 from .attention import attention
 from .config import SegVolConfig
 from .layers import LayerNorm32, wide_dtype
+
+Triple = tuple[int, int, int]
+TokenBox = tuple[Triple, Triple]  # (lo, hi) of a box of the token grid, hi exclusive
 
 
 class PatchEmbedding(nn.Module):
@@ -34,19 +41,28 @@ class PatchEmbedding(nn.Module):
     def __init__(self, config: SegVolConfig):
         super().__init__()
         self.patch_size = config.patch_size
+        self.grid_size = config.grid_size
         self.patch_embeddings = nn.Sequential(nn.Identity(), nn.Linear(config.patch_dim, config.hidden_size))
         self.position_embeddings = nn.Parameter(torch.zeros(1, config.num_patches, config.hidden_size))
         # MONAI initialises the position embedding with a truncated normal of std 0.02.
         nn.init.trunc_normal_(self.position_embeddings, std=0.02, a=-2.0, b=2.0)
 
-    def forward(self, x: Tensor, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-        """x (B, C, D, H, W) -> tokens (B, N, hidden), with x*scale+shift applied first."""
+    def forward(self, x: Tensor, scale: float = 1.0, shift: float = 0.0, box: Optional[TokenBox] = None) -> Tensor:
+        """x (B, C, D, H, W) -> tokens (B, N, hidden), with x*scale+shift applied first.
+
+        box: None (x is the whole window), or the (lo, hi) token box x covers in the full token
+            grid: its tokens get the position embeddings of those grid positions.
+        """
         proj = self.patch_embeddings[1]
         # tokens start the residual stream: float32 under autocast whatever the weights' dtype
         # (the op takes one dtype for all its inputs: x comes in the same `wide_dtype`)
         dtype = wide_dtype(proj.weight)
         bias = None if proj.bias is None else proj.bias.to(dtype)
         pos = self.position_embeddings.to(dtype)
+        if box is not None:
+            lo, hi = box
+            grid = pos.view(1, *self.grid_size, pos.shape[-1])
+            pos = grid[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].reshape(1, -1, pos.shape[-1])
         return ops.patch_embed(x.to(dtype), proj.weight.to(dtype), bias, pos, self.patch_size, scale, shift)
 
 
@@ -162,6 +178,92 @@ class ImageEncoder(nn.Module):
             # added after the fused position embedding: the sum is the same in either order, and
             # the patch embedding stays one fused op
             tokens = tokens + self.beside_patch_embed(x, input_scale, input_shift)
+        tokens = self._transform(tokens)
+        if self.after_encoder is not None:
+            tokens = self.after_encoder(tokens)
+        B, _, C = tokens.shape
+        return tokens.transpose(1, 2).view(B, C, *cfg.grid_size)
+
+    @property
+    def token_boxes_supported(self) -> bool:
+        """Whether `encode_box` can run: not while an encoder-level adapter seam is set
+        (`beside_patch_embed` reads the whole window, `after_encoder` the whole token grid)."""
+        return self.beside_patch_embed is None and self.after_encoder is None
+
+    def encode_box(
+        self,
+        x: Tensor,
+        token_lo: Sequence[int] | Sequence[Sequence[int]],
+        token_hi: Sequence[int] | Sequence[Sequence[int]],
+        input_scale: float = 1.0,
+        input_shift: float = 0.0,
+    ) -> Tensor:
+        """Encode only a box of each window's token grid.
+
+        The box's tokens are patch-embedded with the position embeddings of their true grid
+        positions and run through the same blocks and final norm as `forward`, attending to each
+        other only: the tokens outside the box are left out, not zero-filled. With the box equal
+        to the whole grid the result equals `forward`'s bit for bit.
+
+        Args:
+            x: (B, in_channels, bd*pd, bh*ph, bw*pw): the voxels of the boxes, bd = hi - lo etc.
+            token_lo, token_hi: the box [lo, hi) in the (gd, gh, gw) token grid, one triple for
+                the whole batch or one per item (all the same size).
+            input_scale, input_shift: as for `forward`.
+
+        Returns:
+            (B, hidden, bd, bh, bw), a non-contiguous view as `forward`'s.
+
+        Raises:
+            AdapterError: an encoder-level adapter seam is set (`token_boxes_supported`): encode
+                the whole window with `forward` instead.
+            ShapeError: a box outside the grid, boxes of different sizes, or x not their voxels.
+        """
+        if not self.token_boxes_supported:
+            raise AdapterError(
+                "encode_box cannot run with an encoder-level adapter (beside_patch_embed / after_encoder "
+                "read the whole window): encode the whole window with forward()"
+            )
+        boxes = self._token_boxes(x, token_lo, token_hi)
+        x = x.to(wide_dtype(self.norm.weight))
+        if all(b == boxes[0] for b in boxes):
+            tokens = self.patch_embedding(x, input_scale, input_shift, boxes[0])
+        else:  # each item its own position embeddings; the embedding is cheap next to the blocks
+            tokens = torch.cat(
+                [self.patch_embedding(x[i : i + 1], input_scale, input_shift, b) for i, b in enumerate(boxes)]
+            )
+        tokens = self._transform(tokens)
+        B, _, C = tokens.shape
+        return tokens.transpose(1, 2).view(B, C, *(h - lo for lo, h in zip(*boxes[0])))
+
+    def _token_boxes(self, x: Tensor, token_lo, token_hi) -> list[TokenBox]:
+        """The per-item (lo, hi) boxes of an `encode_box` call, checked against the grid and x."""
+        cfg = self.config
+        lo, hi = (torch.as_tensor(v, dtype=torch.int64) for v in (token_lo, token_hi))
+        if lo.shape != hi.shape or lo.shape[-1:] != (3,) or lo.dim() > 2:
+            raise ShapeError(
+                f"token_lo and token_hi must be triples or (B, 3), got {tuple(lo.shape)}, {tuple(hi.shape)}"
+            )
+        lo, hi = lo.reshape(-1, 3), hi.reshape(-1, 3)
+        grid = torch.tensor(cfg.grid_size)
+        if bool((lo < 0).any() or (hi > grid).any() or (hi <= lo).any()):
+            raise ShapeError(
+                f"token boxes {lo.tolist()} .. {hi.tolist()} are not non-empty boxes of the grid {cfg.grid_size}"
+            )
+        size = hi - lo
+        if bool((size != size[0]).any()):
+            raise ShapeError(f"the token boxes of one call must have one size, got {size.tolist()}")
+        voxels = (cfg.in_channels, *(int(n) * p for n, p in zip(size[0], cfg.patch_size)))
+        if x.dim() != 5 or tuple(x.shape[1:]) != voxels or len(lo) not in (1, x.shape[0]):
+            raise ShapeError(
+                f"token box of size {tuple(size[0].tolist())} needs a (B, {', '.join(map(str, voxels))}) volume "
+                f"and one box or B of them, got shape {tuple(x.shape)} and {len(lo)} boxes"
+            )
+        boxes = [(tuple(a.tolist()), tuple(b.tolist())) for a, b in zip(lo, hi)]
+        return boxes * x.shape[0] if len(boxes) == 1 else boxes
+
+    def _transform(self, tokens: Tensor) -> Tensor:
+        """The blocks and the final norm over (B, S, hidden) tokens, any S."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
@@ -169,8 +271,4 @@ class ImageEncoder(nn.Module):
                 tokens = checkpoint(contextvars.copy_context().run, block, tokens, use_reentrant=False)
             else:
                 tokens = block(tokens)
-        tokens = self.norm(tokens)
-        if self.after_encoder is not None:
-            tokens = self.after_encoder(tokens)
-        B, _, C = tokens.shape
-        return tokens.transpose(1, 2).view(B, C, *cfg.grid_size)
+        return self.norm(tokens)

@@ -165,6 +165,20 @@ class SegVolNetwork(nn.Module):
         with self._autocast(x.device):
             return self.image_encoder(x, input_scale, input_shift)
 
+    def encode_image_tokens(
+        self,
+        x: Tensor,
+        token_lo: Sequence[int] | Sequence[Sequence[int]],
+        token_hi: Sequence[int] | Sequence[Sequence[int]],
+        input_scale: float = 1.0,
+        input_shift: float = 0.0,
+    ) -> Tensor:
+        """`encode_image` of a box [token_lo, token_hi) of the token grid only: x holds the box's
+        voxels (B, 1, bd*pd, bh*ph, bw*pw) -> (B, hidden, bd, bh, bw) (`ImageEncoder.encode_box`:
+        one box for the batch or one per item; AdapterError under an encoder-level adapter)."""
+        with self._autocast(x.device):
+            return self.image_encoder.encode_box(x, token_lo, token_hi, input_scale, input_shift)
+
     def encode_text(self, names: str | Sequence[str], modality: str = "ct") -> Tensor:
         """Category names -> (N, hidden) text embeddings, templated per modality ("ct" uses the
         official "A computerized tomography of a {}."; "mri" a magnetic-resonance template)."""
