@@ -156,10 +156,10 @@ def sliding_window_average(
     return acc[(slice(None), slice(None)) + crop].contiguous()
 
 
-def global_grid(crop_shape: Sequence[int], window: Sequence[int]) -> list[list[int]]:
+def global_grid(crop_shape: Sequence[int], window: Sequence[int], overlap: float = 0.5) -> list[list[int]]:
     """Per axis, the window starts in the crop frame (negative on an axis shorter than the
-    window: the zero padding MONAI puts before it). MONAI 0.9 arithmetic, overlap 0.5."""
+    window: the zero padding MONAI puts before it). MONAI 0.9 arithmetic; overlap 0.5 officially."""
     pads = pad_widths(crop_shape, window)
-    steps = scan_interval(crop_shape, window, 0.5)
+    steps = scan_interval(crop_shape, window, overlap)
     sizes = padded_size(crop_shape, window)
     return [[s - p[0] for s in axis_starts(n, int(r), st)] for n, r, st, p in zip(sizes, window, steps, pads)]

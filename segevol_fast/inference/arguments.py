@@ -24,6 +24,7 @@ import numpy as np
 from ..adapters.manage import adapter_names
 from ..errors import AdapterError, ArgumentTypeError, InvalidArgumentError
 from ..io.volume import MODALITY_ALIASES
+from .approximations import ApproximationsLike, as_approximations
 from .precision import PRECISION_REQUESTS
 from .progress import Progress
 
@@ -207,6 +208,7 @@ class SegmentOptions:
     precision: Optional[str] = "auto"
     series: Optional[str] = None
     adapter: Optional[str] = None
+    approximations: ApproximationsLike = "default"
 
     def __post_init__(self) -> None:
         _choice(self.mode, "mode", MODES)
@@ -221,6 +223,8 @@ class SegmentOptions:
         check_device(self.device)
         check_series_type(self.series)
         check_adapter_type(self.adapter)
+        # stored resolved: a variant made with dataclasses.replace checks an Approximations again
+        object.__setattr__(self, "approximations", as_approximations(self.approximations))
 
 
 def check_segment_arguments(model, volume, text, box, points, point_labels, options: SegmentOptions) -> None:

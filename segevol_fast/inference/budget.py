@@ -33,6 +33,7 @@ import torch
 from ..errors import BudgetError, MemorySpecError
 from ..geometry.sliding_window import global_grid
 from ..model.network import model_device
+from .approximations import Approximations
 from .cost_model import (
     band_voxels,
     decoder_bytes,
@@ -118,6 +119,8 @@ class Plan:
                         admitted by row-sum voxels: prompt_group · band(crop) in total.
     estimated_peak_bytes, breakdown: the cost model's figure for this plan (`cost_model.py`).
     max_memory:         the limit planned against (bytes), None when none was known.
+    approximations:     what the zoom-in may leave out (`approximations.py`); default none, the
+                        official zoom-in. The estimate assumes whole windows, an upper bound.
     """
 
     device: torch.device
@@ -130,6 +133,7 @@ class Plan:
     estimated_peak_bytes: int = 0
     breakdown: dict[str, int] = field(default_factory=dict)
     max_memory: Optional[int] = None
+    approximations: Approximations = field(default_factory=Approximations.none)
 
     def summary(self) -> dict:
         """JSON-ready description (dtypes and devices as strings, bytes as ints)."""
@@ -144,6 +148,7 @@ class Plan:
             "estimated_peak_bytes": int(self.estimated_peak_bytes),
             "max_memory": self.max_memory,
             "breakdown": {k: int(v) for k, v in self.breakdown.items()},
+            "approximations": self.approximations.summary(),
         }
 
     def __post_init__(self):
@@ -173,8 +178,8 @@ def _available(device: torch.device) -> Optional[int]:
     return None
 
 
-def _num_windows(crop_shape: Sequence[int], window: Sequence[int]) -> int:
-    return math.prod(len(s) for s in global_grid(crop_shape, window))
+def _num_windows(crop_shape: Sequence[int], window: Sequence[int], overlap: float = 0.5) -> int:
+    return math.prod(len(s) for s in global_grid(crop_shape, window, overlap))
 
 
 # ------------------------------------------------------------------------------ the planners
@@ -237,6 +242,7 @@ def plan_fast(
     return_logits: bool = False,
     baseline_bytes: Optional[int] = None,
     output_voxels: Optional[int] = None,
+    approximations: Optional[Approximations] = None,
 ) -> Plan:
     """Choose a `Plan` for `run_fast` that keeps the estimated peak under `max_memory`.
 
@@ -250,6 +256,8 @@ def plan_fast(
         return_logits: the caller will ask run_fast for crop-frame logits too.
         baseline_bytes: override the measured baseline (tests).
         output_voxels: voxels of the input grid the masks go back onto (default: the crop's).
+        approximations: what the zoom-in may leave out; None: nothing (the official zoom-in).
+            Windows are costed whole (an upper bound when tokens are left out).
 
     Raises:
         BudgetError: max_memory is below what the smallest plan needs; the message names that
@@ -262,7 +270,8 @@ def plan_fast(
     limit = parse_memory(max_memory) if explicit else (_available(dev) if baseline_bytes is None else None)
     n = max(1, int(n_prompts))
     base = measured_baseline(dev, model) if baseline_bytes is None else int(baseline_bytes)
-    n_windows = _num_windows(crop_shape, model.config.spatial_size)
+    approx = approximations if approximations is not None else Approximations.none()
+    n_windows = _num_windows(crop_shape, model.config.spatial_size, approx.overlap)
 
     def cost(**kw) -> tuple[int, dict[str, int]]:
         return estimate(
@@ -305,7 +314,7 @@ def plan_fast(
         0 if kw["prompt_group"] >= n else _largest(0, n_windows, lambda c: fits(**kw, cache_windows=c))
     )
     total, items = cost(**kw)
-    return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, **kw)
+    return Plan(device=dev, estimated_peak_bytes=total, breakdown=items, max_memory=limit, approximations=approx, **kw)
 
 
 def _budget_message(limit: int, total: int, items: dict[str, int], device: torch.device, mode: str = "fast") -> str:

@@ -34,6 +34,7 @@ mask = logits > 0 (sigmoid > 0.5). Masks and logits come back in the crop frame 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -50,6 +51,7 @@ from ..geometry.sliding_window import Triple, global_grid
 from ..model.network import model_device
 from ..model.seams import adapter_state
 from ..preprocess import Preprocessed, zoom_out_crop
+from .approximations import ZoomInCounts
 from .budget import Plan, plan_fast
 from .cost_model import band_voxels, same_device
 from .decode import DecodeItem, decode_items
@@ -59,6 +61,7 @@ from .progress import stage, steps
 from .prompts import Prompt
 from .stitch import Stitch
 from .window_cache import WindowCache
+from .window_decode import WindowJob, decode_windows
 from .window_prompts import window_item
 
 
@@ -93,6 +96,7 @@ def run_fast(
     oom_retries: Optional[list] = None,
     zoom_out_embedding: Optional[Tensor] = None,
     window_cache: Optional["WindowCache"] = None,
+    counts: Optional[ZoomInCounts] = None,
 ) -> list[FastOutput]:
     """Fast zoom-out-zoom-in for all prompts at once (see the module docstring).
 
@@ -112,6 +116,8 @@ def run_fast(
             already encoded it (`segment_batch` encodes many scans' in one routed pass).
         window_cache: a `WindowCache` that outlives the call (an interactive session's); default a
             new one of plan.cache_windows entries.
+        counts: a `ZoomInCounts` to add what the zoom-in planned, skipped and encoded to, against
+            the official zoom-in on the same ROIs (plan.approximations says what was left out).
 
     Returns:
         one `FastOutput` per prompt, in order.
@@ -142,6 +148,7 @@ def run_fast(
                 return_logits,
                 zoom_out_embedding,
                 window_cache,
+                counts,
             )
         except OutOfMemoryError as err:  # outside the encoder and decoder calls: the stitch buffers
             error = f"{type(err).__name__}: {err}"  # text only: the traceback pins the failed tensors
@@ -169,6 +176,7 @@ def _run_once(
     return_logits,
     zoom_out_embedding=None,
     window_cache=None,
+    counts: Optional[ZoomInCounts] = None,
 ) -> list[FastOutput]:
     """One attempt of run_fast with retry.plan (which the encoder and decoder may shrink as they go)."""
     plan, crop_shape = retry.plan, prep.crop.shape
@@ -190,9 +198,10 @@ def _run_once(
             outputs[k] = FastOutput(*coarse.output(k, cmap, plan.accumulator_dtype))
     zoomed = [k for k, roi in enumerate(rois) if roi is not None]
     if zoomed:
-        _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress, window_cache).run(
-            zoomed, outputs
-        )
+        zoom = _ZoomIn(model, prep.crop, prompts, texts, cmap, coarse, rois, retry, progress, window_cache)
+        zoom.run(zoomed, outputs)
+        if counts is not None:
+            counts.add(zoom.counts)
     return outputs  # type: ignore[return-value]
 
 
@@ -258,15 +267,28 @@ class _ZoomIn:
         self.cmap, self.coarse, self.rois, self.retry = cmap, coarse, rois, retry
         plan = retry.plan
         self.size, self.progress = tuple(model.config.spatial_size), progress
-        self.grid = global_grid(crop.shape, self.size)
+        self.approx = plan.approximations
+        self.grid = global_grid(crop.shape, self.size, self.approx.overlap)
         self.cache = window_cache if window_cache is not None else WindowCache(plan.cache_windows)
+        self.single: dict[int, bool] = {}  # prompt -> its ROI needs one window (window_prompts.py)
+        self.partial: dict[int, bool] = {}  # prompt -> some of its ROI's windows were skipped
+        self.counts = ZoomInCounts()
 
     @property
     def plan(self) -> Plan:
         return self.retry.plan  # batches may shrink during the run (out-of-memory recovery)
 
     def run(self, ks: Sequence[int], outputs: list) -> None:
-        need = {k: windows_for_roi(self.grid, self.size, *self.rois[k]) for k in ks}
+        need = {}
+        for k in ks:
+            every = windows_for_roi(self.grid, self.size, *self.rois[k])
+            need[k] = [w for w in every if self._holds_foreground(k, w)] if self.approx.skip_empty else every
+            self.single[k], self.partial[k] = len(every) == 1, len(need[k]) < len(every)
+            self.counts.windows_skipped += len(every) - len(need[k])
+        official = {w for k in ks for w in windows_for_roi(self.official_grid, self.size, *self.rois[k])}
+        self.counts.windows_official = len(official)
+        self.counts.tokens_official = len(official) * math.prod(self.model.config.grid_size)
+        self.counts.windows_planned = len({w for k in ks for w in need[k]})
         groups = self._groups(ks)
         total = sum(len({w for k in g for w in need[k]}) for g in groups)
         bar = steps(self.progress, "zoom-in windows", total, unit="win", key="zoom-in")
@@ -279,6 +301,18 @@ class _ZoomIn:
             self._group(group, order, users, need, outputs, bar)
         if bar is not None:
             bar.close()
+
+    @property
+    def official_grid(self) -> list[list[int]]:
+        return self.grid if self.approx.overlap == 0.5 else global_grid(self.crop.shape, self.size)
+
+    def _holds_foreground(self, k: int, w: Window) -> bool:
+        """Whether window w's region of the crop, grown by skip_margin a side, holds some of
+        prompt k's coarse foreground (resized to the crop, as the official zoom-in reads it)."""
+        m, origin = self.approx.skip_margin, window_origin(self.grid, w)
+        lo = [max(0, o - m) for o in origin]
+        hi = [min(n, o + r + m) - 1 for n, o, r in zip(self.crop.shape, origin, self.size)]
+        return bool(self.cmap.gather(self.coarse.fg[k], lo, hi).any())
 
     def _groups(self, ks: Sequence[int]) -> list[list[int]]:
         """Prompts in ROI order, grouped while their row sums fit prompt_group crop-wide bands."""
@@ -304,21 +338,26 @@ class _ZoomIn:
                 *self.coarse.output(k, self.cmap, dtype),
                 dtype,
                 self.plan.stitch_device,
+                partial=self.partial[k],
             )
             for k in group
         }
         finite = {k: True for k in group}  # becomes a device flag per prompt, read once below
         for batch, embs in self._embeddings(order):
+            jobs = []  # the step's windows, decoded together (window_decode.py)
             for w in batch:
                 origin = window_origin(self.grid, w)
                 items = [
-                    window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size, len(need[k]) == 1)
+                    window_item(k, self.prompts[k], self.cmap, self.coarse.fg[k], origin, self.size, self.single[k])
                     for k in users[w]
                 ]
-                for it, logits in decode_items(self.model, embs[w], items, self.texts, self.retry, self.tasks):
-                    stitches[it.k].add(logits, origin)
-                    finite[it.k] = finite_rows(logits[None])[0] & finite[it.k]
-                if bar is not None:
+                jobs.append(WindowJob(origin, embs[w], items))
+            for job, it, logits, done in decode_windows(
+                self.model, jobs, self.texts, self.retry, self.tasks, self.rois
+            ):
+                stitches[it.k].add(logits, job.origin)
+                finite[it.k] = finite_rows(logits[None])[0] & finite[it.k]
+                if done and bar is not None:
                     bar.update(1)
         check_finite_logits(self.model, [finite[k] for k in group], [self.prompts[k].label for k in group], "zoom-in")
         for k in group:
@@ -329,20 +368,22 @@ class _ZoomIn:
         encodes per step; cached embeddings are taken before new ones can evict them."""
         i = 0
         while i < len(order):
-            state = adapter_state(self.model.image_encoder)
+            # a cached embedding is reused only for the same place, tokens and adapter state (a
+            # session's calls may differ in overlap and token settings)
+            key = (self._token_setting(), adapter_state(self.model.image_encoder))
             batch, embs, todo = [], {}, []
             while i < len(order) and len(todo) < self.plan.window_batch:
                 w = order[i]
                 i += 1
                 batch.append(w)
-                hit = self.cache.get((w, state))
+                hit = self.cache.get((window_origin(self.grid, w), key))
                 if hit is None:
                     todo.append(w)
                 else:
                     embs[w] = hit
             for w, e in zip(todo, self._encode(todo)):
                 embs[w] = e
-                self.cache.put((w, state), e)
+                self.cache.put((window_origin(self.grid, w), key), e)
             yield batch, embs
 
     def _encode(self, todo: Sequence[Window]) -> list[Tensor]:
@@ -351,16 +392,28 @@ class _ZoomIn:
         out: list[Tensor] = []
         while len(out) < len(todo):
             part = todo[len(out) : len(out) + self.plan.window_batch]
-            e = self.retry.attempt(
-                "encoder",
-                lambda: self.model.encode_image(
-                    _extract(self.crop, [window_origin(self.grid, w) for w in part], self.size).to(self.plan.device)
-                ),
-            )
+            origins = [window_origin(self.grid, w) for w in part]
+            e = self.retry.attempt("encoder", lambda: self._encode_windows(origins))
             if e is not None:
                 # clone: a cached slice must not pin the whole batch (clone keeps the strides)
                 out.extend(e[j : j + 1].clone() for j in range(len(part)))
+                self.counts.windows_encoded += len(part)
+                self.counts.tokens_encoded += sum(self._tokens(o) for o in origins)
         return out
+
+    def _tokens(self, origin: Triple) -> int:
+        """Tokens the encoder sees for the window at origin."""
+        return math.prod(self.model.config.grid_size)
+
+    def _token_setting(self) -> Optional[tuple]:
+        """What decides a window's encoded tokens: None for the whole window."""
+        if not self.approx.token_subset:
+            return None
+        return self.approx.token_margin, self.approx.token_fill
+
+    def _encode_windows(self, origins: Sequence[Triple]) -> Tensor:
+        """(B, hidden, *grid) embeddings of the windows at origins."""
+        return self.model.encode_image(_extract(self.crop, origins, self.size).to(self.plan.device))
 
 
 def _extract(crop: CropReader, origins: Sequence[Triple], window: Sequence[int]) -> Tensor:

@@ -26,6 +26,7 @@ from ..model.network import model_device
 from ..preprocess import paste_back, preprocess, zoom_out_crop
 from ..vocabulary import check_names
 from .adapter_scope import adapter_scope
+from .approximations import ApproximationsLike, ZoomInCounts
 from .arguments import SegmentOptions, check_segment_arguments
 from .budget import same_device
 from .memory import PeakMemory
@@ -57,6 +58,7 @@ def segment(
     precision: Optional[str] = "auto",
     series: Optional[str] = None,
     adapter: Optional[str] = None,
+    approximations: ApproximationsLike = "default",
 ) -> SegmentationResult:
     """Segment `volume` with text / box / point prompts; one mask per prompt.
 
@@ -90,6 +92,12 @@ def segment(
         adapter: None (the model as set), "base", an adapter's name, or "auto" (the model's
             mixture of adapters, routed for this scan); see `inference.adapter_scope`. What ran
             is in `res.adapter`.
+        approximations: what fast mode's zoom-in may leave out to encode less (window overlap,
+            padding tokens, windows without coarse foreground; `inference.approximations`):
+            "default" (those whose measured agreement with exact mode holds), "none" (the
+            official zoom-in), a dict of settings changed from the defaults ({"overlap": 0.25},
+            {"skip_empty": False}) or an `Approximations`. Exact mode ignores it. What ran, and
+            the windows and tokens encoded against the official zoom-in, are in `res.plan`.
 
     Returns:
         SegmentationResult with masks (bool, input grid (X, Y, Z)), volumes in mL, timings, the
@@ -112,6 +120,7 @@ def segment(
         precision=precision,
         series=series,
         adapter=adapter,
+        approximations=approximations,
     )
     check_segment_arguments(model, volume, text, box, points, point_labels, options)
     return run_segment(model, volume, text, box, points, point_labels, options)
@@ -247,9 +256,17 @@ def _run(model, scan: PreparedScan, prompts, options: SegmentOptions, *, modalit
     from .fast import run_fast
 
     plan = plan_fast(
-        model, prep.crop_shape, len(prompts), max_memory, device, return_logits=want_probs, output_voxels=output_voxels
+        model,
+        prep.crop_shape,
+        len(prompts),
+        max_memory,
+        device,
+        return_logits=want_probs,
+        output_voxels=output_voxels,
+        approximations=options.approximations,
     )
     retries: list[dict] = []  # what run_fast changed after running out of device memory
+    counts = ZoomInCounts()
     outs = run_fast(
         model,
         prep,
@@ -262,9 +279,10 @@ def _run(model, scan: PreparedScan, prompts, options: SegmentOptions, *, modalit
         oom_retries=retries,
         zoom_out_embedding=scan.zoom_out_embedding,
         window_cache=scan.window_cache,
+        counts=counts,
     )
     info = {
-        "plan": {**plan.summary(), "oom_retries": retries},
+        "plan": {**plan.summary(), "oom_retries": retries, "zoom_in": counts.summary()},
         "zoom_in_windows": {p.label: o.windows for p, o in zip(prompts, outs)},
     }
     if retries:

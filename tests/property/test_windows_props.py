@@ -213,3 +213,37 @@ def test_exact_mode_sliding_window_average_equals_a_plain_accumulator(shape_wind
     want = (acc / cnt)[tuple(slice(b, b + n) for (b, _), n in zip(pads, shape))]
     assert got.shape == (1, 1) + shape
     assert torch.equal(got[0, 0], want)
+
+
+@given(
+    crops_and_windows(max_window=10, max_multiple=3),
+    st.sampled_from([0.0, 0.25, 0.5, 0.75]),
+    st.integers(0, 2**31 - 1),
+    st.data(),
+)
+def test_partial_stitching_averages_the_windows_added_and_keeps_the_coarse_result_elsewhere(
+    shape_window, overlap, seed, data
+):
+    """Fast mode's skipped windows: any subset of the ROI's windows on a grid of any overlap."""
+    shape, window = shape_window
+    lo, hi = data.draw(rois(shape))
+    grid = global_grid(shape, window, overlap)
+    picked = windows_for_roi(grid, window, lo, hi)
+    kept = [w for w in picked if data.draw(st.booleans())]
+    origins = [window_origin(grid, w) for w in kept]
+    gen = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(window, generator=gen) for _ in origins]
+    coarse_mask = torch.rand(shape, generator=gen) > 0.5
+    coarse_logits = torch.randn(shape, generator=gen)
+    mask, logits = coarse_mask.clone(), coarse_logits.clone()
+    stitch = Stitch((lo, hi), origins, window, grid, mask, logits, torch.float32, torch.device("cpu"), partial=True)
+    for o, out in zip(origins, outs):
+        stitch.add(out, o)
+    mask, logits, _ = stitch.result()
+
+    acc, cnt = _plain_stitch(shape, window, lo, hi, origins, outs)
+    reached = cnt > 0
+    assert torch.equal(mask[reached], acc[reached] > 0)
+    assert torch.equal(logits[reached], acc[reached] / cnt[reached])
+    assert torch.equal(mask[~reached], coarse_mask[~reached])
+    assert torch.equal(logits[~reached], coarse_logits[~reached])
