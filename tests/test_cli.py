@@ -548,3 +548,16 @@ def test_context_priors_file_applies_to_the_whole_run(ct, tmp_path, no_weights, 
         assert f"adapter 'pri' loaded from {priors}" in summary["notes"]
     prob = {n: np.asarray(nib.load(tmp_path / n / f"{where}box_0_prob.nii.gz").dataobj) for n in ("with", "without")}
     assert not np.array_equal(prob["with"], prob["without"])
+
+
+def test_approximation_flags_reach_segment(ct, tmp_path, fake_segment, no_weights):
+    base = ["segment", str(ct), "--points", "4", "4", "3", "--random-weights", "--config", "tiny", "-q"]
+    runs = [
+        ([], "default"),
+        (["--approximations", "none", "--overlap", "0.25"], "none"),
+        (["--overlap", "0.25", "--no-skip-empty"], {"overlap": 0.25, "skip_empty": False}),
+        (["--no-token-subset"], {"token_subset": False}),
+    ]
+    for i, (flags, expected) in enumerate(runs):
+        assert cli.main([*base, "--out", str(tmp_path / f"o{i}"), *flags]) == 0
+        assert fake_segment[-1]["approximations"] == expected

@@ -160,7 +160,32 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
         help="autocast precision (default auto: fast mode in bf16 on CUDA and on CPUs with bf16 "
         "instructions, float32 otherwise; `segevol-fast info` says which)",
     )
+    fast = p.add_argument_group("fast mode's zoom-in approximations (docs/benchmarks.md: their measured agreement)")
+    fast.add_argument(
+        "--approximations",
+        choices=["default", "none"],
+        default="default",
+        help="default: those whose agreement with exact mode was measured to hold; none: the official zoom-in",
+    )
+    fast.add_argument("--overlap", type=float, help="window overlap of the zoom-in grid (official 0.5)")
+    fast.add_argument("--no-token-subset", action="store_true", help="encode every token of a window")
+    fast.add_argument("--no-skip-empty", action="store_true", help="encode windows without coarse foreground too")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def approximations_from_args(args: argparse.Namespace):
+    """segment(approximations=...) from the run options: "none", or the defaults with the flags'
+    changes (a dict)."""
+    if args.approximations == "none":
+        return "none"
+    changes = {}
+    if args.overlap is not None:
+        changes["overlap"] = args.overlap
+    if args.no_token_subset:
+        changes["token_subset"] = False
+    if args.no_skip_empty:
+        changes["skip_empty"] = False
+    return changes or "default"
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from .common import (
     EXIT_OK,
     RANDOM_NOTE,
     add_run_options,
+    approximations_from_args,
     build_model,
     data_dir,
     loud_random_notice,
@@ -114,6 +115,7 @@ def run_demo(args: argparse.Namespace) -> int:
         device=device,
         progress=display,
         precision=args.precision,
+        approximations=approximations_from_args(args),
     )
     if not use_text:  # box prompts come back as "box 0", ...: give them the organs' names
         result = dataclasses.replace(

@@ -16,6 +16,7 @@ from .common import (
     RANDOM_NOTE,
     adapter_file,
     add_run_options,
+    approximations_from_args,
     build_model,
     loud_random_notice,
     model_files,
@@ -96,6 +97,7 @@ def run_segment(args: argparse.Namespace) -> int:
         progress=display,
         return_probabilities=args.probabilities,
         precision=args.precision,
+        approximations=approximations_from_args(args),
         adapter=active,
     )
     if adapter is not None:
@@ -152,6 +154,7 @@ def run_cohort(args: argparse.Namespace, prompts: dict) -> int:
         device=device,
         return_probabilities=args.probabilities,
         precision=args.precision,
+        approximations=approximations_from_args(args),
     )
     distributed.shutdown()
     failed = [r for r in rows if r["status"] == "error"]

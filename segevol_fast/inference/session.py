@@ -32,6 +32,7 @@ from ..io import Volume, load_volume
 from ..model.network import model_device
 from ..preprocess import preprocess, zoom_out_crop
 from .adapter_scope import adapter_scope
+from .approximations import ApproximationsLike
 from .arguments import SegmentOptions, check_segment_arguments, check_session_arguments
 from .budget import parse_memory, plan_fast, same_device
 from .precision import inference_state, resolve_precision
@@ -49,6 +50,7 @@ class Session:
     `misses`, `capacity`), history ({mask name: the prompt arguments it was made with}), scan (the
     `PreparedScan` every call reuses: the volume, its preprocessing, zoom-out embedding and cache),
     options (the `SegmentOptions` every call starts from: fast mode, the session's modality,
+    approximations (`inference.approximations`, one setting for the whole session),
     adapter, precision and memory budget; each call sets its own coords, zoom_in, ...).
     """
 
@@ -64,6 +66,7 @@ class Session:
         series: Optional[str] = None,
         precision: Optional[str] = "auto",
         cache_windows: Optional[int] = None,
+        approximations: ApproximationsLike = "default",
     ):
         given = SegmentOptions(
             modality=modality,
@@ -74,6 +77,7 @@ class Session:
             precision=precision,
             series=series,
             adapter=adapter,
+            approximations=approximations,
         )
         check_session_arguments(model, volume, given)
         if device is not None and not same_device(model_device(model), device):
@@ -90,7 +94,8 @@ class Session:
         self.scan = PreparedScan(self.volume, preprocess(self.volume.array, lazy=True))
         dev = model_device(model)
         size = model.config.spatial_size
-        n_windows = int(np.prod([len(a) for a in global_grid(self.scan.prep.crop.shape, size)]))
+        overlap = self.options.approximations.overlap
+        n_windows = int(np.prod([len(a) for a in global_grid(self.scan.prep.crop.shape, size, overlap)]))
         if cache_windows is None:
             cache_windows = self._capacity(n_windows, dev)
         elif not isinstance(cache_windows, int) or cache_windows < 0:

@@ -193,3 +193,12 @@ def test_negative_correction_clicks_refine_a_prompt_that_names_its_target(tiny_m
     # negative points alone say nothing about the target
     with pytest.raises(PromptError, match="negative points only say where the target is not"):
         sess.segment(points=[[30, 30, 10]], point_labels=[0])
+
+
+def test_a_session_keeps_its_approximations_and_equals_fresh_calls_with_them(model, ct):
+    approx = {"overlap": 0.0, "skip_empty": False}
+    sess = model.session(ct, approximations=approx)
+    res = sess.segment(text="liver", return_probabilities=True)
+    assert res.plan["approximations"]["overlap"] == 0.0
+    _same(res, segment(model, ct, text="liver", progress=False, return_probabilities=True, approximations=approx))
+    assert sess.cache.capacity <= res.plan["zoom_in"]["windows_official"] or res.zoom_in_windows["liver"] == 0
