@@ -14,6 +14,7 @@ position embeddings of the box's true grid positions, over fewer tokens.
 from __future__ import annotations
 
 import contextvars
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -65,6 +66,17 @@ class PatchEmbedding(nn.Module):
             pos = grid[:, lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].reshape(1, -1, pos.shape[-1])
         return ops.patch_embed(x.to(dtype), proj.weight.to(dtype), bias, pos, self.patch_size, scale, shift)
 
+    def zero_patch(self, scale: float, shift: float, device: torch.device) -> Tensor:
+        """(1, 1, hidden): the embedding of an all-zero patch without position embedding, through
+        the same op (with an input affine the padding is not zero to the Linear)."""
+        proj = self.patch_embeddings[1]
+        dtype = wide_dtype(proj.weight)
+        bias = None if proj.bias is None else proj.bias.to(dtype)
+        x = torch.zeros(
+            (1, proj.in_features // math.prod(self.patch_size), *self.patch_size), dtype=dtype, device=device
+        )
+        return ops.patch_embed(x, proj.weight.to(dtype), bias, None, self.patch_size, scale, shift)
+
 
 class SelfAttention(nn.Module):
     """MONAI SABlock: qkv Linear without bias, split [q | k | v] each head-major, out_proj."""
@@ -75,12 +87,14 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
         self.out_proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, S, hidden) -> (B, S, hidden)."""
+    def forward(self, x: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
+        """x (B, S, hidden) -> (B, S, hidden); key_bias: None, or (B, S) added to every query's
+        attention logits per key (log of how many tokens a key stands for; `encode_box`)."""
         B, S, C = x.shape
         # (B, S, 3*C) -> (3, B, heads, S, head_dim): the 3*C axis is (qkv, head, head_dim).
         q, k, v = self.qkv(x).view(B, S, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = attention(q, k, v)  # (B, heads, S, head_dim)
+        mask = None if key_bias is None else key_bias[:, None, None, :].to(q.dtype)
+        out = attention(q, k, v, mask)  # (B, heads, S, head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, C))
 
 
@@ -112,12 +126,12 @@ class TransformerBlock(nn.Module):
         self.after_attn: Optional[nn.Module] = None  # x -> x + after_attn(x), after the attention residual
         self.beside_mlp: Optional[nn.Module] = None  # parallel to the MLP, on the same normed input
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x (B, S, hidden) -> (B, S, hidden)."""
+    def forward(self, x: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
+        """x (B, S, hidden) -> (B, S, hidden); key_bias as for `SelfAttention`."""
         if self.on_attn_out is None:
-            x = x + self.attn(self.norm1(x))
+            x = x + self.attn(self.norm1(x), key_bias)
         else:
-            a = self.attn(self.norm1(x))
+            a = self.attn(self.norm1(x), key_bias)
             x = x + (a + self.on_attn_out(a))
         if self.after_attn is not None:
             x = x + self.after_attn(x)
@@ -197,7 +211,8 @@ class ImageEncoder(nn.Module):
         token_hi: Sequence[int] | Sequence[Sequence[int]],
         input_scale: float = 1.0,
         input_shift: float = 0.0,
-    ) -> Tensor:
+        padding_groups: Optional[Tensor] = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Encode only a box of each window's token grid.
 
         The box's tokens are patch-embedded with the position embeddings of their true grid
@@ -205,14 +220,24 @@ class ImageEncoder(nn.Module):
         other only: the tokens outside the box are left out, not zero-filled. With the box equal
         to the whole grid the result equals `forward`'s bit for bit.
 
+        With `padding_groups`, the tokens outside the box are taken to be zero padding and each
+        group of them is represented by one summary token: a zero patch embedded at the mean of
+        the group's position embeddings, whose attention weight counts as many times as the group
+        has tokens (its logit + log(size)). The box tokens then attend to the padding much as in
+        the full pass, exactly so if a group's position embeddings were all equal.
+
         Args:
             x: (B, in_channels, bd*pd, bh*ph, bw*pw): the voxels of the boxes, bd = hi - lo etc.
             token_lo, token_hi: the box [lo, hi) in the (gd, gh, gw) token grid, one triple for
                 the whole batch or one per item (all the same size).
             input_scale, input_shift: as for `forward`.
+            padding_groups: None, or (1 or B, K, N) non-negative weights over the N grid tokens,
+                a row per group (0 / 1 membership of tokens outside the box; no empty row).
 
         Returns:
-            (B, hidden, bd, bh, bw), a non-contiguous view as `forward`'s.
+            (B, hidden, bd, bh, bw), a non-contiguous view as `forward`'s; with padding_groups
+            also the K summary tokens after the final norm, (B, hidden, K): what the group's
+            padding tokens come out as, on average.
 
         Raises:
             AdapterError: an encoder-level adapter seam is set (`token_boxes_supported`): encode
@@ -232,9 +257,29 @@ class ImageEncoder(nn.Module):
             tokens = torch.cat(
                 [self.patch_embedding(x[i : i + 1], input_scale, input_shift, b) for i, b in enumerate(boxes)]
             )
-        tokens = self._transform(tokens)
-        B, _, C = tokens.shape
-        return tokens.transpose(1, 2).view(B, C, *(h - lo for lo, h in zip(*boxes[0])))
+        B, S, C = tokens.shape
+        size = tuple(h - lo for lo, h in zip(*boxes[0]))
+        if padding_groups is None:
+            return self._transform(tokens).transpose(1, 2).view(B, C, *size)
+        summaries, key_bias = self._summary_tokens(x, padding_groups, input_scale, input_shift, B, S)
+        tokens = self._transform(torch.cat([tokens, summaries], 1), key_bias)
+        return tokens[:, :S].transpose(1, 2).view(B, C, *size), tokens[:, S:].transpose(1, 2)
+
+    def _summary_tokens(self, x: Tensor, groups: Tensor, scale: float, shift: float, B: int, S: int):
+        """The summary tokens (B, K, hidden) of `encode_box`'s padding groups and the key bias
+        (B, S + K): 0 on the S box tokens, log(group size) on the summaries."""
+        cfg, dtype = self.config, x.dtype
+        groups = groups.to(x.device, dtype)
+        if groups.dim() != 3 or groups.shape[0] not in (1, B) or groups.shape[2] != cfg.num_patches:
+            raise ShapeError(f"padding_groups must be (1 or {B}, K, {cfg.num_patches}), got {tuple(groups.shape)}")
+        sizes = groups.sum(-1)  # (1 or B, K)
+        if bool((groups < 0).any() or (sizes <= 0).any()):
+            raise ShapeError("padding_groups must hold non-negative weights and no empty group")
+        zero = self.patch_embedding.zero_patch(scale, shift, x.device)
+        mean_pos = groups @ self.patch_embedding.position_embeddings[0].to(dtype) / sizes[..., None]
+        summaries = (zero + mean_pos).expand(B, -1, -1)
+        key_bias = torch.cat([sizes.new_zeros(sizes.shape[0], S), sizes.log()], 1).expand(B, -1)
+        return summaries, key_bias
 
     def _token_boxes(self, x: Tensor, token_lo, token_hi) -> list[TokenBox]:
         """The per-item (lo, hi) boxes of an `encode_box` call, checked against the grid and x."""
@@ -262,13 +307,14 @@ class ImageEncoder(nn.Module):
         boxes = [(tuple(a.tolist()), tuple(b.tolist())) for a, b in zip(lo, hi)]
         return boxes * x.shape[0] if len(boxes) == 1 else boxes
 
-    def _transform(self, tokens: Tensor) -> Tensor:
-        """The blocks and the final norm over (B, S, hidden) tokens, any S."""
+    def _transform(self, tokens: Tensor, key_bias: Optional[Tensor] = None) -> Tensor:
+        """The blocks and the final norm over (B, S, hidden) tokens, any S (key_bias: see
+        `SelfAttention`)."""
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:
                 # each block runs (now and in its recompute) in a snapshot of this call's context
-                tokens = checkpoint(contextvars.copy_context().run, block, tokens, use_reentrant=False)
+                tokens = checkpoint(contextvars.copy_context().run, block, tokens, key_bias, use_reentrant=False)
             else:
-                tokens = block(tokens)
+                tokens = block(tokens, key_bias)
         return self.norm(tokens)

@@ -172,12 +172,14 @@ class SegVolNetwork(nn.Module):
         token_hi: Sequence[int] | Sequence[Sequence[int]],
         input_scale: float = 1.0,
         input_shift: float = 0.0,
-    ) -> Tensor:
+        padding_groups: Optional[Tensor] = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """`encode_image` of a box [token_lo, token_hi) of the token grid only: x holds the box's
         voxels (B, 1, bd*pd, bh*ph, bw*pw) -> (B, hidden, bd, bh, bw) (`ImageEncoder.encode_box`:
-        one box for the batch or one per item; AdapterError under an encoder-level adapter)."""
+        one box for the batch or one per item; padding_groups adds summary tokens for the padding
+        left out, and their outputs are returned too; AdapterError under an encoder-level adapter)."""
         with self._autocast(x.device):
-            return self.image_encoder.encode_box(x, token_lo, token_hi, input_scale, input_shift)
+            return self.image_encoder.encode_box(x, token_lo, token_hi, input_scale, input_shift, padding_groups)
 
     def encode_text(self, names: str | Sequence[str], modality: str = "ct") -> Tensor:
         """Category names -> (N, hidden) text embeddings, templated per modality ("ct" uses the

@@ -119,3 +119,44 @@ def test_encoder_level_adapter_refuses(seam):
 def test_bad_boxes_raise(shape, lo, hi):
     with pytest.raises(ShapeError):
         ImageEncoder(CFG).encode_box(torch.rand(shape), lo, hi)
+
+
+def test_summary_tokens_are_exact_for_padding_of_equal_positions():
+    """Padding tokens with one position embedding per group are identical at every layer, so one
+    summary token weighted by the group's size stands for them exactly: the box tokens come out as
+    in the full pass, and the summaries as the padding tokens do (input shift: padding is not 0)."""
+    enc = ImageEncoder(CFG).eval()
+    lo, hi = (1, 1, 1), (3, 3, 3)
+    inside = torch.zeros(CFG.grid_size, dtype=torch.bool)
+    inside[1:3, 1:3, 1:3] = True
+    groups = torch.stack(
+        [~inside & (torch.arange(4)[:, None, None] == 0), ~inside & (torch.arange(4)[:, None, None] > 0)]
+    )
+    with torch.no_grad():  # position embeddings equal within each group
+        pos = enc.patch_embedding.position_embeddings.view(*CFG.grid_size, -1)
+        for g in groups:
+            pos[g] = torch.randn(CFG.hidden_size) * 0.1
+    x = torch.zeros(2, 1, *CFG.spatial_size)
+    x[voxels(lo, hi)] = torch.rand(2, 1, 8, 32, 32)
+    with torch.no_grad():
+        box, summaries = enc.encode_box(
+            x[voxels(lo, hi)], lo, hi, input_shift=0.1, padding_groups=groups.flatten(1)[None].float()
+        )
+        full32 = enc(x, input_shift=0.1)
+        full64 = copy.deepcopy(enc).double()(x.double(), input_shift=0.1)
+    sel = voxels(lo, hi, (1, 1, 1))
+    assert_matches_reference(box, full32[sel], full64[sel], "box tokens")
+    for k, g in enumerate(groups):
+        pad32, pad64 = full32[:, :, g], full64[:, :, g]  # (B, hidden, n): all columns equal
+        got = summaries[:, :, k : k + 1].expand_as(pad32)
+        assert_matches_reference(got, pad32, pad64, f"summary of group {k}")
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [torch.ones(1, 2, 10), -torch.ones(1, 1, 64), torch.zeros(1, 1, 64), torch.ones(3, 1, 64)],
+    ids=["not the grid", "negative", "empty", "wrong batch"],
+)
+def test_bad_padding_groups_raise(groups):
+    with pytest.raises(ShapeError, match="padding_groups"):
+        ImageEncoder(CFG).encode_box(torch.rand(2, 1, 8, 32, 32), (1, 1, 1), (3, 3, 3), padding_groups=groups)
