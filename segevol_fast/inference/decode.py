@@ -26,36 +26,54 @@ class DecodeItem:
         return has_text, self.box is not None, None if self.points is None else len(self.points[0])
 
 
-def decode_items(model, emb: Tensor, items: Sequence[DecodeItem], texts: dict[int, Tensor], chunk, tasks: Sequence):
-    """Decode items against emb (1, hidden, *grid), batching items with the same signature in
-    chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
-    the same items then decoded again). tasks[k]: prompt k's structure name (or None), declared to
-    adapters per decode batch (`adapters.prompt_context`). Yields (item, logits (1, *spatial)
-    float32 on the model's device)."""
-    retry = chunk if isinstance(chunk, Retries) else None
-    dev = emb.device
+def group_items(items: Sequence[DecodeItem], texts: dict[int, Tensor]) -> dict[tuple, list[DecodeItem]]:
+    """Items by signature (what they carry), in order: each group can be stacked into one batch."""
     groups: dict[tuple, list[DecodeItem]] = {}
     for it in items:
         groups.setdefault(it.signature(it.k in texts), []).append(it)
-    for (has_text, has_box, n_points), group in groups.items():
+    return groups
+
+
+def batch_inputs(part: Sequence[DecodeItem], texts: dict[int, Tensor], dev) -> tuple:
+    """(text (B, hidden) or None, boxes (B, 6) or None, points ((B, P, 3), (B, P)) or None) of
+    items with one signature, on device dev."""
+    text = torch.cat([texts[it.k] for it in part]) if part[0].k in texts else None
+    boxes = torch.stack([it.box for it in part]).to(dev) if part[0].box is not None else None
+    points = None
+    if part[0].points is not None:
+        points = (
+            torch.stack([it.points[0] for it in part]).to(dev),
+            torch.stack([it.points[1] for it in part]).to(dev),
+        )
+    return text, boxes, points
+
+
+def decode_items(
+    model, emb: Tensor, items: Sequence[DecodeItem], texts: dict[int, Tensor], chunk, tasks: Sequence, decode=None
+):
+    """Decode items against emb (1, hidden, *grid), batching items with the same signature in
+    chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
+    the same items then decoded again). tasks[k]: prompt k's structure name (or None), declared to
+    adapters per decode batch (`adapters.prompt_context`). decode: None for `model.decode`, or
+    decode(part, text, boxes, points) -> (B, *spatial) float32 for another way to decode the
+    batch `part` (`window_decode.py`). Yields (item, logits (*spatial) float32 on the model's
+    device)."""
+    retry = chunk if isinstance(chunk, Retries) else None
+    dev = emb.device
+    for group in group_items(items, texts).values():
         s = 0
         while s < len(group):
             part = group[s : s + (retry.plan.decode_batch if retry is not None else chunk)]
-            text = torch.cat([texts[it.k] for it in part]) if has_text else None
-            boxes = torch.stack([it.box for it in part]).to(dev) if has_box else None
-            points = None
-            if n_points is not None:
-                points = (
-                    torch.stack([it.points[0] for it in part]).to(dev),
-                    torch.stack([it.points[1] for it in part]).to(dev),
-                )
+            text, boxes, points = batch_inputs(part, texts, dev)
 
             def call(part=part, text=text, boxes=boxes, points=points):
                 with prompt_context(tasks=[tasks[it.k] for it in part]):
-                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points)
+                    if decode is not None:
+                        return decode(part, text, boxes, points)
+                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points)[:, 0]
 
             logits = call() if retry is None else retry.attempt("decoder", call)
             if logits is None:
                 continue  # the decode batch was halved: the same items again
             s += len(part)
-            yield from zip(part, logits[:, 0])
+            yield from zip(part, logits)

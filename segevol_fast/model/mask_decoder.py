@@ -23,7 +23,7 @@ from ..errors import ShapeError
 from .config import SegVolConfig
 from .layers import LayerNorm32
 from .two_way_transformer import TwoWayTransformer
-from .upscale import upscale_project
+from .upscale import Box, upscale_project
 
 
 class MLP(nn.Module):
@@ -91,6 +91,7 @@ class MaskDecoder(nn.Module):
         dense: Tensor,
         text_embedding: Optional[Tensor] = None,
         return_iou: bool = False,
+        region: Optional[Box] = None,
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Decode B prompts.
 
@@ -103,10 +104,12 @@ class MaskDecoder(nn.Module):
                 expanded) is treated as batch 1.
             text_embedding: None or (1 or B, hidden); the same vector that is the last sparse token.
             return_iou: also return the IoU head's score for mask 0.
+            region: None, or (lo, hi) a box of the low-res grid (4gd, 4gh, 4gw), hi exclusive:
+                only those logits are computed (the upscaling runs over the tokens covering it).
 
         Returns:
-            logits (B, 1, 4gd, 4gh, 4gw) of mask token 0 (plus the text map when text is given);
-            with return_iou, (logits, iou (B, 1)).
+            logits (B, 1, 4gd, 4gh, 4gw) of mask token 0 (plus the text map when text is given),
+            (B, 1, *(hi - lo)) for a region; with return_iou, (logits, iou (B, 1)).
         """
         B, _, hidden = self._check(image_embedding, image_pe, sparse, dense, text_embedding)
         if dense.shape[0] > 1 and dense.stride(0) == 0:
@@ -124,10 +127,12 @@ class MaskDecoder(nn.Module):
         if text_embedding is not None:
             weights = weights + self.txt_align_upscaled_embedding(text_embedding.to(weights.dtype))
         if self.fused_upscale:  # same result without materialising (B, hidden/8, 4gd, 4gh, 4gw) maps
-            logits = upscale_project(src, weights, self.output_upscaling, tuple(self.grid_size))
+            logits = upscale_project(src, weights, self.output_upscaling, tuple(self.grid_size), region)
         else:  # the official module path, kept as the reference
             features = self.output_upscaling(src.transpose(1, 2).reshape(B, hidden, *self.grid_size))
             logits = torch.einsum("bc,bcdhw->bdhw", weights, features).unsqueeze(1)
+            if region is not None:
+                logits = logits[(slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(*region))]
         if not return_iou:
             return logits
         return logits, self.iou_prediction_head(hs[:, 0])[:, :1]
