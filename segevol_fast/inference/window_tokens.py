@@ -14,11 +14,11 @@ for the decoder by one of the `FILLS`:
   with margin >= 1 the copied tokens are themselves padding tokens, as the missing ones are.
 * "mean": each missing token is the mean of the encoded tokens that hold no image (the margin);
   with no such token (margin 0, or a box with no padding in it) it falls back to "edge".
-* "summary": the padding left out is not dropped from the attention: each side of the box (up to
-  six groups: a missing token belongs to the side it lies farthest beyond) is represented in the
-  encoder by one summary token weighted by the side's token count (`ImageEncoder.encode_box`'s
-  padding_groups), and each missing token takes its side's summary output. "summary1": one
-  summary token for all the padding. One or six tokens more than the box costs next to nothing.
+* "summary", "summary_fine", "summary1": the padding left out is not dropped from the attention.
+  The grid is cut into cells of 2x4x4 / 1x2x2 tokens (one cell: the whole grid); the padding
+  tokens of each cell are represented in the encoder by one summary token weighted by their count
+  (`ImageEncoder.encode_box`'s padding_groups), and each missing token takes its cell's summary
+  output. At most 64 / 512 / 1 tokens more than the box.
 
 Without summaries the padding tokens' share of the image tokens' attention is lost (with random
 weights, where attention is near uniform, it is most of it); with them it is approximated. With
@@ -42,8 +42,9 @@ from ..errors import InvalidArgumentError, ShapeError
 from ..model.network import model_device
 
 Triple = tuple[int, int, int]
-FILLS = ("zeros", "edge", "mean", "summary", "summary1")
-SUMMARY_FILLS = {"summary": True, "summary1": False}  # fill -> one summary per side (else one in all)
+FILLS = ("zeros", "edge", "mean", "summary", "summary_fine", "summary1")
+# summary fill -> the cells (token boxes) whose padding one summary token stands for; None: all of it
+SUMMARY_FILLS = {"summary": (2, 4, 4), "summary_fine": (1, 2, 2), "summary1": None}
 
 
 def token_box(
@@ -121,22 +122,23 @@ def fill_grid(
     return box
 
 
-def padding_groups(lo: Sequence[int], hi: Sequence[int], grid: Sequence[int], sides: bool = True):
-    """Groups of the grid tokens outside the box [lo, hi): per side of the box (a token belongs to
-    the side it lies farthest beyond, the first such side on ties; empty sides dropped) or one
-    group of all. Returns (groups (K, N) float 0 / 1 over the N = prod(grid) tokens in raster
+def padding_groups(lo: Sequence[int], hi: Sequence[int], grid: Sequence[int], cell: Optional[Sequence[int]] = None):
+    """Groups of the grid tokens outside the box [lo, hi): those of each cell of a regular
+    partition of the grid into `cell`-sized token boxes (default: one cell, the whole grid), empty
+    cells dropped. Returns (groups (K, N) float 0 / 1 over the N = prod(grid) tokens in raster
     order, owner (N,) int64: each token's group, -1 inside the box); K = 0 for a whole-grid box."""
+    cell = tuple(grid if cell is None else cell)
     index = torch.meshgrid(*(torch.arange(g) for g in grid), indexing="ij")
-    beyond = torch.stack([d for i, a, b in zip(index, lo, hi) for d in (a - i, i - (b - 1))]).clamp_(min=0)
-    outside = beyond.amax(0) > 0
-    side = beyond.argmax(0) if sides else torch.zeros(tuple(grid), dtype=torch.int64)
-    used = [k for k in range(6) if bool((outside & (side == k)).any())]
-    owner = torch.full(tuple(grid), -1, dtype=torch.int64)
-    for j, k in enumerate(used):
-        owner[outside & (side == k)] = j
-    owner = owner.flatten()
-    groups = torch.stack([owner == j for j in range(len(used))]) if used else torch.zeros(0, owner.numel())
-    return groups.float(), owner
+    inside = torch.ones(tuple(grid), dtype=torch.bool)
+    cells = torch.zeros(tuple(grid), dtype=torch.int64)
+    for i, a, b, c, g in zip(index, lo, hi, cell, grid):
+        inside &= (i >= a) & (i < b)
+        cells = cells * -(-g // c) + i // c
+    cells = cells.flatten().masked_fill(inside.flatten(), -1)
+    used, owner = torch.unique(cells, return_inverse=True)  # sorted: -1 (the box) first when present
+    owner -= int(used[0] < 0)
+    groups = torch.stack([owner == k for k in range(int((used >= 0).sum()))]) if bool((used >= 0).any()) else None
+    return (torch.zeros(0, owner.numel()) if groups is None else groups.float()), owner
 
 
 def fill_summaries(box: Tensor, lo: Sequence[int], grid: Sequence[int], summaries: Tensor, owner: Tensor) -> Tensor:

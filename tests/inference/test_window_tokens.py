@@ -111,24 +111,26 @@ def test_fill_mean_takes_the_margin_tokens():
     assert torch.equal(fill_grid(box, lo, grid, "mean", ((1, 1, 1), (4, 4, 4))), fill_grid(box, lo, grid, "edge"))
 
 
-def test_padding_groups_by_side():
+def test_padding_groups_by_cell():
     lo, hi, grid = (1, 1, 1), (3, 3, 3), (4, 4, 4)
-    groups, owner = padding_groups(lo, hi, grid)
+    groups, owner = padding_groups(lo, hi, grid, (2, 2, 2))
     owner = owner.view(grid)
-    assert groups.shape == (6, 64) and groups.sum() == 56 and torch.equal(groups.sum(0), (owner >= 0).flatten().float())
-    assert (owner[1:3, 1:3, 1:3] == -1).all()
-    assert owner[3, 1, 2] == 1 and owner[2, 0, 1] == 2 and owner[1, 2, 3] == 5  # D after, H before, W after
-    assert owner[0, 3, 3] == 0  # beyond three sides by one: the first
-    for k in range(6):
+    # eight 2x2x2 cells, each with one token in the box: eight groups of seven, in raster order
+    assert groups.shape == (8, 64) and torch.equal(groups.sum(1), torch.full((8,), 7.0))
+    assert (owner[1:3, 1:3, 1:3] == -1).all() and (owner >= 0).sum() == 56
+    assert owner[0, 0, 0] == 0 and owner[0, 3, 0] == 2 and owner[3, 0, 3] == 5 and owner[3, 3, 3] == 7
+    for k in range(8):
         assert torch.equal(groups[k].view(grid).bool(), owner == k)
-    one, owner1 = padding_groups(lo, hi, grid, sides=False)
-    assert one.shape == (1, 64) and torch.equal(owner1 >= 0, owner.flatten() >= 0)
-    assert padding_groups((0, 0, 0), grid, grid)[0].shape[0] == 0
+    one, owner1 = padding_groups(lo, hi, grid)  # one cell: all the padding in one group
+    assert one.shape == (1, 64) and torch.equal(one[0].bool(), owner.flatten() >= 0)
+    assert torch.equal(owner1 >= 0, owner.flatten() >= 0)
+    assert padding_groups((0, 1, 0), (4, 4, 4), grid, (1, 1, 1))[0].shape == (16, 64)  # a token a group
+    assert padding_groups((0, 0, 0), grid, grid)[0].shape[0] == 0  # no padding left out
 
 
 def test_fill_summaries_places_each_groups_summary():
     lo, hi, grid = (0, 1, 1), (2, 3, 4), (4, 4, 4)
-    groups, owner = padding_groups(lo, hi, grid)
+    groups, owner = padding_groups(lo, hi, grid, (2, 2, 2))
     box, summaries = torch.randn(2, 3, 2, 2, 3), torch.randn(2, 3, len(groups))
     out = fill_summaries(box, lo, grid, summaries, owner).flatten(2)
     assert torch.equal(out.view(2, 3, *grid)[:, :, 0:2, 1:3, 1:4], box)
@@ -170,7 +172,9 @@ def test_box_encodings_land_at_their_tokens(model, fill):
                 [(j - i) * p for i, j, p in zip(a, b, CFG.patch_size)],
             )
             if fill == "summary":
-                ref = model.encode_image_tokens(x, a, b, padding_groups=padding_groups(a, b, CFG.grid_size)[0][None])[0]
+                ref = model.encode_image_tokens(
+                    x, a, b, padding_groups=padding_groups(a, b, CFG.grid_size, (2, 4, 4))[0][None]
+                )[0]
             else:
                 ref = model.encode_image_tokens(x, a, b)
             at = (slice(None), slice(None)) + tuple(slice(i, j) for i, j in zip(a, b))
