@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..errors import ShapeError
+
 Box = tuple[Sequence[int], Sequence[int]]  # (lo, hi) per axis, hi exclusive
 
 
@@ -31,6 +33,8 @@ def _source(n_in: int, n_out: int, lo: int, hi: int, device=None) -> tuple[Tenso
 
 def low_res_box(low_shape: Sequence[int], size: Sequence[int], box: Box) -> Box:
     """The box of the low-res grid (low_shape) that the output box (in `size`) reads."""
+    if any(not 0 <= a < b <= n for a, b, n in zip(*box, size)):
+        raise ShapeError(f"box {box} must be a non-empty box inside {tuple(size)} (hi exclusive)")
     lo, hi = [], []
     for n_in, n_out, a, b in zip(low_shape, size, *box):
         i0, i1, _ = _source(int(n_in), int(n_out), int(a), int(b))
