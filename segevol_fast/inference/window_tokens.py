@@ -76,11 +76,21 @@ def token_box(
 
 
 def encoded_tokens(
-    crop_shape: Sequence[int], origin: Sequence[int], window: Sequence[int], patch: Sequence[int], margin: int = 0
+    crop_shape: Sequence[int],
+    origin: Sequence[int],
+    window: Sequence[int],
+    patch: Sequence[int],
+    margin: int = 0,
+    fill: Optional[str] = None,
 ) -> int:
-    """How many tokens the encoder runs for this window: the size of its `token_box`."""
+    """How many tokens the encoder runs for this window: the size of its `token_box`, plus the
+    summary tokens of a summary fill (one per cell holding padding left out)."""
     lo, hi = token_box(crop_shape, origin, window, patch, margin)
-    return math.prod(b - a for a, b in zip(lo, hi))
+    box = math.prod(b - a for a, b in zip(lo, hi))
+    if fill not in SUMMARY_FILLS:
+        return box
+    grid = [r // p for r, p in zip(window, patch)]
+    return box + len(padding_groups(lo, hi, grid, SUMMARY_FILLS[fill])[0])
 
 
 def read_boxes(crop: CropReader, starts: Sequence[Sequence[int]], size: Sequence[int]) -> Tensor:

@@ -55,7 +55,12 @@ def test_token_box_by_hand(crop, origin, margin, box):
 
 
 def test_token_box_of_a_164x126x120_crop_is_a_quarter_of_the_window():
-    assert {encoded_tokens((164, 126, 120), o, *OFFICIAL) for o in grid_origins((164, 126, 120), OFFICIAL[0])} == {512}
+    origins = grid_origins((164, 126, 120), OFFICIAL[0])
+    assert {encoded_tokens((164, 126, 120), o, *OFFICIAL) for o in origins} == {512}
+    # box (0, 4, 4)..(8, 12, 12): every 2x4x4 cell but the 4 x 2 x 2 inside it holds padding; one for all
+    assert encoded_tokens((164, 126, 120), origins[0], *OFFICIAL, fill="summary") == 512 + 64 - 16
+    assert encoded_tokens((164, 126, 120), origins[0], *OFFICIAL, fill="summary1") == 513
+    assert encoded_tokens((164, 126, 120), origins[0], *OFFICIAL, fill="edge") == 512
 
 
 @pytest.mark.parametrize(
