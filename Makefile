@@ -107,6 +107,12 @@ bench-encoder: build
 bench-segment: build
 	$(PY) bench/segment_bench.py
 
+# Fast mode's zoom-in approximations, each alone and as defaults, against exact mode: Dice,
+# probabilities, windows and tokens encoded, time (full-size random weights, seeds 0-2, and the
+# small trained model; ~30 min on 2 cores; INCLUDE_512=1 adds the 512x512x300 scan, hours).
+bench-fast-agreement: build
+	$(PY) bench/fast_agreement.py $(if $(INCLUDE_512),--include-512)
+
 # The memory planner against measured peaks of whole segment() calls (fails outside 1.0-1.25x).
 bench-memory: build
 	$(PY) bench/calibrate_segment.py

@@ -1,0 +1,321 @@
+"""Fast mode's zoom-in approximations against exact mode: agreement and speed per variant, the table
+that decides which approximations fast mode turns on by default.
+
+    python bench/fast_agreement.py                           # full-size random weights (seeds 0-2) + small model
+    python bench/fast_agreement.py --models small --cases ct mr
+    python bench/fast_agreement.py --include-512             # + the 512x512x300 scan for the full-size model
+    python bench/fast_agreement.py --quick                   # tiny config, 1 seed, 2 shrunken cases
+
+Variants (VARIANTS): exact mode (the official pipeline), fast mode with the official zoom-in
+("none"), each approximation alone on top of it, and fast mode's defaults. Every variant of a case
+runs on the same model and volume, in one process, after one untimed warm-up call; all at --precision
+(fp32 by default, so that fast mode differs from exact mode by its approximations only, not by bf16).
+
+Models: "full", the official-size `SegVolConfig()` with random weights, one per --seeds (masks are
+meaningless but their agreement is not: a random ROI is tiled like a real one); "small", the small
+trained model of bench/small_model.py (--small-model; its model/ or else its phase2/ weights),
+prompted with structures it was trained on and skipped with a message when not trained yet.
+
+Cases (CASES): the shared CT (4 organs), the shared CT resampled to ten windows of the model's window
+along z ("ct10"), the DICOM CT, the abdominal MR, the brain MR (random weights only: the small model
+never saw a brain) and the 512x512x300 phantom of bench/segment_bench.py (always for the small
+model; for the full-size model only with --include-512: ~14 min a fast call on 2 cores).
+With --quick every volume is shrunk by the tiny window's ratio to the full-size one, so the tiny model
+meets the window counts the full-size model would.
+
+Per (model, seed, case, variant): Dice per organ against exact mode and against fast "none", mean and
+max |probability - exact|, zoom-in windows and tokens encoded against the official zoom-in
+(res.plan["zoom_in"]; exact mode: its res.zoom_in_windows, whole windows), wall seconds, in-call peak
+memory and the speed ratio exact / variant. -> JSON (--out, default
+bench/results/cpu-fast-agreement-<date>.json) rewritten after every model and seed, and the markdown
+table with the defaults verdict beside it (.md) and on stdout (bench/fast_agreement_report.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+from bench import segment_bench  # noqa: E402
+from bench.environment import environment  # noqa: E402
+from bench.fast_agreement_report import markdown, write_report  # noqa: E402
+from bench.shared_data import DATA  # noqa: E402
+from segevol_fast import SegVol, SegVolConfig  # noqa: E402
+from segevol_fast.errors import VocabularyWarning  # noqa: E402
+from segevol_fast.inference.approximations import Approximations  # noqa: E402
+from segevol_fast.io import Volume, load_volume  # noqa: E402
+
+# name -> what fast mode changes from the official zoom-in (Approximations.none()); None: exact
+# mode; "default": fast mode's defaults. Each approximation alone is measured on top of "none".
+VARIANTS: dict[str, Union[None, dict, str]] = {
+    "exact": None,
+    "none": {},
+    "overlap 0.25": {"overlap": 0.25},
+    "overlap 0": {"overlap": 0.0},
+    "token subset": {"token_subset": True},
+    "skip empty": {"skip_empty": True},
+    "default": "default",
+}
+ALONE = ("overlap 0.25", "overlap 0", "token subset", "skip empty")  # judged by the defaults verdict
+
+CT_ORGANS = ("liver", "spleen", "left kidney", "stomach")
+FULL_WINDOW = SegVolConfig().spatial_size  # (Z, Y, X) of a zoom-in window
+TEN_WINDOWS = (120, 126, 164)  # (X, Y, Z): crop (164, 126, 120) = ten full-size windows along z, one in-plane
+
+
+@dataclass(frozen=True)
+class Case:
+    """source: a file or folder of the shared data, or PHANTOM; organs: the prompts on random
+    weights; trained_organs: those on the small trained model, None where it learned no structure."""
+
+    source: str
+    organs: tuple[str, ...]
+    trained_organs: Optional[tuple[str, ...]]
+    modality: Optional[str] = None
+
+
+PHANTOM = "phantom"
+CASES = {
+    "ct": Case("ct_abdomen_sm.nii.gz", CT_ORGANS, CT_ORGANS),
+    "ct10": Case("ct_abdomen_sm.nii.gz", ("liver",), ("liver",)),  # resampled to TEN_WINDOWS (case_volume)
+    "dicom": Case("ct_abdomen_dicom", ("liver", "spleen"), ("liver", "spleen")),
+    "mr": Case("mr_abdomen_sm.nii.gz", ("liver",), CT_ORGANS, "mri"),
+    # white matter: the brain structure the shared data labels; no brain name is in the known
+    # vocabulary, so its warning is silenced (random weights: any name tiles the same way)
+    "brain": Case("mr_brain_mni152_t1.nii.gz", ("white matter",), None, "mri"),
+    "512": Case(PHANTOM, ("liver",), ("liver",)),
+}
+QUICK_CASES = ("ct", "ct10")
+
+
+def resampled(volume: Volume, shape: tuple[int, int, int]) -> Volume:
+    """`volume` resampled trilinearly to `shape` (X, Y, Z), its affine scaled to cover the same
+    field of view (voxel centres as torch's align_corners=False places them)."""
+    image = torch.from_numpy(np.asarray(volume.array, dtype=np.float32))[None, None]
+    array = torch.nn.functional.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
+    scale = np.asarray(volume.array.shape, dtype=np.float64) / np.asarray(shape)
+    to_old = np.diag([*scale, 1.0])
+    to_old[:3, 3] = (scale - 1) / 2  # new voxel i sits at old (i + 0.5) * scale - 0.5
+    return Volume(array.numpy(), volume.affine @ to_old, modality=volume.modality, source=f"{volume.source} {shape}")
+
+
+def window_scaled(shape, window) -> tuple[int, int, int]:
+    """An (X, Y, Z) shape scaled by `window` (Z, Y, X) against the full-size window."""
+    ratio = np.asarray(window[::-1], dtype=np.float64) / np.asarray(FULL_WINDOW[::-1])
+    return tuple(int(max(8, round(n * r))) for n, r in zip(shape, ratio))
+
+
+def phantom_path() -> pathlib.Path:
+    """The 512x512x300 phantom NIfTI of bench/segment_bench.py, made by its own process (~3 GB)."""
+    shape = segment_bench.SYNTHETIC_SHAPE
+    path = pathlib.Path(tempfile.gettempdir()) / "segevol_fast_phantom_{}x{}x{}.nii.gz".format(*shape)
+    if not path.exists():
+        subprocess.run([sys.executable, segment_bench.__file__, "--make-synthetic", str(path)], check=True, cwd=REPO)
+    return path
+
+
+def case_volume(name: str, window, quick: bool) -> Volume:
+    """The case's scan, read once; "ct10" resampled to ten of `window` along z; shrunk with quick."""
+    case = CASES[name]
+    volume = load_volume(phantom_path() if case.source == PHANTOM else DATA / case.source, modality=case.modality)
+    if name == "ct10":
+        return resampled(volume, window_scaled(TEN_WINDOWS, window))
+    if quick:
+        return resampled(volume, window_scaled(volume.array.shape, window))
+    return volume
+
+
+def approximations_of(variant: str):
+    spec = VARIANTS[variant]
+    return spec if isinstance(spec, str) else dataclasses.replace(Approximations.none(), **spec)
+
+
+def run_variant(model: SegVol, volume: Volume, organs, modality, variant: str, precision: str) -> tuple[dict, object]:
+    """One segment() call of `variant`: its record (costs) and the result (masks, probabilities)."""
+    kw = (
+        dict(mode="exact")
+        if VARIANTS[variant] is None
+        else dict(mode="fast", approximations=approximations_of(variant))
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VocabularyWarning)
+        t = time.perf_counter()
+        res = model.segment(
+            volume,
+            text=list(organs),
+            modality=modality,
+            precision=precision,
+            progress=False,
+            return_probabilities=True,
+            **kw,
+        )
+        seconds = time.perf_counter() - t
+    record = {
+        "variant": variant,
+        "mode": res.mode,
+        "precision": res.precision,
+        "seconds": seconds,
+        "timings": res.timings,
+        "peak_memory_bytes": res.peak_memory_bytes,
+        "zoom_in_windows": res.zoom_in_windows,
+        "approximations": res.plan.get("approximations") if res.mode == "fast" else None,
+        **zoom_in_counts(model, res),
+    }
+    return record, res
+
+
+def zoom_in_counts(model: SegVol, res) -> dict:
+    """Windows and tokens encoded against the official zoom-in. Exact mode encodes every window of
+    every prompt's own ROI whole, so its counts are its own official ones."""
+    if res.mode == "fast":
+        z = res.plan["zoom_in"]
+        return {k: z[k] for k in ("windows_official", "windows_encoded", "tokens_official", "tokens_encoded")}
+    windows = sum(res.zoom_in_windows.values())
+    tokens = windows * int(np.prod(model.config.spatial_size) // np.prod(model.config.patch_size))
+    return {
+        "windows_official": windows,
+        "windows_encoded": windows,
+        "tokens_official": tokens,
+        "tokens_encoded": tokens,
+    }
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks; 1.0 when both are empty (they agree)."""
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
+
+
+def agreement(res, exact, none) -> dict:
+    """Per organ: Dice against exact mode and fast "none", mean and max |probability - exact|."""
+    out = {"dice_vs_exact": {}, "dice_vs_none": {}, "prob_abs_diff_mean": {}, "prob_abs_diff_max": {}}
+    for organ, mask in res.masks.items():
+        diff = np.abs(res.probabilities[organ] - exact.probabilities[organ])
+        out["dice_vs_exact"][organ] = dice(mask, exact.masks[organ])
+        out["dice_vs_none"][organ] = dice(mask, none.masks[organ])
+        out["prob_abs_diff_mean"][organ] = float(diff.mean())
+        out["prob_abs_diff_max"][organ] = float(diff.max())
+    return out
+
+
+def run_case(model: SegVol, volume: Volume, organs, modality, precision: str) -> list[dict]:
+    """Every variant on one scan: exact first, then fast "none", then the rest, compared with both."""
+    records, results = [], {}
+    for variant in VARIANTS:
+        record, results[variant] = run_variant(model, volume, organs, modality, variant, precision)
+        records.append(record)
+    for record in records:
+        record.update(agreement(results[record["variant"]], results["exact"], results["none"]))
+        record["speed_ratio"] = records[0]["seconds"] / record["seconds"]
+    return records
+
+
+def full_model(seed: int, quick: bool) -> SegVol:
+    """Official-size (tiny with quick) random weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    model = SegVol(SegVolConfig.tiny() if quick else SegVolConfig(), tokenizer=DATA / "clip_tokenizer").eval()
+    model.weights_source = "random (benchmark)"  # silence the notice: the agreement is measured, not the masks
+    return model
+
+
+def small_model(folder: pathlib.Path) -> Optional[SegVol]:
+    """The small trained model's final weights, else its phase2 ones; None when neither is saved."""
+    for sub in ("model", "phase2"):
+        if (folder / sub / "config.json").exists():
+            return SegVol.from_pretrained(folder / sub).eval()
+    return None
+
+
+def run_model(model: SegVol, cases, trained: bool, args) -> dict:
+    """Every case on one model: {case: {"organs", "shape", "variants": [records]}}."""
+    out = {}
+    for i, name in enumerate(cases):
+        case = CASES[name]
+        organs = case.trained_organs if trained else case.organs
+        if organs is None:
+            print(f"  {name}: skipped (the trained model learned no structure of this scan)", flush=True)
+            continue
+        volume = case_volume(name, model.config.spatial_size, args.quick)
+        if i == 0:  # warm-up of both modes (oneDNN, allocator and first-call costs), untimed
+            for variant in ("exact", "default"):
+                run_variant(model, volume, organs[:1], case.modality, variant, args.precision)
+        records = run_case(model, volume, organs, case.modality, args.precision)
+        out[name] = {"organs": list(organs), "shape": list(volume.array.shape), "variants": records}
+        for r in records:
+            worst = min(r["dice_vs_exact"].values())
+            print(
+                f"  {name:6s} {r['variant']:13s} {r['seconds']:7.1f} s  x{r['speed_ratio']:.2f}  windows "
+                f"{r['windows_official']}->{r['windows_encoded']}  Dice vs exact min {worst:.4f}",
+                flush=True,
+            )
+    return out
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", nargs="+", choices=list(CASES), help="default: every case (--quick: ct ct10)")
+    p.add_argument("--seeds", nargs="+", type=int, help="random-weight seeds (default 0 1 2; --quick: 0)")
+    p.add_argument("--models", nargs="+", choices=("full", "small"), default=["full", "small"])
+    p.add_argument("--small-model", type=pathlib.Path, default=REPO / "segevol_out" / "small_model")
+    p.add_argument("--include-512", action="store_true", help="the 512x512x300 scan for the full-size model too")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    p.add_argument("--quick", action="store_true", help="tiny config, 1 seed, 2 cases: checks the pipeline")
+    p.add_argument("--out", type=pathlib.Path, help="JSON path (default bench/results/cpu-fast-agreement-<date>.json)")
+    args = p.parse_args(argv)
+    args.cases = args.cases or list(QUICK_CASES if args.quick else CASES)
+    args.seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
+    day = dt.date.today().isoformat()
+    args.out = args.out or REPO / "bench" / "results" / f"cpu-fast-agreement-{day}{'-quick' if args.quick else ''}.json"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    notes = [f"fast variants at precision {args.precision}; exact mode is the official pipeline"]
+    if "512" in args.cases and "full" in args.models and not args.include_512:
+        notes.append("512 case not run for the full-size model (~14 min a fast call on 2 cores): --include-512 runs it")
+    for note in notes:
+        print(note, flush=True)
+    header = environment(variants=dict(VARIANTS), alone=list(ALONE), cases=args.cases, notes=notes)
+    runs = []
+    jobs = [("small", None)] if "small" in args.models else []  # the trained model first: it weighs most
+    jobs += [("full", seed) for seed in args.seeds] if "full" in args.models else []
+    for kind, seed in jobs:
+        if kind == "small":
+            model = small_model(args.small_model)
+            if model is None:
+                notes.append(f"small model skipped: no model/ or phase2/ weights under {args.small_model}")
+                print(notes[-1], flush=True)
+                continue
+            cases, label = args.cases, "small (trained)"
+        else:
+            model = full_model(seed, args.quick)
+            cases = [c for c in args.cases if c != "512" or args.include_512]
+            label = "tiny (random)" if args.quick else "full (random)"
+        print(f"{label} seed {seed}:", flush=True)
+        runs.append(
+            {"model": kind, "label": label, "seed": seed, "cases": run_model(model, cases, kind == "small", args)}
+        )
+        write_report({**header, "runs": runs}, args.out)  # after every model: an interrupted run keeps what it did
+    print(markdown({**header, "runs": runs}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
