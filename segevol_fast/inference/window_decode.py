@@ -61,13 +61,16 @@ def decode_windows(
         (job, item, logits (*window) float32 on the model's device, whether it was the job's last
         pair), job by job.
     """
-    region_path = regions and _plain_decode(model)
+    region_path = regions and _plain_decode(model) and len(jobs) > 0
     size = tuple(model.config.spatial_size)
+    if region_path:  # the dense positional encoding: one for all the step's decoder calls
+        with model._autocast(jobs[0].emb.device):
+            image_pe = model.prompt_encoder.get_dense_pe()
     for job in jobs:
         left = len(job.items)
 
         def decode(part, text, boxes, points, job=job):
-            return _decode_box(model, job.emb, text, boxes, points, _union(rois, part, job.origin, size))
+            return _decode_box(model, job.emb, image_pe, text, boxes, points, _union(rois, part, job.origin, size))
 
         for it, logits in decode_items(model, job.emb, job.items, texts, retry, tasks, decode if region_path else None):
             left -= 1
@@ -94,16 +97,16 @@ def _union(rois, part: Sequence[DecodeItem], origin: Triple, size: Sequence[int]
     return tuple(min(b[0][a] for b in boxes) for a in range(3)), tuple(max(b[1][a] for b in boxes) for a in range(3))
 
 
-def _decode_box(model, emb: Tensor, text, boxes, points, box: Box) -> Tensor:
+def _decode_box(model, emb: Tensor, image_pe: Tensor, text, boxes, points, box: Box) -> Tensor:
     """`model.decode(...)[:, 0]` computed inside `box` (spatial_size frame, hi exclusive) only, zero
     elsewhere: the steps of `SegVolNetwork.decode` with the mask decoder's region and a region
-    upsample. Window prompts' point labels are integers already (no float labels to convert)."""
+    upsample. image_pe: `prompt_encoder.get_dense_pe()`. Window prompts' point labels are
+    integers already (no float labels to convert)."""
     size = tuple(model.config.spatial_size)
     low_shape = tuple(4 * g for g in model.config.grid_size)
     low_box = low_res_box(low_shape, size, box)
     with model._autocast(emb.device):  # the model's precision rule, as decode applies it
         sparse, dense = model.prompt_encoder(points=points, boxes=boxes, text_embedding=text)
-        image_pe = model.prompt_encoder.get_dense_pe()
         if emb.dtype != sparse.dtype and not torch.is_autocast_enabled(emb.device.type):
             emb = emb.to(sparse.dtype)
         low = model.mask_decoder(emb, image_pe, sparse, dense, text, region=low_box)

@@ -4,8 +4,10 @@
 axis, the inputs i0 = floor(max(0, s·(x + 0.5) - 0.5)) and i1 = min(i0 + 1, n - 1) with s = n / size,
 weighted 1 - λ and λ = that source coordinate - i0. So an output box needs only the input box its
 indices reach (`low_res_box`), and the box is computed axis by axis with those indices and weights
-(`upsample_box`): W, then H, then D, the nesting PyTorch's kernel sums in. Equal to interpolating
-everything and cropping, up to the rounding of fused multiply-adds.
+(`upsample_box`): W, then H, then D, the nesting PyTorch's kernel sums in; an axis whose size
+does not change (D officially) is read as it is (weights 1 and 0). Equal to interpolating
+everything and cropping, up to the rounding of fused multiply-adds (and a non-finite neighbour
+that weight 0 multiplies: NaN there, the value itself here).
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ def upsample_box(low: Tensor, low_lo: Sequence[int], low_shape: Sequence[int], s
     the low-res values from low_lo on (at least `low_res_box`): (B, C, *(hi - lo))."""
     out = low
     for axis in (2, 1, 0):  # W, H, D: PyTorch's nesting (the innermost axis is summed first)
+        dim, start = 2 + axis, int(low_lo[axis])
+        if int(low_shape[axis]) == int(size[axis]):  # weights 1 and 0: the input itself
+            out = out.narrow(dim, int(box[0][axis]) - start, int(box[1][axis]) - int(box[0][axis]))
+            continue
         i0, i1, lam = _source(int(low_shape[axis]), int(size[axis]), int(box[0][axis]), int(box[1][axis]), low.device)
-        dim = 2 + axis
         shape = [1] * out.dim()
         shape[dim] = -1
         lam = lam.to(out.dtype).view(shape)
-        a = out.index_select(dim, i0 - int(low_lo[axis]))
-        b = out.index_select(dim, i1 - int(low_lo[axis]))
-        out = a * (1 - lam) + b * lam
+        out = torch.addcmul(out.index_select(dim, i0 - start) * (1 - lam), out.index_select(dim, i1 - start), lam)
     return out
