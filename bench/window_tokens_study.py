@@ -24,7 +24,9 @@ them with a 3-D sin-cos embedding of the same standard deviation (0.02) to show 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
+import statistics
 import sys
 import time
 
@@ -41,6 +43,7 @@ from segevol_fast.geometry.sliding_window import global_grid  # noqa: E402
 from segevol_fast.inference.window_tokens import (  # noqa: E402
     FILLS,
     SUMMARY_FILLS,
+    encoded_tokens,
     fill_grid,
     fill_summaries,
     padding_groups,
@@ -147,13 +150,40 @@ def study_window(model, crop: StoredCrop, origin, text: torch.Tensor) -> dict:
     return row
 
 
+def summary(runs: list[dict]) -> str:
+    """Per margin and fill, over all windows: tokens encoded (summary tokens included), mean token
+    error, mean and worst Dice, and the encoder time over the full window's (median ratio)."""
+    window, patch = SegVolConfig().spatial_size, SegVolConfig().patch_size
+    head = ("margin", "fill", "tokens", "token err", "Dice mean", "Dice min", "time/full")
+    lines = ["{:>6} {:<13} {:>7} {:>9} {:>9} {:>8} {:>9}".format(*head)]
+    for margin in MARGINS:
+        for fill in FILLS:
+            rows = [r["margins"].get(margin, r["margins"].get(str(margin))) for r in runs]
+            dices = [e[fill]["dice"] for e in rows]
+            cells = (
+                margin,
+                fill,
+                statistics.mean(encoded_tokens(r["crop"], r["origin"], window, patch, margin, fill) for r in runs),
+                statistics.mean(e[fill]["token_rel_err"] for e in rows),
+                statistics.mean(dices),
+                min(dices),
+                statistics.median(e.get(f"{fill}_s", e["box_s"]) / r["full_s"] for e, r in zip(rows, runs)),
+            )
+            lines.append("{:>6} {:<13} {:>7.0f} {:>9.3f} {:>9.3f} {:>8.3f} {:>9.2f}".format(*cells))
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--smooth-positions", action="store_true", help="sin-cos position embeddings (docstring)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--report", help="only print the summary of a results file")
     args = ap.parse_args()
+    if args.report:
+        print(summary(json.loads(pathlib.Path(args.report).read_text())["runs"]))
+        return
     crops = {name: load_crop(CASES[name][0], CASES[name][1]) for name in args.cases}
     runs = []
     for seed in args.seeds:
@@ -182,6 +212,7 @@ def main() -> None:
                     )
     out = environment(margins=list(MARGINS), fills=list(FILLS), smooth_positions=args.smooth_positions, runs=runs)
     write_results(out, args.out, "cpu-window-tokens", "smooth-positions" if args.smooth_positions else "")
+    print(summary(runs))
 
 
 if __name__ == "__main__":
