@@ -112,6 +112,9 @@ class MaskDecoder(nn.Module):
             (B, 1, *(hi - lo)) for a region; with return_iou, (logits, iou (B, 1)).
         """
         B, _, hidden = self._check(image_embedding, image_pe, sparse, dense, text_embedding)
+        low = [4 * g for g in self.grid_size]
+        if region is not None and any(not 0 <= a < b <= n for a, b, n in zip(*region, low)):
+            raise ShapeError(f"region {region} must be a non-empty box of the low-res grid {tuple(low)} (hi exclusive)")
         if dense.shape[0] > 1 and dense.stride(0) == 0:
             dense = dense[:1]  # every batch entry is the same vector: add it once, on the image side
         src = (image_embedding + dense).flatten(2).transpose(1, 2)  # (1 or B, S, hidden)

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from segevol_fast.errors import ShapeError
 from segevol_fast.model.config import SegVolConfig
 from segevol_fast.model.mask_decoder import MaskDecoder
 from segevol_fast.model.region_upsample import low_res_box, upsample_box
@@ -101,3 +102,9 @@ def test_region_upsample_equals_interpolate_cropped(trial):
     same = _crop(F.interpolate(low, size=size, mode="trilinear", align_corners=False), box)
     exact = _crop(F.interpolate(low.double(), size=size, mode="trilinear", align_corners=False), box)
     assert_matches_reference(out, same, exact, "region upsample")
+
+
+@pytest.mark.parametrize("region", [((0, 0, 0), (0, 4, 4)), ((0, 0, 0), (LOW[0] + 1, 4, 4)), ((-1, 0, 0), (2, 2, 2))])
+def test_a_region_outside_the_low_res_grid_is_refused(decoder, region):
+    with pytest.raises(ShapeError, match="region"):
+        decoder(**inputs(B=1), region=region)
