@@ -31,6 +31,7 @@ def test_quick_run_records_every_variant_and_none_encodes_the_official_zoom_in(t
         exact, none = records["exact"], records["none"]
         assert exact["mode"] == "exact" and exact["speed_ratio"] == 1.0
         assert set(exact["dice_vs_exact"].values()) == {1.0} and set(none["dice_vs_none"].values()) == {1.0}
+        assert exact["dice_vs_none"] == none["dice_vs_exact"]
         assert none["windows_encoded"] == none["windows_official"] > 0
         assert none["tokens_encoded"] == none["tokens_official"] > 0
         assert none["approximations"]["overlap"] == 0.5 and not none["approximations"]["skip_empty"]
@@ -59,7 +60,7 @@ def test_resampling_keeps_the_field_of_view():
 
 
 def _record(variant: str, dice: float) -> dict:
-    return {"variant": variant, "dice_vs_exact": {"liver": 1.0, "spleen": dice}}
+    return {"variant": variant, "dice_vs_exact": {"liver": 1.0, "spleen": dice}, "dice_vs_none": {"liver": 0.5}}
 
 
 @pytest.mark.parametrize(
@@ -71,5 +72,6 @@ def test_an_approximation_is_on_by_default_only_within_both_bounds(trained, rand
         return {"model": model, "cases": {"ct": {"variants": [_record("skip empty", dice), _record("none", 0.1)]}}}
 
     out = {"alone": ["skip empty"], "runs": [run("small", trained), run("full", random), run("full", 1.0)]}
-    assert fast_agreement_report.verdict(out) == {"skip empty": {"trained": trained, "random": random, "on": on}}
+    least = {"trained": trained, "random": random, "trained_vs_none": 0.5, "random_vs_none": 0.5}
+    assert fast_agreement_report.verdict(out) == {"skip empty": {**least, "on": on}}
     assert fast_agreement_report.verdict({**out, "runs": out["runs"][1:]})["skip empty"]["on"] == (random >= 0.98)
