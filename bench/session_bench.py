@@ -2,7 +2,7 @@
 
     python bench/session_bench.py                  # (make bench-session) -> bench/results/cpu-session-<date>.json
     python bench/session_bench.py --device cuda    # -> <GPU name>-session-<date>.json ($OUT when set)
-    python bench/session_bench.py --shape 120 126 164 --approximations none --no-fresh
+    python bench/session_bench.py --shape 120 126 164 --approximations none --precision fp32 --no-fresh
                                                    # the CT resampled to 10 zoom-in windows a prompt
 
 Opening a session (load, preprocess, zoom-out encoding), the first prompt (its zoom-in windows
@@ -59,6 +59,7 @@ def main() -> int:
     p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "bench" / "results"))
     p.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="resample the CT to this grid")
     p.add_argument("--approximations", default="default", help="fast mode's zoom-in approximations (or none)")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on CPUs computing it natively), fp32, ...")
     p.add_argument("--no-fresh", action="store_true", help="skip the fresh segment() calls")
     p.add_argument("--rounds", type=int, default=1, help="times to prompt the organs from the cache")
     args = p.parse_args()
@@ -68,7 +69,7 @@ def main() -> int:
     ct = load_volume(DATA / "ct_abdomen_sm.nii.gz")
     if args.shape:
         ct = _resampled(ct, args.shape)
-    kw = dict(approximations=args.approximations)
+    kw = dict(approximations=args.approximations, precision=args.precision)
     segment(model, ct, text="liver", progress=False, **kw)  # warm-up: oneDNN / CUDA kernels, text cache, allocator
     sess, t_open = _timed(lambda: model.session(ct, **kw))
     first, t_first = _timed(lambda: sess.segment(text=ORGANS[0]))
@@ -86,6 +87,7 @@ def main() -> int:
         config="SegVolConfig() random weights",
         input="ct_abdomen_sm.nii.gz" + (f" resampled to {tuple(args.shape)}" if args.shape else ""),
         approximations=args.approximations,
+        precision=args.precision,
         open_s=t_open,
         first_prompt_s=t_first,
         first_prompt_windows=first.zoom_in_windows,

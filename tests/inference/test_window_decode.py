@@ -106,3 +106,19 @@ def test_run_fast_with_regions_equals_whole_windows(model, monkeypatch):
         torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6)
         same_side = (a.logits > 0) == (b.logits > 0)
         assert torch.equal(a.mask, b.mask) or not bool(same_side.all())  # a flip only at a logit of ~0
+
+
+def test_a_cached_session_prompt_on_the_region_path_equals_a_fresh_call(tiny_model, ct, monkeypatch):
+    from segevol_fast.inference import segment
+
+    calls, real = [], window_decode._decode_box
+    monkeypatch.setattr(window_decode, "_decode_box", lambda *a: calls.append(1) or real(*a))
+    volume = ct.array[30:90, 20:80, 5:25]
+    sess = tiny_model.session(volume, precision="fp32")
+    sess.segment(text=["liver", "spleen"])  # every window encoded
+    before, misses = len(calls), sess.cache.misses
+    cached = sess.segment(text="spleen", return_probabilities=True)
+    assert len(calls) > before and sess.cache.misses == misses  # decoder only, windows by region
+    fresh = segment(tiny_model, volume, text="spleen", precision="fp32", progress=False, return_probabilities=True)
+    np.testing.assert_array_equal(cached.masks["spleen"], fresh.masks["spleen"])
+    np.testing.assert_array_equal(cached.probabilities["spleen"], fresh.probabilities["spleen"])
