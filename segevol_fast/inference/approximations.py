@@ -8,7 +8,9 @@ Fast mode's zoom-in is the official one computed differently (`fast.py`) unless 
 * token_subset: encode only the tokens of a window that hold image (plus `token_margin` tokens of
                 padding a side), with the position embeddings of their true places. A window
                 hanging over the crop on an axis shorter than the window is mostly zero padding;
-                the tokens left out are filled back by `token_fill` (`window_tokens.py`).
+                the padding left out still takes its share of attention through one summary
+                token per cell of padding, whose output fills the cell back (`token_fill`
+                "summary_fine"; other fills in `window_tokens.py`).
 * skip_empty:   leave out the windows of an ROI whose region, grown by `skip_margin` crop voxels a
                 side, holds no coarse foreground; their voxels keep the coarse result, as they do
                 wherever the official zoom-in does not reach.
@@ -27,8 +29,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
-
-TOKEN_FILLS = ("edge", "zeros")
+from .window_tokens import DEFAULT_FILL, DEFAULT_MARGIN, FILLS
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,8 @@ class Approximations:
 
     overlap: float = 0.5
     token_subset: bool = True
-    token_margin: int = 1
-    token_fill: str = "edge"
+    token_margin: int = DEFAULT_MARGIN
+    token_fill: str = DEFAULT_FILL
     skip_empty: bool = True
     skip_margin: int = 0
 
@@ -59,8 +60,8 @@ class Approximations:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
-        if self.token_fill not in TOKEN_FILLS:
-            raise InvalidArgumentError(f"token_fill must be one of {TOKEN_FILLS}, got {self.token_fill!r}")
+        if self.token_fill not in FILLS:
+            raise InvalidArgumentError(f"token_fill must be one of {FILLS}, got {self.token_fill!r}")
 
     @property
     def is_official(self) -> bool:

@@ -63,6 +63,7 @@ from .stitch import Stitch
 from .window_cache import WindowCache
 from .window_decode import WindowJob, decode_windows
 from .window_prompts import window_item
+from .window_tokens import encode_window_tokens, encoded_tokens
 
 
 @dataclass
@@ -402,17 +403,25 @@ class _ZoomIn:
         return out
 
     def _tokens(self, origin: Triple) -> int:
-        """Tokens the encoder sees for the window at origin."""
-        return math.prod(self.model.config.grid_size)
+        """Tokens the encoder sees for the window at origin (summary tokens included)."""
+        if self._token_setting() is None:
+            return math.prod(self.model.config.grid_size)
+        patch, a = self.model.config.patch_size, self.approx
+        return encoded_tokens(self.crop.shape, origin, self.size, patch, a.token_margin, a.token_fill)
 
     def _token_setting(self) -> Optional[tuple]:
-        """What decides a window's encoded tokens: None for the whole window."""
-        if not self.approx.token_subset:
+        """What decides a window's encoded tokens: None for the whole window (also under an
+        encoder-level adapter, which reads whole windows)."""
+        if not self.approx.token_subset or not self.model.image_encoder.token_boxes_supported:
             return None
         return self.approx.token_margin, self.approx.token_fill
 
     def _encode_windows(self, origins: Sequence[Triple]) -> Tensor:
         """(B, hidden, *grid) embeddings of the windows at origins."""
+        if self._token_setting() is not None:
+            a = self.approx
+            embs = encode_window_tokens(self.model, self.crop, origins, self.size, a.token_margin, a.token_fill)
+            return torch.cat(embs)
         return self.model.encode_image(_extract(self.crop, origins, self.size).to(self.plan.device))
 
 

@@ -113,7 +113,7 @@ def test_settings_are_checked():
         ({"overlap": 1.0}, InvalidArgumentError),
         ({"overlap": "half"}, ArgumentTypeError),
         ({"token_margin": -1}, InvalidArgumentError),
-        ({"token_fill": "mean"}, InvalidArgumentError),
+        ({"token_fill": "median"}, InvalidArgumentError),
         ({"skip_empty": 1}, ArgumentTypeError),
         ({"speed": "max"}, InvalidArgumentError),
         ("fastest", InvalidArgumentError),
@@ -131,3 +131,26 @@ def test_segment_records_the_approximations_and_what_was_encoded(tiny_model, ct)
     res = tiny_model.segment(ct, text="liver", progress=False, approximations={"overlap": 0.0})
     assert res.plan["approximations"]["overlap"] == 0.0
     assert res.plan["zoom_in"]["windows_planned"] <= res.plan["zoom_in"]["windows_official"]
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    return BoxBiased(SegVolConfig.small()).eval()  # a 4x4x4 token grid: room for a token box
+
+
+@pytest.mark.parametrize("fill", ["summary_fine", "edge"])
+def test_token_subset_encodes_fewer_tokens_and_a_margin_covering_the_window_changes_nothing(small, fill):
+    prep = _prep((8, 20, 150))  # shorter than the (16, 64, 64) window on two axes: padding tokens
+    prompt = Prompt("box", box=np.array([0.0, 0, 0, 7, 19, 149]))
+    official, _ = _run(small, prep, [prompt], NONE)
+    subset, counts = _run(small, prep, [prompt], dataclasses.replace(NONE, token_subset=True, token_fill=fill))
+    assert counts.windows_encoded == counts.windows_official > 0
+    assert counts.tokens_encoded < counts.tokens_official
+    whole, counts = _run(
+        small, prep, [prompt], dataclasses.replace(NONE, token_subset=True, token_margin=64, token_fill=fill)
+    )
+    assert counts.tokens_encoded == counts.tokens_official
+    _same(official, whole)
+    assert subset[0].mask.shape == official[0].mask.shape
+    assert not torch.equal(subset[0].logits, official[0].logits)  # the subset did run
