@@ -194,7 +194,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--phases",
         nargs="+",
-        default=["2000:1e-3", "2000:1e-3"],
+        default=["2000:1e-3", "2000:1e-3", "3000:1e-3"],
         metavar="STEPS:LR",
         help="training phases, each warmup + cosine decay from the last one's weights",
     )
