@@ -60,7 +60,8 @@ AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
             tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py \
             tests/test_finetune_cli.py tests/test_finetune_methods.py tests/test_adaptation_study.py \
-            tests/eval/test_robustness.py tests/eval/test_robustness_cli.py tests/test_robustness_study.py
+            tests/eval/test_robustness.py tests/eval/test_robustness_cli.py tests/test_robustness_study.py \
+            tests/test_fast_agreement_bench.py
 AVX2_PASS := $(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
