@@ -60,6 +60,7 @@ from segevol_fast import SegVol, SegVolConfig  # noqa: E402
 from segevol_fast.errors import VocabularyWarning  # noqa: E402
 from segevol_fast.inference.approximations import Approximations  # noqa: E402
 from segevol_fast.io import Volume, load_volume  # noqa: E402
+from segevol_fast.totalseg_names import totalseg_name  # noqa: E402
 
 # name -> what fast mode changes from the official zoom-in (Approximations.none()); None: exact
 # mode; "default": fast mode's defaults. Each approximation alone is measured on top of "none".
@@ -89,14 +90,17 @@ class Case:
     organs: tuple[str, ...]
     trained_organs: Optional[tuple[str, ...]]
     modality: Optional[str] = None
+    labels: Optional[tuple[str, str]] = None  # (label file, its key in labels.json): --prompt box
 
 
 PHANTOM = "phantom"
 CASES = {
-    "ct": Case("ct_abdomen_sm.nii.gz", CT_ORGANS, CT_ORGANS),
+    "ct": Case("ct_abdomen_sm.nii.gz", CT_ORGANS, CT_ORGANS, labels=("ct_abdomen_sm_labels.nii.gz", "ct")),
     "ct10": Case("ct_abdomen_sm.nii.gz", ("liver",), ("liver",)),  # resampled to TEN_WINDOWS (case_volume)
-    "dicom": Case("ct_abdomen_dicom", ("liver", "spleen"), ("liver", "spleen")),
-    "mr": Case("mr_abdomen_sm.nii.gz", ("liver",), CT_ORGANS, "mri"),
+    "dicom": Case(
+        "ct_abdomen_dicom", ("liver", "spleen"), ("liver", "spleen"), labels=("ct_abdomen_dicom_labels.nii.gz", "ct")
+    ),
+    "mr": Case("mr_abdomen_sm.nii.gz", ("liver",), CT_ORGANS, "mri", labels=("mr_abdomen_sm_labels.nii.gz", "mr")),
     # white matter: the brain structure the shared data labels; no brain name is in the known
     # vocabulary, so its warning is silenced (random weights: any name tiles the same way)
     "brain": Case("mr_brain_mni152_t1.nii.gz", ("white matter",), None, "mri"),
@@ -147,7 +151,30 @@ def approximations_of(variant: str):
     return spec if isinstance(spec, str) else dataclasses.replace(Approximations.none(), **spec)
 
 
-def run_variant(model: SegVol, volume: Volume, organs, modality, variant: str, precision: str) -> tuple[dict, object]:
+def case_prompts(name: str, organs, prompt: str) -> Optional[dict]:
+    """segment()'s prompts for the case: the organs' names, or (prompt "box") their ground-truth
+    bounding boxes in voxel indices (None where the case has no labels)."""
+    if prompt == "text":
+        return {"text": list(organs)}
+    case = CASES[name]
+    if case.labels is None:
+        return None
+    import json
+
+    import nibabel as nib
+
+    ids = {v: int(k) for k, v in json.loads((DATA / "labels.json").read_text())[case.labels[1]].items()}
+    labels = np.asarray(nib.load(str(DATA / case.labels[0])).dataobj)
+    boxes = []
+    for organ in organs:
+        where = np.argwhere(labels == ids[totalseg_name(organ)])  # labels.json names TotalSegmentator's way
+        boxes.append([*where.min(0), *where.max(0)])
+    return {"box": np.asarray(boxes, dtype=np.float64)}
+
+
+def run_variant(
+    model: SegVol, volume: Volume, prompts: dict, modality, variant: str, precision: str
+) -> tuple[dict, object]:
     """One segment() call of `variant`: its record (costs) and the result (masks, probabilities)."""
     kw = (
         dict(mode="exact")
@@ -159,7 +186,7 @@ def run_variant(model: SegVol, volume: Volume, organs, modality, variant: str, p
         t = time.perf_counter()
         res = model.segment(
             volume,
-            text=list(organs),
+            **prompts,
             modality=modality,
             precision=precision,
             progress=False,
@@ -215,13 +242,13 @@ def agreement(res, exact, none) -> dict:
     return out
 
 
-def run_case(model: SegVol, volume: Volume, organs, modality, precision: str) -> list[dict]:
+def run_case(model: SegVol, volume: Volume, prompts: dict, modality, precision: str) -> list[dict]:
     """Every variant on one scan (VARIANTS' order: exact, fast "none", the rest), each compared with
     those two as soon as it ran: only their results are kept, so no variant's peak memory holds
     the masks and probabilities of the ones before it (a 512 scan's are ~0.3 GB an organ)."""
     records, kept = [], {}
     for variant in VARIANTS:
-        record, res = run_variant(model, volume, organs, modality, variant, precision)
+        record, res = run_variant(model, volume, prompts, modality, variant, precision)
         records.append(record)
         if variant in ("exact", "none"):
             kept[variant] = res
@@ -259,11 +286,17 @@ def run_model(model: SegVol, cases, trained: bool, args) -> dict:
         if organs is None:
             print(f"  {name}: skipped (the trained model learned no structure of this scan)", flush=True)
             continue
+        prompts = case_prompts(name, organs, args.prompt)
+        if prompts is None:
+            print(f"  {name}: skipped (no labels to draw boxes from)", flush=True)
+            continue
         volume = case_volume(name, model.config.spatial_size, args.quick)
         if i == 0:  # warm-up of both modes (oneDNN, allocator and first-call costs), untimed
             for variant in ("exact", "default"):
-                run_variant(model, volume, organs[:1], case.modality, variant, args.precision)
-        records = run_case(model, volume, organs, case.modality, args.precision)
+                run_variant(
+                    model, volume, {k: v[:1] for k, v in prompts.items()}, case.modality, variant, args.precision
+                )
+        records = run_case(model, volume, prompts, case.modality, args.precision)
         out[name] = {"organs": list(organs), "shape": list(volume.array.shape), "variants": records}
         for r in records:
             worst = min(r["dice_vs_exact"].values())
@@ -284,12 +317,14 @@ def parse_args(argv=None):
     p.add_argument("--include-512", action="store_true", help="the 512x512x300 scan for the full-size model too")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
     p.add_argument("--quick", action="store_true", help="tiny config, 1 seed, 2 cases: checks the pipeline")
+    p.add_argument("--prompt", choices=("text", "box"), default="text", help="organ names, or their ground-truth boxes")
     p.add_argument("--out", type=pathlib.Path, help="JSON path (default bench/results/cpu-fast-agreement-<date>.json)")
     args = p.parse_args(argv)
     args.cases = args.cases or list(QUICK_CASES if args.quick else CASES)
     args.seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1, 2]
     day = dt.date.today().isoformat()
-    args.out = args.out or REPO / "bench" / "results" / f"cpu-fast-agreement-{day}{'-quick' if args.quick else ''}.json"
+    tail = ("-quick" if args.quick else "") + ("-box" if args.prompt == "box" else "")
+    args.out = args.out or REPO / "bench" / "results" / f"cpu-fast-agreement-{day}{tail}.json"
     return args
 
 
@@ -316,7 +351,7 @@ def main(argv=None) -> int:
                 notes.append(f"small model skipped: no model/ or phase2/ weights under {args.small_model}")
                 print(notes[-1], flush=True)
                 continue
-            cases, label = args.cases, "small (trained)"
+            cases, label = args.cases, f"small (trained{', boxes' if args.prompt == 'box' else ''})"
         else:
             model = full_model(seed, args.quick)
             cases = [c for c in args.cases if c != "512" or args.include_512]
