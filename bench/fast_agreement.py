@@ -156,8 +156,18 @@ def case_prompts(name: str, organs, prompt: str) -> Optional[dict]:
     bounding boxes in voxel indices (None where the case has no labels)."""
     if prompt == "text":
         return {"text": list(organs)}
+    truth = case_labels(name, organs)
+    if truth is None:
+        return None
+    boxes = [[*np.argwhere(mask).min(0), *np.argwhere(mask).max(0)] for mask in truth]
+    return {"box": np.asarray(boxes, dtype=np.float64)}
+
+
+def case_labels(name: str, organs) -> Optional[list[np.ndarray]]:
+    """The organs' ground-truth masks on the scan's grid (X, Y, Z), in order; None without labels
+    (or for a resampled case, whose grid is not the labels')."""
     case = CASES[name]
-    if case.labels is None:
+    if case.labels is None or name == "ct10":
         return None
     import json
 
@@ -165,11 +175,7 @@ def case_prompts(name: str, organs, prompt: str) -> Optional[dict]:
 
     ids = {v: int(k) for k, v in json.loads((DATA / "labels.json").read_text())[case.labels[1]].items()}
     labels = np.asarray(nib.load(str(DATA / case.labels[0])).dataobj)
-    boxes = []
-    for organ in organs:
-        where = np.argwhere(labels == ids[totalseg_name(organ)])  # labels.json names TotalSegmentator's way
-        boxes.append([*where.min(0), *where.max(0)])
-    return {"box": np.asarray(boxes, dtype=np.float64)}
+    return [labels == ids[totalseg_name(organ)] for organ in organs]  # labels.json names TotalSegmentator's way
 
 
 def run_variant(
@@ -230,9 +236,12 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
-def agreement(res, exact, none) -> dict:
-    """Per organ: Dice against exact mode and fast "none", mean and max |probability - exact|."""
+def agreement(res, exact, none, truth: Optional[list] = None) -> dict:
+    """Per organ: Dice against exact mode and fast "none", mean and max |probability - exact|; and
+    against the ground-truth masks `truth` (in prompt order) when given."""
     out = {"dice_vs_exact": {}, "dice_vs_none": {}, "prob_abs_diff_mean": {}, "prob_abs_diff_max": {}}
+    if truth is not None:
+        out["dice_vs_labels"] = {organ: dice(mask, t) for (organ, mask), t in zip(res.masks.items(), truth)}
     for organ, mask in res.masks.items():
         diff = np.abs(res.probabilities[organ] - exact.probabilities[organ])
         out["dice_vs_exact"][organ] = dice(mask, exact.masks[organ])
@@ -242,7 +251,7 @@ def agreement(res, exact, none) -> dict:
     return out
 
 
-def run_case(model: SegVol, volume: Volume, prompts: dict, modality, precision: str) -> list[dict]:
+def run_case(model: SegVol, volume: Volume, prompts: dict, modality, precision: str, truth=None) -> list[dict]:
     """Every variant on one scan (VARIANTS' order: exact, fast "none", the rest), each compared with
     those two as soon as it ran: only their results are kept, so no variant's peak memory holds
     the masks and probabilities of the ones before it (a 512 scan's are ~0.3 GB an organ)."""
@@ -253,9 +262,9 @@ def run_case(model: SegVol, volume: Volume, prompts: dict, modality, precision: 
         if variant in ("exact", "none"):
             kept[variant] = res
         if variant == "none":  # exact mode's record waited for it
-            records[0].update(agreement(kept["exact"], kept["exact"], res))
+            records[0].update(agreement(kept["exact"], kept["exact"], res, truth))
         if variant != "exact":
-            record.update(agreement(res, kept["exact"], kept["none"]))
+            record.update(agreement(res, kept["exact"], kept["none"], truth))
         record["speed_ratio"] = records[0]["seconds"] / record["seconds"]
         del res
     return records
@@ -296,7 +305,10 @@ def run_model(model: SegVol, cases, trained: bool, args) -> dict:
                 run_variant(
                     model, volume, {k: v[:1] for k, v in prompts.items()}, case.modality, variant, args.precision
                 )
-        records = run_case(model, volume, prompts, case.modality, args.precision)
+        truth = case_labels(name, organs) if trained else None  # random weights: the labels mean nothing
+        if truth is not None and truth[0].shape != volume.array.shape:  # --quick shrinks the scans
+            truth = None
+        records = run_case(model, volume, prompts, case.modality, args.precision, truth)
         out[name] = {"organs": list(organs), "shape": list(volume.array.shape), "variants": records}
         for r in records:
             worst = min(r["dice_vs_exact"].values())

@@ -50,11 +50,18 @@ def rows(out: dict) -> list[dict]:
                 "dice_min": min(dice),
                 "dice_mean": statistics.mean(dice),
                 "dice_vs_none_min": min(d for r in records for d in r["dice_vs_none"].values()),
+                "dice_vs_labels_mean": _mean_or_none(
+                    [d for r in records for d in r.get("dice_vs_labels", {}).values()]
+                ),
                 "prob_diff_mean": statistics.mean(d for r in records for d in r["prob_abs_diff_mean"].values()),
                 "prob_diff_max": max(d for r in records for d in r["prob_abs_diff_max"].values()),
             }
         )
     return table
+
+
+def _mean_or_none(values: list) -> "float | None":
+    return statistics.mean(values) if values else None
 
 
 def verdict(out: dict) -> dict:
@@ -80,14 +87,15 @@ def markdown(out: dict) -> str:
     """The table and the verdict, as printed and saved beside the JSON."""
     lines = [
         "| model | case | variant | windows official→encoded | tokens official→encoded | time s | ×exact | "
-        "peak MB | Dice vs exact min / mean | Dice vs none min | mean / max abs Δp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak MB | Dice vs exact min / mean | Dice vs none min | mean / max abs Δp | Dice vs labels mean |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(out):
         lines.append(
             f"| {r['model']} | {r['case']} | {r['variant']} | {r['windows']} | {r['tokens']} | {r['seconds']:.1f} | "
             f"{r['speed_ratio']:.2f} | {r['peak_mb']:.0f} | {r['dice_min']:.4f} / {r['dice_mean']:.4f} | "
-            f"{r['dice_vs_none_min']:.4f} | {r['prob_diff_mean']:.2e} / {r['prob_diff_max']:.2f} |"
+            f"{r['dice_vs_none_min']:.4f} | {r['prob_diff_mean']:.2e} / {r['prob_diff_max']:.2f} | "
+            f"{'—' if r['dice_vs_labels_mean'] is None else format(r['dice_vs_labels_mean'], '.3f')} |"
         )
     lines += [
         "",

@@ -75,3 +75,22 @@ def test_an_approximation_is_on_by_default_only_within_both_bounds(trained, rand
     least = {"trained": trained, "random": random, "trained_vs_none": 0.5, "random_vs_none": 0.5}
     assert fast_agreement_report.verdict(out) == {"skip empty": {**least, "on": on}}
     assert fast_agreement_report.verdict({**out, "runs": out["runs"][1:]})["skip empty"]["on"] == (random >= 0.98)
+
+
+def test_box_prompts_are_the_labels_bounding_boxes_and_results_are_scored_against_the_labels():
+    truth = fast_agreement.case_labels("ct", ("liver", "spleen"))
+    (box_liver, box_spleen) = fast_agreement.case_prompts("ct", ("liver", "spleen"), "box")["box"]
+    for mask, box in zip(truth, (box_liver, box_spleen)):
+        lo, hi = box[:3].astype(int), box[3:].astype(int)
+        inside = mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1]
+        assert inside.sum() == mask.sum() > 0  # the box holds the whole organ...
+        for axis in range(3):  # ...and touches it on every side
+            assert inside.any(axis=tuple(a for a in range(3) if a != axis))[[0, -1]].all()
+    assert fast_agreement.case_labels("ct10", ("liver",)) is None  # resampled: not the labels' grid
+
+    class Res:
+        masks = {"box 0": truth[0], "box 1": np.zeros_like(truth[1])}
+        probabilities = {k: v.astype(np.float32) for k, v in masks.items()}
+
+    scored = fast_agreement.agreement(Res, Res, Res, truth)
+    assert scored["dice_vs_labels"] == {"box 0": 1.0, "box 1": 0.0}
