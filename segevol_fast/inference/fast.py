@@ -345,7 +345,7 @@ class _ZoomIn:
         }
         finite = {k: True for k in group}  # becomes a device flag per prompt, read once below
         for batch, embs in self._embeddings(order):
-            jobs = []  # the step's windows, decoded together (window_decode.py)
+            jobs = []  # the step's windows, each decoded over its prompts' ROI parts (window_decode.py)
             for w in batch:
                 origin = window_origin(self.grid, w)
                 items = [

@@ -9,10 +9,10 @@ that the stitcher reads.
   batch) would round differently from run to run; this way a session's cached prompt equals a
   fresh call bit for bit.
 * Regions: a pair's output is only read where its window meets the prompt's ROI (`stitch.py`).
-  When `model.decode` is `SegVolNetwork.decode` itself, the decoder computes only the low-res box
-  that this part's trilinear upsample reads (`MaskDecoder(region=...)`, the union of the call's
-  prompts' parts) and the upsample only that part (`model/region_upsample.py`); the window-shaped
-  logits handed on are zero elsewhere. A model whose `decode` is replaced (a subclass, an instance
+  When `model.decode` is `SegVolNetwork.decode` itself, it computes only the union of the call's
+  prompts' parts (`decode(region=...)`: the decoder's upscaling over the low-res box that part's
+  trilinear upsample reads, and the upsample of that part only); the window-shaped logits handed
+  on are zero elsewhere. A model whose `decode` is replaced (a subclass, an instance
   attribute such as `optimize`'s backend wrapper or a test's double) is called as it is, on whole
   windows.
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..geometry.sliding_window import Triple
 from ..model.network import SegVolNetwork
-from ..model.region_upsample import Box, low_res_box, upsample_box
+from ..model.region_upsample import Box
 from .decode import DecodeItem, decode_items
 from .oom import Retries
 
@@ -78,7 +78,8 @@ def decode_windows(
 
 
 def _plain_decode(model) -> bool:
-    """Whether `model.decode` is `SegVolNetwork.decode` itself, whose steps the region path repeats."""
+    """Whether `model.decode` is `SegVolNetwork.decode` itself, which takes region= (a replaced
+    decode need not)."""
     return getattr(type(model), "decode", None) is SegVolNetwork.decode and "decode" not in vars(model)
 
 
@@ -99,18 +100,8 @@ def _union(rois, part: Sequence[DecodeItem], origin: Triple, size: Sequence[int]
 
 def _decode_box(model, emb: Tensor, image_pe: Tensor, text, boxes, points, box: Box) -> Tensor:
     """`model.decode(...)[:, 0]` computed inside `box` (spatial_size frame, hi exclusive) only, zero
-    elsewhere: the steps of `SegVolNetwork.decode` with the mask decoder's region and a region
-    upsample. image_pe: `prompt_encoder.get_dense_pe()`. Window prompts' point labels are
-    integers already (no float labels to convert)."""
-    size = tuple(model.config.spatial_size)
-    low_shape = tuple(4 * g for g in model.config.grid_size)
-    low_box = low_res_box(low_shape, size, box)
-    with model._autocast(emb.device):  # the model's precision rule, as decode applies it
-        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, text_embedding=text)
-        if emb.dtype != sparse.dtype and not torch.is_autocast_enabled(emb.device.type):
-            emb = emb.to(sparse.dtype)
-        low = model.mask_decoder(emb, image_pe, sparse, dense, text, region=low_box)
-    part = upsample_box(low.float(), low_box[0], low_shape, size, box)[:, 0]
-    out = torch.zeros((len(part), *size), dtype=torch.float32, device=emb.device)
+    elsewhere (`SegVolNetwork.decode(region=...)`). image_pe: `prompt_encoder.get_dense_pe()`."""
+    part = model.decode(emb, text_embedding=text, boxes=boxes, points=points, region=box, image_pe=image_pe)[:, 0]
+    out = torch.zeros((len(part), *model.config.spatial_size), dtype=torch.float32, device=emb.device)
     out[(slice(None),) + tuple(slice(lo, hi) for lo, hi in zip(*box))] = part
     return out

@@ -29,6 +29,7 @@ from .config import SegVolConfig
 from .image_encoder import ImageEncoder
 from .mask_decoder import MaskDecoder, upsample_logits
 from .prompt_encoder import PromptEncoder
+from .region_upsample import Box, low_res_box, upsample_box
 from .text_encoder import TextEncoder
 from .tokenizer import ClipTokenizer
 from .weights import resolve_pretrained
@@ -198,6 +199,8 @@ class SegVolNetwork(nn.Module):
         boxes: Optional[Tensor] = None,
         points: Optional[tuple[Tensor, Tensor]] = None,
         upsample: bool = True,
+        region: Optional[Box] = None,
+        image_pe: Optional[Tensor] = None,
     ) -> Tensor:
         """Decode N prompts against an image embedding.
 
@@ -212,22 +215,37 @@ class SegVolNetwork(nn.Module):
                 `forward_decoder` passes floats) are taken as those integers; others are a PromptError.
             upsample: True (official) returns logits at spatial_size; False returns the decoder's
                 low-res logits (N, 1, 4gd, 4gh, 4gw), 16x smaller.
+            region: None, or (lo, hi) a box of the spatial_size frame (hi exclusive, upsample
+                only): just those logits are computed, (N, 1, *(hi - lo)); the decoder's upscaling
+                runs over the low-res box they read (`MaskDecoder(region=...)`) and only the box is
+                upsampled (`region_upsample.py`). Equal to the whole result cropped up to
+                summation order.
+            image_pe: `prompt_encoder.get_dense_pe()` when the caller already holds it (it
+                depends on the weights only: many decodes can share one).
 
         Returns:
-            float32 logits (N, 1, D, H, W) (or low-res); the mask is logits > 0 (sigmoid > 0.5).
+            float32 logits (N, 1, D, H, W) (or low-res, or the region); the mask is logits > 0
+            (sigmoid > 0.5).
         """
         if text_embedding is None and boxes is None and points is None:
             raise ValueError("decode needs at least one prompt: text_embedding, boxes or points")
-        device = image_embedding.device
+        if region is not None and not upsample:
+            raise ValueError("decode(region=...) is a box of the upsampled logits: it needs upsample=True")
+        device, size = image_embedding.device, tuple(self.config.spatial_size)
+        low_shape = tuple(4 * g for g in self.config.grid_size)
+        low_box = None if region is None else low_res_box(low_shape, size, region)
         points = _integer_labels(points)
         with self._autocast(device):
             sparse, dense = self.prompt_encoder(points=points, boxes=boxes, text_embedding=text_embedding)
-            image_pe = self.prompt_encoder.get_dense_pe()
+            if image_pe is None:
+                image_pe = self.prompt_encoder.get_dense_pe()
             if image_embedding.dtype != sparse.dtype and not torch.is_autocast_enabled(device.type):
                 image_embedding = image_embedding.to(sparse.dtype)
-            low = self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding)
+            low = self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding, region=low_box)
         low = low.float()
-        return upsample_logits(low, self.config.spatial_size) if upsample else low
+        if region is not None:
+            return upsample_box(low, low_box[0], low_shape, size, region)
+        return upsample_logits(low, size) if upsample else low
 
     def forward(
         self,

@@ -108,3 +108,23 @@ def test_region_upsample_equals_interpolate_cropped(trial):
 def test_a_region_outside_the_low_res_grid_is_refused(decoder, region):
     with pytest.raises(ShapeError, match="region"):
         decoder(**inputs(B=1), region=region)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_network_decode_of_a_region_equals_the_whole_decode_cropped(trial):
+    from segevol_fast.model.network import SegVolNetwork
+
+    net = randomise(SegVolNetwork(CFG)).eval()
+    emb = torch.randn(1, CFG.hidden_size, *GRID)
+    boxes = torch.tensor([[1.0, 2, 3, 5, 20, 25], [0, 0, 0, 7, 31, 31]])
+    size = tuple(CFG.spatial_size)
+    box = _random_box(size) if trial else ((0, 0, 0), size)
+    with torch.no_grad():
+        out = net.decode(emb, boxes=boxes, region=box)
+        same = _crop(net.decode(emb, boxes=boxes), box)
+        with torch.autocast("cpu", enabled=False):
+            net64 = copy.deepcopy(net).double()
+            exact = _crop(net64.decode(emb.double(), boxes=boxes.double()), box)
+    assert_matches_reference(out, same, exact.float(), "decode region")
+    with pytest.raises(ValueError, match="upsample"):
+        net.decode(emb, boxes=boxes, region=box, upsample=False)
