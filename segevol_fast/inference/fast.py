@@ -63,7 +63,7 @@ from .stitch import Stitch
 from .window_cache import WindowCache
 from .window_decode import WindowJob, decode_windows
 from .window_prompts import window_item
-from .window_tokens import encode_window_tokens, encoded_tokens
+from .window_tokens import encode_window_tokens, encoded_tokens, read_boxes
 
 
 @dataclass
@@ -422,15 +422,4 @@ class _ZoomIn:
             a = self.approx
             embs = encode_window_tokens(self.model, self.crop, origins, self.size, a.token_margin, a.token_fill)
             return torch.cat(embs)
-        return self.model.encode_image(_extract(self.crop, origins, self.size).to(self.plan.device))
-
-
-def _extract(crop: CropReader, origins: Sequence[Triple], window: Sequence[int]) -> Tensor:
-    """Windows (B, 1, *window) float32 read from the crop, zero outside it (MONAI's padding)."""
-    out = torch.zeros((len(origins), 1, *window), dtype=torch.float32, device=crop.device)
-    for b, o in enumerate(origins):
-        lo = [max(0, x) for x in o]
-        hi = [min(n, x + r) for n, x, r in zip(crop.shape, o, window)]
-        dst = tuple(slice(a - x, c - x) for a, c, x in zip(lo, hi, o))
-        out[(b, 0) + dst] = crop.block(lo, hi)
-    return out
+        return self.model.encode_image(read_boxes(self.crop, origins, self.size).to(self.plan.device))

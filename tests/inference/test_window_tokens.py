@@ -10,8 +10,7 @@ from torch import nn
 
 from segevol_fast.crop import StoredCrop
 from segevol_fast.errors import InvalidArgumentError, ShapeError
-from segevol_fast.geometry.sliding_window import global_grid
-from segevol_fast.inference.fast import _extract
+from segevol_fast.geometry.sliding_window import global_grid, iter_windows
 from segevol_fast.inference.window_tokens import (
     FILLS,
     encode_window_tokens,
@@ -89,10 +88,11 @@ def test_read_boxes_is_the_zero_padded_crop():
         assert torch.equal(out[b, 0], padded[tuple(slice(x + pad, x + pad + n) for x, n in zip(s, size))])
 
 
-def test_read_boxes_of_whole_windows_is_fast_modes_reader():
-    crop = StoredCrop(torch.rand(20, 20, 30))
-    origins = grid_origins(crop.shape)
-    assert torch.equal(read_boxes(crop, origins, CFG.spatial_size), _extract(crop, origins, CFG.spatial_size))
+def test_read_boxes_of_whole_windows_are_the_official_zero_padded_windows():
+    image = torch.rand(20, 20, 30)
+    official = torch.cat([w for _, _, w in iter_windows(image[None, None], CFG.spatial_size)])
+    got = read_boxes(StoredCrop(image), grid_origins(image.shape), CFG.spatial_size)
+    assert torch.equal(got, official)
 
 
 def test_fill_zeros_and_edge_place_the_box():
