@@ -135,6 +135,13 @@ def test_windows_for_roi_are_exactly_the_grid_windows_meeting_it(shape_window, d
     assert (count >= 1).all()
 
 
+def _window_outputs_and_coarse(shape, window, n, seed):
+    """n random window outputs, and a random coarse mask and logits for the crop, from seed."""
+    gen = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(window, generator=gen) for _ in range(n)]
+    return outs, torch.rand(shape, generator=gen) > 0.5, torch.randn(shape, generator=gen)
+
+
 def _plain_stitch(shape, window, lo, hi, origins, outs):
     """The reference: full-size sum and count over the crop, windows added in the given order."""
     acc = torch.zeros(shape, dtype=torch.float32)
@@ -158,11 +165,7 @@ def test_row_by_row_stitching_equals_a_full_size_accumulator(shape_window, rever
     if reverse:  # the zoom-in walks alternate prompt groups backwards (cache reuse)
         picked = picked[::-1]
     origins = [window_origin(grid, w) for w in picked]
-    gen = torch.Generator().manual_seed(seed)
-    outs = [torch.randn(window, generator=gen) for _ in origins]
-
-    coarse_mask = torch.rand(shape, generator=gen) > 0.5
-    coarse_logits = torch.randn(shape, generator=gen)
+    outs, coarse_mask, coarse_logits = _window_outputs_and_coarse(shape, window, len(origins), seed)
     mask, logits = coarse_mask.clone(), coarse_logits.clone()
     stitch = Stitch((lo, hi), origins, window, grid, mask, logits, torch.float32, torch.device("cpu"))
     alive = 0
@@ -231,10 +234,7 @@ def test_partial_stitching_averages_the_windows_added_and_keeps_the_coarse_resul
     picked = windows_for_roi(grid, window, lo, hi)
     kept = [w for w in picked if data.draw(st.booleans())]
     origins = [window_origin(grid, w) for w in kept]
-    gen = torch.Generator().manual_seed(seed)
-    outs = [torch.randn(window, generator=gen) for _ in origins]
-    coarse_mask = torch.rand(shape, generator=gen) > 0.5
-    coarse_logits = torch.randn(shape, generator=gen)
+    outs, coarse_mask, coarse_logits = _window_outputs_and_coarse(shape, window, len(origins), seed)
     mask, logits = coarse_mask.clone(), coarse_logits.clone()
     stitch = Stitch((lo, hi), origins, window, grid, mask, logits, torch.float32, torch.device("cpu"), partial=True)
     for o, out in zip(origins, outs):
