@@ -123,13 +123,10 @@ def fill_grid(
         margin = torch.ones(size, dtype=torch.bool, device=box.device)
         margin[tuple(slice(a - o, b - o) for a, b, o in zip(*image, lo))] = False
         if bool(margin.any()):
-            out = box[..., margin].mean(-1)[..., None, None, None].expand(*box.shape[:2], *grid).clone()
-            out[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(lo, size))] = box
-            return out
+            mean = box[..., margin].mean(-1)[..., None, None, None]
+            return _placed(box, lo, mean.expand(*box.shape[:2], *grid).clone())
     if fill == "zeros":
-        out = box.new_zeros((*box.shape[:2], *grid))
-        out[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(lo, size))] = box
-        return out
+        return _placed(box, lo, box.new_zeros((*box.shape[:2], *grid)))
     # edge (and mean without margin tokens): grid index i reads box index clamp(i - lo, 0, n - 1)
     for axis, (o, n, g) in enumerate(zip(lo, size, grid)):
         idx = (torch.arange(g, device=box.device) - o).clamp_(0, n - 1)
@@ -162,7 +159,12 @@ def fill_summaries(box: Tensor, lo: Sequence[int], grid: Sequence[int], summarie
     if summaries.shape[-1] == 0:  # the box is the whole grid
         return box
     out = summaries[:, :, owner.clamp(min=0).to(summaries.device)]  # (B, C, N); the box overwritten below
-    out = out.reshape(*box.shape[:2], *grid)
+    return _placed(box, lo, out.reshape(*box.shape[:2], *grid))
+
+
+def _placed(box: Tensor, lo: Sequence[int], out: Tensor) -> Tensor:
+    """out (B, C, *grid), a tensor of the caller's own, with the box embedding (B, C, *box)
+    written at token `lo`."""
     out[(slice(None), slice(None)) + tuple(slice(o, o + n) for o, n in zip(lo, box.shape[2:]))] = box
     return out
 
