@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from bench import segment_bench  # noqa: E402
 from bench.environment import environment  # noqa: E402
 from bench.fast_agreement_report import markdown, write_report  # noqa: E402
-from bench.shared_data import DATA  # noqa: E402
+from bench.shared_data import DATA, resampled  # noqa: E402
 from segevol_fast import SegVol, SegVolConfig  # noqa: E402
 from segevol_fast.errors import VocabularyWarning  # noqa: E402
 from segevol_fast.inference.approximations import Approximations  # noqa: E402
@@ -107,17 +107,6 @@ CASES = {
     "512": Case(PHANTOM, ("liver",), ("liver",)),
 }
 QUICK_CASES = ("ct", "ct10")
-
-
-def resampled(volume: Volume, shape: tuple[int, int, int]) -> Volume:
-    """`volume` resampled trilinearly to `shape` (X, Y, Z), its affine scaled to cover the same
-    field of view (voxel centres as torch's align_corners=False places them)."""
-    image = torch.from_numpy(np.asarray(volume.array, dtype=np.float32))[None, None]
-    array = torch.nn.functional.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0]
-    scale = np.asarray(volume.array.shape, dtype=np.float64) / np.asarray(shape)
-    to_old = np.diag([*scale, 1.0])
-    to_old[:3, 3] = (scale - 1) / 2  # new voxel i sits at old (i + 0.5) * scale - 0.5
-    return Volume(array.numpy(), volume.affine @ to_old, modality=volume.modality, source=f"{volume.source} {shape}")
 
 
 def window_scaled(shape, window) -> tuple[int, int, int]:

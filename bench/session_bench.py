@@ -15,7 +15,6 @@ as stored needs one zoom-in window, 120 x 126 x 164 gives a 164-slice crop and t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -26,13 +25,11 @@ import time
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.environment import device_slug, environment, write_results  # noqa: E402
-from bench.shared_data import DATA  # noqa: E402
-from segevol_fast import SegVol, SegVolConfig, Volume, load_volume  # noqa: E402
+from bench.shared_data import DATA, resampled  # noqa: E402
+from segevol_fast import SegVol, SegVolConfig, load_volume  # noqa: E402
 from segevol_fast.inference import segment  # noqa: E402
 
 ORGANS = ["liver", "spleen", "left kidney", "right kidney", "stomach", "pancreas"]
@@ -42,15 +39,6 @@ def _timed(fn):
     t = time.perf_counter()
     out = fn()  # results are host arrays: the device work is finished when it returns
     return out, time.perf_counter() - t
-
-
-def _resampled(volume: Volume, shape) -> Volume:
-    """The volume resampled (trilinear) to `shape` voxels over the same field of view."""
-    arr = torch.from_numpy(np.asarray(volume.array, np.float32))[None, None]
-    out = F.interpolate(arr, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
-    affine = volume.affine.copy()
-    affine[:3, :3] *= np.asarray(volume.array.shape, float) / np.asarray(shape, float)
-    return dataclasses.replace(volume, array=out.astype(volume.array.dtype), affine=affine, spacing=None)
 
 
 def main() -> int:
@@ -68,7 +56,7 @@ def main() -> int:
     model.weights_source = "random (benchmark)"
     ct = load_volume(DATA / "ct_abdomen_sm.nii.gz")
     if args.shape:
-        ct = _resampled(ct, args.shape)
+        ct = resampled(ct, args.shape, dtype=ct.array.dtype)
     kw = dict(approximations=args.approximations, precision=args.precision)
     segment(model, ct, text="liver", progress=False, **kw)  # warm-up: oneDNN / CUDA kernels, text cache, allocator
     sess, t_open = _timed(lambda: model.session(ct, **kw))
