@@ -280,13 +280,16 @@ class _ZoomIn:
         return self.retry.plan  # batches may shrink during the run (out-of-memory recovery)
 
     def run(self, ks: Sequence[int], outputs: list) -> None:
+        every = {k: windows_for_roi(self.grid, self.size, *self.rois[k]) for k in ks}
         need = {}
         for k in ks:
-            every = windows_for_roi(self.grid, self.size, *self.rois[k])
-            need[k] = [w for w in every if self._holds_foreground(k, w)] if self.approx.skip_empty else every
-            self.single[k], self.partial[k] = len(every) == 1, len(need[k]) < len(every)
-            self.counts.windows_skipped += len(every) - len(need[k])
-        official = {w for k in ks for w in windows_for_roi(self.official_grid, self.size, *self.rois[k])}
+            need[k] = [w for w in every[k] if self._holds_foreground(k, w)] if self.approx.skip_empty else every[k]
+            self.single[k], self.partial[k] = len(every[k]) == 1, len(need[k]) < len(every[k])
+            self.counts.windows_skipped += len(every[k]) - len(need[k])
+        if self.approx.overlap != 0.5:  # the official zoom-in's windows lie on the overlap-0.5 grid
+            official_grid = global_grid(self.crop.shape, self.size)
+            every = {k: windows_for_roi(official_grid, self.size, *self.rois[k]) for k in ks}
+        official = {w for k in ks for w in every[k]}
         self.counts.windows_official = len(official)
         self.counts.tokens_official = len(official) * math.prod(self.model.config.grid_size)
         self.counts.windows_planned = len({w for k in ks for w in need[k]})
@@ -302,10 +305,6 @@ class _ZoomIn:
             self._group(group, order, users, need, outputs, bar)
         if bar is not None:
             bar.close()
-
-    @property
-    def official_grid(self) -> list[list[int]]:
-        return self.grid if self.approx.overlap == 0.5 else global_grid(self.crop.shape, self.size)
 
     def _holds_foreground(self, k: int, w: Window) -> bool:
         """Whether window w's region of the crop, grown by skip_margin a side, holds some of
