@@ -55,13 +55,15 @@ lint: $(DEPS)
 # kernels, MKL's GEMMs and oneDNN, as on AVX2-only laptops and cloud VMs, where sums round
 # differently: a guarantee (bit identity, a tolerance) that holds on one instruction set only fails
 # here. The second pass skips what cannot depend on the instruction set (docs, command-line
-# plumbing, the study's pipeline check, CUDA compiles); tests/test_isa.py checks the forcing took effect.
+# plumbing, the study's pipeline check, CUDA compiles, the napari plugin's wiring); tests/test_isa.py
+# checks the forcing took effect. The napari tests draw on a virtual X screen that pytest-xvfb starts
+# (Xvfb and Mesa: .ci/run installs them).
 AVX2_ENV := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 SEGEVOL_FAST_EXPECT_ISA=avx2
 ISA_FREE := tests/test_readme_examples.py tests/test_first_contact.py tests/test_info.py tests/test_cuda_sources.py \
             tests/test_bad_inputs.py tests/test_bad_inputs_cli.py tests/test_cli.py \
             tests/test_finetune_cli.py tests/test_finetune_methods.py tests/test_adaptation_study.py \
             tests/eval/test_robustness.py tests/eval/test_robustness_cli.py tests/test_robustness_study.py \
-            tests/test_fast_agreement_bench.py
+            tests/test_fast_agreement_bench.py tests/viewer/test_manifest.py tests/viewer/test_widget.py
 AVX2_PASS := $(AVX2_ENV) SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests -p no:cacheprovider $(ISA_FREE:%=--ignore=%)
 test: build lint
 	SEGEVOL_FAST_REQUIRE_NATIVE=1 $(PY) -m pytest tests
