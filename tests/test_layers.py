@@ -12,6 +12,7 @@ Layers, bottom to top (a module may import its own layer and the layers below it
     use         inference | train: siblings, neither imports the other
     api         segevol_fast (the package), SegVol (network + segment/session), info, optimize, eval
     cli         the command line
+    viewer      the napari plugin (reader, prompts from clicks, organ labels, dock widget)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("use", ("inference", "train")),
     ("api", ("", "segvol", "info", "optimize", "eval")),
     ("cli", ("cli", "__main__")),
+    ("viewer", ("viewer",)),
 ]
 SIBLINGS = [("inference", "train")]  # same layer, independent of each other
 
