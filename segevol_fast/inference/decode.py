@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..adapters.context import prompt_context
+from ..model.network import SegVolNetwork
 from .oom import Retries
 
 
@@ -48,17 +49,32 @@ def batch_inputs(part: Sequence[DecodeItem], texts: dict[int, Tensor], dev) -> t
     return text, boxes, points
 
 
+def plain_decode(model) -> bool:
+    """Whether `model.decode` is `SegVolNetwork.decode` itself, which takes region= and
+    reassociate= (a replaced decode, e.g. a subclass's or an instance attribute, need not)."""
+    return getattr(type(model), "decode", None) is SegVolNetwork.decode and "decode" not in vars(model)
+
+
 def decode_items(
-    model, emb: Tensor, items: Sequence[DecodeItem], texts: dict[int, Tensor], chunk, tasks: Sequence, decode=None
+    model,
+    emb: Tensor,
+    items: Sequence[DecodeItem],
+    texts: dict[int, Tensor],
+    chunk,
+    tasks: Sequence,
+    decode=None,
+    reassociate: bool = False,
 ):
     """Decode items against emb (1, hidden, *grid), batching items with the same signature in
     chunks of `chunk` (an int, or a `Retries`: its plan's decode batch, halved on out-of-memory,
     the same items then decoded again). tasks[k]: prompt k's structure name (or None), declared to
     adapters per decode batch (`adapters.prompt_context`). decode: None for `model.decode`, or
     decode(part, text, boxes, points) -> (B, *spatial) float32 for another way to decode the
-    batch `part` (`window_decode.py`). Yields (item, logits (*spatial) float32 on the model's
-    device)."""
+    batch `part` (`window_decode.py`). reassociate: `model.decode(reassociate=True)` (the same
+    function, cheaper products: `model/cross_attention.py`) where the model's decode is the plain
+    one. Yields (item, logits (*spatial) float32 on the model's device)."""
     retry = chunk if isinstance(chunk, Retries) else None
+    extra = {"reassociate": True} if reassociate and plain_decode(model) else {}
     dev = emb.device
     for group in group_items(items, texts).values():
         s = 0
@@ -70,7 +86,7 @@ def decode_items(
                 with prompt_context(tasks=[tasks[it.k] for it in part]):
                     if decode is not None:
                         return decode(part, text, boxes, points)
-                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points)[:, 0]
+                    return model.decode(emb, text_embedding=text, boxes=boxes, points=points, **extra)[:, 0]
 
             logits = call() if retry is None else retry.attempt("decoder", call)
             if logits is None:

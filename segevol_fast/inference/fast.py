@@ -237,7 +237,8 @@ def _zoom_out(model, crop: CropReader, prompts, texts, size, retry: Retries, emb
             points = (coords, labels)
         items.append(DecodeItem(k, box, points))
     coarse = torch.empty((len(prompts), *size), dtype=torch.float32, device=plan.stitch_device)
-    for it, logits in decode_items(model, emb, items, texts, retry, [p.text for p in prompts]):
+    # (the cross-attentions' cheaper product order: equal up to rounding, model/cross_attention.py)
+    for it, logits in decode_items(model, emb, items, texts, retry, [p.text for p in prompts], reassociate=True):
         coarse[it.k] = logits
     return coarse
 

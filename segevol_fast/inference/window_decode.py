@@ -12,7 +12,8 @@ that the stitcher reads.
   When `model.decode` is `SegVolNetwork.decode` itself, it computes only the union of the call's
   prompts' parts (`decode(region=...)`: the decoder's upscaling over the low-res box that part's
   trilinear upsample reads, and the upsample of that part only); the window-shaped logits handed
-  on are zero elsewhere. A model whose `decode` is replaced (a subclass, an instance
+  on are zero elsewhere. Its cross-attentions take their products in the order that is cheap for
+  a few prompt tokens (`model/cross_attention.py`). A model whose `decode` is replaced (a subclass, an instance
   attribute such as `optimize`'s backend wrapper or a test's double) is called as it is, on whole
   windows.
 
@@ -28,9 +29,8 @@ import torch
 from torch import Tensor
 
 from ..geometry.sliding_window import Triple
-from ..model.network import SegVolNetwork
 from ..model.region_upsample import Box
-from .decode import DecodeItem, decode_items
+from .decode import DecodeItem, decode_items, plain_decode
 from .oom import Retries
 
 
@@ -61,7 +61,7 @@ def decode_windows(
         (job, item, logits (*window) float32 on the model's device, whether it was the job's last
         pair), job by job.
     """
-    region_path = regions and _plain_decode(model) and len(jobs) > 0
+    region_path = regions and plain_decode(model) and len(jobs) > 0
     size = tuple(model.config.spatial_size)
     if region_path:  # the dense positional encoding: one for all the step's decoder calls
         with model._autocast(jobs[0].emb.device):
@@ -75,12 +75,6 @@ def decode_windows(
         for it, logits in decode_items(model, job.emb, job.items, texts, retry, tasks, decode if region_path else None):
             left -= 1
             yield job, it, logits, left == 0
-
-
-def _plain_decode(model) -> bool:
-    """Whether `model.decode` is `SegVolNetwork.decode` itself, which takes region= (a replaced
-    decode need not)."""
-    return getattr(type(model), "decode", None) is SegVolNetwork.decode and "decode" not in vars(model)
 
 
 def _window_box(roi, origin: Triple, size: Sequence[int]) -> Box:
@@ -101,7 +95,9 @@ def _union(rois, part: Sequence[DecodeItem], origin: Triple, size: Sequence[int]
 def _decode_box(model, emb: Tensor, image_pe: Tensor, text, boxes, points, box: Box) -> Tensor:
     """`model.decode(...)[:, 0]` computed inside `box` (spatial_size frame, hi exclusive) only, zero
     elsewhere (`SegVolNetwork.decode(region=...)`). image_pe: `prompt_encoder.get_dense_pe()`."""
-    part = model.decode(emb, text_embedding=text, boxes=boxes, points=points, region=box, image_pe=image_pe)[:, 0]
+    part = model.decode(
+        emb, text_embedding=text, boxes=boxes, points=points, region=box, image_pe=image_pe, reassociate=True
+    )[:, 0]
     out = torch.zeros((len(part), *model.config.spatial_size), dtype=torch.float32, device=emb.device)
     out[(slice(None),) + tuple(slice(lo, hi) for lo, hi in zip(*box))] = part
     return out

@@ -92,6 +92,7 @@ class MaskDecoder(nn.Module):
         text_embedding: Optional[Tensor] = None,
         return_iou: bool = False,
         region: Optional[Box] = None,
+        reassociate: bool = False,
     ) -> Union[Tensor, tuple[Tensor, Tensor]]:
         """Decode B prompts.
 
@@ -106,6 +107,9 @@ class MaskDecoder(nn.Module):
             return_iou: also return the IoU head's score for mask 0.
             region: None, or (lo, hi) a box of the low-res grid (4gd, 4gh, 4gw), hi exclusive:
                 only those logits are computed (the upscaling runs over the tokens covering it).
+            reassociate: the two-way transformer's cross-attentions take their products in the
+                cheaper order for a few prompt tokens (`cross_attention.py`): the same function
+                up to float rounding; False is the official order.
 
         Returns:
             logits (B, 1, 4gd, 4gh, 4gw) of mask token 0 (plus the text map when text is given),
@@ -124,7 +128,7 @@ class MaskDecoder(nn.Module):
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat([out_tokens.to(sparse.dtype).expand(B, -1, -1), sparse], dim=1)  # (B, 1+M+T, hidden)
 
-        hs, src = self.transformer(src, pos, tokens)
+        hs, src = self.transformer(src, pos, tokens, reassociate)
         if self.after_transformer is not None:
             hs = self.after_transformer(hs, image_embedding)
         src = src.expand(B, -1, -1)  # only matters for depth 0, where the image side stays batch 1

@@ -201,6 +201,7 @@ class SegVolNetwork(nn.Module):
         upsample: bool = True,
         region: Optional[Box] = None,
         image_pe: Optional[Tensor] = None,
+        reassociate: bool = False,
     ) -> Tensor:
         """Decode N prompts against an image embedding.
 
@@ -222,6 +223,8 @@ class SegVolNetwork(nn.Module):
                 summation order.
             image_pe: `prompt_encoder.get_dense_pe()` when the caller already holds it (it
                 depends on the weights only: many decodes can share one).
+            reassociate: `MaskDecoder(reassociate=...)`: cross-attention products in the order
+                that is cheap for a few prompt tokens; equal up to float rounding (fast mode).
 
         Returns:
             float32 logits (N, 1, D, H, W) (or low-res, or the region); the mask is logits > 0
@@ -241,7 +244,9 @@ class SegVolNetwork(nn.Module):
                 image_pe = self.prompt_encoder.get_dense_pe()
             if image_embedding.dtype != sparse.dtype and not torch.is_autocast_enabled(device.type):
                 image_embedding = image_embedding.to(sparse.dtype)
-            low = self.mask_decoder(image_embedding, image_pe, sparse, dense, text_embedding, region=low_box)
+            low = self.mask_decoder(
+                image_embedding, image_pe, sparse, dense, text_embedding, region=low_box, reassociate=reassociate
+            )
         low = low.float()
         if region is not None:
             return upsample_box(low, low_box[0], low_shape, size, region)

@@ -10,6 +10,11 @@ Batch broadcasting: the image side may have batch 1 while the tokens have batch 
 one image). Projections of batch-1 inputs are computed once and expanded (no copies), so the
 image side only becomes per-prompt where it first depends on the prompt (layer 0's image→token
 update).
+
+`reassociate=True` (fast mode's zoom-in decoding) takes each cross-attention's products in the
+order that is cheapest when the prompt side is a handful of tokens (`cross_attention.py`): the
+image tokens never go through the q/k/v/out projections; the same function up to float rounding.
+Off (the default, and exact mode) it is the official computation.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import attention
+from .cross_attention import few_keys_attention, few_queries_attention, reassociation_pays
 from .layers import LayerNorm32
 
 
@@ -40,11 +46,18 @@ class Attention(nn.Module):
         b, s, c = x.shape
         return x.view(b, s, self.num_heads, c // self.num_heads).transpose(1, 2).expand(batch, -1, -1, -1)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, reassociate: bool = False) -> Tensor:
         """q (Bq, Sq, E), k and v (Bk, Sk, E), each batch 1 or B -> (B, Sq, E).
 
-        softmax(q·kᵀ / sqrt(head_dim)) · v per head, through `model.attention.attention`.
+        softmax(q·kᵀ / sqrt(head_dim)) · v per head, through `model.attention.attention`; with
+        `reassociate`, through `cross_attention.py` where that costs fewer operations.
         """
+        if reassociate:
+            side = reassociation_pays(self, q, k, v)
+            if side == "queries":
+                return few_queries_attention(self, q, k, v)
+            if side == "keys":
+                return few_keys_attention(self, q, k, v)
         batch = max(q.shape[0], k.shape[0], v.shape[0])
         out = attention(
             self._heads(self.q_proj(q), batch), self._heads(self.k_proj(k), batch), self._heads(self.v_proj(v), batch)
@@ -80,9 +93,11 @@ class TwoWayAttentionBlock(nn.Module):
         self.norm4 = LayerNorm32(embed_dim)
         self.cross_attn_image_to_token = Attention(embed_dim, num_heads, downsample_rate)
 
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor, reassociate: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """queries/query_pe (B, T, E); keys (1 or B, S, E); key_pe (1, S, E) -> (queries (B, T, E),
-        keys (B, S, E))."""
+        keys (B, S, E)). reassociate: see the module docstring."""
         if self.skip_first_layer_pe:
             # Official layer 0: the tokens ARE their PE here, so no PE is added and no residual kept.
             queries = self.self_attn(queries, queries, queries)
@@ -92,10 +107,10 @@ class TwoWayAttentionBlock(nn.Module):
         queries = self.norm1(queries)
 
         k = keys + key_pe
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys))
+        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, k, keys, reassociate))
         queries = self.norm3(queries + self.mlp(queries))
         # Image tokens query the prompt tokens; this is where a batch-1 image side becomes per-prompt.
-        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries))
+        keys = self.norm4(keys + self.cross_attn_image_to_token(k, queries + query_pe, queries, reassociate))
         return queries, keys
 
 
@@ -111,19 +126,22 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(embed_dim, num_heads, downsample_rate)
         self.norm_final_attn = LayerNorm32(embed_dim)
 
-    def forward(self, image: Tensor, image_pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, image: Tensor, image_pe: Tensor, tokens: Tensor, reassociate: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """Run the two-way stack.
 
         Args:
             image: (1 or B, S, E) flattened image tokens (image embedding + dense prompt).
             image_pe: (1, S, E) their positional encoding.
             tokens: (B, T, E) output + prompt tokens; they also serve as their own PE.
+            reassociate: the cross-attentions' cheap product order (module docstring).
 
         Returns:
             queries (B, T, E) and image tokens (B, S, E) after the stack.
         """
         queries, keys = tokens, image
         for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, image_pe)
-        attn = self.final_attn_token_to_image(queries + tokens, keys + image_pe, keys)
+            queries, keys = layer(queries, keys, tokens, image_pe, reassociate)
+        attn = self.final_attn_token_to_image(queries + tokens, keys + image_pe, keys, reassociate)
         return self.norm_final_attn(queries + attn), keys

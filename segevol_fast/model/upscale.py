@@ -12,8 +12,12 @@ LayerNorm is layout-independent in its statistics; its elementwise affine is per
 order. Same arithmetic as the module path up to summation order.
 
 `region`: only a box of the low-res logits is wanted (a zoom-in window's part inside the prompt's
-ROI). ConvT1 still runs over every token (the LayerNorm's statistics are over the whole sample),
-but the normalisation, ConvT2, GELU and projection only over the tokens covering the box.
+ROI). The LayerNorm's statistics are over the whole sample; everything else runs only over the
+tokens covering the box. When those are under half the tokens, the statistics come without
+ConvT1's full output (`_moments`): ConvT1 is linear, y = x W + b, so its mean is x̄ W + b̄ and
+its sum of squared deviations is Σ_t (x_t - x̄) G (x_t - x̄)ᵀ + S·|x̄ W + b - mean|², with G = W Wᵀ
+(C × C, cached): one C × C Gram matrix of the tokens (S·C² multiply-adds) instead of ConvT1's
+S·C·2C, and ConvT1 itself only over the box.
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from .region_upsample import Box
 class _Layout:
     """The upscaling's parameters in token order: w1 (C, 8·C4) with column sub1·C4 + o; b1
     (8·C4,); ln_w, ln_b (S, 8·C4) the LayerNorm affine; w2 (C4, 8·C8) with column sub2·C8 + c;
-    b2 (8·C8,)."""
+    b2 (8·C8,); and for the LayerNorm's statistics without ConvT1 (`_moments`), in the LayerNorm's
+    dtype: w1_ln, b1_ln (w1, b1) and gram = w1 w1ᵀ (C, C)."""
 
     w1: Tensor
     b1: Tensor
@@ -41,6 +46,9 @@ class _Layout:
     ln_b: Tensor
     w2: Tensor
     b2: Tensor
+    w1_ln: Tensor
+    b1_ln: Tensor
+    gram: Tensor
 
 
 # upscaling module -> (key, layout); the key says which parameter versions the layout was made from
@@ -67,13 +75,18 @@ def _layout(upscaling: nn.Sequential, grid: tuple[int, int, int], dtype: torch.d
         p = p.to(ln_dtype).reshape(c4, gd, 2, gh, 2, gw, 2).permute(1, 3, 5, 2, 4, 6, 0)
         return p.reshape(gd * gh * gw, 8 * c4)
 
+    w1 = conv1.weight.reshape(C, c4, 8).transpose(1, 2).reshape(C, 8 * c4)
+    w64 = w1.detach().double()
     layout = _Layout(
-        w1=conv1.weight.to(dtype).reshape(C, c4, 8).transpose(1, 2).reshape(C, 8 * c4),
+        w1=w1.to(dtype),
         b1=conv1.bias.to(dtype).repeat(8),
         ln_w=token_order(norm.weight),
         ln_b=token_order(norm.bias),
         w2=conv2.weight.to(dtype).reshape(c4, c8, 8).transpose(1, 2).reshape(c4, 8 * c8),
         b2=conv2.bias.to(dtype).repeat(8),
+        w1_ln=w1.to(ln_dtype),
+        b1_ln=conv1.bias.to(ln_dtype).repeat(8),
+        gram=(w64 @ w64.T).to(ln_dtype),
     )
     if cacheable:
         _LAYOUTS[upscaling] = (key, layout)
@@ -108,20 +121,29 @@ def upscale_project(
     lay = _layout(upscaling, grid, src.dtype, ln_dtype)
     c4, c8 = lay.w2.shape[0], lay.w2.shape[1] // 8
     eps = upscaling[1].eps
-    # ConvT1: (B, S, C) @ (C, 8·C4) -> (B, S, 8·C4), column sub1·C4 + o.
-    y = torch.addmm(lay.b1, src.reshape(B * S, C), lay.w1).view(B, S, 8 * c4)
-    with torch.autocast(device_type=src.device.type, enabled=False):
-        if region is None:
-            tokens = (gd, gh, gw)
+    if region is None:
+        tokens = (gd, gh, gw)
+        # ConvT1: (B, S, C) @ (C, 8·C4) -> (B, S, 8·C4), column sub1·C4 + o.
+        y = torch.addmm(lay.b1, src.reshape(B * S, C), lay.w1).view(B, S, 8 * c4)
+        with torch.autocast(device_type=src.device.type, enabled=False):
             y = F.layer_norm(y.to(ln_dtype), (S, 8 * c4), lay.ln_w, lay.ln_b, eps)
+    else:
+        # the statistics over every token, the affine and everything after only over the box's
+        t_lo = [int(a) // 4 for a in region[0]]
+        t_hi = [(int(b) - 1) // 4 + 1 for b in region[1]]
+        tokens = tuple(b - a for a, b in zip(t_lo, t_hi))
+        box = (slice(t_lo[0], t_hi[0]), slice(t_lo[1], t_hi[1]), slice(t_lo[2], t_hi[2]))
+        src_box = src.view(B, gd, gh, gw, C)[(slice(None),) + box].reshape(B, -1, C)
+        if 2 * src_box.shape[1] < S:  # statistics from the Gram matrix, ConvT1 over the box only
+            y_box = torch.matmul(src_box, lay.w1) + lay.b1
+            with torch.autocast(device_type=src.device.type, enabled=False):
+                var, mean = _moments(src.to(ln_dtype), lay)
         else:
-            # the statistics over every token, the affine and everything after only over the box's
-            t_lo = [int(a) // 4 for a in region[0]]
-            t_hi = [(int(b) - 1) // 4 + 1 for b in region[1]]
-            tokens = tuple(b - a for a, b in zip(t_lo, t_hi))
-            var, mean = torch.var_mean(y.to(ln_dtype), dim=(1, 2), unbiased=False, keepdim=True)
-            box = (slice(t_lo[0], t_hi[0]), slice(t_lo[1], t_hi[1]), slice(t_lo[2], t_hi[2]))
+            y = torch.addmm(lay.b1, src.reshape(B * S, C), lay.w1).view(B, S, 8 * c4)
             y_box = y.view(B, gd, gh, gw, 8 * c4)[(slice(None),) + box].reshape(B, -1, 8 * c4)
+            with torch.autocast(device_type=src.device.type, enabled=False):
+                var, mean = torch.var_mean(y.to(ln_dtype), dim=(1, 2), unbiased=False, keepdim=True)
+        with torch.autocast(device_type=src.device.type, enabled=False):
             ln_w = lay.ln_w.view(gd, gh, gw, 8 * c4)[box].reshape(-1, 8 * c4)
             ln_b = lay.ln_b.view(gd, gh, gw, 8 * c4)[box].reshape(-1, 8 * c4)
             y = torch.addcmul(ln_b, (y_box.to(ln_dtype) - mean) * torch.rsqrt(var + eps), ln_w)
@@ -149,3 +171,16 @@ def upscale_project(
         return logits
     crop = tuple(slice(int(a) - 4 * t, int(b) - 4 * t) for a, b, t in zip(region[0], region[1], t_lo))
     return logits[(slice(None), slice(None)) + crop]
+
+
+def _moments(x: Tensor, lay: _Layout) -> tuple[Tensor, Tensor]:
+    """(variance, mean) over all S·8·C4 values of ConvT1(x) per sample, (B, 1, 1) each, without
+    computing it (module docstring); x (B, S, C) in the LayerNorm's dtype."""
+    n_tokens = x.shape[1]
+    x_mean = x.mean(dim=1, keepdim=True)  # (B, 1, C)
+    centred = x - x_mean
+    columns = torch.matmul(x_mean, lay.w1_ln) + lay.b1_ln  # (B, 1, 8·C4): each output channel's mean
+    mean = columns.mean(dim=2, keepdim=True)
+    spread = (torch.matmul(centred.transpose(1, 2), centred) * lay.gram).sum(dim=(1, 2)).view(-1, 1, 1)
+    squares = spread + n_tokens * (columns - mean).square().sum(dim=2, keepdim=True)
+    return squares / (n_tokens * columns.shape[2]), mean

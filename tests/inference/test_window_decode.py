@@ -98,7 +98,7 @@ def test_run_fast_with_regions_equals_whole_windows(model, monkeypatch):
     ]
     plan = Plan(device="cpu", window_batch=2, decode_batch=2, prompt_group=3, cache_windows=64)
     region = run_fast(model, prep, prompts, plan=plan, return_logits=True)
-    monkeypatch.setattr(window_decode, "_plain_decode", lambda m: False)
+    monkeypatch.setattr(window_decode, "plain_decode", lambda m: False)
     whole = run_fast(model, prep, prompts, plan=plan, return_logits=True)
     assert sum(o.windows for o in region) > len(prompts)  # prompts share several windows
     for a, b in zip(region, whole, strict=True):

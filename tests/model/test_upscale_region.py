@@ -51,6 +51,27 @@ def test_region_upscale_equals_the_whole_upscale_cropped(decoder, trial):
     assert_matches_reference(out, same, exact, "region upscale")
 
 
+@pytest.mark.parametrize("small", [True, False])
+def test_layernorm_statistics_from_the_gram_matrix(decoder, monkeypatch, small):
+    """A box over under half the tokens takes the LayerNorm's statistics from the tokens' Gram
+    matrix (no full ConvT1); a larger one from ConvT1's output. Both equal the whole path cropped."""
+    from segevol_fast.model import upscale
+
+    used, real = [], upscale._moments
+    monkeypatch.setattr(upscale, "_moments", lambda *a: used.append(1) or real(*a))
+    B, S, C = 2, CFG.num_patches, CFG.hidden_size
+    src, weights = 3 * torch.randn(B, S, C) + 1, torch.randn(B, C // 8)  # a mean far from 0: no cancellation
+    box = ((1, 0, 2), (4, 4, 6)) if small else ((0, 0, 0), (LOW[0], LOW[1], 5))
+    with torch.no_grad():
+        out = upscale_project(src, weights, decoder.output_upscaling, GRID, box)
+        same = _crop(upscale_project(src, weights, decoder.output_upscaling, GRID), box)
+        exact = _crop(
+            upscale_project(src.double(), weights.double(), copy.deepcopy(decoder.output_upscaling).double(), GRID), box
+        )
+    assert bool(used) == small
+    assert_matches_reference(out, same, exact, "region upscale, Gram statistics" if small else "region upscale")
+
+
 def test_decoder_region_equals_the_module_reference_cropped(decoder):
     x = inputs(B=2, image_batch=2)
     box = _random_box(LOW)
