@@ -46,6 +46,14 @@ def test_quick_run_records_every_variant_and_none_encodes_the_official_zoom_in(t
     assert "| small (trained) | ct10 | none |" in md and "Defaults verdict" in md
 
 
+def test_a_chosen_variant_runs_with_exact_and_none_only(tmp_path):
+    out = tmp_path / "agreement.json"
+    argv = ["--quick", "--cases", "ct", "--models", "full", "--variants", "overlap 0", "--out", str(out)]
+    assert fast_agreement.main(argv) == 0
+    (run,) = json.loads(out.read_text())["runs"]
+    assert [r["variant"] for r in run["cases"]["ct"]["variants"]] == ["exact", "none", "overlap 0"]
+
+
 def test_resampling_keeps_the_field_of_view():
     rng = np.random.default_rng()
     affine = np.eye(4)
