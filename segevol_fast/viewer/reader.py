@@ -1,8 +1,9 @@
 """napari's reader hook: NIfTI files and DICOM series open through `segevol_fast.io.load_volume`.
 
-The layer holds the scan exactly as the model reads it (the stored array, not reoriented), placed
-in world space by its affine (`coords.image_transform`), so the masks drawn over it line up, and
-so do scans of other grids. The `Volume` itself travels in the layer's metadata for the widget:
+The layer holds the scan exactly as the model reads it (the stored array, not resampled; its axes
+reordered only for scans stored along permuted axes, see `coords`), placed in world space by its
+affine (`coords.image_transform`), so the masks drawn over it line up, and so do scans of other
+grids. The `Volume` itself travels in the layer's metadata for the widget:
 a session is built on it without reading the file again.
 
 Plain tuples only, no napari import: napari turns them into layers.
@@ -46,15 +47,17 @@ def _layer_name(path: pathlib.Path) -> str:
 
 
 def read_volume(path: PathLike) -> list[LayerData]:
-    """One image layer for a NIfTI file, a DICOM series folder or one of its files (its series).
-    Errors are load_volume's (VolumeFileError and its kin): napari reports them."""
+    """One image layer for a NIfTI file, a DICOM series folder or one of its files (its series):
+    `image_transform(volume).to_layer(volume.array)` placed by `layer_kwargs()`, the `Volume` in
+    the metadata. Errors are load_volume's (VolumeFileError and its kin): napari reports them."""
     volume = load_volume(path)
+    transform = image_transform(volume)
     kwargs = {
         "name": _layer_name(pathlib.Path(path)),
-        **image_transform(volume).layer_kwargs(),
+        **transform.layer_kwargs(),
         "metadata": {VOLUME_KEY: volume, "path": str(path)},
     }
-    return [(volume.array, kwargs, "image")]
+    return [(transform.to_layer(volume.array), kwargs, "image")]
 
 
 def _read_all(paths: list[pathlib.Path]) -> list[LayerData]:

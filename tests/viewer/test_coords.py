@@ -1,7 +1,10 @@
 """World <-> voxel for napari layers: the layer transform puts every voxel where the volume's affine
-says, for axis-aligned, flipped and oblique affines, and the two conversions invert each other."""
+says, for axis-aligned, flipped, permuted and oblique affines; a permuted scan's layer axes run
+along the world's; the two conversions invert each other."""
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -12,11 +15,14 @@ from segevol_fast.io import Volume
 from segevol_fast.viewer.coords import LayerTransform, image_transform, voxel_to_world, world_to_voxel
 
 
-def napari_world(voxels: np.ndarray, kwargs: dict) -> np.ndarray:
+def napari_world(layer_points: np.ndarray, kwargs: dict) -> np.ndarray:
     """napari's own composition of a layer's keyword arguments, written out independently of
-    LayerTransform: world = affine @ (scale * data + translate)."""
-    physical = voxels * np.asarray(kwargs["scale"]) + np.asarray(kwargs["translate"])
+    LayerTransform: world = affine @ (scale * data + translate), data in the layer's axis order."""
+    physical = layer_points * np.asarray(kwargs["scale"]) + np.asarray(kwargs["translate"])
     return apply_affine(kwargs.get("affine", np.eye(4)), physical)
+
+
+PERMUTATIONS = list(itertools.permutations(range(3)))  # the identity first
 
 
 def random_affine(rng: np.random.Generator, kind: str) -> np.ndarray:
@@ -28,8 +34,8 @@ def random_affine(rng: np.random.Generator, kind: str) -> np.ndarray:
         shear = np.eye(3) + np.triu(rng.uniform(-0.2, 0.2, size=(3, 3)), 1)
         rotation, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # orthonormal, a reflection or not
         linear = rotation @ shear @ linear
-    elif kind == "permuted":  # rows rolled by 1 or 2: never the identity
-        linear = np.roll(linear, rng.integers(1, 3), axis=0)
+    elif kind == "permuted":  # stored axes along other world axes, never in order (PSR, ASL, ...)
+        linear = linear[list(PERMUTATIONS[rng.integers(1, 6)])]
     affine = np.eye(4)
     affine[:3, :3] = linear
     affine[:3, 3] = rng.uniform(-300, 300, size=3)
@@ -46,14 +52,37 @@ def test_random_affines_round_trip_and_match_nibabel(fresh_seed, kind):
     for _ in range(25):
         affine = random_affine(rng, kind)
         t = image_transform(volume_with(affine))
-        assert (t.affine is None) == (kind == "aligned")
+        assert (t.affine is None) == (kind != "oblique")
+        assert (t.axes == (0, 1, 2)) == (kind == "aligned") or kind == "oblique"
         voxels = rng.uniform(-3, 12, size=(40, 3))
         world = voxel_to_world(voxels, t)
         np.testing.assert_allclose(world, apply_affine(affine, voxels), rtol=0, atol=1e-9)
-        np.testing.assert_allclose(napari_world(voxels, t.layer_kwargs()), world, rtol=0, atol=1e-9)
+        layer_points = voxels[:, list(t.axes)]  # voxel (i, j, k) in the layer's axis order
+        np.testing.assert_allclose(napari_world(layer_points, t.layer_kwargs()), world, rtol=0, atol=1e-9)
         np.testing.assert_allclose(world_to_voxel(world, t), voxels, rtol=0, atol=1e-9)
         points = rng.uniform(-500, 500, size=(40, 3))
         np.testing.assert_allclose(voxel_to_world(world_to_voxel(points, t), t), points, rtol=0, atol=1e-8)
+
+
+def test_a_permuted_scan_is_shown_with_its_axes_along_the_world_axes(fresh_seed):
+    """napari slices only along a layer's own axes: a step along layer axis a must move along world
+    axis a alone, and the layer data must hold the scan's voxels at the reordered indices."""
+    rng = np.random.default_rng(fresh_seed)
+    for axes in PERMUTATIONS:
+        affine = np.eye(4)
+        affine[:3, :3] = np.diag(rng.choice([-1.0, 1.0], 3) * rng.uniform(0.3, 5.0, 3))[:, np.argsort(axes)]
+        volume = Volume(rng.integers(-1000, 1000, size=(7, 5, 4)).astype(np.int16), affine)
+        t = image_transform(volume)
+        assert t.axes == axes and t.affine is None
+        steps = napari_world(np.eye(3), t.layer_kwargs()) - napari_world(np.zeros((1, 3)), t.layer_kwargs())
+        np.testing.assert_array_equal(steps == 0, ~np.eye(3, dtype=bool))
+        layer = t.to_layer(volume.array)
+        assert layer.shape == tuple(volume.shape[a] for a in axes) and np.shares_memory(layer, volume.array)
+        voxel = (6, 1, 3)
+        assert layer[tuple(voxel[a] for a in axes)] == volume.array[voxel]
+        np.testing.assert_array_equal(t.from_layer(layer), volume.array)
+    assert t.to_layer(volume.array) is not volume.array  # the last order was not the stored one
+    assert image_transform(volume_with(np.diag([2.0, 3.0, 4.0, 1.0]))).to_layer(volume.array) is volume.array
 
 
 def test_flips_stay_a_signed_scale():
@@ -102,5 +131,7 @@ def test_bad_input_is_a_typed_error():
         LayerTransform((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), affine=np.diag([1.0, 1.0, 0.0, 1.0]))
     with pytest.raises(ShapeError):
         LayerTransform((1.0, 1.0), (0.0, 0.0, 0.0))
+    with pytest.raises(VolumeError):
+        LayerTransform((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), axes=(0, 0, 2))
     with pytest.raises(ArgumentTypeError):
         image_transform(np.zeros((3, 3, 3)))
