@@ -90,3 +90,17 @@ def test_decoder_with_reordered_products_matches_the_loop_reference(monkeypatch,
         exact, _ = call_ref(dec64, {k: None if v is None else v.double() for k, v in x.items()})
     assert set(used) == {"few_queries_attention", "few_keys_attention"}  # the reorder really ran
     assert_matches_reference(out, same, exact[:, :1], "decoder, reordered")
+
+
+def test_decoder_with_reordered_products_under_bf16_autocast():
+    """precision="bf16" on a CPU (autocast): the reorder's products run in bf16 like the official
+    order's, its softmax in float32."""
+    dec = randomise(MaskDecoder(CFG)).eval()
+    x = inputs(B=2, T=2, cfg=CFG)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = dec(**x, reassociate=True).float()
+            same = dec(**x).float()
+        exact, _ = call_ref(copy.deepcopy(dec).double(), {k: None if v is None else v.double() for k, v in x.items()})
+    err, ref_err = (out.double() - exact[:, :1]).abs().max(), (same.double() - exact[:, :1]).abs().max()
+    assert err <= 2 * ref_err + 1e-2 * exact.abs().max(), (err, ref_err)
