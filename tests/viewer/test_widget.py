@@ -1,0 +1,218 @@
+"""The napari plugin in a real (hidden) napari viewer: the reader through napari's own plugin
+discovery, and the dock widget driving a session on the shared CT with the tiny random-weights
+model (the masks mean nothing; the wiring is what is tested): open, segment by name, refine with
+clicks, undo, clear, export, cancel, and errors as notifications."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+nib = pytest.importorskip("nibabel")
+
+from segevol_fast.errors import PromptError  # noqa: E402
+from segevol_fast.viewer.annotator import volume_from_layer  # noqa: E402
+from segevol_fast.viewer.reader import VOLUME_KEY  # noqa: E402
+
+CT = "ct_abdomen_sm.nii.gz"
+WAIT_MS = 120_000  # a step on a busy 2-core CI box; each takes seconds
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """The messages the widget shows as napari error notifications."""
+    shown: list[str] = []
+    monkeypatch.setattr("segevol_fast.viewer.widget.show_error", shown.append)
+    return shown
+
+
+@pytest.fixture
+def widget(viewer, data_dir, monkeypatch, errors):
+    """The dock widget in `viewer`, set to the tiny random model (its tokenizer from the shared data)."""
+    from segevol_fast.viewer.widget import SessionWidget
+
+    monkeypatch.setenv("SEGEVOL_DATA", str(data_dir))
+    w = SessionWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.model_source.value = "tiny"
+    return w
+
+
+def wait(qtbot, w) -> None:
+    qtbot.waitUntil(lambda: not w.busy, timeout=WAIT_MS)
+
+
+def open_scan(viewer, path):
+    (layer,) = viewer.open(path, plugin="segevol_fast")  # as `napari --plugin segevol_fast PATH` does
+    return layer
+
+
+def open_session(qtbot, w, layer) -> None:
+    w.image.value = layer
+    w.open_session()
+    wait(qtbot, w)
+
+
+def test_napari_offers_our_reader_and_takes_it_as_the_preferred_one(viewer, data_dir):
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+
+    # napari's built-in imageio reader claims *.nii.gz too (and cannot read it): napari asks which one
+    with pytest.raises(MultipleReaderError) as asked:
+        viewer.open(data_dir / CT, plugin=None)
+    assert "segevol_fast" in asked.value.available_plugins
+    # the choice napari's dialog remembers (settings in a temporary file: conftest)
+    plugins = get_settings().plugins
+    plugins.extension2reader = {"*.nii.gz": "segevol_fast"}
+    try:
+        (layer,) = viewer.open(data_dir / CT, plugin=None)
+    finally:
+        plugins.extension2reader = {}
+    assert layer.metadata[VOLUME_KEY].source.endswith(CT)
+
+
+def test_our_reader_places_voxels_where_the_file_affine_says(viewer, data_dir):
+    layer = open_scan(viewer, data_dir / CT)
+    affine = nib.load(data_dir / CT).affine  # the file's own header, read independently of our loader
+    voxels = np.array([[0, 0, 0], [121, 100, 29], [60, 50, 14], [7, 93, 2]], dtype=float)
+    world = np.array([layer.data_to_world(v) for v in voxels])
+    np.testing.assert_allclose(world, voxels @ affine[:3, :3].T + affine[:3, 3], atol=1e-9)
+    assert layer.data.shape == (122, 101, 30)
+    assert layer.metadata[VOLUME_KEY].shape == layer.data.shape
+
+
+def test_a_dicom_series_folder_opens_with_its_geometry(viewer, data_dir):
+    layer = open_scan(viewer, data_dir / "ct_abdomen_dicom")
+    volume = layer.metadata[VOLUME_KEY]
+    assert layer.data.shape == (512, 512, 20)
+    voxels = np.array([[0, 0, 0], [511, 511, 19], [100, 300, 7]], dtype=float)
+    world = np.array([layer.data_to_world(v) for v in voxels])
+    np.testing.assert_allclose(world, volume.voxel_to_world(voxels), atol=1e-9)
+
+
+def test_an_image_layer_from_elsewhere_becomes_a_volume_with_its_layer_transform():
+    from napari.layers import Image
+
+    layer = Image(
+        np.zeros((12, 10, 8), np.int16),
+        scale=(2.0, 1.5, 3.0),
+        translate=(-40.0, 7.0, 12.5),
+        rotate=((0.8, -0.6, 0.0), (0.6, 0.8, 0.0), (0.0, 0.0, 1.0)),
+    )
+    volume = volume_from_layer(layer, "mri")
+    voxels = np.array([[0, 0, 0], [11, 9, 7], [3, 5, 1]], dtype=float)
+    np.testing.assert_allclose(volume.voxel_to_world(voxels), [layer.data_to_world(v) for v in voxels], atol=1e-9)
+    assert volume.modality == "mri" and volume.spacing == pytest.approx((2.0, 1.5, 3.0))
+
+
+def test_a_session_segments_refines_undoes_clears_and_exports(viewer, widget, qtbot, data_dir, tmp_path, errors):
+    w = widget
+    open_session(qtbot, w, open_scan(viewer, data_dir / CT))
+    assert w.annotator is not None, errors
+    assert not w.banner.native.isHidden()  # random weights are announced in the widget itself (hidden otherwise)
+
+    qtbot.keyClicks(w.prompt.native, "sple")  # completion of what is typed
+    assert "spleen" in w.completer.model().stringList()
+
+    w.prompt.value = "liver, spleen"
+    w.segment()
+    wait(qtbot, w)
+    organs = viewer.layers["organs"]
+    assert list(organs.features["name"]) == ["background", "liver", "spleen"]
+    assert set(np.unique(organs.data)) <= {0, 1, 2}
+    assert np.array_equal(organs.data, w.annotator.labels.label_map())
+    before = {name: mask.copy() for name, mask in w.annotator.labels.masks().items()}
+
+    clicks = viewer.layers["clicks"]
+    clicks.add([60, 50, 14])  # the clicks layer is placed like the scan: its data coordinates are voxels
+    w.click_sign.value = False
+    clicks.add([20, 30, 10])
+    assert list(clicks.features["positive"]) == [True, False]
+    w.organ.value = "liver"
+    w.refine()
+    wait(qtbot, w)
+    after = w.annotator.labels.masks()
+    assert not np.array_equal(after["liver"], before["liver"])  # the clicks reached the decoder
+    assert np.array_equal(after["spleen"], before["spleen"])  # and touched no other organ
+    np.testing.assert_array_equal(w.annotator.session.history["liver"]["point_labels"], [1, 0])
+    assert len(clicks.data) == 0  # used clicks are consumed
+
+    w.undo()
+    assert np.array_equal(w.annotator.labels.masks()["liver"], before["liver"])
+    assert w.annotator.session.history["liver"]["points"] is None  # the next refine starts from the text again
+    assert np.array_equal(organs.data, w.annotator.labels.label_map())
+
+    w.organ.value = "spleen"
+    w.clear()
+    assert list(organs.features["name"]) == ["background", "liver"]
+    assert 2 not in organs.data
+
+    w.export_folder.value = tmp_path / "out"
+    w.export()
+    wait(qtbot, w)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"liver.nii.gz", "label_map.nii.gz", "summary.json"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["labels"] == ["liver"] and summary["random_weights"] is True
+    assert summary["prompts"]["liver"]["text"] == "liver"
+    saved = nib.load(tmp_path / "out" / "liver.nii.gz")
+    np.testing.assert_array_equal(np.asarray(saved.dataobj) > 0, before["liver"])
+    np.testing.assert_allclose(saved.affine, nib.load(data_dir / CT).affine)
+    assert errors == []
+
+
+def test_a_box_on_one_slice_prompts_and_a_dicom_series_exports_a_dicom_seg(viewer, widget, qtbot, data_dir, tmp_path):
+    w = widget
+    w.zoom_in.value = False  # zoom-out only: the 512x512 series in seconds
+    open_session(qtbot, w, open_scan(viewer, data_dir / "ct_abdomen_dicom"))
+    boxes = viewer.layers["boxes"]
+    boxes.add_rectangles(np.array([[100, 150, 9], [100, 350, 9], [300, 350, 9], [300, 150, 9]], dtype=float))
+    w.segment()  # no name: the box alone
+    wait(qtbot, w)
+    (name,) = w.annotator.labels.names().values()
+    np.testing.assert_array_equal(w.annotator.session.history[name]["box"], [100, 150, 0, 300, 350, 19])
+    w.export_folder.value = tmp_path / "seg"
+    w.export()
+    wait(qtbot, w)
+    assert (tmp_path / "seg" / "segmentation.dcm").is_file()
+
+
+def test_errors_become_notifications_with_their_message(viewer, widget, qtbot, data_dir, errors):
+    w = widget
+    w.segment()
+    assert errors == ["open a session first"]
+    w.model_source.value = "folder"
+    w.open_session()  # no scan layer yet
+    assert "open a scan first" in errors[-1]
+    w.image.value = open_scan(viewer, data_dir / CT)
+    w.open_session()  # no weights folder chosen
+    assert errors[-1] == "choose the folder (or file) holding the SegVol weights"
+    w.model_source.value = "tiny"
+    w.max_memory.value = "lots"
+    w.open_session()  # raised in the worker thread
+    wait(qtbot, w)
+    assert "lots" in errors[-1] and w.annotator is None
+    assert not w.busy and w.open_button.enabled
+
+
+def test_opening_a_session_can_be_cancelled(viewer, widget, qtbot, data_dir):
+    w = widget
+    w.image.value = open_scan(viewer, data_dir / CT)
+    w.open_session()
+    w.cancel()
+    wait(qtbot, w)
+    assert w.annotator is None and w.status.value == "cancelled"
+    assert "organs" not in viewer.layers
+
+
+def test_prompt_errors_are_typed_before_any_work(viewer, widget, qtbot, data_dir, errors):
+    w = widget
+    open_session(qtbot, w, open_scan(viewer, data_dir / CT))
+    viewer.layers["clicks"].add([500, 50, 14])  # outside the 122-voxel axis
+    w.prompt.value = "liver"
+    w.segment()
+    assert not w.busy and "outside the scan" in errors[-1]
+    with pytest.raises(PromptError):
+        w.annotator.segment()  # nothing to prompt with
