@@ -10,7 +10,9 @@ bounding box of every rectangle, whole scan along the axis a rectangle is flat i
 (Points, one layer with a `positive` feature column set by the click-sign buttons: green positive,
 red negative "not here" clicks). Each segment or refine uses the clicks and boxes drawn since the
 last one and then empties those layers. The organs show in one Labels layer, "organs" (one id per
-organ, names in its features).
+organ, names in its features). Like the scan's, these layers' axes are the stored array's, reordered
+for scans stored along permuted axes (`coords`); clicks and boxes go to voxel indices through
+napari's world, so any placement works.
 
 The work (`annotator.py`) runs in napari thread workers, so the viewer stays live; opening a
 session can be cancelled between its stages. Errors become napari notifications with their
@@ -24,6 +26,7 @@ import inspect
 import logging
 import pathlib
 import re
+import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -42,7 +45,7 @@ from napari.layers import Image, Labels, Points, Shapes
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QStringListModel
-from qtpy.QtWidgets import QCompleter
+from qtpy.QtWidgets import QApplication, QCompleter
 
 from ..cli.segment import input_stem
 from ..errors import PromptError, SegVolFastError
@@ -262,6 +265,16 @@ class SessionWidget(Container):
     def busy(self) -> bool:
         return self.worker is not None
 
+    def wait(self, timeout: float = 600.0) -> None:
+        """Process Qt events until the running step ends: for scripts and notebooks that drive the
+        widget (the viewer itself never waits). TimeoutError after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while self.worker is not None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the widget's step still runs after {timeout:g} s")
+            QApplication.processEvents()
+            time.sleep(0.01)
+
     def cancel(self) -> None:
         """Stop opening the session at its next stage (the stage running now finishes first)."""
         if self.worker is not None:
@@ -322,9 +335,9 @@ class SessionWidget(Container):
         for name in (ORGANS, CLICKS, BOXES):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(self.viewer.layers[name])
-        volume = self.annotator.volume
-        place = image_transform(volume).layer_kwargs()
-        self.viewer.add_layer(Labels(np.zeros(volume.shape, np.uint16), name=ORGANS, **place))
+        transform = image_transform(self.annotator.volume)
+        place = transform.layer_kwargs()
+        self.viewer.add_layer(Labels(transform.to_layer(self.annotator.labels.label_map()), name=ORGANS, **place))
         self.viewer.add_layer(Shapes(ndim=3, name=BOXES, edge_color="yellow", face_color="transparent", **place))
         clicks = Points(ndim=3, name=CLICKS, size=3, features={"positive": np.zeros(0, bool)}, **place)
         self.viewer.add_layer(clicks)
@@ -430,7 +443,7 @@ class SessionWidget(Container):
         """Redraw the organs layer from the annotator's labels and refresh the organ list."""
         labels = self.annotator.labels
         layer = self.viewer.layers[ORGANS]
-        layer.data = labels.label_map()
+        layer.data = image_transform(self.annotator.volume).to_layer(labels.label_map())  # the scan's axis order
         layer.features = labels.features()
         layer.colormap = {None: (0.0, 0.0, 0.0, 0.0), **labels.colors()}
         self.organ.reset_choices()

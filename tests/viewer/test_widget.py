@@ -6,6 +6,10 @@ clicks, undo, clear, export, cancel, and errors as notifications."""
 from __future__ import annotations
 
 import json
+import pathlib
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -216,3 +220,55 @@ def test_prompt_errors_are_typed_before_any_work(viewer, widget, qtbot, data_dir
     assert not w.busy and "outside the scan" in errors[-1]
     with pytest.raises(PromptError):
         w.annotator.segment()  # nothing to prompt with
+
+
+def test_a_scan_stored_along_permuted_axes_gets_its_clicks_and_organs_where_napari_draws_it(
+    viewer, widget, qtbot, data_dir, tmp_path
+):
+    ct = nib.load(data_dir / CT)
+    order = (2, 0, 1)  # stored axis 0 runs along world z, ...: napari shows it reordered
+    permuted = nib.Nifti1Image(np.transpose(np.asarray(ct.dataobj), order), ct.affine[:, [*order, 3]])
+    nib.save(permuted, tmp_path / "permuted.nii.gz")
+    w = widget
+    w.zoom_in.value = False
+    layer = open_scan(viewer, tmp_path / "permuted.nii.gz")
+    volume = layer.metadata[VOLUME_KEY]
+    assert layer.data.shape != volume.shape  # the reader reordered the axes
+    open_session(qtbot, w, layer)
+    click = np.array([60.0, 50.0, 14.0])  # in the layer's (reordered) data coordinates
+    viewer.layers["clicks"].add(click)
+    w.prompt.value = "liver"
+    w.segment()
+    wait(qtbot, w)
+    stored = volume.world_to_voxel(np.asarray(layer.data_to_world(click)))
+    np.testing.assert_array_equal(w.annotator.session.history["liver"]["points"], [np.rint(stored)])
+    organs = viewer.layers["organs"]
+    assert organs.data.shape == layer.data.shape
+    # every labelled voxel of the organs layer sits at the world position of the stored voxel it labels
+    liver = w.annotator.labels.masks()["liver"]
+    assert liver.any()
+    voxels = np.argwhere(organs.data == 1)[:50].astype(float)
+    world = np.array([organs.data_to_world(v) for v in voxels])
+    back = np.rint(volume.world_to_voxel(world)).astype(int)
+    assert liver[tuple(back.T)].all()
+
+
+def _docs_script() -> str:
+    """docs/napari.md's script (the one that makes the screenshot)."""
+    text = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "napari.md").read_text()
+    (code,) = [c for c in re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S) if "screenshot(" in c]
+    return code
+
+
+def test_the_documented_script_draws_the_widget_headless(data_dir, tmp_path, qt_display, monkeypatch):
+    (tmp_path / "show.py").write_text(_docs_script().replace("../shared/data/", f"{data_dir}/"))
+    monkeypatch.setenv("SEGEVOL_DATA", str(data_dir))
+    proc = subprocess.run(
+        [sys.executable, "show.py"], cwd=tmp_path, capture_output=True, text=True, timeout=WAIT_MS // 1000
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    picture = np.asarray(Image.open(tmp_path / "napari-widget.png"))
+    assert picture.shape[0] > 600 and picture.shape[1] > 1000  # the window, dock widget included
+    assert len(np.unique(picture.reshape(-1, picture.shape[-1]), axis=0)) > 100  # drawn, not blank
