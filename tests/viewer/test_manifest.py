@@ -30,6 +30,7 @@ def test_the_installed_manifest_is_valid_and_names_a_reader_and_a_widget():
 
 
 def test_every_command_imports():
+    pytest.importorskip("napari")  # the widget's module imports it
     npe2.PluginManifest.from_distribution(NAME).validate_imports()  # each python_name resolves
 
 
