@@ -2,7 +2,7 @@
 
 From top to bottom: the scan (an image layer), the model (official weights, a folder of them, or
 random weights, which make meaningless masks and say so loudly), an adapter file, the session's
-modality, precision, zoom-in grid and memory budget, then "Open session"; organ names with
+modality, precision, zoom-in and memory budget, then "Open session"; organ names with
 completion, "Segment"; an organ, "Refine", "Undo", "Clear organ"; an export folder and "Export".
 
 Prompts come from two layers the session adds, both placed like the scan: "boxes" (Shapes: the
@@ -113,8 +113,15 @@ class SessionWidget(Container):
         self.adapter = FileEdit(label="adapter", mode="r", filter="*.safetensors", nullable=True)
         self.modality = ComboBox(label="modality", choices=[("from the scan", None), ("CT", "ct"), ("MRI", "mri")])
         self.precision = ComboBox(label="precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
+        # fast mode's defaults are the official zoom-in; the approximations are opt-in, with the
+        # agreement docs/benchmarks.md measured ("Fast mode's approximations")
         self.approximations = ComboBox(
-            label="zoom-in grid", choices=[("fast (measured approximations)", "default"), ("official", "none")]
+            label="zoom-in",
+            choices=[
+                ("official windows (default)", "default"),
+                ("image tokens only (faster, approximate)", {"token_subset": True}),
+                ("overlap 0.25 (faster, approximate)", {"overlap": 0.25}),
+            ],
         )
         self.max_memory = LineEdit(label="memory budget", tooltip="a peak memory budget such as 4GB; empty: none")
         self.open_button = PushButton(text="Open session")
