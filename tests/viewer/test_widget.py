@@ -167,6 +167,29 @@ def test_a_session_segments_refines_undoes_clears_and_exports(viewer, widget, qt
     assert errors == []
 
 
+def test_an_adapter_file_applies_to_the_session_and_is_recorded(viewer, widget, qtbot, data_dir, tmp_path, errors):
+    """The adapter chosen in the widget reaches the session's masks (trained context priors for the
+    liver change them) and its file is named in the export."""
+    from segevol_fast.cli.common import build_model
+    from tests.test_cli import _save_trained_priors
+
+    priors = _save_trained_priors(build_model(None, "tiny", None, "cpu"), tmp_path / "priors.safetensors")
+    w, layer, masks = widget, open_scan(viewer, data_dir / CT), {}
+    for name, adapter in (("without", None), ("with", priors)):
+        w.adapter.value = adapter
+        open_session(qtbot, w, layer)  # the same seeded random tiny model, with or without the file
+        w.prompt.value = "liver"
+        w.segment()
+        wait(qtbot, w)
+        masks[name] = w.annotator.labels.masks()["liver"]
+    assert not np.array_equal(masks["with"], masks["without"])
+    w.export_folder.value = tmp_path / "out"
+    w.export()
+    wait(qtbot, w)
+    assert "priors.safetensors" in (tmp_path / "out" / "summary.json").read_text()
+    assert errors == []
+
+
 def test_a_box_on_one_slice_prompts_and_a_dicom_series_exports_a_dicom_seg(viewer, widget, qtbot, data_dir, tmp_path):
     w = widget
     w.zoom_in.value = False  # zoom-out only: the 512x512 series in seconds
