@@ -87,7 +87,9 @@ def main() -> int:
         cache={"hits": sess.cache.hits, "misses": sess.cache.misses, "capacity": sess.cache.capacity},
     )
     print(json.dumps(out, indent=1))
-    write_results(out, args.out, f"{device_slug(args.device)}-session")
+    # runs of other shapes and precisions the same day keep their own files
+    suffix = "-".join(([f"{args.shape[0]}x{args.shape[1]}x{args.shape[2]}"] if args.shape else []) + [args.precision])
+    write_results(out, args.out, f"{device_slug(args.device)}-session", suffix)
     return 0
 
 
