@@ -7,7 +7,8 @@ that decides which approximations fast mode turns on by default.
     python bench/fast_agreement.py --quick                   # tiny config, 1 seed, 2 shrunken cases
 
 Variants (VARIANTS): exact mode (the official pipeline), fast mode with the official zoom-in
-("none"), each approximation alone on top of it, and fast mode's defaults. Every variant of a case
+("none"), each approximation alone on top of it, all of them at once ("combined"), and fast mode's
+defaults. Every variant of a case
 runs on the same model and volume, in one process, after one untimed warm-up call; all at --precision
 (fp32 by default, so that fast mode differs from exact mode by its approximations only, not by bf16).
 
@@ -72,6 +73,8 @@ VARIANTS: dict[str, Union[None, dict, str]] = {
     "overlap 0": {"overlap": 0.0},
     "token subset": {"token_subset": True},
     "skip empty": {"skip_empty": True},
+    # every approximation at once (the milder overlap): what they cost together
+    "combined": {"overlap": 0.25, "token_subset": True, "skip_empty": True},
     "default": "default",
 }
 ALONE = ("overlap 0.25", "overlap 0", "token subset", "skip empty")  # judged by the defaults verdict
