@@ -22,6 +22,7 @@ S·C·2C, and ConvT1 itself only over the box.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -48,7 +49,13 @@ class _Layout:
     b2: Tensor
     w1_ln: Tensor
     b1_ln: Tensor
-    gram: Tensor
+
+    @functools.cached_property
+    def gram(self) -> Tensor:
+        """w1 w1ᵀ (C, C), summed in float64; made on first use (only `_moments` needs it), so a
+        layout rebuilt every call (while training) never pays for it."""
+        w = self.w1_ln.detach().double()
+        return (w @ w.T).to(self.w1_ln.dtype)
 
 
 # upscaling module -> (key, layout); the key says which parameter versions the layout was made from
@@ -76,7 +83,6 @@ def _layout(upscaling: nn.Sequential, grid: tuple[int, int, int], dtype: torch.d
         return p.reshape(gd * gh * gw, 8 * c4)
 
     w1 = conv1.weight.reshape(C, c4, 8).transpose(1, 2).reshape(C, 8 * c4)
-    w64 = w1.detach().double()
     layout = _Layout(
         w1=w1.to(dtype),
         b1=conv1.bias.to(dtype).repeat(8),
@@ -86,7 +92,6 @@ def _layout(upscaling: nn.Sequential, grid: tuple[int, int, int], dtype: torch.d
         b2=conv2.bias.to(dtype).repeat(8),
         w1_ln=w1.to(ln_dtype),
         b1_ln=conv1.bias.to(ln_dtype).repeat(8),
-        gram=(w64 @ w64.T).to(ln_dtype),
     )
     if cacheable:
         _LAYOUTS[upscaling] = (key, layout)
