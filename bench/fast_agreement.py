@@ -8,9 +8,9 @@ that decides which approximations fast mode turns on by default.
 
 Variants (VARIANTS): exact mode (the official pipeline), fast mode with the official zoom-in
 ("none"), each approximation alone on top of it, all of them at once ("combined"), and fast mode's
-defaults. Every variant of a case
-runs on the same model and volume, in one process, after one untimed warm-up call; all at --precision
-(fp32 by default, so that fast mode differs from exact mode by its approximations only, not by bf16).
+defaults. Every variant of a case runs on the same model and volume, in one process, after one
+untimed warm-up call of each mode on the shared CT; all at --precision (fp32 by default, so that
+fast mode differs from exact mode by its approximations only, not by bf16).
 
 Models: "full", the official-size `SegVolConfig()` with random weights, one per --seeds (masks are
 meaningless but their agreement is not: a random ROI is tiled like a real one); "small", the small
@@ -296,16 +296,10 @@ def run_model(model: SegVol, cases, trained: bool, args) -> dict:
             continue
         if i == 0:  # warm-up of both modes (oneDNN, allocator and first-call costs), untimed, on the
             # small shared CT: the same kernels as any case, without a 512 scan's quarter hour
-            warm = case_prompts("ct", CT_ORGANS, args.prompt)
+            warm_volume = case_volume("ct", model.config.spatial_size, args.quick)
+            warm = {k: v[:1] for k, v in case_prompts("ct", CT_ORGANS, args.prompt).items()}
             for variant in ("exact", "default"):
-                run_variant(
-                    model,
-                    case_volume("ct", model.config.spatial_size, args.quick),
-                    {k: v[:1] for k, v in warm.items()},
-                    CASES["ct"].modality,
-                    variant,
-                    args.precision,
-                )
+                run_variant(model, warm_volume, warm, CASES["ct"].modality, variant, args.precision)
         volume = case_volume(name, model.config.spatial_size, args.quick)
         truth = case_labels(name, organs) if trained else None  # random weights: the labels mean nothing
         if truth is not None and truth[0].shape != volume.array.shape:  # --quick shrinks the scans
