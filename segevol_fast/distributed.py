@@ -120,7 +120,18 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Leave the process group (at the end of a torchrun job)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group at the end of a torchrun job; call it last, before the process ends.
+
+    clean: every rank got here normally. Then the ranks first meet in a barrier: gloo frees a
+    finished collective's tensors on its own worker thread a moment after the caller has its
+    result, and a process that starts to exit inside that moment aborts ("terminate called without
+    an active exception": the worker wants the GIL of an interpreter that is shutting down). The
+    barrier hands that thread the GIL, and a round trip of time, before exit. On an error path
+    (clean=False) the other ranks may never arrive, so the group is left without waiting.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -150,6 +150,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = _train_config(args)
     check_export(args)
     env = distributed.init_from_env(device=args.device)
+    clean = False
     try:
         train_cases = cases_from_arguments(args, args.data, args.image, args.label, "training data")
         eval_cases = cases_from_arguments(args, args.eval_data, args.eval_image, args.eval_label, "evaluation data")
@@ -164,8 +165,9 @@ def run_finetune(args: argparse.Namespace) -> int:
         trainer.fit(progress=not args.quiet)
         if distributed.is_main():
             _write_result(args, model, trainer)
+        clean = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(clean)
     return 0
 
 

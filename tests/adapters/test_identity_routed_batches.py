@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from segevol_fast import SegVol, SegVolConfig, adapters
+from segevol_fast import SegVol, SegVolConfig, adapters, distributed
 from segevol_fast.adapters import BottleneckConfig, LoraConfig, MixtureConfig
 from segevol_fast.train.cases import cases_from_files
 from segevol_fast.train.datasets import SegmentationDataset
@@ -85,18 +85,23 @@ def test_fit_on_ct_alone_keeps_the_base_model_on_ct(data_dir):
 # ------------------------------------------------------------------------------ DDP
 def _ddp_rank(rank: int, world: int, init: str, data_dir, out: str) -> None:
     """One gloo rank of a 2-image global batch [CT, MR]: rank 0 holds the CT, rank 1 the MR."""
+    import faulthandler
+
     import torch.distributed as dist
 
+    faulthandler.enable(all_threads=True)  # a rank killed by a signal prints its Python stacks first
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    clean = False
     try:
         ds = _dataset(data_dir)
         tr = Trainer(_model("bottleneck"), TrainConfig(steps=2, batch_size=2, **STEP), ds)
         tr.train_step(collate_samples([ds[rank]]))
         if rank == 0:
             torch.save({n: p.detach() for n, p in zip(tr.param_names, tr.params)}, out)
+        clean = True
     finally:
-        dist.destroy_process_group()
+        distributed.shutdown(clean)
 
 
 @pytest.mark.slow

@@ -42,6 +42,7 @@ rows = tr.fit(progress=False)
 if env.rank == 0:
     with open(out, "w") as f:
         json.dump({"rows": rows, "eval": tr.eval_history}, f)
+distributed.shutdown()
 """
 
 

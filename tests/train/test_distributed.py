@@ -55,6 +55,30 @@ def test_bad_torchrun_environment_is_refused(monkeypatch):
         distributed.init_from_env(device="cpu")
 
 
+@pytest.mark.parametrize("clean", (True, False))
+def test_shutdown_meets_the_other_ranks_only_on_a_clean_exit(tmp_path, monkeypatch, clean):
+    """A clean shutdown passes a barrier before leaving the group (a rank exiting while gloo still
+    frees a collective's tensors aborts); after an error it must not wait for ranks that may be
+    gone."""
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append("barrier"))
+    destroy = dist.destroy_process_group
+    monkeypatch.setattr(dist, "destroy_process_group", lambda *a, **k: (calls.append("destroy"), destroy(*a, **k)))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        distributed.all_reduce_sum(torch.ones(2))
+        distributed.shutdown(clean)
+    finally:
+        if dist.is_initialized():
+            destroy()
+    assert calls == (["barrier", "destroy"] if clean else ["destroy"])
+    assert not dist.is_initialized()
+    distributed.shutdown()  # no group: nothing to do
+    assert len(calls) == (2 if clean else 1)
+
+
 def _finetune(out, data_dir, nproc: int, seed: int, cases: list[tuple], extra: tuple[str, ...] = ()) -> list[dict]:
     d = str(data_dir)
     args = [
