@@ -35,6 +35,17 @@ def test_phases_parse_and_bad_ones_are_refused():
         small_model.parse_args(["--phases", "10"])
 
 
+@pytest.mark.parametrize(("flag", "trains"), ((None, True), ("trained", True), ("frozen", False)))
+def test_the_random_text_tower_trains_unless_frozen(flag, trains):
+    args = small_model.parse_args(["--quick"] + ([] if flag is None else ["--text-tower", flag]))
+    model = small_model.untrained_model(args)
+    small_model.set_trainable(model, args)
+    tower = list(model.text_encoder.clip_text_model.parameters())
+    assert tower and all(p.requires_grad == trains for p in tower)
+    assert all(p.requires_grad for p in model.text_encoder.dim_align.parameters())
+    assert all(p.requires_grad for p in model.image_encoder.parameters())
+
+
 def test_training_record_reads_every_phase(tmp_path):
     for i, rows in ((1, ["250,0.1,0.0,0.2,0.1,26", "500,0.3,0.2,0.4,0.3,26"]), (2, ["250,0.5,0.4,0.6,0.5,26"])):
         (tmp_path / f"run_phase{i}").mkdir()
@@ -50,6 +61,26 @@ def test_training_record_reads_every_phase(tmp_path):
     assert record["phase2"]["curve"][0]["dice_text"] == 0.4
     small_model.curve_plot(record, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_scores_with_and_without_the_zoom_in(monkeypatch):
+    seen = []
+
+    def validation(model, cases, prompts, zoom_in):  # two structures, one of them a large organ
+        seen.append(zoom_in)
+        dice = 0.9 if zoom_in else 0.5
+        rows = [
+            {"case": "c", "label": "liver", "text": dice, "box": dice, "point": dice},
+            {"case": "c", "label": "colon", "text": 0.1, "box": 0.1, "point": 0.1},
+        ]
+        return {"mean": {k: (dice + 0.1) / 2 for k in prompts}, "per_label": rows, "per_organ": {}}
+
+    monkeypatch.setattr(small_model, "segment_validation", validation)
+    report = small_model.scored(None, [])
+    assert sorted(seen) == [False, True]
+    assert report["large_organs"] == {"text": 0.9, "box": 0.9, "point": 0.9}
+    assert report["zoom_out_only"]["large_organs"] == {"text": 0.5, "box": 0.5, "point": 0.5}
+    assert report["per_case"]["c"]["colon"]["text"] == 0.1
 
 
 def test_headline_separates_none_published_sweep_and_jitter():
