@@ -3,7 +3,7 @@ and Pillow (`SegmentationResult.preview` writes it as a PNG).
 
 Layout: up to MAX_COLS tiles a row, PAD_PX between tiles and around the montage, each tile's longer
 side TILE_PX with the in-plane spacing's aspect, one LEGEND_ROW_PX line per mask below the tiles in
-the mask's PALETTE colour, and, for results of random weights, a red banner (BANNER_PX high) on top
+the mask's colour (`io.palette`), and, for results of random weights, a red banner (BANNER_PX high) on top
 saying the masks are meaningless. The sizes are public so callers and tests can predict the image.
 """
 
@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import MissingDependencyError
+from .palette import organ_rgb
 
 # preview layout (pixels); public so callers and tests can predict the PNG size
 TILE_PX = 256  # longer side of one slice tile
@@ -24,19 +25,6 @@ OVERLAY_ALPHA = 0.45
 BANNER_PX = 20  # height of the red "random weights" banner on top of a preview (only then)
 BANNER_TEXT = "RANDOM WEIGHTS - MASKS ARE MEANINGLESS"
 BANNER_RGB = (200, 0, 0)
-# distinguishable on grey CT: red, green, blue, yellow, magenta, cyan, orange, purple, ...
-PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (255, 225, 25),
-    (240, 50, 230),
-    (70, 240, 240),
-    (245, 130, 48),
-    (145, 30, 180),
-    (210, 245, 60),
-    (250, 190, 212),
-]
 
 
 def _pick_slices(masks: dict[str, np.ndarray], depth: int, n: int) -> list[int]:
@@ -104,7 +92,7 @@ def render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, ba
             grey = np.clip((arr[:, :, k].astype(np.float32) - lo) / (hi - lo), 0, 1) * 255
         rgb = np.repeat(grey[..., None], 3, axis=2)
         for c, m in enumerate(masks.values()):
-            colour = np.asarray(PALETTE[c % len(PALETTE)], dtype=np.float32)
+            colour = np.asarray(organ_rgb(c), dtype=np.float32)
             sl = m[:, :, k]
             rgb[sl] = (1 - OVERLAY_ALPHA) * rgb[sl] + OVERLAY_ALPHA * colour
             rgb[_outline(sl)] = colour
@@ -118,7 +106,7 @@ def render_montage(arr, masks: dict[str, np.ndarray], spacing, n_slices: int, ba
     draw = ImageDraw.Draw(canvas)
     y = top + rows * th + (rows + 1) * PAD_PX
     for c, label in enumerate(masks):
-        colour = PALETTE[c % len(PALETTE)]
+        colour = organ_rgb(c)
         draw.rectangle([PAD_PX, y + 3, PAD_PX + 12, y + 15], fill=colour)
         draw.text((PAD_PX + 18, y + 3), str(label), fill=(255, 255, 255))
         y += LEGEND_ROW_PX

@@ -9,17 +9,16 @@ organ takes the smallest id no organ holds.
 
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError, ResultError, ShapeError
+from ..io.palette import organ_rgb
 from ..io.volume import check_3d_shape
 
 BACKGROUND = "background"  # the name of id 0 in `features()`
-_GOLDEN = 0.618033988749895  # hue step: consecutive ids land far apart on the colour wheel
 
 
 @dataclass(frozen=True)
@@ -33,13 +32,11 @@ class _Step:
 
 
 def label_color(label_id: int) -> tuple[float, float, float, float]:
-    """A fixed RGBA (0..1) for an organ id; neighbouring ids get distant hues and alternate in
-    saturation, so the first dozen organs are told apart at a glance. Id 0 is transparent."""
+    """A fixed RGBA (0..1) for an organ id: organ id i has the colour of the i-th mask in a preview
+    PNG (`io.palette.organ_rgb(i - 1)`). Id 0 is transparent."""
     if label_id == 0:
         return (0.0, 0.0, 0.0, 0.0)
-    hue = (label_id * _GOLDEN) % 1.0
-    saturation = 0.85 if label_id % 2 else 0.55
-    return (*colorsys.hsv_to_rgb(hue, saturation, 0.95), 1.0)
+    return (*(v / 255 for v in organ_rgb(label_id - 1)), 1.0)
 
 
 class OrganLabels:
