@@ -10,11 +10,11 @@ study, bench/robustness_study.py); it is a miniature, no substitute for the offi
 Data (bench/shared_data.py, SEGEVOL_DATA): ct_abdomen_sm, the DICOM CT series and mr_abdomen_sm,
 with every labelled structure that covers at least MIN_FRACTION of its volume (smaller ones, a few
 voxels, do not survive the resize to the model's 16x64x64 window). Training: every parameter, the
-CLIP text tower included (random here, unlike the official frozen pretrained one), the official
-loss and six prompt mixes, the official augmentation (resize or foreground crop, flips, intensity)
-plus rotations about the longitudinal axis; deterministic for a
-seed on one machine and thread count. Validation every --eval-every steps (resized, text / box /
-jittered box, on the training volumes): the curve is <out>/run/eval_log.csv.
+CLIP text tower included (random here, unlike the official frozen pretrained one), the official loss
+and six prompt mixes, the official augmentation (resize or foreground crop, flips, intensity) plus
+rotations about the longitudinal axis; deterministic for a seed on one machine and thread count.
+Validation every --eval-every steps (resized, text / box / jittered box, on the training volumes):
+the curve is <out>/run/eval_log.csv.
 
 Report: Dice of real inference (`model.segment()` zoom-out-zoom-in on each volume as stored,
 `train.validation.segment_validation`) per organ and prompt type (text, box, point), on the

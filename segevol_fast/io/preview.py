@@ -3,8 +3,9 @@ and Pillow (`SegmentationResult.preview` writes it as a PNG).
 
 Layout: up to MAX_COLS tiles a row, PAD_PX between tiles and around the montage, each tile's longer
 side TILE_PX with the in-plane spacing's aspect, one LEGEND_ROW_PX line per mask below the tiles in
-the mask's colour (`io.palette`), and, for results of random weights, a red banner (BANNER_PX high) on top
-saying the masks are meaningless. The sizes are public so callers and tests can predict the image.
+the mask's colour (`io.palette`), and, for results of random weights, a red banner (BANNER_PX high)
+on top saying the masks are meaningless. The sizes are public so callers and tests can predict the
+image.
 """
 
 from __future__ import annotations
